@@ -1,0 +1,1 @@
+//! The durable queue (see spool.md).
