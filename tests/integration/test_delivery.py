@@ -1,0 +1,195 @@
+"""Local delivery and recipient policy, driven by Python's smtplib.
+
+Covers: one message to one user lands as exactly one Maildir file with
+Return-Path, Delivered-To, Tern's Received: and the original bytes; aliases
+(one → many, duplicates collapsed); subaddress; catch-all; postmaster; unknown
+user 550 5.1.1; relay denied 550 5.7.1; relay from a trusted network is queued
+as waiting for outbound delivery.
+"""
+
+import smtplib
+import uuid
+
+import pytest
+
+from ternlib import HOSTNAME, ends_with_original, header_values, split_mail
+
+
+def make_msg(marker: str, to: str = "alice@example.test") -> bytes:
+    return (
+        f"From: Sender <sender@remote.test>\r\n"
+        f"To: <{to}>\r\n"
+        f"Subject: test {marker}\r\n"
+        f"Message-ID: <{marker}@remote.test>\r\n"
+        f"\r\n"
+        f"Hello, this is {marker}.\r\n"
+        f"..a line that starts with a dot (stuffed on the wire)\r\n"
+        f"last line\r\n"
+    ).encode()
+
+
+def smtp(srv) -> smtplib.SMTP:
+    s = smtplib.SMTP("127.0.0.1", srv.port, local_hostname="client.test", timeout=15)
+    s.ehlo()
+    return s
+
+
+def send(srv, rcpts, marker=None, sender="sender@remote.test"):
+    marker = marker or uuid.uuid4().hex
+    msg = make_msg(marker, rcpts[0] if rcpts else "x@example.test")
+    with smtp(srv) as s:
+        refused = s.sendmail(sender, rcpts, msg)
+    assert refused == {}
+    return marker, msg
+
+
+def test_smtplib_local_delivery_headers_and_bytes(tern):
+    srv = tern()
+    with smtp(srv) as s:
+        assert s.has_extn("pipelining") and s.has_extn("enhancedstatuscodes")
+        marker = uuid.uuid4().hex
+        msg = make_msg(marker)
+        code, _ = s.mail("sender@remote.test")
+        assert code == 250
+        code, text = s.rcpt("alice@example.test")
+        assert code == 250, text
+        code, text = s.data(msg)
+        assert code == 250, text
+        assert text.startswith(b"2.0.0 Ok: queued as "), text
+
+    (mail,) = srv.wait_for_mail("alice", 1)
+    # Give any (wrong) second copy the same chance to appear: a second
+    # message to bob, delivered after it, proves the queue moved on.
+    send(srv, ["bob@example.test"])
+    srv.wait_for_mail("bob", 1)
+    assert len(srv.mails("alice")) == 1
+
+    assert mail.startswith(b"Return-Path: <sender@remote.test>"), mail[:200]
+    assert header_values(mail, "Delivered-To") == ["alice@example.test"]
+    received = header_values(mail, "Received")
+    assert len(received) == 1, received
+    assert f"by {HOSTNAME}" in received[0], received[0]
+    # Prepended headers come before the original header block, in order.
+    head, _ = split_mail(mail)
+    assert head.find(b"Return-Path:") < head.find(b"Delivered-To:") < head.find(b"Received:") < head.find(b"From:")
+    # The original message, dot-unstuffed, is there byte for byte.
+    assert ends_with_original(mail, msg), mail
+    assert b"\n.a line that starts with a dot" in mail
+
+
+def test_alias_one_to_many_duplicates_collapsed(tern):
+    srv = tern()
+    marker, msg = send(srv, ["team@example.test"])
+    alice = srv.wait_for_mail("alice", 1)
+    bob = srv.wait_for_mail("bob", 1)
+    # Proof that the queue is done with the message before counting copies.
+    send(srv, ["alice@example.test"], marker="after")
+    alice = srv.wait_for_mail("alice", 2)
+    assert len(alice) == 2, "alias listed alice twice: must be delivered once"
+    assert sum(marker.encode() in m for m in alice) == 1
+    assert len(bob) == 1 and ends_with_original(bob[0], msg)
+
+
+def test_alias_and_direct_recipient_collapse(tern):
+    srv = tern()
+    marker, _ = send(srv, ["team@example.test", "alice@example.test", "alice+x@example.test"])
+    srv.wait_for_mail("bob", 1)
+    srv.wait_for_mail("alice", 1)
+    send(srv, ["alice@example.test"], marker="after")
+    alice = srv.wait_for_mail("alice", 2)
+    assert sum(marker.encode() in m for m in alice) == 1, "one file per local mailbox"
+
+
+def test_subaddress(tern):
+    srv = tern()
+    marker, msg = send(srv, ["alice+tag@example.test"])
+    (mail,) = srv.wait_for_mail("alice", 1)
+    assert ends_with_original(mail, msg)
+
+
+def test_subaddress_disabled_means_unknown(tern):
+    srv = tern({"local": {"subaddress_separator": ""}})
+    with smtp(srv) as s:
+        s.mail("sender@remote.test")
+        code, text = s.rcpt("alice+tag@example.test")
+    assert (code, text[:5]) == (550, b"5.1.1"), (code, text)
+
+
+def test_catch_all(tern):
+    srv = tern({"local": {"catch_all": {"example.test": "carol"}}})
+    marker, msg = send(srv, ["whoever-this-is@example.test"])
+    (mail,) = srv.wait_for_mail("carol", 1)
+    assert ends_with_original(mail, msg)
+    assert srv.mails("alice") == []
+
+
+@pytest.mark.parametrize("rcpt", ["postmaster", "postmaster@example.test", "postmaster@localhost",
+                                  "PostMaster@example.test"])
+def test_postmaster(tern, rcpt):
+    # RFC 5321 §4.5.1: <postmaster> and postmaster@domain must be accepted;
+    # the local part "postmaster" is case-insensitive.
+    srv = tern()
+    with smtp(srv) as s:
+        s.mail("sender@remote.test")
+        code, text = s.rcpt(rcpt)
+        assert code == 250, (rcpt, code, text)
+        msg = make_msg("pm")
+        code, text = s.data(msg)
+        assert code == 250, text
+    (mail,) = srv.wait_for_mail("alice", 1)
+    assert ends_with_original(mail, msg)
+
+
+def test_postmaster_accepted_from_null_sender(tern):
+    srv = tern()
+    with smtp(srv) as s:
+        code, _ = s.mail("<>")
+        assert code == 250
+        code, text = s.rcpt("postmaster")
+        assert code == 250, text
+
+
+def test_unknown_local_user(tern):
+    srv = tern()
+    with smtp(srv) as s:
+        s.mail("sender@remote.test")
+        code, text = s.rcpt("nobody@example.test")
+        assert (code, text[:5]) == (550, b"5.1.1"), (code, text)
+        # The transaction continues with a good recipient.
+        code, text = s.rcpt("bob@example.test")
+        assert code == 250, text
+        code, text = s.data(make_msg("partial"))
+        assert code == 250, text
+    srv.wait_for_mail("bob", 1)
+
+
+def test_relay_denied_for_untrusted_loopback(tern):
+    srv = tern()
+    with smtp(srv) as s:
+        s.mail("sender@remote.test")
+        code, text = s.rcpt("someone@remote.test")
+        assert (code, text[:5]) == (550, b"5.7.1"), (code, text)
+        code, _ = s.docmd("DATA")
+        # RFC 5321 §3.3: all RCPTs rejected → 503 or 554 ("no valid recipients").
+        assert code in (503, 554)
+
+
+def test_relay_accepted_from_trusted_network_waits_in_queue(tern):
+    srv = tern({"relay": {"trusted_networks": ["127.0.0.0/8"]}})
+    with smtp(srv) as s:
+        s.mail("sender@remote.test")
+        code, text = s.rcpt("carol@remote.test")
+        assert code == 250, text
+        code, text = s.rcpt("alice@example.test")
+        assert code == 250, text
+        code, text = s.data(make_msg("relay", "carol@remote.test"))
+        assert code == 250, text
+    qid = text.decode().rsplit(" ", 1)[-1].strip("<>")
+    srv.wait_for_mail("alice", 1)
+    listing = srv.queue_list()
+    assert qid in listing, listing
+    block = listing[listing.index(qid):]
+    assert "sender@remote.test" in block
+    assert "carol@remote.test" in block
+    line = next(ln for ln in block.splitlines() if "carol@remote.test" in ln)
+    assert "waiting for outbound delivery" in line.lower(), listing

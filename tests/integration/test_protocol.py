@@ -1,0 +1,281 @@
+"""Protocol features over raw sockets and smtplib: PIPELINING (RFC 2920),
+CHUNKING/BDAT (RFC 3030), SMTPUTF8 (RFC 6531), 8BITMIME (RFC 6152), DSN
+parameters (RFC 3461), and the basic error replies of RFC 5321."""
+
+import smtplib
+import uuid
+
+import pytest
+
+from ternlib import ehlo_keywords, ends_with_original, header_values, queued_id, split_mail
+
+EXPECTED_EXTENSIONS = {"PIPELINING", "SIZE", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN"}
+
+
+def test_greeting_and_ehlo_extensions(tern):
+    srv = tern()
+    with srv.connect(greet=False) as c:
+        g = c.expect(220)
+        assert g.lines[0].startswith("mx.test.example"), g
+        r = c.ehlo()
+        assert r.lines[0].startswith("mx.test.example"), r
+        kw = ehlo_keywords(r)
+        assert EXPECTED_EXTENSIONS <= set(kw), kw
+        assert kw["SIZE"] == "26214400", kw
+        q = c.cmd("QUIT")
+        assert q.code == 221 and q.enhanced == "2.0.0", q
+        assert c.is_closed()
+
+
+def test_helo_then_mail(tern):
+    srv = tern()
+    with srv.connect() as c:
+        r = c.cmd("HELO client.test")
+        assert r.code == 250 and r.lines[0].startswith("mx.test.example"), r
+        assert c.cmd("MAIL FROM:<sender@remote.test>").code == 250
+
+
+def test_pipelining_one_write_replies_in_order(tern):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        c.send(
+            b"MAIL FROM:<sender@remote.test>\r\n"
+            b"RCPT TO:<alice@example.test>\r\n"
+            b"RCPT TO:<nobody@example.test>\r\n"
+            b"RCPT TO:<bob@example.test>\r\n"
+            b"DATA\r\n"
+        )
+        c.expect(250, "2.1.0")
+        c.expect(250, "2.1.5")
+        c.expect(550, "5.1.1")
+        c.expect(250, "2.1.5")
+        c.expect(354)
+        body = b"Subject: pipelined\r\n\r\npipelined body\r\n"
+        # RFC 2920: after the data, the next group may follow in the same write.
+        c.send(body + b".\r\nRSET\r\nNOOP\r\n")
+        queued_id(c.expect(250, "2.0.0"))
+        c.expect(250)  # RSET
+        c.expect(250)  # NOOP
+    for user in ("alice", "bob"):
+        (mail,) = srv.wait_for_mail(user, 1)
+        assert ends_with_original(mail, body)
+
+
+def test_pipelining_two_transactions_back_to_back(tern):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        txn = (b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<carol@example.test>\r\nDATA\r\n")
+        c.send(txn)
+        c.expect(250), c.expect(250), c.expect(354)
+        c.send(b"Subject: one\r\n\r\n1\r\n.\r\n" + txn)
+        c.expect(250, "2.0.0")
+        c.expect(250), c.expect(250), c.expect(354)
+        c.send(b"Subject: two\r\n\r\n2\r\n.\r\nQUIT\r\n")
+        c.expect(250, "2.0.0")
+        c.expect(221)
+    mails = srv.wait_for_mail("carol", 2)
+    assert sorted(split_mail(m)[1] for m in mails) == [b"1\r\n", b"2\r\n"] or \
+        sorted(split_mail(m)[1] for m in mails) == [b"1\n", b"2\n"]
+
+
+def bdat_session(srv, chunks: list[bytes], last_empty: bool) -> tuple[bytes, str]:
+    """Send `chunks` with BDAT, each chunk in the same packet as its command."""
+    with srv.connect() as c:
+        kw = ehlo_keywords(c.ehlo())
+        assert "CHUNKING" in kw
+        c.send(b"MAIL FROM:<sender@remote.test> BODY=BINARYMIME\r\nRCPT TO:<alice@example.test>\r\n"
+               if "BINARYMIME" in kw else
+               b"MAIL FROM:<sender@remote.test>\r\nRCPT TO:<alice@example.test>\r\n")
+        c.expect(250), c.expect(250)
+        qid = None
+        for i, chunk in enumerate(chunks):
+            final = (not last_empty) and i == len(chunks) - 1
+            c.send(f"BDAT {len(chunk)}{' LAST' if final else ''}\r\n".encode() + chunk)
+            r = c.expect(250)
+            if final:
+                qid = queued_id(r)
+        if last_empty:
+            c.send(b"BDAT 0 LAST\r\n")
+            qid = queued_id(c.expect(250, "2.0.0"))
+        assert c.cmd("NOOP").code == 250
+    return b"".join(chunks), qid
+
+
+def test_bdat_chunks_then_bdat_0_last(tern):
+    srv = tern()
+    # A lone "." line and leading dots are plain data in BDAT (RFC 3030 §2):
+    # no dot-stuffing, no end marker. Chunk borders split a CRLF on purpose.
+    chunks = [b"Subject: bdat\r\n\r\nline one\r", b"\n.\r\n..two dots\r\n", b"x" * 3000 + b"\r\n", b"end\r\n"]
+    msg, _ = bdat_session(srv, chunks, last_empty=True)
+    (mail,) = srv.wait_for_mail("alice", 1)
+    assert ends_with_original(mail, msg), mail[-200:]
+    assert b"\n.\r\n..two dots" in mail or b"\n.\n..two dots" in mail
+
+
+def test_bdat_last_on_data_chunk(tern):
+    srv = tern()
+    chunks = [b"Subject: bdat2\r\n\r\n", b"only body\r\n"]
+    msg, _ = bdat_session(srv, chunks, last_empty=False)
+    (mail,) = srv.wait_for_mail("alice", 1)
+    assert ends_with_original(mail, msg)
+
+
+def test_bdat_without_rcpt_is_503_and_data_is_discarded(tern):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<s@remote.test>").code == 250
+        # RFC 3030 §2: the chunk must still be read (and dropped) so the
+        # session stays in sync; the 12 bytes below look like commands, and
+        # a server that ran them would answer 221 and hang up.
+        c.send(b"BDAT 12 LAST\r\nQUIT\r\nQUIT\r\n")
+        r = c.reply()
+        assert r.code in (503, 554), r
+        assert c.cmd("NOOP").code == 250
+
+
+def test_smtputf8_local_part_delivered(tern):
+    srv = tern()
+    msg = "From: <jörg@remote.test>\r\nTo: <jörg@example.test>\r\nSubject: grüße\r\n\r\nHallo Jörg ✓\r\n".encode()
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=15) as s:
+        s.ehlo("client.test")
+        assert s.has_extn("smtputf8")
+        refused = s.sendmail("jörg@remote.test", ["jörg@example.test"], msg,
+                             mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        assert refused == {}
+    (mail,) = srv.wait_for_mail("jorg", 1)
+    assert ends_with_original(mail, msg)
+    assert header_values(mail, "Delivered-To") == ["jörg@example.test"]
+    assert "jörg@remote.test" in header_values(mail, "Return-Path")[0]
+
+
+@pytest.mark.parametrize("where", ["mail", "rcpt"])
+def test_utf8_address_without_smtputf8_is_553_5_6_7(tern, where):
+    # RFC 6531 §3.7.4.1 / RFC 3463 5.6.7: non-ASCII address without SMTPUTF8.
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        if where == "mail":
+            c.send("MAIL FROM:<jörg@remote.test>\r\n")
+            c.expect(553, "5.6.7")
+        else:
+            assert c.cmd("MAIL FROM:<sender@remote.test>").code == 250
+            c.send("RCPT TO:<jörg@example.test>\r\n")
+            c.expect(553, "5.6.7")
+        assert c.cmd("RSET").code == 250
+
+
+def test_8bitmime_body_byte_exact(tern):
+    srv = tern()
+    high = bytes(b for b in range(0x80, 0x100))
+    msg = (b"Subject: eight bit\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=latin1\r\n"
+           b"Content-Transfer-Encoding: 8bit\r\n\r\n" + high + b"\r\n\xe9t\xe9 \xff\xfe\r\n")
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=15) as s:
+        s.ehlo("client.test")
+        assert s.has_extn("8bitmime")
+        assert s.sendmail("sender@remote.test", ["bob@example.test"], msg, mail_options=["BODY=8BITMIME"]) == {}
+    (mail,) = srv.wait_for_mail("bob", 1)
+    assert ends_with_original(mail, msg)
+
+
+def test_dsn_parameters_accepted_and_shown_in_queue(tern):
+    srv = tern({"relay": {"trusted_networks": ["127.0.0.0/8"]}})
+    envid = "QQ" + uuid.uuid4().hex[:10]
+    with srv.connect() as c:
+        c.ehlo()
+        c.send(f"MAIL FROM:<sender@remote.test> RET=HDRS ENVID={envid}\r\n")
+        c.expect(250, "2.1.0")
+        r = c.cmd("RCPT TO:<dave@remote.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;dave@remote.test")
+        assert r.code == 250, r
+        r = c.cmd("RCPT TO:<alice@example.test> NOTIFY=NEVER")
+        assert r.code == 250, r
+        assert c.cmd("DATA").code == 354
+        qid = queued_id(c.cmd(b"Subject: dsn\r\n\r\ndsn body\r\n."))
+    srv.wait_for_mail("alice", 1)
+    show = srv.queue_show(qid)
+    low = show.lower()
+    assert envid.lower() in low, show
+    assert "hdrs" in low, show
+    assert "success" in low and "failure" in low, show
+    assert "rfc822;dave@remote.test" in low, show
+    assert "never" in low, show
+    assert "dsn body" in show, show
+
+
+@pytest.mark.parametrize("line", [
+    "MAIL FROM:<s@remote.test> RET=BOGUS",
+    "MAIL FROM:<s@remote.test> NOTIFY=SUCCESS",  # NOTIFY belongs to RCPT
+])
+def test_bad_dsn_parameters_on_mail(tern, line):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        r = c.cmd(line)
+        assert r.code in (501, 555), r
+        assert r.enhanced and r.enhanced.startswith("5."), r
+
+
+def test_vrfy_252(tern):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        r = c.cmd("VRFY alice")
+        assert r.code == 252, r
+        assert r.enhanced and r.enhanced.startswith("2."), r
+
+
+def test_unknown_command_500(tern):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        r = c.cmd("FROBNICATE now")
+        assert r.code == 500 and r.enhanced == "5.5.1", r
+        assert c.cmd("NOOP").code == 250
+
+
+@pytest.mark.parametrize("seq", [
+    ["RCPT TO:<alice@example.test>"],
+    ["DATA"],
+    ["MAIL FROM:<s@remote.test>", "DATA"],
+    ["MAIL FROM:<s@remote.test>", "MAIL FROM:<s@remote.test>"],
+    ["BDAT 0 LAST"],
+])
+def test_out_of_order_503(tern, seq):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        for line in seq[:-1]:
+            assert c.cmd(line).code == 250
+        r = c.cmd(seq[-1])
+        assert r.code == 503 and r.enhanced == "5.5.1", r
+        assert c.cmd("RSET").code == 250
+
+
+def test_mail_before_helo_is_503(tern):
+    srv = tern()
+    with srv.connect() as c:
+        r = c.cmd("MAIL FROM:<s@remote.test>")
+        assert r.code == 503, r
+
+
+@pytest.mark.parametrize("line,code", [
+    ("MAIL FROM:<s@remote.test> FOO=BAR", 555),
+    ("RCPT TO:<alice@example.test> FOO=BAR", 555),
+    ("MAIL FROM:<s@remote.test> SIZE=abc", 501),
+    ("MAIL FROM:s@remote.test@", 501),
+    ("MAIL FROM:<not an address>", 501),
+    ("MAIL TO:<s@remote.test>", 501),
+    ("RCPT TO:", 501),
+])
+def test_bad_parameters(tern, line, code):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        if line.startswith("RCPT"):
+            assert c.cmd("MAIL FROM:<s@remote.test>").code == 250
+        r = c.cmd(line)
+        assert r.code == code, (line, r)
+        assert r.enhanced and r.enhanced.startswith("5."), r
+        assert c.cmd("NOOP").code == 250
