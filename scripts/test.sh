@@ -175,6 +175,7 @@ step_fuzz() {
 # ---------------------------------------------------------------- main
 
 mkdir -p "$ROOT/target"
+rm -f "$ROOT/target/.tern-test-python"
 # step_deps runs in a subshell, so it hands the chosen interpreter back via a file.
 run_step deps step_deps
 if [[ -f "$ROOT/target/.tern-test-python" ]]; then

@@ -22,7 +22,7 @@ from ternlib import split_mail, wait_until
 
 KILLS = 4
 WORKERS = 4
-ACKS_PER_PHASE = 12
+ACKS_PER_PHASE = 20
 PHASE_TIMEOUT = 20.0
 
 
