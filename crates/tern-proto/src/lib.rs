@@ -1,1 +1,27 @@
-pub mod placeholder {}
+//! tern-proto: Tern's sans-IO SMTP protocol engine (RFC 5321 and the
+//! extensions we advertise: PIPELINING, SIZE, 8BITMIME, SMTPUTF8,
+//! ENHANCEDSTATUSCODES, CHUNKING, DSN).
+//!
+//! Everything here is pure code over bytes: no tokio, no sockets, no files.
+//! The daemon (`tern`) feeds bytes and decisions into [`Session`] and writes
+//! the replies it emits.
+//!
+//! Modules: [`address`] (paths and mailboxes), [`command`] (command lines and
+//! ESMTP parameters), [`reply`] (reply codec), [`data`] (DATA/BDAT content
+//! framing and checks), [`ehlo`] (capabilities), [`server`] (the session
+//! state machine).
+//!
+//! Errors: each parser returns a small error enum that maps one-to-one to
+//! the SMTP reply the session sends for it.
+
+pub mod address;
+pub mod command;
+pub mod data;
+pub mod ehlo;
+pub mod reply;
+pub mod server;
+
+pub use address::*;
+pub use command::{BodyType, MailParams, Notify, Orcpt, RcptParams, Ret};
+pub use reply::*;
+pub use server::*;

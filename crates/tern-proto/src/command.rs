@@ -1,0 +1,274 @@
+//! SMTP command lines: verb recognition, argument syntax and ESMTP
+//! parameters (RFC 5321 §4.1.1, RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 6531
+//! SMTPUTF8, RFC 3461 DSN, RFC 3030 BDAT).
+//!
+//! `parse_command` takes one line without its CRLF and returns a
+//! [`Command`] or a [`CommandError`]. Verbs are case-insensitive (§2.4).
+//!
+//! Invariants: a parsed `Command` is syntactically valid; every
+//! `CommandError` maps to exactly one reply via [`CommandError::reply`].
+//!
+//! Not done here: sequencing (MAIL before HELO...), limits that depend on
+//! configuration (SIZE against the maximum, recipient count), the rule that
+//! UTF-8 addresses need SMTPUTF8, and the rule that ESMTP parameters need
+//! EHLO: all of those are in `server`.
+//!
+//! Errors: [`CommandError`]: unknown verb 500 5.5.2, bad characters 500
+//! 5.5.2, known-but-unimplemented verb 502 5.5.1, HTTP request 554 5.5.1 (and
+//! close), argument syntax 501 5.5.4 (RFC 3463: "invalid command
+//! arguments"), bad sender 501 5.1.7, bad recipient 501 5.1.3, over-long
+//! address 553, unknown or unadvertised parameter 555 5.5.4 (§4.1.1.11),
+//! duplicate or malformed parameter 501 5.5.4.
+
+mod params;
+
+use crate::address::{self, AddressError, ForwardPath, ReversePath};
+use crate::reply::{EnhancedCode, Reply};
+
+pub use params::{
+    BodyType, MailParams, Notify, Orcpt, RcptParams, Ret, xtext_decode, xtext_encode,
+};
+
+/// One parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `HELO domain`; the argument is a Domain or an address literal.
+    Helo(String),
+    /// `EHLO domain`.
+    Ehlo(String),
+    Mail(ReversePath, MailParams),
+    Rcpt(ForwardPath, RcptParams),
+    Data,
+    /// `BDAT size [LAST]` (RFC 3030 §2).
+    Bdat {
+        size: u64,
+        last: bool,
+    },
+    Rset,
+    Noop,
+    Quit,
+    Vrfy(String),
+    Help(Option<String>),
+}
+
+/// Why a command line was refused; see the module header for the replies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandError {
+    /// NUL, CR, LF or another control character outside an argument, or
+    /// bytes that are not UTF-8.
+    BadCharacters,
+    /// Not an SMTP verb.
+    UnknownVerb,
+    /// A verb we recognise but do not implement (AUTH, STARTTLS, EXPN...).
+    NotImplemented(&'static str),
+    /// The line looks like an HTTP request: a cross-protocol attack.
+    CrossProtocol,
+    /// Bad arguments; the text is a usage hint.
+    Syntax(&'static str),
+    /// Bad HELO/EHLO argument (replied without an enhanced code, RFC 2034 §3).
+    HeloSyntax(&'static str),
+    /// Bad `MAIL FROM` path.
+    BadSender(AddressError),
+    /// Bad `RCPT TO` path.
+    BadRecipient(AddressError),
+    /// Unknown or unadvertised ESMTP parameter (keyword upper-cased).
+    UnknownParameter(String),
+    /// Malformed or repeated ESMTP parameter.
+    BadParameter(&'static str),
+}
+
+impl CommandError {
+    /// The reply the session sends for this error.
+    pub fn reply(&self) -> Reply {
+        let e = |c, s, d| Some(EnhancedCode(c, s, d));
+        match self {
+            CommandError::BadCharacters => {
+                Reply::new(500, e(5, 5, 2), "Error: bad characters in command")
+            }
+            CommandError::UnknownVerb => {
+                Reply::new(500, e(5, 5, 2), "Error: command not recognized")
+            }
+            CommandError::NotImplemented(v) => {
+                Reply::new(502, e(5, 5, 1), format!("Error: {v} not implemented"))
+            }
+            CommandError::CrossProtocol => {
+                Reply::new(554, e(5, 5, 1), "Error: this is an SMTP server")
+            }
+            CommandError::Syntax(usage) => Reply::new(501, e(5, 5, 4), format!("Syntax: {usage}")),
+            CommandError::HeloSyntax(usage) => Reply::new(501, None, format!("Syntax: {usage}")),
+            CommandError::BadSender(a) => address_reply(a, 7, "sender"),
+            CommandError::BadRecipient(a) => address_reply(a, 3, "recipient"),
+            CommandError::UnknownParameter(k) => {
+                Reply::new(555, e(5, 5, 4), format!("Error: unsupported parameter {k}"))
+            }
+            CommandError::BadParameter(what) => {
+                Reply::new(501, e(5, 5, 4), format!("Error: {what}"))
+            }
+        }
+    }
+
+    /// True when the session must close after the reply (HTTP requests:
+    /// the peer is not an SMTP client, answering more only helps attacks).
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, CommandError::CrossProtocol)
+    }
+}
+
+/// RFC 3463: X.1.7 bad sender syntax, X.1.3 bad destination syntax.
+fn address_reply(a: &AddressError, detail: u16, who: &str) -> Reply {
+    let code = if matches!(a, AddressError::Syntax(_)) {
+        501
+    } else {
+        553
+    };
+    Reply::new(
+        code,
+        Some(EnhancedCode(5, 1, detail)),
+        format!("Error: bad {who} address: {a}"),
+    )
+}
+
+/// HTTP methods: a browser or proxy talking to an SMTP port (cross-protocol
+/// request smuggling, e.g. "HTTP POST to port 25").
+const HTTP_VERBS: &[&str] = &[
+    "GET", "POST", "CONNECT", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE",
+];
+
+/// Known verbs we do not implement (RFC 5321 §4.2.4: 502).
+const UNIMPLEMENTED: &[&str] = &[
+    "AUTH", "STARTTLS", "ETRN", "EXPN", "TURN", "ATRN", "SEND", "SOML", "SAML", "VERB", "XCLIENT",
+    "XFORWARD",
+];
+
+/// Parses one command line (without CRLF).
+pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
+    // NUL, CR and LF are never valid in a command line (§2.3.8, §4.1.1);
+    // other control characters except TAB are refused too.
+    if line.iter().any(|&b| (b < 32 && b != b'\t') || b == 127) {
+        return Err(CommandError::BadCharacters);
+    }
+    let (verb, args) = match line.iter().position(|&b| b == b' ') {
+        Some(i) => (&line[..i], Some(&line[i + 1..])),
+        None => (line, None),
+    };
+    if !verb.iter().all(u8::is_ascii_alphabetic) || verb.is_empty() {
+        return Err(CommandError::UnknownVerb);
+    }
+    let verb = String::from_utf8_lossy(verb).to_ascii_uppercase();
+    if args.is_some() && HTTP_VERBS.contains(&verb.as_str()) {
+        return Err(CommandError::CrossProtocol);
+    }
+    if let Some(v) = UNIMPLEMENTED.iter().find(|v| **v == verb) {
+        return Err(CommandError::NotImplemented(v));
+    }
+    let args = match args {
+        Some(a) => Some(std::str::from_utf8(a).map_err(|_| CommandError::BadCharacters)?),
+        None => None,
+    };
+    // Trailing blanks are common from hand-typed sessions and harmless.
+    let args = args
+        .map(|a| a.trim_end_matches([' ', '\t']))
+        .filter(|a| !a.is_empty());
+    match verb.as_str() {
+        "HELO" => parse_helo(args, "HELO domain").map(Command::Helo),
+        "EHLO" => parse_helo(args, "EHLO domain").map(Command::Ehlo),
+        "MAIL" => parse_mail(args.unwrap_or("")),
+        "RCPT" => parse_rcpt(args.unwrap_or("")),
+        "DATA" => no_args(args, Command::Data, "DATA"),
+        "RSET" => no_args(args, Command::Rset, "RSET"),
+        "QUIT" => no_args(args, Command::Quit, "QUIT"),
+        // §4.1.1.9: NOOP may carry a string, which is ignored.
+        "NOOP" => Ok(Command::Noop),
+        "VRFY" => args
+            .map(|a| Command::Vrfy(a.to_string()))
+            .ok_or(CommandError::Syntax("VRFY address")),
+        "HELP" => Ok(Command::Help(args.map(str::to_string))),
+        "BDAT" => parse_bdat(args.unwrap_or("")),
+        _ => Err(CommandError::UnknownVerb),
+    }
+}
+
+fn no_args(args: Option<&str>, cmd: Command, usage: &'static str) -> Result<Command, CommandError> {
+    if args.is_some() {
+        Err(CommandError::Syntax(usage))
+    } else {
+        Ok(cmd)
+    }
+}
+
+/// `ehlo = "EHLO" SP ( Domain / address-literal )` (§4.1.1.1).
+fn parse_helo(args: Option<&str>, usage: &'static str) -> Result<String, CommandError> {
+    let arg = args.ok_or(CommandError::HeloSyntax(usage))?;
+    address::parse_domain(arg).map_err(|_| CommandError::HeloSyntax(usage))?;
+    Ok(arg.to_string())
+}
+
+/// Splits `PREFIX:<path> params`: the prefix is case-insensitive; one space
+/// after the colon is tolerated as most servers do.
+fn strip_prefix_ci<'a>(args: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = args.get(..prefix.len())?;
+    if !head.eq_ignore_ascii_case(prefix) {
+        return None;
+    }
+    let rest = &args[prefix.len()..];
+    Some(rest.strip_prefix(' ').unwrap_or(rest))
+}
+
+/// The ESMTP parameters after a path: nothing, or SP-separated keywords.
+fn split_params(rest: &str) -> Result<Vec<&str>, CommandError> {
+    if rest.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rest = rest
+        .strip_prefix(' ')
+        .ok_or(CommandError::Syntax("junk after the address"))?;
+    Ok(rest.split(' ').filter(|p| !p.is_empty()).collect())
+}
+
+/// `"MAIL FROM:" Reverse-path [SP Mail-parameters]` (§4.1.1.2).
+fn parse_mail(args: &str) -> Result<Command, CommandError> {
+    const USAGE: &str = "MAIL FROM:<address>";
+    let rest = strip_prefix_ci(args, "FROM:").ok_or(CommandError::Syntax(USAGE))?;
+    if !rest.starts_with('<') {
+        return Err(CommandError::Syntax(USAGE));
+    }
+    let (path, n) = address::parse_reverse_path(rest).map_err(CommandError::BadSender)?;
+    let params = MailParams::parse(&split_params(&rest[n..])?)?;
+    Ok(Command::Mail(path, params))
+}
+
+/// `"RCPT TO:" Forward-path [SP Rcpt-parameters]` (§4.1.1.3).
+fn parse_rcpt(args: &str) -> Result<Command, CommandError> {
+    const USAGE: &str = "RCPT TO:<address>";
+    let rest = strip_prefix_ci(args, "TO:").ok_or(CommandError::Syntax(USAGE))?;
+    if !rest.starts_with('<') {
+        return Err(CommandError::Syntax(USAGE));
+    }
+    let (path, n) = address::parse_forward_path(rest).map_err(CommandError::BadRecipient)?;
+    let params = RcptParams::parse(&split_params(&rest[n..])?)?;
+    Ok(Command::Rcpt(path, params))
+}
+
+/// `"BDAT" SP chunk-size [SP end-marker]` (RFC 3030 §2).
+fn parse_bdat(args: &str) -> Result<Command, CommandError> {
+    const USAGE: &str = "BDAT size [LAST]";
+    let mut it = args.split(' ');
+    let size = it.next().unwrap_or("");
+    if size.is_empty() || size.len() > 20 || !size.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(CommandError::Syntax(USAGE));
+    }
+    let size: u64 = size.parse().map_err(|_| CommandError::Syntax(USAGE))?;
+    let last = match it.next() {
+        None => false,
+        Some(m) if m.eq_ignore_ascii_case("LAST") => true,
+        Some(_) => return Err(CommandError::Syntax(USAGE)),
+    };
+    if it.next().is_some() {
+        return Err(CommandError::Syntax(USAGE));
+    }
+    Ok(Command::Bdat { size, last })
+}
+
+#[cfg(test)]
+#[path = "command_tests.rs"]
+mod tests;

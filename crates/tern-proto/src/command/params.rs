@@ -1,0 +1,291 @@
+//! ESMTP parameters of MAIL and RCPT (RFC 5321 §4.1.2 `Mail-parameters`,
+//! `Rcpt-parameters`) for the extensions we advertise: SIZE (RFC 1870),
+//! BODY (RFC 6152; BINARYMIME of RFC 3030 is not advertised), SMTPUTF8
+//! (RFC 6531), RET/ENVID/NOTIFY/ORCPT (RFC 3461), plus xtext decoding
+//! (RFC 3461 §4).
+//!
+//! Invariants: keywords are case-insensitive; each may appear once; values
+//! are decoded (xtext) before they are stored.
+//!
+//! Not done: checking SIZE against the configured limit and requiring EHLO
+//! (the session does both).
+//!
+//! Errors: unknown or unadvertised keyword → `UnknownParameter` (555 5.5.4,
+//! RFC 5321 §4.1.1.11); repeated or malformed → `BadParameter` (501 5.5.4).
+
+use super::CommandError;
+
+/// `BODY=` value (RFC 6152 §2, RFC 3030 §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyType {
+    SevenBit,
+    EightBitMime,
+    /// Parsed for completeness; `MailParams::parse` refuses it because we do
+    /// not advertise BINARYMIME.
+    BinaryMime,
+}
+
+/// `RET=` (RFC 3461 §4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ret {
+    Full,
+    Hdrs,
+}
+
+/// `NOTIFY=` (RFC 3461 §4.1): NEVER alone, or any of the other three.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Notify {
+    pub never: bool,
+    pub success: bool,
+    pub failure: bool,
+    pub delay: bool,
+}
+
+/// `ORCPT=addr-type;xtext` (RFC 3461 §4.2); `address` is xtext-decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orcpt {
+    pub addr_type: String,
+    pub address: String,
+}
+
+/// Parameters of `MAIL FROM`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MailParams {
+    /// Declared message size in octets (RFC 1870 §3); saturates at u64::MAX.
+    pub size: Option<u64>,
+    pub body: Option<BodyType>,
+    /// `SMTPUTF8` was given (RFC 6531 §3.4).
+    pub smtputf8: bool,
+    pub ret: Option<Ret>,
+    /// xtext-decoded `ENVID` (RFC 3461 §4.4).
+    pub envid: Option<String>,
+}
+
+/// Parameters of `RCPT TO`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RcptParams {
+    pub notify: Option<Notify>,
+    pub orcpt: Option<Orcpt>,
+}
+
+/// RFC 3461 §4.4: ENVID at most 100 characters; §4.2: ORCPT at most 500.
+const MAX_ENVID: usize = 100;
+const MAX_ORCPT: usize = 500;
+
+/// Splits `KEYWORD[=value]` and checks the esmtp-keyword / esmtp-value
+/// grammar (§4.1.2; RFC 6531 §3.3 allows UTF-8 in values).
+fn split_param(p: &str) -> Result<(String, Option<&str>), CommandError> {
+    let (k, v) = match p.split_once('=') {
+        Some((k, v)) => (k, Some(v)),
+        None => (p, None),
+    };
+    let kw_ok = k.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !kw_ok {
+        return Err(CommandError::BadParameter("bad parameter syntax"));
+    }
+    if let Some(v) = v
+        && (v.is_empty()
+            || !v
+                .bytes()
+                .all(|b| matches!(b, 33..=60 | 62..=126) || b >= 0x80))
+    {
+        return Err(CommandError::BadParameter("bad parameter value"));
+    }
+    Ok((k.to_ascii_uppercase(), v))
+}
+
+fn set_once<T>(slot: &mut Option<T>, v: T) -> Result<(), CommandError> {
+    if slot.is_some() {
+        return Err(CommandError::BadParameter("duplicate parameter"));
+    }
+    *slot = Some(v);
+    Ok(())
+}
+
+fn need<'a>(v: Option<&'a str>, what: &'static str) -> Result<&'a str, CommandError> {
+    v.ok_or(CommandError::BadParameter(what))
+}
+
+impl MailParams {
+    /// Parses the parameter words after `MAIL FROM:<...>`.
+    pub fn parse(words: &[&str]) -> Result<MailParams, CommandError> {
+        let mut out = MailParams::default();
+        for w in words {
+            let (k, v) = split_param(w)?;
+            match k.as_str() {
+                "SIZE" => {
+                    let v = need(v, "SIZE needs a number")?;
+                    if v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
+                        return Err(CommandError::BadParameter("bad SIZE value"));
+                    }
+                    // 1*20DIGIT can exceed u64: such a size is over any limit.
+                    set_once(&mut out.size, v.parse().unwrap_or(u64::MAX))?;
+                }
+                "BODY" => {
+                    let b = match need(v, "BODY needs a value")?.to_ascii_uppercase().as_str() {
+                        "7BIT" => BodyType::SevenBit,
+                        "8BITMIME" => BodyType::EightBitMime,
+                        "BINARYMIME" => {
+                            return Err(CommandError::UnknownParameter("BODY=BINARYMIME".into()));
+                        }
+                        _ => return Err(CommandError::BadParameter("bad BODY value")),
+                    };
+                    set_once(&mut out.body, b)?;
+                }
+                "SMTPUTF8" => {
+                    if v.is_some() {
+                        return Err(CommandError::BadParameter("SMTPUTF8 takes no value"));
+                    }
+                    if out.smtputf8 {
+                        return Err(CommandError::BadParameter("duplicate parameter"));
+                    }
+                    out.smtputf8 = true;
+                }
+                "RET" => {
+                    let r = match need(v, "RET needs a value")?.to_ascii_uppercase().as_str() {
+                        "FULL" => Ret::Full,
+                        "HDRS" => Ret::Hdrs,
+                        _ => return Err(CommandError::BadParameter("bad RET value")),
+                    };
+                    set_once(&mut out.ret, r)?;
+                }
+                "ENVID" => {
+                    let v = need(v, "ENVID needs a value")?;
+                    if v.len() > MAX_ENVID {
+                        return Err(CommandError::BadParameter("ENVID too long"));
+                    }
+                    let d = xtext_decode(v).ok_or(CommandError::BadParameter("bad ENVID xtext"))?;
+                    // §4.4: printable US-ASCII before encoding.
+                    if !d.bytes().all(|b| (32..=126).contains(&b)) {
+                        return Err(CommandError::BadParameter("bad ENVID value"));
+                    }
+                    set_once(&mut out.envid, d)?;
+                }
+                _ => return Err(CommandError::UnknownParameter(k)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// True when no parameter was given (the only form allowed after HELO).
+    pub fn is_empty(&self) -> bool {
+        *self == MailParams::default()
+    }
+}
+
+impl RcptParams {
+    /// Parses the parameter words after `RCPT TO:<...>`.
+    pub fn parse(words: &[&str]) -> Result<RcptParams, CommandError> {
+        let mut out = RcptParams::default();
+        for w in words {
+            let (k, v) = split_param(w)?;
+            match k.as_str() {
+                "NOTIFY" => set_once(
+                    &mut out.notify,
+                    parse_notify(need(v, "NOTIFY needs a value")?)?,
+                )?,
+                "ORCPT" => set_once(
+                    &mut out.orcpt,
+                    parse_orcpt(need(v, "ORCPT needs a value")?)?,
+                )?,
+                _ => return Err(CommandError::UnknownParameter(k)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// True when no parameter was given.
+    pub fn is_empty(&self) -> bool {
+        *self == RcptParams::default()
+    }
+}
+
+/// `"NEVER" / 1#( "SUCCESS" / "FAILURE" / "DELAY" )` (RFC 3461 §4.1).
+fn parse_notify(v: &str) -> Result<Notify, CommandError> {
+    let mut n = Notify::default();
+    for item in v.split(',') {
+        match item.to_ascii_uppercase().as_str() {
+            "NEVER" => n.never = true,
+            "SUCCESS" => n.success = true,
+            "FAILURE" => n.failure = true,
+            "DELAY" => n.delay = true,
+            _ => return Err(CommandError::BadParameter("bad NOTIFY value")),
+        }
+    }
+    if n.never && (n.success || n.failure || n.delay) {
+        return Err(CommandError::BadParameter(
+            "NOTIFY=NEVER cannot be combined",
+        ));
+    }
+    Ok(n)
+}
+
+/// `addr-type ";" xtext` (RFC 3461 §4.2); addr-type is an atom.
+fn parse_orcpt(v: &str) -> Result<Orcpt, CommandError> {
+    const BAD: CommandError = CommandError::BadParameter("bad ORCPT value");
+    if v.len() > MAX_ORCPT {
+        return Err(CommandError::BadParameter("ORCPT too long"));
+    }
+    let (t, a) = v.split_once(';').ok_or(BAD)?;
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(BAD);
+    }
+    let address = xtext_decode(a).ok_or(BAD)?;
+    if address.is_empty() || address.chars().any(char::is_control) {
+        return Err(BAD);
+    }
+    Ok(Orcpt {
+        addr_type: t.to_string(),
+        address,
+    })
+}
+
+/// Decodes xtext (RFC 3461 §4): `xchar` is `!`..`~` except `+` and `=`;
+/// `+XX` (upper-case hex) is one octet. Returns `None` when malformed or
+/// when the decoded octets are not UTF-8.
+pub fn xtext_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => {
+                let hex = |c: u8| match c {
+                    b'0'..=b'9' => Some(c - b'0'),
+                    b'A'..=b'F' => Some(c - b'A' + 10),
+                    _ => None,
+                };
+                let hi = hex(*b.get(i + 1)?)?;
+                let lo = hex(*b.get(i + 2)?)?;
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            b'=' => return None,
+            c @ 33..=126 => {
+                out.push(c);
+                i += 1;
+            }
+            // UTF-8 in values is allowed with SMTPUTF8 (RFC 6533 §3).
+            c if c >= 0x80 => {
+                out.push(c);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Encodes text as xtext (RFC 3461 §4): the inverse of `xtext_decode`.
+pub fn xtext_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}

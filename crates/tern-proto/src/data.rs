@@ -1,0 +1,294 @@
+//! Message content framing and checks for DATA (RFC 5321 §4.1.1.4, §4.5.2)
+//! and BDAT (RFC 3030).
+//!
+//! [`ContentDecoder`] consumes raw content bytes incrementally and appends
+//! the message (dot-unstuffed in DATA mode) to a caller's buffer, so the
+//! session never holds a whole message.
+//!
+//! Invariants (these are what make SMTP smuggling impossible):
+//! - Only CR LF ends a line. In DATA mode only `CRLF "." CRLF` (or `.` CRLF
+//!   as the very first line) ends the content. A bare LF or bare CR is never
+//!   a line end: `\n.\n`, `\n.\r\n`, `\r\n.\n`, `\r.\r`, `\r\n.\r` are content.
+//! - Under [`BareLfPolicy::Reject`] a bare CR/LF marks the message bad (it is
+//!   read to its real end, then refused); under `Normalize` each bare CR or
+//!   LF is emitted as CRLF, which still never ends the content.
+//! - Once a problem is found, no more output is produced; the first problem
+//!   found is the one reported.
+//! - Memory is constant: a few counters and a 16-byte header prefix.
+//!
+//! Checks: line length (§4.5.3.1.6, not counting a stuffing dot), message
+//! size (RFC 1870), `Received:` count in the header section (loop
+//! detection, §6.3). BDAT content gets the same checks (CHUNKING without
+//! BINARYMIME still carries text lines), but no dot handling.
+//!
+//! Not done: MIME or header parsing beyond the `Received:` prefix, adding
+//! trace headers.
+//!
+//! Errors: [`ContentError`], each with its reply.
+
+use crate::reply::{EnhancedCode, Reply};
+use crate::server::BareLfPolicy;
+
+/// What was wrong with a message's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentError {
+    /// A bare CR or LF under `BareLfPolicy::Reject`: 550 5.5.2.
+    BareLineEnding,
+    /// A line longer than the limit: 500 5.5.2 (§4.5.3.1.6).
+    LineTooLong,
+    /// More octets than the size limit: 552 5.3.4 (RFC 1870, RFC 3463).
+    TooLarge,
+    /// Too many `Received:` fields, a mail loop: 554 5.4.6 (§6.3).
+    TooManyHops,
+}
+
+impl ContentError {
+    /// The reply the session sends after reading the rejected content.
+    pub fn reply(&self) -> Reply {
+        match self {
+            ContentError::BareLineEnding => Reply::new(
+                550,
+                Some(EnhancedCode(5, 5, 2)),
+                "Error: bare <LF> or <CR> in message",
+            ),
+            ContentError::LineTooLong => Reply::new(
+                500,
+                Some(EnhancedCode(5, 5, 2)),
+                "Error: message line too long",
+            ),
+            ContentError::TooLarge => {
+                Reply::new(552, Some(EnhancedCode(5, 3, 4)), "Error: message too large")
+            }
+            ContentError::TooManyHops => {
+                Reply::new(554, Some(EnhancedCode(5, 4, 6)), "Error: too many hops")
+            }
+        }
+    }
+}
+
+/// Limits applied to one message.
+#[derive(Debug, Clone, Copy)]
+pub struct ContentLimits {
+    /// Maximum message octets after unstuffing; 0 = unlimited.
+    pub max_size: u64,
+    /// Maximum line length including CRLF; 0 = unlimited.
+    pub max_line: usize,
+    /// Maximum `Received:` fields in the header section.
+    pub max_received: usize,
+    pub bare_lf: BareLfPolicy,
+}
+
+/// Incremental decoder for one message's content.
+#[derive(Debug, Clone)]
+pub struct ContentDecoder {
+    limits: ContentLimits,
+    /// DATA (dot-stuffed, dot-terminated) or BDAT (counted, raw).
+    dot_mode: bool,
+    /// At the start of a real (CRLF-delimited) line.
+    line_start: bool,
+    /// The current line began with a dot that was removed.
+    dot_line: bool,
+    /// The previous byte was a CR whose meaning depends on the next byte.
+    cr_pending: bool,
+    /// Raw bytes of the current line so far (incl. a stuffing dot and CR).
+    line_len: usize,
+    /// Message octets produced so far.
+    size: u64,
+    error: Option<ContentError>,
+    in_headers: bool,
+    /// First bytes of the current line's content (header name detection).
+    prefix: [u8; 16],
+    prefix_len: u8,
+    /// Content bytes in the current line (0 = blank line ends headers).
+    line_content: usize,
+    received: usize,
+}
+
+impl ContentDecoder {
+    /// A decoder for DATA content (dot-stuffed, ends at CRLF.CRLF).
+    pub fn dot(limits: ContentLimits) -> Self {
+        Self::new(limits, true)
+    }
+
+    /// A decoder for BDAT chunks (counted octets, no dot handling).
+    pub fn chunked(limits: ContentLimits) -> Self {
+        Self::new(limits, false)
+    }
+
+    fn new(limits: ContentLimits, dot_mode: bool) -> Self {
+        ContentDecoder {
+            limits,
+            dot_mode,
+            line_start: true,
+            dot_line: false,
+            cr_pending: false,
+            line_len: 0,
+            size: 0,
+            error: None,
+            in_headers: true,
+            prefix: [0; 16],
+            prefix_len: 0,
+            line_content: 0,
+            received: 0,
+        }
+    }
+
+    /// The first problem found so far.
+    pub fn error(&self) -> Option<ContentError> {
+        self.error
+    }
+
+    /// Message octets produced so far (also counted after an error).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Consumes bytes from `input`, appending message content to `out`.
+    /// Returns the number of bytes consumed and whether the end of the
+    /// content (DATA mode only) was reached; bytes after the terminator are
+    /// not consumed.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, bool) {
+        for (i, &b) in input.iter().enumerate() {
+            if self.step(b, out) {
+                return (i + 1, true);
+            }
+        }
+        (input.len(), false)
+    }
+
+    /// Ends chunked content (BDAT LAST): a CR left at the very end is bare.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.cr_pending {
+            self.cr_pending = false;
+            self.bare(out);
+        }
+    }
+
+    /// One byte; true when it completed the DATA terminator.
+    fn step(&mut self, b: u8, out: &mut Vec<u8>) -> bool {
+        if self.cr_pending {
+            self.cr_pending = false;
+            if b == b'\n' {
+                self.count_line_byte();
+                // `.` CR LF on a line of its own ends DATA (§4.1.1.4).
+                if self.dot_mode && self.dot_line && self.line_len == 3 {
+                    return true;
+                }
+                self.emit(b"\r\n", out);
+                self.end_line();
+                self.line_start = true;
+                return false;
+            }
+            self.bare(out);
+        }
+        match b {
+            b'\r' => {
+                self.cr_pending = true;
+                self.line_start = false;
+                self.count_line_byte();
+            }
+            b'\n' => {
+                self.count_line_byte();
+                self.bare(out);
+            }
+            _ => {
+                self.count_line_byte();
+                if self.line_start && self.dot_mode && b == b'.' {
+                    // Transparency (§4.5.2): a leading dot is removed.
+                    self.line_start = false;
+                    self.dot_line = true;
+                    return false;
+                }
+                self.line_start = false;
+                self.content_byte(b);
+                self.emit(&[b], out);
+            }
+        }
+        false
+    }
+
+    fn count_line_byte(&mut self) {
+        self.line_len += 1;
+        let counted = self.line_len - usize::from(self.dot_line);
+        if self.limits.max_line != 0 && counted > self.limits.max_line {
+            self.fail(ContentError::LineTooLong);
+        }
+    }
+
+    /// A bare CR or LF (the caller already counted it as a line byte).
+    fn bare(&mut self, out: &mut Vec<u8>) {
+        match self.limits.bare_lf {
+            BareLfPolicy::Reject => self.fail(ContentError::BareLineEnding),
+            BareLfPolicy::Normalize => {
+                self.emit(b"\r\n", out);
+                self.end_line();
+                // A normalized break is a line end for lengths and headers
+                // but never a line start for dot handling: only CRLF is.
+                self.line_start = false;
+            }
+        }
+    }
+
+    fn end_line(&mut self) {
+        if self.in_headers {
+            if self.line_content == 0 {
+                self.in_headers = false;
+            } else if self.is_received() {
+                self.received += 1;
+                if self.received > self.limits.max_received {
+                    self.fail(ContentError::TooManyHops);
+                }
+            }
+        }
+        self.line_len = 0;
+        self.dot_line = false;
+        self.line_content = 0;
+        self.prefix_len = 0;
+    }
+
+    fn content_byte(&mut self, b: u8) {
+        self.line_content += 1;
+        if self.in_headers && usize::from(self.prefix_len) < self.prefix.len() {
+            self.prefix[usize::from(self.prefix_len)] = b;
+            self.prefix_len += 1;
+        }
+    }
+
+    /// `Received` WSP* `:` at the start of a header line (RFC 5322 §3.6.7,
+    /// with the obsolete WSP before the colon of §4.5).
+    fn is_received(&self) -> bool {
+        let p = &self.prefix[..usize::from(self.prefix_len)];
+        let Some(rest) = p
+            .get(8..)
+            .filter(|_| p[..8].eq_ignore_ascii_case(b"received"))
+        else {
+            return false;
+        };
+        let rest: Vec<u8> = rest
+            .iter()
+            .copied()
+            .skip_while(|b| *b == b' ' || *b == b'\t')
+            .collect();
+        rest.first() == Some(&b':')
+    }
+
+    fn emit(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        self.size = self.size.saturating_add(bytes.len() as u64);
+        if self.limits.max_size != 0 && self.size > self.limits.max_size {
+            self.fail(ContentError::TooLarge);
+        }
+        if self.error.is_none() {
+            out.extend_from_slice(bytes);
+        }
+    }
+
+    fn fail(&mut self, e: ContentError) {
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "data_tests.rs"]
+mod tests;

@@ -1,0 +1,1 @@
+//! Tests for `data` (filled below).

@@ -1,0 +1,250 @@
+//! Command-phase input: framing of command lines (only CRLF ends one) and
+//! the handler of each verb, with RFC 5321 §4.1.4 sequencing.
+//!
+//! Invariants: an over-long line produces exactly one 500 and is discarded
+//! up to its CRLF without being buffered; a bare CR or LF never splits a
+//! command line (it makes the whole line a 500).
+//!
+//! Not done: applying decisions (see `decide`).
+//!
+//! Errors: every refusal here is a reply (see `CommandError::reply` and the
+//! per-verb checks).
+
+use super::{Mode, Pending, Query, Session, Transaction};
+use crate::address::{ForwardPath, ReversePath};
+use crate::command::{Command, MailParams, RcptParams, parse_command};
+use crate::reply::{EnhancedCode, Reply};
+
+fn r(code: u16, e: (u8, u16, u16), text: &str) -> Reply {
+    Reply::new(code, Some(EnhancedCode(e.0, e.1, e.2)), text)
+}
+
+impl Session {
+    /// Frames one command line; false when more input is needed.
+    pub(super) fn step_command(&mut self) -> bool {
+        if self.skipping_line {
+            return self.skip_long_line();
+        }
+        let max = self.config.max_command_line.max(3);
+        let Some(i) = find_crlf(&self.input) else {
+            // The CR of a CRLF may already be here: don't count it.
+            let content = self.input.len() - usize::from(self.input.last() == Some(&b'\r'));
+            if content + 2 > max {
+                self.skipping_line = true;
+                self.skip_prev_cr = self.input.last() == Some(&b'\r');
+                self.input = Vec::new();
+                self.reply(r(500, (5, 5, 2), "Error: line too long"));
+                return true;
+            }
+            return false;
+        };
+        if i + 2 > max {
+            self.consume(i + 2);
+            self.reply(r(500, (5, 5, 2), "Error: line too long"));
+            return true;
+        }
+        let line = self.input[..i].to_vec();
+        self.consume(i + 2);
+        if line.iter().any(|&b| b == b'\r' || b == b'\n') {
+            // §2.3.8: CR and LF only occur together as a line end.
+            self.reply(r(500, (5, 5, 2), "Error: bare <CR> or <LF> in command"));
+            return true;
+        }
+        match parse_command(&line) {
+            Ok(cmd) => self.command(cmd),
+            Err(e) if e.closes_connection() => self.close_with(e.reply()),
+            Err(e) => self.reply(e.reply()),
+        }
+        true
+    }
+
+    /// Discards input up to and including the CRLF ending an over-long line.
+    fn skip_long_line(&mut self) -> bool {
+        if self.input.is_empty() {
+            return false;
+        }
+        let end = if self.skip_prev_cr && self.input[0] == b'\n' {
+            Some(1)
+        } else {
+            find_crlf(&self.input).map(|i| i + 2)
+        };
+        match end {
+            Some(n) => {
+                self.consume(n);
+                self.skipping_line = false;
+                self.skip_prev_cr = false;
+            }
+            None => {
+                self.skip_prev_cr = self.input.last() == Some(&b'\r');
+                self.input = Vec::new();
+            }
+        }
+        true
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Helo(domain) => self.cmd_helo(domain, false),
+            Command::Ehlo(domain) => self.cmd_helo(domain, true),
+            Command::Mail(from, params) => self.cmd_mail(from, params),
+            Command::Rcpt(to, params) => self.cmd_rcpt(to, params),
+            Command::Data => self.cmd_data(),
+            Command::Bdat { size, last } => self.cmd_bdat(size, last),
+            Command::Rset => {
+                self.reset_transaction();
+                self.reply(r(250, (2, 0, 0), "Ok"));
+            }
+            Command::Noop => self.reply(r(250, (2, 0, 0), "Ok")),
+            Command::Quit => self.close_with(r(221, (2, 0, 0), "Bye")),
+            // §3.5.3: 252 when we will not verify; never disclose users.
+            Command::Vrfy(_) => self.reply(r(
+                252,
+                (2, 5, 2),
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Command::Help(_) => self.reply(r(
+                214,
+                (2, 0, 0),
+                "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP",
+            )),
+        }
+    }
+
+    /// §4.1.4: EHLO/HELO also resets any transaction.
+    fn cmd_helo(&mut self, domain: String, extended: bool) {
+        self.reset_transaction();
+        let q = Query::Helo {
+            domain: domain.clone(),
+            extended,
+        };
+        self.ask(q, Pending::Helo { domain, extended });
+    }
+
+    fn cmd_mail(&mut self, from: ReversePath, params: MailParams) {
+        let max = self.config.max_message_size;
+        let refusal = if self.helo.is_none() {
+            Some(r(503, (5, 5, 1), "Error: send HELO/EHLO first"))
+        } else if self.tx.is_some() {
+            Some(r(503, (5, 5, 1), "Error: nested MAIL command"))
+        } else if !self.esmtp && !params.is_empty() {
+            // Nothing was advertised after HELO (§4.1.1.11).
+            Some(r(555, (5, 5, 4), "Error: ESMTP parameters need EHLO"))
+        } else if max != 0 && params.size.is_some_and(|s| s > max) {
+            // RFC 1870 §6.2.
+            Some(r(552, (5, 3, 4), "Error: message size exceeds fixed limit"))
+        } else if matches!(&from, ReversePath::Mailbox(m) if m.is_utf8()) && !params.smtputf8 {
+            // RFC 6531 §3.6 / RFC 6533: UTF-8 address without SMTPUTF8.
+            Some(r(553, (5, 6, 7), "Error: UTF-8 address needs SMTPUTF8"))
+        } else {
+            None
+        };
+        match refusal {
+            Some(reply) => self.reply(reply),
+            None => {
+                let q = Query::Mail {
+                    from: from.clone(),
+                    params: params.clone(),
+                };
+                self.ask(q, Pending::Mail(from, params));
+            }
+        }
+    }
+
+    fn cmd_rcpt(&mut self, to: ForwardPath, params: RcptParams) {
+        let refusal = match &self.tx {
+            None => Some(r(503, (5, 5, 1), "Error: need MAIL command")),
+            // RFC 3030 §2: after BDAT only BDAT (or RSET...) continues.
+            Some(_) if self.msg.is_some() => Some(r(503, (5, 5, 1), "Error: RCPT after BDAT")),
+            Some(tx) if tx.rcpts.len() >= self.config.max_recipients => {
+                // §4.5.3.1.10: 452 for too many recipients.
+                Some(r(452, (4, 5, 3), "Error: too many recipients"))
+            }
+            Some(_) if !self.esmtp && !params.is_empty() => {
+                Some(r(555, (5, 5, 4), "Error: ESMTP parameters need EHLO"))
+            }
+            Some(tx) if to.is_utf8() && !tx.params.smtputf8 => {
+                Some(r(553, (5, 6, 7), "Error: UTF-8 address needs SMTPUTF8"))
+            }
+            Some(_) => None,
+        };
+        match refusal {
+            Some(reply) => self.reply(reply),
+            None => {
+                let q = Query::Rcpt {
+                    to: to.clone(),
+                    params: params.clone(),
+                };
+                self.ask(q, Pending::Rcpt(to, params));
+            }
+        }
+    }
+
+    fn cmd_data(&mut self) {
+        let refusal = match &self.tx {
+            None => Some(r(503, (5, 5, 1), "Error: need MAIL command")),
+            Some(_) if self.msg.is_some() => Some(r(503, (5, 5, 1), "Error: DATA after BDAT")),
+            // §3.3: DATA with no accepted recipient.
+            Some(tx) if tx.rcpts.is_empty() => {
+                Some(r(554, (5, 5, 1), "Error: no valid recipients"))
+            }
+            Some(_) => None,
+        };
+        if let Some(reply) = refusal {
+            self.reply(reply);
+        } else if !self.input.is_empty() {
+            self.pipelining_violation();
+        } else {
+            self.ask(Query::Data, Pending::Data);
+        }
+    }
+
+    /// RFC 2920 §3.1: DATA ends a command group; content sent before the
+    /// 354 means the client is broken or smuggling. Drop it all.
+    pub(super) fn pipelining_violation(&mut self) {
+        self.input = Vec::new();
+        self.reset_transaction();
+        self.reply(r(
+            554,
+            (5, 5, 0),
+            "Error: improper use of SMTP command pipelining",
+        ));
+    }
+
+    /// RFC 3030 §2: the chunk's octets always follow the command, so even
+    /// a refused BDAT must swallow them (or they would be read as commands).
+    fn cmd_bdat(&mut self, size: u64, last: bool) {
+        let refusal = match &self.tx {
+            None => Some(r(503, (5, 5, 1), "Error: need MAIL command")),
+            Some(tx) if tx.rcpts.is_empty() => {
+                Some(r(554, (5, 5, 1), "Error: no valid recipients"))
+            }
+            Some(_) => None,
+        };
+        if let Some(reply) = refusal {
+            self.mode = Mode::Discard {
+                remaining: size,
+                reply,
+            };
+        } else if self.msg.is_some() {
+            self.mode = Mode::Chunk {
+                remaining: size,
+                size,
+                last,
+            };
+        } else {
+            self.ask(Query::Data, Pending::BdatData { size, last });
+        }
+    }
+
+    pub(super) fn start_transaction(&mut self, from: ReversePath, params: MailParams) {
+        self.tx = Some(Transaction {
+            from,
+            params,
+            rcpts: Vec::new(),
+        });
+    }
+}
+
+fn find_crlf(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\r\n")
+}

@@ -1,0 +1,140 @@
+//! Applying the driver's [`Decision`] to the outstanding query.
+//!
+//! Invariants: a decision with no outstanding query is ignored; `Reject`
+//! leaves the state as RFC 5321 says (a refused MAIL starts no transaction, a
+//! refused RCPT is not added, a refused DATA/BDAT ends the transaction);
+//! `Disconnect` always ends in Close; `Queued` outside `EndOfData` means
+//! `Accept`.
+//!
+//! Not done: validating that a driver's custom reply has a sensible code
+//! (it is written as given, and counted as an error when 4xx/5xx).
+//!
+//! Errors: none.
+
+use super::{Decision, Mode, Pending, Session};
+use crate::data::ContentDecoder;
+use crate::ehlo::ehlo_reply;
+use crate::reply::{EnhancedCode, Reply};
+
+impl Session {
+    /// Answers the outstanding query (see [`Decision`]).
+    pub fn decide(&mut self, decision: Decision) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let custom = match decision {
+            Decision::Disconnect(r) => {
+                // Nothing after EndOfData was streamed to the driver yet
+                // that it does not already own.
+                self.close_with(r);
+                return;
+            }
+            Decision::Reject(r) => {
+                self.reject(pending, r);
+                return;
+            }
+            Decision::Accept => None,
+            Decision::AcceptWith(r) => Some(r),
+            Decision::Queued { queue_id } => match pending {
+                Pending::EndOfData => Some(Reply::new(
+                    250,
+                    Some(EnhancedCode(2, 0, 0)),
+                    format!("Ok: queued as {queue_id}"),
+                )),
+                _ => None,
+            },
+        };
+        self.accept(pending, custom);
+    }
+
+    fn accept(&mut self, pending: Pending, custom: Option<Reply>) {
+        let ok = |code, e: (u8, u16, u16), text: &str| {
+            Reply::new(code, Some(EnhancedCode(e.0, e.1, e.2)), text)
+        };
+        match pending {
+            Pending::Connect => {
+                if !self.input.is_empty() {
+                    // §4.3.1: the client must wait for the greeting.
+                    let text = format!("{} Error: input before greeting", self.config.hostname);
+                    self.close_with(ok(554, (5, 5, 1), &text));
+                    return;
+                }
+                let text = format!("{} {}", self.config.hostname, self.config.greeting_text);
+                self.reply(custom.unwrap_or_else(|| Reply::new(220, None, text)));
+            }
+            Pending::Helo { domain, extended } => {
+                let standard = if extended {
+                    ehlo_reply(&self.config.hostname, &domain, self.config.max_message_size)
+                } else {
+                    Reply::new(250, None, self.config.hostname.clone())
+                };
+                self.helo = Some(domain);
+                self.esmtp = extended;
+                self.reply(custom.unwrap_or(standard));
+            }
+            Pending::Mail(from, params) => {
+                self.start_transaction(from, params);
+                self.reply(custom.unwrap_or_else(|| ok(250, (2, 1, 0), "Ok")));
+            }
+            Pending::Rcpt(to, params) => {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.rcpts.push((to, params));
+                }
+                self.reply(custom.unwrap_or_else(|| ok(250, (2, 1, 5), "Ok")));
+            }
+            Pending::Data => {
+                if !self.input.is_empty() {
+                    // Content arrived before our 354 could have been seen.
+                    self.pipelining_violation();
+                    return;
+                }
+                self.msg = Some(ContentDecoder::dot(self.limits()));
+                self.mode = Mode::Data;
+                self.reply(
+                    custom.unwrap_or_else(|| {
+                        Reply::new(354, None, "End data with <CR><LF>.<CR><LF>")
+                    }),
+                );
+            }
+            Pending::BdatData { size, last } => {
+                // The reply comes after the chunk (RFC 3030 §2); a custom
+                // positive reply has no place to go.
+                self.msg = Some(ContentDecoder::chunked(self.limits()));
+                self.mode = Mode::Chunk {
+                    remaining: size,
+                    size,
+                    last,
+                };
+            }
+            Pending::EndOfData => {
+                // The driver owns the content now: no MessageAborted.
+                self.msg = None;
+                self.tx = None;
+                self.reply(custom.unwrap_or_else(|| ok(250, (2, 0, 0), "Ok")));
+            }
+        }
+    }
+
+    fn reject(&mut self, pending: Pending, r: Reply) {
+        match pending {
+            Pending::Connect => self.close_with(r),
+            Pending::Helo { .. } | Pending::Mail(..) | Pending::Rcpt(..) => self.reply(r),
+            Pending::Data => {
+                self.reset_transaction();
+                self.reply(r);
+            }
+            Pending::BdatData { size, .. } => {
+                // Swallow the chunk, then reply and reset.
+                self.mode = Mode::Discard {
+                    remaining: size,
+                    reply: r,
+                };
+            }
+            Pending::EndOfData => {
+                self.msg = None;
+                self.tx = None;
+                self.reply(r);
+            }
+        }
+    }
+}
