@@ -1,0 +1,322 @@
+#!/usr/bin/env python3
+"""Helpers for bench/run.sh: load runs, Maildir polling, PSS sums, fsync counts, the final table.
+
+Each subcommand prints machine-readable `key=value` lines on stdout (run.sh appends them to the
+results file) and human notes on stderr. Nothing here starts a server; run.sh owns every server
+process and stops it. Every wait is a poll with a deadline, never an open-ended sleep.
+
+Subcommands:
+  freeport                          print a free TCP port on 127.0.0.1 (bind to 0, close).
+  load ...                          run smtp-source (optionally calibrated to a target duration) and,
+                                    when --maildir is given, wait until every message is delivered.
+  pss --root PID [--name N]         sum Pss (KiB) of PID and all its descendants (/proc/*/smaps_rollup).
+  synccount FILE                    count fsync-family calls in a plain `strace -f -o FILE` trace.
+  waitquiet FILE --quiet S          wait until FILE stops growing for S seconds (deadline bounded).
+  count DIR                         number of entries in DIR.
+  tree PID                          print PID and its live descendants, one per line.
+  table RESULTS                     print the final comparison table from key=value lines.
+
+Errors: a failed smtp-source, a missed deadline or an unreadable file exits non-zero with a
+one-line reason on stderr, so run.sh can record the figure as unavailable and move on.
+"""
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+SYNC_CALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs")
+SYNC_RE = re.compile(r"\b(" + "|".join(SYNC_CALLS) + r")\(")
+
+
+def note(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def count_dir(path):
+    try:
+        with os.scandir(path) as it:
+            return sum(1 for _ in it)
+    except FileNotFoundError:
+        return 0
+
+
+def wait_count(path, target, deadline):
+    """Poll `path` until it holds at least `target` entries; return the time it did, or None."""
+    while True:
+        n = count_dir(path)
+        if n >= target:
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            note(f"deadline: {path} holds {n}, expected {target}")
+            return None
+        time.sleep(0.02)
+
+
+def smtp_source(args, msgs):
+    """One smtp-source run of `msgs` messages; returns (t_start, t_end) or raises."""
+    cmd = [
+        args.smtp_source, "-s", str(args.sessions), "-m", str(msgs), "-l", str(args.size),
+        "-M", "client.bench.test", "-f", args.sender, "-t", args.rcpt, "-C", "5",
+    ]
+    if args.reuse:
+        cmd.append("-d")  # keep the connection: many messages per session
+    cmd.append(f"127.0.0.1:{args.port}")
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    t1 = time.monotonic()
+    if proc.returncode != 0:
+        raise RuntimeError(f"smtp-source exit {proc.returncode}: {proc.stderr.strip()[:300]}")
+    return t0, t1
+
+
+def run_batch(args, msgs):
+    """Send `msgs`, then wait for delivery when a Maildir is watched; return (acc/s, e2e/s|None)."""
+    base = count_dir(args.maildir) if args.maildir else 0
+    t0, t1 = smtp_source(args, msgs)
+    acc = msgs / (t1 - t0)
+    if not args.maildir:
+        return acc, None
+    done = wait_count(args.maildir, base + msgs, t1 + args.timeout)
+    if done is None:
+        raise RuntimeError("messages not all delivered before the deadline")
+    return acc, msgs / (done - t0)
+
+
+def cmd_load(args):
+    msgs = args.msgs
+    if msgs is None:
+        # Calibrate: a short warm-up batch gives the rate, then size the real batch to last about
+        # --target-secs, so fast and slow servers are both measured for a comparable time.
+        cal = max(args.sessions * 5, 100)
+        while True:
+            t0 = time.monotonic()
+            acc, _ = run_batch(args, cal)
+            # A batch under a second is dominated by start-up: grow it so the rate is meaningful.
+            if time.monotonic() - t0 >= 1.0 or cal >= args.max_msgs // 4:
+                break
+            cal *= 4
+        msgs = int(min(max(acc * args.target_secs, args.min_msgs), args.max_msgs))
+        note(f"  calibration: {cal} msgs at {acc:.0f}/s -> measuring {msgs} msgs")
+    acc, e2e = run_batch(args, msgs)
+    p = args.prefix
+    print(f"{p}.msgs={msgs}")
+    print(f"{p}.acc={acc:.1f}")
+    if e2e is not None:
+        print(f"{p}.e2e={e2e:.1f}")
+    note(f"  {p}: {msgs} msgs, accepted {acc:.1f}/s" + (f", end-to-end {e2e:.1f}/s" if e2e else ""))
+
+
+def descendants(root):
+    """PID `root` and all its live descendants, from the ppid field of /proc/*/stat."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # comm may contain spaces/parens: the ppid is the 2nd field after the last ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def pss_of(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass  # the process exited between listing and reading: it no longer uses memory
+    return 0
+
+
+def comm_of(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def cmd_pss(args):
+    pids = descendants(args.root)
+    total = sum(pss_of(p) for p in pids)
+    print(f"{args.prefix}.pss_kib={total}")
+    print(f"{args.prefix}.procs={len(pids)}")
+    if args.name:
+        named = [p for p in pids if comm_of(p) == args.name]
+        print(f"{args.prefix}.{args.name}_procs={len(named)}")
+        print(f"{args.prefix}.{args.name}_pss_kib={sum(pss_of(p) for p in named)}")
+
+
+def sync_count(path):
+    n = 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            # Skip "<... fsync resumed>" continuations: the call was counted at "unfinished".
+            if "resumed>" in line:
+                continue
+            if SYNC_RE.search(line):
+                n += 1
+    return n
+
+
+def cmd_synccount(args):
+    print(sync_count(args.file))
+
+
+def cmd_waitquiet(args):
+    """Wait until FILE has not grown for --quiet seconds (the server finished its syncs)."""
+    deadline = time.monotonic() + args.timeout
+    last_size, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        size = os.path.getsize(args.file) if os.path.exists(args.file) else 0
+        now = time.monotonic()
+        if size != last_size:
+            last_size, last_change = size, now
+        elif now - last_change >= args.quiet:
+            return 0
+        time.sleep(0.05)
+    note(f"waitquiet: {args.file} still growing at the deadline")
+    return 1
+
+
+def cmd_count(args):
+    print(count_dir(args.dir))
+
+
+ROWS = [
+    ("accepted msg/s, 4 KiB, 20 sessions, reused", "acc4k.acc", True),
+    ("accepted msg/s, 100 KiB, 20 sessions, reused", "acc100k.acc", True),
+    ("end-to-end msg/s (in Maildir), 4 KiB", "acc4k.e2e", True),
+    ("end-to-end msg/s (in Maildir), 100 KiB", "acc100k.e2e", True),
+    ("accepted msg/s, 4 KiB, 1 msg/connection", "conn4k.acc", True),
+    ("fsyncs per message (accept+deliver)", "fsync.per_msg", False),
+    ("PSS KiB per idle session", "idle.per_session_kib", False),
+    ("idle sessions measured", "idle.sessions", None),
+]
+
+
+def fmt(v):
+    if v is None:
+        return "n/a"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.2f}"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def cmd_table(args):
+    vals = {}
+    with open(args.results) as f:
+        for line in f:
+            line = line.strip()
+            if "=" in line and not line.startswith("#"):
+                k, v = line.split("=", 1)
+                try:
+                    vals[k] = float(v)
+                except ValueError:
+                    pass
+    head = ["figure", "smtp-sink", "Postfix", "Tern", "Tern/Postfix", "Tern/smtp-sink"]
+    rows = [head]
+    for label, key, _higher_better in ROWS:
+        s, p, t = (vals.get(f"{srv}.{key}") for srv in ("sink", "postfix", "tern"))
+        if key == "idle.sessions":
+            rows.append([label, fmt(s), fmt(p), fmt(t), "", ""])
+            continue
+        rows.append([label, fmt(s), fmt(p), fmt(t), ratio(t, p), ratio(t, s)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for i, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        print("| " + " | ".join(cells) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print()
+    print("Ratios > 1 favour Tern for rates; for fsyncs and PSS lower is better (ratio < 1 favours Tern).")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("freeport")
+    lp = sub.add_parser("load")
+    lp.add_argument("--port", type=int, required=True)
+    lp.add_argument("--prefix", required=True)
+    lp.add_argument("--size", type=int, required=True)
+    lp.add_argument("--sessions", type=int, default=20)
+    lp.add_argument("--msgs", type=int)
+    lp.add_argument("--target-secs", type=float, default=10.0)
+    lp.add_argument("--min-msgs", type=int, default=200)
+    lp.add_argument("--max-msgs", type=int, default=60000)
+    lp.add_argument("--reuse", action="store_true")
+    lp.add_argument("--maildir")
+    lp.add_argument("--timeout", type=float, default=120.0)
+    lp.add_argument("--sender", default="load@client.bench.test")
+    lp.add_argument("--rcpt", default="bench@bench.test")
+    lp.add_argument("--smtp-source", default="smtp-source")
+    pp = sub.add_parser("pss")
+    pp.add_argument("--root", type=int, required=True)
+    pp.add_argument("--prefix", required=True)
+    pp.add_argument("--name")
+    sp = sub.add_parser("synccount")
+    sp.add_argument("file")
+    wp = sub.add_parser("waitquiet")
+    wp.add_argument("file")
+    wp.add_argument("--quiet", type=float, default=1.5)
+    wp.add_argument("--timeout", type=float, default=60.0)
+    trp = sub.add_parser("tree")
+    trp.add_argument("pid", type=int)
+    cp = sub.add_parser("count")
+    cp.add_argument("dir")
+    tp = sub.add_parser("table")
+    tp.add_argument("results")
+    args = ap.parse_args()
+    try:
+        if args.cmd == "freeport":
+            print(free_port())
+        elif args.cmd == "load":
+            cmd_load(args)
+        elif args.cmd == "pss":
+            cmd_pss(args)
+        elif args.cmd == "synccount":
+            cmd_synccount(args)
+        elif args.cmd == "waitquiet":
+            return cmd_waitquiet(args)
+        elif args.cmd == "tree":
+            print("\n".join(str(p) for p in descendants(args.pid)))
+        elif args.cmd == "count":
+            cmd_count(args)
+        elif args.cmd == "table":
+            cmd_table(args)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        note(f"benchlib {args.cmd}: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

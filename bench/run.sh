@@ -1,0 +1,411 @@
+#!/usr/bin/env bash
+# bench/run.sh: Tern vs Postfix vs smtp-sink, side by side, in one run on this machine.
+#
+# What it does: installs postfix + strace if missing, builds target/release/tern, then for each
+# server in turn (smtp-sink, a private Postfix instance, Tern) measures with Postfix's smtp-source:
+#   1. accepted msg/s, 4 KiB and 100 KiB, 20 parallel sessions, many messages per session (-d)
+#   2. end-to-end msg/s (first message sent -> last file in Maildir/new), Postfix and Tern
+#   3. accepted msg/s with one message per connection (no -d), 20 sessions
+#   4. fsync-family calls per message (accept + local delivery), strace attached for one batch
+#   5. PSS per idle session with N sessions open after EHLO (5,000 by default)
+# and prints a table with the ratios Tern/Postfix and Tern/smtp-sink.
+#
+# Invariants: everything listens on 127.0.0.1 only, on free ports; every wait has a deadline;
+# every process it starts is recorded by PID and stopped by the EXIT trap, also on failure.
+# It does not touch the system Postfix instance (/etc/postfix is only read for postfix-files).
+# Errors: a failing measurement is logged and shown as n/a; a missing prerequisite aborts.
+#
+# Knobs (environment): BENCH_TARGET_SECS (length of each throughput batch, default 8),
+# BENCH_IDLE_SESSIONS (5000), BENCH_PF_IDLE_SESSIONS (Postfix idle sessions, default = the former),
+# BENCH_FSYNC_MSGS (messages in the strace batch, 400), BENCH_SERVERS ("sink postfix tern"),
+# TERN_BIN (skip the cargo build and use this binary), BENCH_OUT (results dir), BENCH_KEEP=1 (keep
+# the temp dir with spools, logs and Maildirs).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/.." && pwd)"
+LIB="$HERE/benchlib.py"
+: "${BENCH_TARGET_SECS:=8}"
+: "${BENCH_IDLE_SESSIONS:=5000}"
+: "${BENCH_PF_IDLE_SESSIONS:=$BENCH_IDLE_SESSIONS}"
+: "${BENCH_FSYNC_MSGS:=400}"
+: "${BENCH_SERVERS:=sink postfix tern}"
+: "${BENCH_OUT:=/tmp/tern-bench-results-$(date +%Y%m%d-%H%M%S)}"
+SESSIONS=20
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (apt-get, strace -p, /proc/PID/smaps_rollup of other users)"
+
+# ---------------------------------------------------------------- prerequisites
+install_deps() {
+    local need=()
+    command -v smtp-source >/dev/null && command -v smtp-sink >/dev/null \
+        && command -v postfix >/dev/null || need+=(postfix)
+    command -v strace >/dev/null || need+=(strace)
+    [ ${#need[@]} -eq 0 ] && return 0
+    log "installing ${need[*]}"
+    apt-get update -qq
+    echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+}
+install_deps
+PATH="$PATH:/usr/sbin:/sbin"
+
+# Many idle sessions need many descriptors, in this shell and in every server it starts.
+ulimit -Hn 65536 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)"
+
+TMP="$(mktemp -d /tmp/tern-bench.XXXXXX)"
+chmod 755 "$TMP"   # Postfix's virtual(8) runs as nobody and must traverse it
+mkdir -p "$BENCH_OUT"
+RESULTS="$BENCH_OUT/results.txt"
+: >"$RESULTS"
+log "temp dir $TMP, results in $BENCH_OUT"
+
+# PIDs of everything started; the trap stops each one by its PID.
+SINK_PID="" PF_MASTER="" PF_CONF="" TERN_PID="" STRACE_PID="" IDLE_PID=""
+
+stop_pid() { # PID [seconds]: TERM, wait with a deadline, then KILL
+    local pid="$1" secs="${2:-20}" i
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < secs * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    log "PID $pid ignored SIGTERM for ${secs}s: SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+stop_postfix() {
+    [ -n "$PF_MASTER" ] || return 0
+    postfix -c "$PF_CONF" stop >/dev/null 2>&1 || true
+    stop_pid "$PF_MASTER" 60
+    PF_MASTER=""
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    exec 7>&- 2>/dev/null || true   # the idle client's stdin
+    [ -n "$STRACE_PID" ] && { kill -INT "$STRACE_PID" 2>/dev/null || true; stop_pid "$STRACE_PID" 5; }
+    stop_pid "$IDLE_PID" 5
+    stop_pid "$SINK_PID" 5
+    stop_pid "$TERN_PID" 20
+    stop_postfix
+    if [ "${BENCH_KEEP:-0}" = 1 ]; then log "kept $TMP"; else rm -rf "$TMP"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+record() { tee -a "$RESULTS" >&2; }
+
+wait_port() { # PORT SECONDS: poll until something accepts on 127.0.0.1:PORT
+    local deadline=$((SECONDS + $2))
+    while ((SECONDS < deadline)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# ---------------------------------------------------------------- measurements
+# throughput NAME PORT [MAILDIR]: figures 1-3 for one server.
+throughput() {
+    local name="$1" port="$2" maildir="${3:-}" md=()
+    [ -n "$maildir" ] && md=(--maildir "$maildir")
+    log "$name: accepted rate, 4 KiB, $SESSIONS sessions, many messages per session"
+    python3 "$LIB" load --port "$port" --prefix "$name.acc4k" --size 4096 --reuse \
+        --target-secs "$BENCH_TARGET_SECS" "${md[@]}" | record || log "$name: 4 KiB run failed"
+    log "$name: accepted rate, 100 KiB"
+    python3 "$LIB" load --port "$port" --prefix "$name.acc100k" --size 102400 --reuse \
+        --target-secs "$BENCH_TARGET_SECS" --min-msgs 100 "${md[@]}" | record \
+        || log "$name: 100 KiB run failed"
+    log "$name: one message per connection, 4 KiB"
+    python3 "$LIB" load --port "$port" --prefix "$name.conn4k" --size 4096 \
+        --target-secs "$BENCH_TARGET_SECS" "${md[@]}" | record || log "$name: per-connection run failed"
+}
+
+# fsyncs NAME PORT MAILDIR PID...: count fsync-family calls while one batch is accepted and delivered.
+fsyncs() {
+    local name="$1" port="$2" maildir="$3"
+    shift 3
+    local trace="$BENCH_OUT/$name.strace" args=() p n i
+    for p in "$@"; do args+=(-p "$p"); done
+    log "$name: strace on ${#} process(es) for a batch of $BENCH_FSYNC_MSGS messages"
+    strace -f -e trace=fsync,fdatasync,sync_file_range,syncfs -o "$trace" "${args[@]}" \
+        2>"$trace.err" &
+    STRACE_PID=$!
+    # Attached once strace has said so for each PID we gave it (threads add more lines).
+    for ((i = 0; i < 100; i++)); do
+        n=$(grep -c 'attached' "$trace.err" 2>/dev/null || true)
+        ((n >= $#)) && break
+        sleep 0.1
+    done
+    local mdargs=()
+    [ -n "$maildir" ] && mdargs=(--maildir "$maildir")
+    if python3 "$LIB" load --port "$port" --prefix "$name.fsyncbatch" --size 4096 --reuse \
+        --msgs "$BENCH_FSYNC_MSGS" "${mdargs[@]}" >/dev/null; then
+        # Delivery done; the server may still commit its own bookkeeping (STATE/DONE records, queue
+        # file removal): wait until the trace stops growing.
+        python3 "$LIB" waitquiet "$trace" --quiet 2 --timeout 60 || true
+        kill -INT "$STRACE_PID" 2>/dev/null || true
+        wait "$STRACE_PID" 2>/dev/null || true
+        STRACE_PID=""
+        n=$(python3 "$LIB" synccount "$trace")
+        echo "$name.fsync.calls=$n" | record
+        python3 -c "print('$name.fsync.per_msg=%.3f' % ($n / $BENCH_FSYNC_MSGS))" | record
+    else
+        log "$name: fsync batch failed"
+        kill -INT "$STRACE_PID" 2>/dev/null || true
+        wait "$STRACE_PID" 2>/dev/null || true
+        STRACE_PID=""
+    fi
+}
+
+# idle NAME PORT ROOTPID COUNT [PROCNAME]: PSS of the server's process tree before and after COUNT
+# idle sessions (greeting + EHLO), divided by the number actually opened.
+idle() {
+    local name="$1" port="$2" root="$3" count="$4" pname="${5:-}" before after opened i out
+    out="$BENCH_OUT/$name.idle.out"
+    before=$(python3 "$LIB" pss --root "$root" --prefix x | sed -n 's/^x.pss_kib=//p')
+    log "$name: opening $count idle sessions (PSS before: $before KiB)"
+    rm -f "$TMP/idle.in"
+    mkfifo "$TMP/idle.in"
+    python3 "$HERE/idle_sessions.py" --port "$port" --count "$count" <"$TMP/idle.in" >"$out" \
+        2>"$out.err" &
+    IDLE_PID=$!
+    exec 7>"$TMP/idle.in"
+    for ((i = 0; i < 2400; i++)); do   # 240 s deadline; the client has its own 180 s one
+        grep -q '^failed=' "$out" 2>/dev/null && break
+        kill -0 "$IDLE_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    opened=$(sed -n 's/^open=//p' "$out")
+    if [ -n "$opened" ] && [ "$opened" -gt 0 ]; then
+        python3 "$LIB" pss --root "$root" --prefix "$name.idle.after" ${pname:+--name "$pname"} \
+            >"$out.pss"
+        record <"$out.pss"
+        after=$(sed -n "s/^$name.idle.after.pss_kib=//p" "$out.pss")
+        echo "$name.idle.sessions=$opened" | record
+        echo "$name.idle.pss_before_kib=$before" | record
+        python3 -c "print('$name.idle.per_session_kib=%.1f' % (($after - $before) / $opened))" | record
+        [ "$opened" -lt "$count" ] && log "$name: only $opened of $count sessions opened: $(head -1 "$out.err")"
+    else
+        log "$name: idle client opened nothing: $(head -3 "$out.err" 2>/dev/null)"
+    fi
+    exec 7>&-
+    stop_pid "$IDLE_PID" 10
+    IDLE_PID=""
+}
+
+# ---------------------------------------------------------------- smtp-sink
+bench_sink() {
+    local port
+    port=$(python3 "$LIB" freeport)
+    # -u: drop root; -c: count; -m: concurrency cap (default 256) raised for the idle test.
+    smtp-sink -u nobody -m $((BENCH_IDLE_SESSIONS + 100)) "127.0.0.1:$port" 4096 \
+        >"$BENCH_OUT/sink.log" 2>&1 &
+    SINK_PID=$!
+    wait_port "$port" 10 || die "smtp-sink did not listen on $port"
+    log "smtp-sink PID $SINK_PID on 127.0.0.1:$port"
+    idle sink "$port" "$SINK_PID" "$BENCH_IDLE_SESSIONS"
+    throughput sink "$port"
+    fsyncs sink "$port" "" "$SINK_PID"
+    stop_pid "$SINK_PID" 5
+    SINK_PID=""
+}
+
+# ---------------------------------------------------------------- Postfix
+postfix_config() { # DIR PORT: a private instance; nothing shared with /etc/postfix but the binaries
+    local d="$1" port="$2"
+    mkdir -p "$d/etc" "$d/queue" "$d/data" "$d/mail/bench/Maildir"/{new,cur,tmp}
+    chown -R nobody:nogroup "$d/mail"
+    chown postfix "$d/data"   # master.lock and friends are created as mail_owner
+    cat >"$d/etc/main.cf" <<EOF
+compatibility_level = 3.6
+queue_directory = $d/queue
+data_directory = $d/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench.test
+mydomain = bench.test
+myorigin = \$myhostname
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relay_domains =
+alias_maps =
+alias_database =
+biff = no
+maillog_file = $d/maillog
+maillog_file_prefixes = $d
+# Local delivery to one Maildir, like Tern's user "bench".
+virtual_mailbox_domains = bench.test
+virtual_mailbox_base = $d/mail
+virtual_mailbox_maps = inline:{ bench@bench.test=bench/Maildir/ }
+virtual_uid_maps = static:65534
+virtual_gid_maps = static:65534
+virtual_minimum_uid = 100
+# A process per session: allow enough smtpd processes for the idle-session test.
+default_process_limit = $((BENCH_PF_IDLE_SESSIONS + 200))
+smtpd_client_connection_count_limit = 0
+smtpd_client_event_limit_exceptions = 127.0.0.0/8
+EOF
+    # chroot "n" everywhere: a private instance has no chroot jail prepared.
+    cat >"$d/etc/master.cf" <<EOF
+127.0.0.1:$port inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+EOF
+}
+
+start_postfix() { # DIR PORT: start the private instance, set PF_MASTER, wait for the listener
+    local d="$1" port="$2" i
+    postfix -c "$PF_CONF" start >>"$BENCH_OUT/postfix.start" 2>&1 \
+        || die "postfix start failed: $(tail -3 "$d/maillog" 2>/dev/null)"
+    for ((i = 0; i < 100; i++)); do
+        [ -s "$d/queue/pid/master.pid" ] && break
+        sleep 0.1
+    done
+    PF_MASTER=$(tr -d ' \n' <"$d/queue/pid/master.pid" 2>/dev/null || true)
+    [ -n "$PF_MASTER" ] || die "no Postfix master.pid"
+    wait_port "$port" 10 || die "Postfix did not listen on $port"
+    log "Postfix master PID $PF_MASTER on 127.0.0.1:$port"
+}
+
+bench_postfix() {
+    local d="$TMP/pf" port
+    port=$(python3 "$LIB" freeport)
+    postfix_config "$d" "$port"
+    PF_CONF="$d/etc"
+    postfix -c "$PF_CONF" check >"$BENCH_OUT/postfix.check" 2>&1 || true
+    start_postfix "$d" "$port"
+    local md="$d/mail/bench/Maildir/new"
+    # Idle sessions first, on the fresh instance: no smtpd left idle by the load runs yet, so the
+    # PSS difference counts exactly one new smtpd per session.
+    idle postfix "$port" "$PF_MASTER" "$BENCH_PF_IDLE_SESSIONS" smtpd
+    # Restart: thousands of idle smtpds (max_idle 100s) would all wake on every new connection and
+    # skew the load runs.
+    log "Postfix: restarting after the idle test"
+    stop_postfix
+    start_postfix "$d" "$port"
+    throughput postfix "$port" "$md"
+    # Attach to the master (new children are followed with -f) and to every running child.
+    # shellcheck disable=SC2046
+    fsyncs postfix "$port" "$md" $(python3 "$LIB" tree "$PF_MASTER")
+    cp "$d/maillog" "$BENCH_OUT/postfix.maillog" 2>/dev/null || true
+    stop_postfix
+    rm -rf "$d/mail" "$d/queue"   # free the disk before the next server
+}
+
+# ---------------------------------------------------------------- Tern
+find_tern() {
+    if [ -n "${TERN_BIN:-}" ]; then
+        [ -x "$TERN_BIN" ] && return 0
+        log "TERN_BIN=$TERN_BIN is not executable"
+        return 1
+    fi
+    command -v cargo >/dev/null || { log "no cargo: cannot build Tern"; return 1; }
+    log "building Tern (cargo build --release -p tern)"
+    (cd "$REPO" && cargo build --release -p tern) >"$BENCH_OUT/tern.build" 2>&1 \
+        || { log "Tern build failed: see $BENCH_OUT/tern.build"; return 1; }
+    TERN_BIN="$REPO/target/release/tern"
+    [ -x "$TERN_BIN" ]
+}
+
+bench_tern() {
+    find_tern || { log "skipping Tern"; return 0; }
+    local d="$TMP/tern" cfg port="" i
+    mkdir -p "$d"
+    cfg="$d/tern.toml"
+    cat >"$cfg" <<EOF
+hostname = "tern.bench.test"
+data_dir = "$d/data"
+
+[[listener]]
+address = "127.0.0.1:0"
+role = "mx"
+
+[local]
+domains = ["bench.test"]
+
+[[user]]
+name = "bench"
+addresses = ["bench@bench.test"]
+
+[limits]
+greeting_delay = "0s"
+max_connections = $((BENCH_IDLE_SESSIONS + 1000))
+max_connections_per_ip = $((BENCH_IDLE_SESSIONS + 1000))
+
+[log]
+level = "warn"
+EOF
+    "$TERN_BIN" check-config "$cfg" >"$BENCH_OUT/tern.check" 2>&1 \
+        || { log "tern check-config failed: $(cat "$BENCH_OUT/tern.check")"; return 0; }
+    "$TERN_BIN" serve --config "$cfg" >"$BENCH_OUT/tern.out" 2>"$BENCH_OUT/tern.err" &
+    TERN_PID=$!
+    for ((i = 0; i < 300; i++)); do
+        grep -qx 'ready' "$BENCH_OUT/tern.out" 2>/dev/null && break
+        kill -0 "$TERN_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    port=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\) role=mx$/\1/p' "$BENCH_OUT/tern.out" | head -1)
+    if [ -z "$port" ] || ! grep -qx 'ready' "$BENCH_OUT/tern.out"; then
+        log "Tern did not become ready: $(tail -3 "$BENCH_OUT/tern.err")"
+        stop_pid "$TERN_PID" 5
+        TERN_PID=""
+        return 0
+    fi
+    log "Tern PID $TERN_PID on 127.0.0.1:$port"
+    local md="$d/data/mail/bench/Maildir/new"
+    idle tern "$port" "$TERN_PID" "$BENCH_IDLE_SESSIONS"
+    throughput tern "$port" "$md"
+    fsyncs tern "$port" "$md" "$TERN_PID"
+    stop_pid "$TERN_PID" 30
+    TERN_PID=""
+}
+
+# ---------------------------------------------------------------- main
+{
+    echo "# $(date -u +%FT%TZ) $(uname -r) $(nproc) cores; $(postconf -d mail_version 2>/dev/null)"
+    echo "# target ${BENCH_TARGET_SECS}s per batch, $SESSIONS sessions, fsync batch $BENCH_FSYNC_MSGS"
+} >>"$RESULTS"
+START=$SECONDS
+for s in $BENCH_SERVERS; do
+    case "$s" in
+        sink) bench_sink ;;
+        postfix) bench_postfix ;;
+        tern) bench_tern ;;
+        *) die "unknown server $s" ;;
+    esac
+done
+log "done in $((SECONDS - START))s"
+echo
+python3 "$LIB" table "$RESULTS" | tee "$BENCH_OUT/table.txt"
+echo
+echo "Raw figures: $RESULTS"
