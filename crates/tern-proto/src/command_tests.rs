@@ -1,1 +1,316 @@
-//! Tests for `command`.
+//! Tests for `command`: verbs, arguments, ESMTP parameters, and a
+//! format ∘ parse round trip for MAIL/RCPT with parameters.
+
+use super::*;
+use crate::address::{Domain, Mailbox};
+use proptest::prelude::*;
+
+fn p(s: &str) -> Result<Command, CommandError> {
+    parse_command(s.as_bytes())
+}
+
+#[test]
+fn verbs_are_case_insensitive() {
+    assert_eq!(p("ehlo x.test"), Ok(Command::Ehlo("x.test".into())));
+    assert_eq!(
+        p("HeLo [127.0.0.1]"),
+        Ok(Command::Helo("[127.0.0.1]".into()))
+    );
+    assert_eq!(p("quit"), Ok(Command::Quit));
+    assert_eq!(p("DATA "), Ok(Command::Data));
+    assert_eq!(p("NOOP anything"), Ok(Command::Noop));
+    assert_eq!(p("help mail"), Ok(Command::Help(Some("mail".into()))));
+    assert_eq!(
+        p("bdat 10 last"),
+        Ok(Command::Bdat {
+            size: 10,
+            last: true
+        })
+    );
+    assert_eq!(
+        p("BDAT 0"),
+        Ok(Command::Bdat {
+            size: 0,
+            last: false
+        })
+    );
+}
+
+#[test]
+fn argument_errors() {
+    assert_eq!(p("EHLO"), Err(CommandError::HeloSyntax("EHLO domain")));
+    assert_eq!(p("EHLO a b"), Err(CommandError::HeloSyntax("EHLO domain")));
+    assert!(matches!(p("DATA x"), Err(CommandError::Syntax(_))));
+    assert!(matches!(p("QUIT now"), Err(CommandError::Syntax(_))));
+    assert!(matches!(p("VRFY"), Err(CommandError::Syntax(_))));
+    assert!(matches!(p("BDAT"), Err(CommandError::Syntax(_))));
+    assert!(matches!(p("BDAT x"), Err(CommandError::Syntax(_))));
+    assert!(matches!(p("BDAT 1 FIRST"), Err(CommandError::Syntax(_))));
+    assert!(matches!(
+        p("BDAT 99999999999999999999"),
+        Err(CommandError::Syntax(_))
+    ));
+    assert!(matches!(p("MAIL TO:<a@b>"), Err(CommandError::Syntax(_))));
+    assert!(matches!(p("MAIL FROM:a@b"), Err(CommandError::Syntax(_))));
+    assert!(matches!(
+        p("MAIL FROM:  <a@b>"),
+        Err(CommandError::Syntax(_))
+    ));
+    assert!(matches!(
+        p("MAIL FROM:<a@b>x"),
+        Err(CommandError::Syntax(_))
+    ));
+    assert_eq!(p("EHLO"), Err(CommandError::HeloSyntax("EHLO domain")));
+    assert_eq!(p("EHLO x").map(|_| ()), Ok(()));
+    assert!(p("EHLO").unwrap_err().reply().enhanced.is_none());
+}
+
+#[test]
+fn bad_lines() {
+    assert_eq!(p("NO\0OP"), Err(CommandError::BadCharacters));
+    assert_eq!(
+        parse_command(b"VRFY \xff"),
+        Err(CommandError::BadCharacters)
+    );
+    assert_eq!(p("XYZZY"), Err(CommandError::UnknownVerb));
+    assert_eq!(p(""), Err(CommandError::UnknownVerb));
+    assert_eq!(p("MAIL:FROM"), Err(CommandError::UnknownVerb));
+    assert_eq!(p("AUTH PLAIN"), Err(CommandError::NotImplemented("AUTH")));
+    assert_eq!(p("starttls"), Err(CommandError::NotImplemented("STARTTLS")));
+    for h in [
+        "GET / HTTP/1.0",
+        "POST /x HTTP/1.1",
+        "CONNECT a:25 HTTP/1.1",
+        "HEAD /",
+        "PUT /",
+    ] {
+        let e = p(h).unwrap_err();
+        assert_eq!(e, CommandError::CrossProtocol);
+        assert!(e.closes_connection());
+        assert_eq!(
+            e.reply().to_string(),
+            "554 5.5.1 Error: this is an SMTP server"
+        );
+    }
+}
+
+#[test]
+fn mail_and_rcpt() {
+    let Ok(Command::Mail(ReversePath::Null, params)) =
+        p("MAIL FROM:<> SIZE=123 BODY=8bitmime SMTPUTF8 RET=FULL ENVID=a+2Bb")
+    else {
+        panic!()
+    };
+    assert_eq!(params.size, Some(123));
+    assert_eq!(params.body, Some(BodyType::EightBitMime));
+    assert!(params.smtputf8);
+    assert_eq!(params.ret, Some(Ret::Full));
+    assert_eq!(params.envid.as_deref(), Some("a+b"));
+    // One space after the colon is tolerated; trailing space too.
+    assert!(matches!(
+        p("mail from: <a@b> "),
+        Ok(Command::Mail(ReversePath::Mailbox(_), _))
+    ));
+    let Ok(Command::Rcpt(ForwardPath::Mailbox(m), params)) =
+        p("RCPT TO:<a@b> NOTIFY=success,delay ORCPT=rfc822;a+40b")
+    else {
+        panic!()
+    };
+    assert_eq!(m.local_part, "a");
+    assert_eq!(
+        params.notify,
+        Some(Notify {
+            never: false,
+            success: true,
+            failure: false,
+            delay: true
+        })
+    );
+    assert_eq!(
+        params.orcpt,
+        Some(Orcpt {
+            addr_type: "rfc822".into(),
+            address: "a@b".into()
+        })
+    );
+    assert_eq!(
+        p("RCPT TO:<Postmaster>"),
+        Ok(Command::Rcpt(
+            ForwardPath::Postmaster,
+            RcptParams::default()
+        ))
+    );
+}
+
+#[test]
+fn parameter_errors() {
+    let unknown = |s: &str| matches!(p(s), Err(CommandError::UnknownParameter(_)));
+    let bad = |s: &str| matches!(p(s), Err(CommandError::BadParameter(_)));
+    assert!(unknown("MAIL FROM:<a@b> FOO=1"));
+    assert!(unknown("MAIL FROM:<a@b> BODY=BINARYMIME"));
+    assert!(unknown("MAIL FROM:<a@b> AUTH=<>"));
+    assert!(unknown("RCPT TO:<a@b> SIZE=1"));
+    assert!(bad("MAIL FROM:<a@b> SIZE=1 size=2"));
+    assert!(bad("MAIL FROM:<a@b> SIZE=x"));
+    assert!(bad("MAIL FROM:<a@b> SIZE"));
+    assert!(bad("MAIL FROM:<a@b> BODY=9BIT"));
+    assert!(bad("MAIL FROM:<a@b> SMTPUTF8=yes"));
+    assert!(bad("MAIL FROM:<a@b> RET=ALL"));
+    assert!(bad(&format!("MAIL FROM:<a@b> ENVID={}", "x".repeat(101))));
+    assert!(bad("MAIL FROM:<a@b> ENVID=a+2"));
+    assert!(bad("MAIL FROM:<a@b> ENVID=a+2b"));
+    assert!(bad("MAIL FROM:<a@b> =x"));
+    assert!(bad("RCPT TO:<a@b> NOTIFY=NEVER,SUCCESS"));
+    assert!(bad("RCPT TO:<a@b> NOTIFY=SOMETIMES"));
+    assert!(bad("RCPT TO:<a@b> ORCPT=rfc822"));
+    assert!(bad("RCPT TO:<a@b> ORCPT=;a@b"));
+    assert!(bad("RCPT TO:<a@b> NOTIFY=NEVER NOTIFY=NEVER"));
+    assert_eq!(
+        p("MAIL FROM:<a@b> SIZE=99999999999999999999"),
+        Ok(Command::Mail(
+            ReversePath::Mailbox("a@b".parse().unwrap()),
+            MailParams {
+                size: Some(u64::MAX),
+                ..MailParams::default()
+            }
+        ))
+    );
+    assert_eq!(
+        CommandError::UnknownParameter("FOO".into())
+            .reply()
+            .to_string(),
+        "555 5.5.4 Error: unsupported parameter FOO"
+    );
+}
+
+#[test]
+fn address_error_codes() {
+    let e = p("MAIL FROM:<a@@b>").unwrap_err();
+    assert_eq!(e.reply().code, 501);
+    assert_eq!(
+        e.reply().enhanced,
+        Some(crate::reply::EnhancedCode(5, 1, 7))
+    );
+    let e = p(&format!("RCPT TO:<{}@b>", "a".repeat(65))).unwrap_err();
+    assert_eq!(e.reply().code, 553);
+    assert_eq!(
+        e.reply().enhanced,
+        Some(crate::reply::EnhancedCode(5, 1, 3))
+    );
+}
+
+fn arb_mailbox() -> impl Strategy<Value = Mailbox> {
+    (
+        "[a-z0-9.+_-]{0,12}",
+        "[ -~]{0,10}",
+        any::<bool>(),
+        "[a-z]{1,8}(\\.[a-z]{1,8}){0,2}",
+    )
+        .prop_map(|(dot, quoted, use_quoted, dom)| {
+            let local = if use_quoted || dot.is_empty() {
+                quoted
+            } else {
+                dot
+            };
+            Mailbox {
+                local_part: local,
+                domain: Domain::Name(dom),
+            }
+        })
+}
+
+fn arb_mail_params() -> impl Strategy<Value = MailParams> {
+    (
+        prop::option::of(any::<u64>()),
+        prop::option::of(prop::sample::select(vec![
+            BodyType::SevenBit,
+            BodyType::EightBitMime,
+        ])),
+        any::<bool>(),
+        prop::option::of(prop::sample::select(vec![Ret::Full, Ret::Hdrs])),
+        prop::option::of("[ -~]{1,30}"),
+    )
+        .prop_map(|(size, body, smtputf8, ret, envid)| MailParams {
+            size,
+            body,
+            smtputf8,
+            ret,
+            envid,
+        })
+}
+
+fn format_mail(from: &Mailbox, m: &MailParams) -> String {
+    let mut s = format!("MAIL FROM:<{from}>");
+    if let Some(n) = m.size {
+        s += &format!(" SIZE={n}");
+    }
+    if let Some(b) = m.body {
+        s += if b == BodyType::SevenBit {
+            " BODY=7BIT"
+        } else {
+            " BODY=8BITMIME"
+        };
+    }
+    if m.smtputf8 {
+        s += " SMTPUTF8";
+    }
+    if let Some(r) = m.ret {
+        s += if r == Ret::Full {
+            " RET=FULL"
+        } else {
+            " RET=HDRS"
+        };
+    }
+    if let Some(e) = &m.envid {
+        s += &format!(" ENVID={}", xtext_encode(e));
+    }
+    s
+}
+
+proptest! {
+    #[test]
+    fn mail_format_then_parse_round_trips(from in arb_mailbox(), params in arb_mail_params()) {
+        let line = format_mail(&from, &params);
+        prop_assume!(params.envid.as_ref().is_none_or(|e| xtext_encode(e).len() <= 100));
+        prop_assume!(from.to_string().len() - from.domain_str().len() - 1 <= 64);
+        let cmd = parse_command(line.as_bytes());
+        prop_assert_eq!(cmd, Ok(Command::Mail(ReversePath::Mailbox(from), params)), "{}", line);
+    }
+
+    #[test]
+    fn rcpt_format_then_parse_round_trips(
+        to in arb_mailbox(),
+        notify in prop::option::of((any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())),
+        orcpt in prop::option::of("[ -~]{1,40}"),
+    ) {
+        prop_assume!(to.to_string().len() - to.domain_str().len() - 1 <= 64);
+        let notify = notify.map(|(n, s, f, d)| if n || !(s || f || d) {
+            Notify { never: true, ..Notify::default() }
+        } else {
+            Notify { never: false, success: s, failure: f, delay: d }
+        });
+        let mut line = format!("RCPT TO:<{to}>");
+        if let Some(n) = notify {
+            let mut v = Vec::new();
+            if n.never { v.push("NEVER") }
+            if n.success { v.push("SUCCESS") }
+            if n.failure { v.push("FAILURE") }
+            if n.delay { v.push("DELAY") }
+            line += &format!(" NOTIFY={}", v.join(","));
+        }
+        if let Some(o) = &orcpt {
+            line += &format!(" ORCPT=rfc822;{}", xtext_encode(o));
+        }
+        let orcpt = orcpt.map(|address| Orcpt { addr_type: "rfc822".into(), address });
+        let cmd = parse_command(line.as_bytes());
+        prop_assert_eq!(cmd, Ok(Command::Rcpt(ForwardPath::Mailbox(to), RcptParams { notify, orcpt })), "{}", line);
+    }
+
+    #[test]
+    fn parse_command_never_panics(line in prop::collection::vec(any::<u8>(), 0..100)) {
+        if let Err(e) = parse_command(&line) {
+            let r = e.reply();
+            prop_assert!(Reply::parse(&r.to_bytes()).is_ok());
+        }
+    }
+}

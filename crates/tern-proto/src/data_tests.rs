@@ -1,1 +1,162 @@
-//! Tests for `data` (filled below).
+//! Tests for `data`: framing, unstuffing, bare CR/LF handling and limits.
+
+use super::*;
+
+fn limits(bare_lf: BareLfPolicy) -> ContentLimits {
+    ContentLimits {
+        max_size: 0,
+        max_line: 1000,
+        max_received: 50,
+        bare_lf,
+    }
+}
+
+/// Feeds `input` in pieces of `step` bytes; returns (body, consumed, done).
+fn decode(dec: &mut ContentDecoder, input: &[u8], step: usize) -> (Vec<u8>, usize, bool) {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < input.len() {
+        let end = (pos + step).min(input.len());
+        let (n, done) = dec.feed(&input[pos..end], &mut out);
+        pos += n;
+        if done {
+            return (out, pos, true);
+        }
+    }
+    (out, pos, false)
+}
+
+#[test]
+fn terminator_and_unstuffing() {
+    for step in [1, 2, 3, 1000] {
+        let mut d = ContentDecoder::dot(limits(BareLfPolicy::Reject));
+        let input = b"a\r\n..b\r\n.c\r\n...\r\n.\r\nNEXT";
+        let (out, n, done) = decode(&mut d, input, step);
+        assert!(done);
+        assert_eq!(n, input.len() - 4);
+        assert_eq!(out, b"a\r\n.b\r\nc\r\n..\r\n");
+        assert_eq!(d.error(), None);
+    }
+}
+
+#[test]
+fn first_line_dot_ends_immediately() {
+    let mut d = ContentDecoder::dot(limits(BareLfPolicy::Reject));
+    let (out, n, done) = decode(&mut d, b".\r\nQUIT\r\n", 1000);
+    assert!(done && out.is_empty() && n == 3);
+}
+
+#[test]
+fn bare_endings_never_terminate() {
+    for input in [
+        &b"a\n.\nb"[..],
+        b"a\n.\r\nb",
+        b"a\r\n.\nb",
+        b"a\r.\rb",
+        b"a\r\n.\rb",
+        b"a\r\n\r.\r\nb",
+        b"a\r\n.\r\r\nb",
+    ] {
+        for policy in [BareLfPolicy::Reject, BareLfPolicy::Normalize] {
+            let mut d = ContentDecoder::dot(limits(policy));
+            let (_, n, done) = decode(&mut d, input, 1);
+            assert!(!done, "{input:?} {policy:?}");
+            assert_eq!(n, input.len());
+            if policy == BareLfPolicy::Reject {
+                assert_eq!(d.error(), Some(ContentError::BareLineEnding), "{input:?}");
+            } else {
+                assert_eq!(d.error(), None);
+            }
+        }
+    }
+}
+
+#[test]
+fn normalize_turns_bare_endings_into_crlf() {
+    let mut d = ContentDecoder::dot(limits(BareLfPolicy::Normalize));
+    let (out, _, done) = decode(&mut d, b"a\nb\rc\r\n..d\n..e\r\n.\r\n", 1);
+    assert!(done);
+    // "..e" after a bare LF is not at a real line start: not unstuffed.
+    assert_eq!(out, b"a\r\nb\r\nc\r\n.d\r\n..e\r\n");
+}
+
+#[test]
+fn line_length_excludes_the_stuffing_dot() {
+    let lim = ContentLimits {
+        max_line: 6,
+        ..limits(BareLfPolicy::Reject)
+    };
+    let mut d = ContentDecoder::dot(lim);
+    decode(&mut d, b"..abc\r\nabcd\r\n", 1);
+    assert_eq!(d.error(), None);
+    decode(&mut d, b"abcde\r\n.\r\n", 1);
+    assert_eq!(d.error(), Some(ContentError::LineTooLong));
+}
+
+#[test]
+fn size_limit_stops_output_but_reads_on() {
+    let lim = ContentLimits {
+        max_size: 5,
+        ..limits(BareLfPolicy::Reject)
+    };
+    let mut d = ContentDecoder::dot(lim);
+    let (out, _, done) = decode(&mut d, b"abc\r\ndef\r\n.\r\n", 1000);
+    assert!(done);
+    assert_eq!(d.error(), Some(ContentError::TooLarge));
+    assert_eq!(out, b"abc\r\n");
+    assert_eq!(d.size(), 10);
+}
+
+#[test]
+fn received_counted_in_headers_only() {
+    let lim = ContentLimits {
+        max_received: 1,
+        ..limits(BareLfPolicy::Reject)
+    };
+    let mut d = ContentDecoder::dot(lim);
+    decode(
+        &mut d,
+        b"Received: x\r\nX-Received: y\r\n\r\nReceived: z\r\n.\r\n",
+        1,
+    );
+    assert_eq!(d.error(), None);
+    let mut d = ContentDecoder::dot(lim);
+    decode(&mut d, b"Received: x\r\nReceived\t: y\r\n\r\n.\r\n", 1);
+    assert_eq!(d.error(), Some(ContentError::TooManyHops));
+}
+
+#[test]
+fn chunked_mode_is_raw() {
+    let mut d = ContentDecoder::chunked(limits(BareLfPolicy::Reject));
+    let mut out = Vec::new();
+    let (n, done) = d.feed(b"..a\r\n.\r\nb\r", &mut out);
+    assert_eq!((n, done), (10, false));
+    d.feed(b"\n", &mut out);
+    d.finish(&mut out);
+    assert_eq!(out, b"..a\r\n.\r\nb\r\n");
+    assert_eq!(d.error(), None);
+    let mut d = ContentDecoder::chunked(limits(BareLfPolicy::Reject));
+    d.feed(b"x\r", &mut out);
+    d.finish(&mut out);
+    assert_eq!(d.error(), Some(ContentError::BareLineEnding));
+}
+
+#[test]
+fn error_replies() {
+    assert_eq!(
+        ContentError::BareLineEnding.reply().to_string(),
+        "550 5.5.2 Error: bare <LF> or <CR> in message"
+    );
+    assert_eq!(
+        ContentError::TooLarge.reply().to_string(),
+        "552 5.3.4 Error: message too large"
+    );
+    assert_eq!(
+        ContentError::TooManyHops.reply().to_string(),
+        "554 5.4.6 Error: too many hops"
+    );
+    assert_eq!(
+        ContentError::LineTooLong.reply().to_string(),
+        "500 5.5.2 Error: message line too long"
+    );
+}
