@@ -1,1 +1,212 @@
-//! The durable queue (see spool.md).
+//! The durable queue: a group-committed, append-only segment log (see
+//! `design/spool.md` for why).
+//!
+//! # What it does
+//! Sessions stream a body into a [`Draft`], then [`Spool::commit`] hands the
+//! envelope and the body to the **committer**: one dedicated thread that owns
+//! the active segment. It takes every request waiting in its channel, appends
+//! them with as few `pwrite`s as possible, calls `fdatasync` **once**, and only
+//! then completes every waiter. While a sync is in flight the next batch
+//! gathers, so batches grow with load without any timer. Recipient outcomes
+//! ([`Spool::update`]) and finished messages ([`Spool::finish`]) are records in
+//! the same log, committed the same way. The index of live messages is kept in
+//! memory and rebuilt at [`Spool::open`] by scanning the segments.
+//!
+//! # On-disk format, version 1
+//! `dir/NNNNNNNN.log` (8 decimal digits, increasing) are the segments; the
+//! highest number is the active one. Every integer is little-endian.
+//!
+//! ```text
+//! segment header (24 bytes):
+//!   magic "TERNSPOL" (8) | format version u32 = 1 | nonce u64 (random per segment)
+//!   | header crc u32 = CRC32C(first 20 bytes)
+//! record (16 + len bytes):
+//!   magic "TREC" (4) | version u8 = 1 | kind u8 | flags u16 = 0 | len u32
+//!   payload (len bytes)
+//!   crc u32 = CRC32C(nonce as 8 bytes LE ++ record header ++ payload)
+//! payloads:
+//!   kind 1 MSG   : id u64 | envelope JSON length u32 | envelope JSON | body bytes (rest)
+//!   kind 2 STATE : id u64 | JSON array of [recipient index, RcptStatus]
+//!   kind 3 DONE  : id u64
+//! ```
+//! The segment nonce seeds every CRC, so a record quoted inside a message body
+//! (for instance someone mailing a spool file) can never be mistaken for a
+//! real record when recovery resynchronises after damage.
+//!
+//! # Invariants
+//! - A commit returns `Ok` only after the `fdatasync` that covered its record
+//!   succeeded; the index only ever shows durable state.
+//! - Exactly one `fdatasync` per batch on the hot path (a segment roll adds one
+//!   sync of the new file's header and one of the directory).
+//! - A message may appear in several segments (compaction copies it forward,
+//!   then deletes the old segment): the newest copy wins; a DONE anywhere wins.
+//! - A segment is deleted only when none of its messages is live **and** every
+//!   older segment its STATE/DONE/copy records refer to is already gone, so a
+//!   deletion can never resurrect a finished message or forget an outcome.
+//!
+//! # What it does not do
+//! It does not schedule, route or deliver; it does not enforce the message
+//! size limit (the session does, while reading); it does not fsync scratch
+//! files (they are only buffers: a crash before commit loses nothing that was
+//! acknowledged).
+//!
+//! # Errors
+//! [`SpoolError::Io`] for any file-system failure (a failed batch is truncated
+//! away and the spool keeps serving), [`SpoolError::Corrupt`] when a record
+//! read back does not verify, [`SpoolError::NotFound`] for an unknown or
+//! finished message, [`SpoolError::Closed`] after [`Spool::close`].
+
+mod committer;
+mod compact;
+mod draft;
+mod envelope;
+mod index;
+mod log;
+mod record;
+mod recover;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_prop;
+#[cfg(test)]
+mod tests_recovery;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+pub use draft::Draft;
+pub use envelope::{Envelope, RcptStatus, Recipient, Route};
+pub use log::{Spool, read_body_read_only, scan_read_only};
+pub use writer::Faults;
+
+/// A queue identifier: 44 bits of milliseconds since 2020-01-01 UTC, then a
+/// 20-bit counter. Unique across restarts (the generator starts above the
+/// highest id found on disk) and monotone within a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MsgId(pub u64);
+
+impl fmt::Display for MsgId {
+    /// 16 uppercase hex digits: fixed width, so ids sort as strings too.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016X}", self.0)
+    }
+}
+
+/// Error for a string that is not 1 to 16 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid queue id {0:?}")]
+pub struct ParseMsgIdError(pub String);
+
+impl FromStr for MsgId {
+    type Err = ParseMsgIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = !s.is_empty() && s.len() <= 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !ok {
+            return Err(ParseMsgIdError(s.to_string()));
+        }
+        u64::from_str_radix(s, 16)
+            .map(MsgId)
+            .map_err(|_| ParseMsgIdError(s.to_string()))
+    }
+}
+
+/// 2020-01-01T00:00:00Z in unix milliseconds.
+const ID_EPOCH_MS: u64 = 1_577_836_800_000;
+const ID_COUNTER_BITS: u32 = 20;
+
+/// Lock-free id generator: `max(last + 1, now << 20)`.
+pub(crate) struct IdGen(AtomicU64);
+
+impl IdGen {
+    pub(crate) fn new(floor: u64) -> Self {
+        IdGen(AtomicU64::new(floor))
+    }
+
+    pub(crate) fn next(&self) -> MsgId {
+        let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        let now = now_ms.saturating_sub(ID_EPOCH_MS) << ID_COUNTER_BITS;
+        let mut cur = self.0.load(Ordering::Relaxed);
+        loop {
+            let cand = now.max(cur.wrapping_add(1));
+            match self
+                .0
+                .compare_exchange_weak(cur, cand, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return MsgId(cand),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+}
+
+/// Where the spool lives and how it sizes things.
+#[derive(Clone, Debug)]
+pub struct SpoolConfig {
+    /// The spool directory (segments, `scratch/`, `corrupt/`).
+    pub dir: PathBuf,
+    /// Roll to a new segment once the active one would exceed this (a single
+    /// batch may overshoot it; one huge message gets a segment of its own).
+    pub segment_size: u64,
+    /// A draft keeps this many bytes in memory before spilling to a scratch file.
+    pub draft_memory_limit: usize,
+}
+
+impl SpoolConfig {
+    /// `dir` with the default sizes (64 MiB segments, 256 KiB in-memory drafts).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        SpoolConfig {
+            dir: dir.into(),
+            segment_size: 64 * 1024 * 1024,
+            draft_memory_limit: 256 * 1024,
+        }
+    }
+}
+
+/// What [`Spool::open`] found and repaired.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Live (unfinished) messages in the index after recovery.
+    pub messages: usize,
+    /// Segment files found at start-up.
+    pub segments: usize,
+    /// Torn tails cut off the last segment (0 or 1).
+    pub torn_tails_cut: usize,
+    /// Segments moved to `dir/corrupt/` (paths after the move).
+    pub corrupt_segments: Vec<PathBuf>,
+    /// Bytes of damaged or torn records dropped.
+    pub bytes_lost: u64,
+}
+
+/// Spool failures. `Display` is meant for logs, not for SMTP clients.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("spool data corrupt: {0}")]
+    Corrupt(String),
+    #[error("no live message {0} in the spool")]
+    NotFound(MsgId),
+    #[error("spool is closed")]
+    Closed,
+}
+
+impl SpoolError {
+    /// A copy for every waiter of a failed batch (`io::Error` is not `Clone`).
+    pub(crate) fn duplicate(&self) -> SpoolError {
+        match self {
+            SpoolError::Io(e) => SpoolError::Io(match e.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(e.kind(), e.to_string()),
+            }),
+            SpoolError::Corrupt(s) => SpoolError::Corrupt(s.clone()),
+            SpoolError::NotFound(id) => SpoolError::NotFound(*id),
+            SpoolError::Closed => SpoolError::Closed,
+        }
+    }
+}

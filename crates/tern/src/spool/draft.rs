@@ -1,0 +1,155 @@
+//! `Draft`: the buffer a session streams a body into before commit.
+//!
+//! Up to `draft_memory_limit` bytes stay in memory; beyond that everything is
+//! spilled to a scratch file in `dir/scratch/`, so nothing unbounded is held in
+//! memory (the session enforces the size limit, RFC 1870 §6).
+//!
+//! Invariants: a scratch file exists only while its `Draft` (or the `Scratch`
+//! handed to the committer) is alive: it is removed on drop and after commit.
+//! Stale ones left by a crash are removed at `Spool::open`.
+//! Does not fsync scratch files: they are only buffers; durability comes from
+//! the log append at commit.
+//! Errors: `std::io::Error` from creating or writing the scratch file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+
+#[derive(Debug)]
+pub(crate) struct DraftCfg {
+    pub scratch_dir: PathBuf,
+    pub limit: usize,
+}
+
+/// A message body being received.
+#[derive(Debug)]
+pub struct Draft {
+    cfg: Arc<DraftCfg>,
+    mem: Vec<u8>,
+    /// Set once the body outgrew memory; owns the scratch file path.
+    file: Option<(PathBuf, tokio::fs::File)>,
+    len: u64,
+}
+
+impl Draft {
+    pub(crate) fn new(cfg: Arc<DraftCfg>) -> Draft {
+        Draft {
+            cfg,
+            mem: Vec::new(),
+            file: None,
+            len: 0,
+        }
+    }
+
+    /// Append body bytes (already dot-unstuffed by the protocol engine).
+    pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.file.is_none() && self.mem.len() + bytes.len() <= self.cfg.limit {
+            self.mem.extend_from_slice(bytes);
+            self.len += bytes.len() as u64;
+            return Ok(());
+        }
+        if self.file.is_none() {
+            let path = self
+                .cfg
+                .scratch_dir
+                .join(format!("{:016x}.tmp", rand::random::<u64>()));
+            let f = tokio::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .await?;
+            // Own the path before the first write so a failure still removes it.
+            self.file = Some((path, f));
+            let mem = std::mem::take(&mut self.mem);
+            if let Some((_, f)) = self.file.as_mut() {
+                f.write_all(&mem).await?;
+            }
+        }
+        if let Some((_, f)) = self.file.as_mut() {
+            f.write_all(bytes).await?;
+        }
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Body bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Hand the body over to the committer.
+    pub(crate) async fn into_body(mut self) -> std::io::Result<Body> {
+        let len = self.len;
+        match self.file.take() {
+            None => Ok(Body::Mem(std::mem::take(&mut self.mem))),
+            Some((path, mut f)) => {
+                // tokio's File buffers one write in flight: flush before the
+                // committer reads the file through a std handle.
+                if let Err(e) = f.flush().await {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+                let file = f.into_std().await;
+                Ok(Body::File(Scratch { path, file, len }))
+            }
+        }
+    }
+}
+
+impl Drop for Draft {
+    fn drop(&mut self) {
+        if let Some((path, _)) = self.file.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A spilled body on its way into the log; removed when dropped.
+#[derive(Debug)]
+pub(crate) struct Scratch {
+    pub path: PathBuf,
+    pub file: std::fs::File,
+    pub len: u64,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A body ready to be appended.
+#[derive(Debug)]
+pub(crate) enum Body {
+    Mem(Vec<u8>),
+    File(Scratch),
+}
+
+impl Body {
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::Mem(v) => v.len() as u64,
+            Body::File(s) => s.len,
+        }
+    }
+}
+
+/// Remove scratch files left behind by a crash (they never held anything
+/// acknowledged).
+pub(crate) fn clean_scratch(dir: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    for ent in std::fs::read_dir(dir)? {
+        let ent = ent?;
+        if ent.file_type()?.is_file() {
+            std::fs::remove_file(ent.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}

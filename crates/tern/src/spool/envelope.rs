@@ -1,0 +1,83 @@
+//! Envelope types stored in MSG records (as JSON) and returned by the index.
+//!
+//! Invariants: `Recipient` order never changes once committed: STATE records
+//! address recipients by index into `Envelope::recipients`.
+//! Does not validate addresses (the protocol engine did, RFC 5321 §4.1.2).
+//! Errors: none (plain data).
+
+use serde::{Deserialize, Serialize};
+
+/// Sender, recipients and per-recipient state of one message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Envelope {
+    /// Reverse-path; "" for the null reverse-path `<>` (RFC 5321 §4.5.5).
+    pub sender: String,
+    pub recipients: Vec<Recipient>,
+    /// Unix seconds when the message was accepted.
+    pub received_at: i64,
+    /// Body size in bytes; set by [`crate::spool::Spool::commit`].
+    pub size: u64,
+    /// SMTPUTF8 was given at MAIL (RFC 6531 §3.4).
+    pub smtputf8: bool,
+    /// BODY= parameter: "7BIT" | "8BITMIME" (RFC 6152 §2).
+    pub body_type: Option<String>,
+    /// DSN RET: "FULL" | "HDRS" (RFC 3461 §4.3).
+    pub ret: Option<String>,
+    /// DSN ENVID, xtext-decoded (RFC 3461 §4.4).
+    pub envid: Option<String>,
+    pub client_ip: String,
+    pub helo: String,
+}
+
+/// One recipient of a message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    /// Final destination address (after alias expansion).
+    pub address: String,
+    /// The address as given at RCPT TO.
+    pub original: String,
+    /// DSN ORCPT "type;addr" (RFC 3461 §4.2).
+    pub orcpt: Option<String>,
+    /// DSN NOTIFY as given, e.g. "SUCCESS,FAILURE" or "NEVER" (RFC 3461 §4.1).
+    pub notify: Option<String>,
+    pub route: Route,
+    pub status: RcptStatus,
+}
+
+/// Where a recipient goes, decided at RCPT time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Route {
+    /// Local delivery to the mailbox of this local user name.
+    Local { mailbox: String },
+    /// Relay by MX / smarthost.
+    Remote,
+}
+
+/// Delivery state of one recipient.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RcptStatus {
+    Pending,
+    Delivered {
+        reply: String,
+        at: i64,
+    },
+    Deferred {
+        reply: String,
+        attempts: u32,
+        next_attempt: i64,
+    },
+    Failed {
+        reply: String,
+        at: i64,
+    },
+}
+
+impl RcptStatus {
+    /// Delivered or Failed: no further attempt will be made.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            RcptStatus::Delivered { .. } | RcptStatus::Failed { .. }
+        )
+    }
+}

@@ -1,0 +1,300 @@
+//! `Spool`: the public handle over the segment log (open, commit, update,
+//! finish, queries, body reads) and the read-only helpers for `tern queue`.
+//!
+//! Invariants: every mutation goes through the committer channel, so callers
+//! never touch segment files for writing; reads use `pread` on a fresh file
+//! handle and verify the record CRC, retrying when compaction moved the
+//! message meanwhile.
+//! Does not schedule or deliver; does not hold bodies in memory.
+//! Errors: see the `spool` module header.
+
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::committer::{self, Op, Req, Shared};
+use super::draft::{Draft, DraftCfg, clean_scratch};
+use super::index::{Index, Loc};
+use super::record::{Kind, REC_HDR_LEN, parse_record};
+use super::recover;
+use super::writer::{Faults, segment_path};
+use super::{Envelope, IdGen, MsgId, RcptStatus, RecoveryReport, SpoolConfig, SpoolError};
+
+/// Handle to the spool; cheap to clone (an `Arc` inside).
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    /// `None` only while dropping, so the committer sees the channel close.
+    tx: Option<mpsc::UnboundedSender<Req>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    draft_cfg: Arc<DraftCfg>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Close the channel, then wait for the committer to finish the batch
+        // it may be writing, so a reopen never races with it.
+        self.tx.take();
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool")
+            .field("dir", &self.inner.shared.dir)
+            .finish()
+    }
+}
+
+impl Spool {
+    /// Scan `dir` (created if missing), rebuild the index, cut a torn tail,
+    /// quarantine corrupt segments, remove stale scratch files, and start the
+    /// committer thread.
+    pub fn open(config: SpoolConfig) -> Result<(Spool, RecoveryReport), SpoolError> {
+        let dir = config.dir.clone();
+        let scratch_dir = dir.join("scratch");
+        std::fs::create_dir_all(&scratch_dir)?;
+        std::fs::create_dir_all(dir.join("corrupt"))?;
+        let stale = clean_scratch(&scratch_dir)?;
+        if stale > 0 {
+            tracing::info!(files = stale, "spool.scratch_cleaned");
+        }
+        let outcome = recover::scan(&dir)?;
+        let mut report = RecoveryReport {
+            segments: outcome.segs.len(),
+            ..RecoveryReport::default()
+        };
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            index: Mutex::new(outcome.index),
+            syncs: AtomicU64::new(0),
+            faults: Faults::default(),
+            ids: IdGen::new(outcome.max_id),
+            closed: AtomicBool::new(false),
+        });
+        let log = recover::repair(&config, shared.clone(), outcome.segs, &mut report)?;
+        report.messages = shared.index().msgs.len();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("tern-spool-committer".into())
+            .spawn(move || committer::run(log, rx))?;
+        tracing::info!(
+            dir = %dir.display(),
+            messages = report.messages,
+            segments = report.segments,
+            torn = report.torn_tails_cut,
+            corrupt = report.corrupt_segments.len(),
+            "spool.open"
+        );
+        let inner = Inner {
+            shared,
+            tx: Some(tx),
+            thread: Mutex::new(Some(thread)),
+            draft_cfg: Arc::new(DraftCfg {
+                scratch_dir,
+                limit: config.draft_memory_limit,
+            }),
+        };
+        Ok((
+            Spool {
+                inner: Arc::new(inner),
+            },
+            report,
+        ))
+    }
+
+    /// A new, empty body buffer.
+    pub fn draft(&self) -> Draft {
+        Draft::new(self.inner.draft_cfg.clone())
+    }
+
+    async fn request(&self, op: Op) -> Result<(), SpoolError> {
+        if self.inner.shared.closed.load(Ordering::Acquire) {
+            return Err(SpoolError::Closed);
+        }
+        let (reply, rx) = oneshot::channel();
+        let tx = self.inner.tx.as_ref().ok_or(SpoolError::Closed)?;
+        tx.send(Req { op, reply }).map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Append the message and return once `fdatasync` covered it (group
+    /// commit). Only then may the session send 250 (RFC 5321 §4.1.1.4: the
+    /// receiver accepts responsibility for the message). On error nothing of
+    /// the message is visible, now or after a restart.
+    pub async fn commit(&self, mut envelope: Envelope, draft: Draft) -> Result<MsgId, SpoolError> {
+        if self.inner.shared.closed.load(Ordering::Acquire) {
+            return Err(SpoolError::Closed);
+        }
+        envelope.size = draft.len();
+        let body = draft.into_body().await?;
+        let id = self.inner.shared.ids.next();
+        self.request(Op::Msg {
+            id,
+            env: Box::new(envelope),
+            body,
+        })
+        .await?;
+        Ok(id)
+    }
+
+    /// Record new statuses for some recipients (by index), group-committed.
+    pub async fn update(
+        &self,
+        id: MsgId,
+        changes: Vec<(usize, RcptStatus)>,
+    ) -> Result<(), SpoolError> {
+        self.request(Op::State { id, changes }).await
+    }
+
+    /// Mark the message finished; its space can be reclaimed.
+    pub async fn finish(&self, id: MsgId) -> Result<(), SpoolError> {
+        self.request(Op::Done { id }).await
+    }
+
+    /// The current envelope (statuses applied) of a live message.
+    pub fn get(&self, id: MsgId) -> Option<Envelope> {
+        self.inner
+            .shared
+            .index()
+            .msgs
+            .get(&id)
+            .map(|e| e.env.clone())
+    }
+
+    /// All unfinished messages, oldest first.
+    pub fn live(&self) -> Vec<(MsgId, Envelope)> {
+        self.inner.shared.index().live()
+    }
+
+    /// Read a body back from the log (CRC checked).
+    pub async fn read_body(&self, id: MsgId) -> Result<Vec<u8>, SpoolError> {
+        // Compaction may move the message between the lookup and the read:
+        // look it up again when the read fails and the location changed.
+        for _ in 0..4 {
+            let found = self.inner.shared.index().locate(id);
+            let (loc, nonce) = found.ok_or(SpoolError::NotFound(id))?;
+            let path = segment_path(&self.inner.shared.dir, loc.seg);
+            let res = tokio::task::spawn_blocking(move || read_msg_body(&path, loc, nonce))
+                .await
+                .map_err(|e| SpoolError::Io(io::Error::other(e)))?;
+            match res {
+                Ok(body) => return Ok(body),
+                Err(e) if self.inner.shared.index().locate(id) == Some((loc, nonce)) => {
+                    return Err(e);
+                }
+                Err(_) => continue,
+            }
+        }
+        Err(SpoolError::NotFound(id))
+    }
+
+    /// Bytes available to unprivileged users on the spool's file system
+    /// (`statvfs`: `f_bavail * f_frsize`).
+    pub fn free_space(&self) -> io::Result<u64> {
+        let c = std::ffi::CString::new(self.inner.shared.dir.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a properly
+        // sized, writable statvfs struct that outlives the call.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        #[allow(clippy::unnecessary_cast)] // the field widths differ between targets
+        Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+
+    /// Finish the batch in flight and stop the committer. Later calls get
+    /// `SpoolError::Closed`.
+    pub async fn close(&self) {
+        let _ = self.request(Op::Close).await;
+        self.inner.shared.closed.store(true, Ordering::Release);
+        let handle = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+
+    /// fdatasync/fsync calls issued on segments since open (metrics, tests).
+    pub fn sync_count(&self) -> u64 {
+        self.inner.shared.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Fault injection for tests and drills.
+    #[doc(hidden)]
+    pub fn faults(&self) -> &Faults {
+        &self.inner.shared.faults
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.shared.dir
+    }
+
+    #[cfg(test)]
+    pub(crate) fn segment_numbers(&self) -> Vec<u32> {
+        self.inner.shared.index().segs.keys().copied().collect()
+    }
+}
+
+/// Read and verify the MSG record at `loc`; return its body.
+pub(crate) fn read_msg_body(path: &Path, loc: Loc, nonce: u64) -> Result<Vec<u8>, SpoolError> {
+    let file = std::fs::File::open(path)?;
+    let len =
+        usize::try_from(loc.len).map_err(|_| SpoolError::Corrupt("record too large".into()))?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, loc.off)?;
+    let ok = parse_record(&buf, nonce)
+        .filter(|p| p.kind == Kind::Msg && p.total == len)
+        .is_some();
+    let start = usize::try_from(loc.body_off).unwrap_or(usize::MAX);
+    let end = start.saturating_add(usize::try_from(loc.body_len).unwrap_or(usize::MAX));
+    if !ok || start < REC_HDR_LEN || end > len {
+        return Err(SpoolError::Corrupt(format!(
+            "record at {}:{} does not verify",
+            path.display(),
+            loc.off
+        )));
+    }
+    buf.truncate(end);
+    buf.drain(..start);
+    Ok(buf)
+}
+
+fn scan_index(dir: &Path) -> Result<Index, SpoolError> {
+    Ok(recover::scan(dir)?.index)
+}
+
+/// Read-only scan for `tern queue list/show` while the daemon may run: never
+/// modifies anything, ignores a torn tail and damaged regions.
+pub fn scan_read_only(dir: &Path) -> Result<Vec<(MsgId, Envelope)>, SpoolError> {
+    Ok(scan_index(dir)?.live())
+}
+
+/// Read one body without opening the spool for writing.
+pub fn read_body_read_only(dir: &Path, id: MsgId) -> Result<Vec<u8>, SpoolError> {
+    let index = scan_index(dir)?;
+    let (loc, nonce) = index.locate(id).ok_or(SpoolError::NotFound(id))?;
+    let path: PathBuf = segment_path(dir, loc.seg);
+    read_msg_body(&path, loc, nonce)
+}

@@ -1,0 +1,405 @@
+//! Start-up scan: rebuild the index from the segments, cut a torn tail,
+//! quarantine damaged segments.
+//!
+//! Classification, per segment, in number order:
+//! - a record that does not verify is followed by a search for the next
+//!   record that does (resync on the magic; the CRC is seeded by the segment
+//!   nonce, so quoted records inside bodies never match);
+//! - damage with no valid record after it, in the **last** segment, is a torn
+//!   tail: the write of a batch that never got its sync, so none of it was
+//!   acknowledged. It is cut off (`set_len`);
+//! - any other damage (in the middle, or at the end of an older segment) is
+//!   corruption: the segment's live messages, the statuses and DONEs it holds
+//!   are rewritten into the active segment (synced), then the segment is moved
+//!   to `dir/corrupt/` (kept, logged, never deleted).
+//!
+//! Invariants: only records whose CRC verifies reach the index, so a partial
+//! message is never delivered; a valid record after damage is never dropped.
+//! The `scan` half never modifies anything (it also serves `tern queue`).
+//! Errors: `SpoolError::Io` when the directory or a segment cannot be read;
+//! damage itself is never an error, only a report entry and a log line.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::committer::{Log, Shared};
+use super::draft::Body;
+use super::index::{Index, Loc, SegInfo};
+use super::log::read_msg_body;
+use super::record::{
+    Kind, Parsed, REC_HDR_LEN, SEG_HDR_LEN, decode_done, decode_msg, decode_state, msg_head,
+    parse_record, parse_segment_header, resync, state_payload,
+};
+use super::writer::{Apply, OutRec, SegmentWriter, segment_path, sync_dir};
+use super::{MsgId, RecoveryReport, SpoolConfig, SpoolError};
+
+/// What the scan saw in one segment.
+#[derive(Debug, Default)]
+pub(crate) struct SegScan {
+    pub no: u32,
+    pub len: u64,
+    /// `None`: the segment header is short or not ours.
+    pub nonce: Option<u64>,
+    /// Start of trailing damage with no valid record after it.
+    pub torn_at: Option<u64>,
+    /// Damaged regions followed by a valid record, `[start, end)`.
+    pub bad: Vec<(u64, u64)>,
+    pub state_ids: BTreeSet<MsgId>,
+    pub done_ids: Vec<MsgId>,
+}
+
+pub(crate) struct ScanOutcome {
+    pub index: Index,
+    pub segs: Vec<SegScan>,
+    pub max_id: u64,
+}
+
+/// Segment numbers in `dir`, ascending (names `NNNNNNNN.log`).
+pub(crate) fn list_segments(dir: &Path) -> std::io::Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for ent in std::fs::read_dir(dir)? {
+        let name = ent?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(".log") else {
+            continue;
+        };
+        if stem.len() == 8
+            && stem.bytes().all(|b| b.is_ascii_digit())
+            && let Ok(n) = stem.parse()
+        {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Read-only scan of every segment.
+pub(crate) fn scan(dir: &Path) -> Result<ScanOutcome, SpoolError> {
+    let mut index = Index::default();
+    let mut done = HashSet::new();
+    let mut max_id = 0;
+    let mut segs = Vec::new();
+    for no in list_segments(dir)? {
+        let buf = std::fs::read(segment_path(dir, no))?;
+        segs.push(scan_segment(no, &buf, &mut index, &mut done, &mut max_id));
+    }
+    Ok(ScanOutcome {
+        index,
+        segs,
+        max_id,
+    })
+}
+
+fn scan_segment(
+    no: u32,
+    buf: &[u8],
+    index: &mut Index,
+    done: &mut HashSet<MsgId>,
+    max_id: &mut u64,
+) -> SegScan {
+    let mut s = SegScan {
+        no,
+        len: buf.len() as u64,
+        nonce: parse_segment_header(buf),
+        ..SegScan::default()
+    };
+    let Some(nonce) = s.nonce else { return s };
+    let info = index.segs.entry(no).or_default();
+    info.nonce = nonce;
+    info.size = buf.len() as u64;
+    let mut off = SEG_HDR_LEN as usize;
+    while off < buf.len() {
+        match parse_record(&buf[off..], nonce) {
+            Some(p) => {
+                let total = p.total;
+                if let Err(e) = apply_scanned(&p, no, off as u64, index, done, &mut s, max_id) {
+                    // The CRC matched but the payload does not decode: a
+                    // writer bug or a collision. Treat it as damage.
+                    tracing::warn!(segment = no, offset = off, error = %e, "spool.record_undecodable");
+                    s.bad.push((off as u64, (off + total) as u64));
+                }
+                off += total;
+            }
+            None => match resync(buf, off + 1, nonce) {
+                Some(next) => {
+                    s.bad.push((off as u64, next as u64));
+                    off = next;
+                }
+                None => {
+                    s.torn_at = Some(off as u64);
+                    break;
+                }
+            },
+        }
+    }
+    s
+}
+
+fn apply_scanned(
+    p: &Parsed<'_>,
+    no: u32,
+    off: u64,
+    index: &mut Index,
+    done: &mut HashSet<MsgId>,
+    s: &mut SegScan,
+    max_id: &mut u64,
+) -> Result<(), String> {
+    match p.kind {
+        Kind::Msg => {
+            let (id, env, body_start) = decode_msg(p.payload)?;
+            *max_id = (*max_id).max(id.0);
+            // DONE anywhere wins, even over a later copy.
+            if !done.contains(&id) {
+                let loc = Loc {
+                    seg: no,
+                    off,
+                    len: p.total as u64,
+                    body_off: (REC_HDR_LEN + body_start) as u64,
+                    body_len: (p.payload.len() - body_start) as u64,
+                };
+                index.apply_msg(id, env, loc);
+            }
+        }
+        Kind::State => {
+            let (id, changes) = decode_state(p.payload)?;
+            *max_id = (*max_id).max(id.0);
+            index.apply_state(id, changes, no);
+            s.state_ids.insert(id);
+        }
+        Kind::Done => {
+            let id = decode_done(p.payload)?;
+            *max_id = (*max_id).max(id.0);
+            done.insert(id);
+            index.apply_done(id, no);
+            s.done_ids.push(id);
+        }
+    }
+    Ok(())
+}
+
+/// Repair what `scan` found and build the committer's `Log`.
+pub(crate) fn repair(
+    config: &SpoolConfig,
+    shared: Arc<Shared>,
+    segs: Vec<SegScan>,
+    report: &mut RecoveryReport,
+) -> Result<Log, SpoolError> {
+    let dir = &config.dir;
+    let last = segs.last().map(|s| s.no);
+    let max_no = last.unwrap_or(0);
+    let mut corrupt = Vec::new();
+    let mut reuse = None;
+    for s in segs {
+        let is_last = Some(s.no) == last;
+        match s.nonce {
+            None if is_last && s.len < SEG_HDR_LEN => {
+                // Crashed while creating it: it never held a record.
+                std::fs::remove_file(segment_path(dir, s.no))?;
+                sync_dir(dir)?;
+                report.torn_tails_cut += 1;
+                report.bytes_lost += s.len;
+                tracing::warn!(segment = s.no, "spool.torn_segment_removed");
+            }
+            None => corrupt.push(s),
+            Some(_) if !s.bad.is_empty() || (s.torn_at.is_some() && !is_last) => corrupt.push(s),
+            Some(nonce) => {
+                let mut end = s.len;
+                if let Some(t) = s.torn_at {
+                    save_tail(dir, s.no, t);
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(segment_path(dir, s.no))?;
+                    f.set_len(t)?;
+                    f.sync_data()?;
+                    report.torn_tails_cut += 1;
+                    report.bytes_lost += s.len - t;
+                    end = t;
+                    shared.index().segs.entry(s.no).or_default().size = t;
+                    tracing::warn!(
+                        segment = s.no,
+                        offset = t,
+                        bytes = s.len - t,
+                        "spool.torn_tail_cut"
+                    );
+                }
+                if is_last {
+                    reuse = Some((s.no, nonce, end));
+                }
+            }
+        }
+    }
+    let active = match reuse {
+        Some((no, nonce, end)) if end < config.segment_size => {
+            SegmentWriter::open_existing(dir, no, nonce, end)?
+        }
+        _ => {
+            let w = SegmentWriter::create(dir, max_no + 1, &shared.syncs)?;
+            let info = SegInfo {
+                nonce: w.nonce,
+                size: w.end,
+                ..SegInfo::default()
+            };
+            shared.index().segs.insert(w.no, info);
+            w
+        }
+    };
+    let mut log = Log {
+        shared,
+        active,
+        segment_size: config.segment_size,
+        skip_compact: BTreeSet::new(),
+    };
+    for s in corrupt {
+        quarantine(&mut log, &s, report);
+    }
+    Ok(log)
+}
+
+/// Lost bytes in a damaged segment.
+fn damaged_bytes(s: &SegScan) -> u64 {
+    if s.nonce.is_none() {
+        return s.len;
+    }
+    let mid: u64 = s.bad.iter().map(|(a, b)| b - a).sum();
+    mid + s.torn_at.map_or(0, |t| s.len - t)
+}
+
+/// Rewrite what a damaged segment holds into the active one, then move it to
+/// `corrupt/`. On failure the segment stays in place (logged) and is used as is.
+fn quarantine(log: &mut Log, s: &SegScan, report: &mut RecoveryReport) {
+    let dir = log.shared.dir.clone();
+    let path = segment_path(&dir, s.no);
+    tracing::error!(segment = s.no, bad_regions = s.bad.len(), torn = ?s.torn_at, "spool.segment_corrupt");
+    let (moves, states, refs) = {
+        let idx = log.shared.index();
+        let moves: Vec<_> = idx
+            .msgs
+            .iter()
+            .filter(|(_, e)| e.loc.seg == s.no)
+            .map(|(id, e)| (*id, e.env.clone(), e.loc))
+            .collect();
+        let states: Vec<_> = s
+            .state_ids
+            .iter()
+            .filter_map(|id| {
+                idx.msgs
+                    .get(id)
+                    .filter(|e| e.loc.seg != s.no)
+                    .map(|e| (*id, e.env.clone()))
+            })
+            .collect();
+        let refs = idx
+            .segs
+            .get(&s.no)
+            .map(|i| i.refs.clone())
+            .unwrap_or_default();
+        (moves, states, refs)
+    };
+    let nonce = s.nonce.unwrap_or(0);
+    let mut recs = Vec::new();
+    for (id, env, loc) in moves {
+        let body = match read_msg_body(&path, loc, nonce) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "spool.message_lost");
+                log.shared.index().apply_done(id, s.no);
+                continue;
+            }
+        };
+        let Ok(head) = msg_head(id, &env) else {
+            continue;
+        };
+        recs.push(OutRec {
+            id,
+            kind: Kind::Msg,
+            head,
+            body: Some(Body::Mem(body)),
+            apply: Apply::Msg(env),
+            loc: Loc::default(),
+        });
+    }
+    for (id, env) in states {
+        let changes: Vec<_> = env
+            .recipients
+            .into_iter()
+            .map(|r| r.status)
+            .enumerate()
+            .collect();
+        let Ok(head) = state_payload(id, &changes) else {
+            continue;
+        };
+        recs.push(OutRec {
+            id,
+            kind: Kind::State,
+            head,
+            body: None,
+            apply: Apply::State(changes),
+            loc: Loc::default(),
+        });
+    }
+    for id in &s.done_ids {
+        recs.push(OutRec {
+            id: *id,
+            kind: Kind::Done,
+            head: id.0.to_le_bytes().to_vec(),
+            body: None,
+            apply: Apply::Done,
+            loc: Loc::default(),
+        });
+    }
+    if !recs.is_empty()
+        && let Err(e) = log.commit_records(&mut recs)
+    {
+        tracing::error!(segment = s.no, error = %e, "spool.quarantine_failed");
+        return;
+    }
+    {
+        let mut idx = log.shared.index();
+        let active = log.active.no;
+        idx.segs.entry(active).or_default().refs.extend(refs);
+        idx.segs.remove(&s.no);
+    }
+    match move_to_corrupt(&dir, &path, s.no) {
+        Ok(dest) => {
+            report.bytes_lost += damaged_bytes(s);
+            report.corrupt_segments.push(dest);
+        }
+        Err(e) => tracing::error!(segment = s.no, error = %e, "spool.quarantine_move_failed"),
+    }
+}
+
+fn move_to_corrupt(dir: &Path, path: &Path, no: u32) -> std::io::Result<PathBuf> {
+    let cdir = dir.join("corrupt");
+    std::fs::create_dir_all(&cdir)?;
+    let mut dest = cdir.join(format!("{no:08}.log"));
+    let mut n = 1;
+    while dest.exists() {
+        dest = cdir.join(format!("{no:08}.log.{n}"));
+        n += 1;
+    }
+    std::fs::rename(path, &dest)?;
+    sync_dir(dir)?;
+    sync_dir(&cdir)?;
+    Ok(dest)
+}
+
+/// Keep a copy of a torn tail in `corrupt/` before cutting it: normally it is
+/// an unacknowledged batch, but if it was damage instead, the bytes are kept
+/// for forensics (nothing is ever thrown away silently). Best effort.
+fn save_tail(dir: &Path, no: u32, from: u64) {
+    let res = (|| -> std::io::Result<()> {
+        let src = std::fs::File::open(segment_path(dir, no))?;
+        let len = src.metadata()?.len();
+        let mut buf = vec![0u8; usize::try_from(len.saturating_sub(from)).unwrap_or(0)];
+        std::os::unix::fs::FileExt::read_exact_at(&src, &mut buf, from)?;
+        let cdir = dir.join("corrupt");
+        std::fs::create_dir_all(&cdir)?;
+        std::fs::write(cdir.join(format!("{no:08}.tail-{from}")), &buf)
+    })();
+    if let Err(e) = res {
+        tracing::warn!(segment = no, error = %e, "spool.torn_tail_save_failed");
+    }
+}
