@@ -11,7 +11,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tern_proto::{BareLfPolicy, Decision, EnhancedCode, Event, Query, Reply, ServerConfig, Session};
+use tern_proto::{
+    BareLfPolicy, Decision, EnhancedCode, Event, Query, Reply, ServerConfig, Session,
+};
 
 struct Checker {
     closed: bool,
@@ -47,7 +49,9 @@ fn decision(seed: u8, q: &Query) -> Decision {
         (0..=3, _) => Decision::Accept,
         (4, _) => Decision::Reject(Reply::new(550, Some(EnhancedCode(5, 7, 1)), "no")),
         (5, _) => Decision::Reject(Reply::new(451, Some(EnhancedCode(4, 3, 0)), "later")),
-        (6, Query::EndOfData) => Decision::Queued { queue_id: "Q".into() },
+        (6, Query::EndOfData) => Decision::Queued {
+            queue_id: "Q".into(),
+        },
         (6, _) => Decision::AcceptWith(Reply::new(250, Some(EnhancedCode(2, 0, 0)), "fine")),
         _ => Decision::Disconnect(Reply::new(421, Some(EnhancedCode(4, 7, 0)), "bye")),
     }
@@ -61,7 +65,10 @@ fn drain(s: &mut Session, c: &mut Checker, seeds: &[u8], turn: &mut usize) {
             s.decide(decision(seeds[*turn % seeds.len()], q));
         }
     }
-    assert!(s.is_closed() || s.wants_input(), "session waits without a query");
+    assert!(
+        s.is_closed() || s.wants_input(),
+        "session waits without a query"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -74,7 +81,11 @@ fuzz_target!(|data: &[u8]| {
     let small = flags & 2 != 0;
     let cfg = ServerConfig {
         hostname: "mx.fuzz".into(),
-        bare_lf: if flags & 1 != 0 { BareLfPolicy::Normalize } else { BareLfPolicy::Reject },
+        bare_lf: if flags & 1 != 0 {
+            BareLfPolicy::Normalize
+        } else {
+            BareLfPolicy::Reject
+        },
         max_command_line: if small { 512 } else { 4096 },
         max_text_line: if small { 40 } else { 1000 },
         max_message_size: if small { 200 } else { 0 },
@@ -84,7 +95,11 @@ fuzz_target!(|data: &[u8]| {
         ..ServerConfig::default()
     };
     let mut s = Session::new(cfg);
-    let mut c = Checker { closed: false, data_queries: 0, end_queries: 0 };
+    let mut c = Checker {
+        closed: false,
+        data_queries: 0,
+        end_queries: 0,
+    };
     let mut turn = 0;
     drain(&mut s, &mut c, seeds, &mut turn);
     let mut pos = 0;
