@@ -1,4 +1,10 @@
 //! Tern: a durable SMTP mail server. This crate is the daemon around the
 //! sans-IO protocol engine in `tern-proto`.
 
+pub mod config;
+pub mod deliver;
+pub mod listener;
+pub mod queue;
+pub mod server;
+pub mod session;
 pub mod spool;

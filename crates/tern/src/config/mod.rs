@@ -1,0 +1,726 @@
+//! Configuration: the TOML schema, the embedded default, and validation into
+//! a [`Runtime`], the immutable snapshot every other part of the daemon reads.
+//!
+//! Invariants: a `Runtime` only exists if every key validated; all addresses
+//! and domains in it are lower-cased (lookups are case-insensitive, RFC 5321
+//! §2.4 lets us treat local parts case-insensitively for our own domains);
+//! every alias target resolves to a user, a local address or a remote address.
+//!
+//! Not here: recipient resolution (`recipients.rs`), runtime reload.
+//!
+//! Errors: [`load`] and [`Runtime::from_file_config`] return every problem
+//! found, each naming its key, so `tern check-config` can print them all at once.
+
+mod recipients;
+mod schema;
+
+pub use recipients::{Destination, Resolution};
+pub use schema::{FileConfig, LimitsConfig, ListenerConfig, LogConfig};
+
+use ipnet::IpNet;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tern_proto::BareLfPolicy;
+
+/// The listener's job. Only `mx` (port 25 style: anyone may send to our
+/// domains, nobody may relay unless trusted) exists so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Mx,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Role::Mx => f.write_str("mx"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub address: SocketAddr,
+    pub role: Role,
+}
+
+/// A local mailbox owner.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    /// First configured address, or `name@<first local domain>`; used as the
+    /// `Delivered-To:` address when the user is reached by name.
+    pub primary_address: String,
+    pub maildir: PathBuf,
+}
+
+/// One configuration problem, tied to the key that caused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Limits after validation, in the units the code uses.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_command_line: usize,
+    pub max_text_line: usize,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_errors: usize,
+    pub max_received_headers: usize,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub greeting_delay: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub min_free_space: u64,
+    pub bare_lf: BareLfPolicy,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolSettings {
+    pub dir: PathBuf,
+    pub segment_size: u64,
+    pub draft_memory_limit: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    /// Most messages handed to the local delivery agent in one batch (their
+    /// fsyncs and the `new/` directory syncs are shared).
+    pub batch_size: usize,
+    /// Parallel Maildir writers inside a batch.
+    pub local_concurrency: usize,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub hostname: String,
+    pub data_dir: PathBuf,
+    pub listeners: Vec<Listener>,
+    pub local_domains: HashSet<String>,
+    pub users: HashMap<String, User>,
+    /// Lower-cased address → user name.
+    pub addresses: HashMap<String, String>,
+    /// Lower-cased address → raw targets (user names or addresses).
+    pub aliases: HashMap<String, Vec<String>>,
+    pub subaddress_separator: Option<char>,
+    pub postmaster: String,
+    /// Domain → user receiving unknown local parts.
+    pub catch_all: HashMap<String, String>,
+    pub trusted_networks: Vec<IpNet>,
+    pub limits: Limits,
+    pub spool: SpoolSettings,
+    pub delivery: DeliverySettings,
+    pub log: LogConfig,
+}
+
+impl Runtime {
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.local_domains.contains(&domain.to_ascii_lowercase())
+    }
+
+    /// RFC 5321 §3.6.2: relaying is for clients we know. Loopback is trusted
+    /// only when configured, so a local proxy cannot turn us into an open relay.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.trusted_networks.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The protocol engine's settings for one session.
+    pub fn server_config(&self) -> tern_proto::ServerConfig {
+        tern_proto::ServerConfig {
+            hostname: self.hostname.clone(),
+            greeting_text: "ESMTP Tern".to_string(),
+            max_command_line: self.limits.max_command_line,
+            max_text_line: self.limits.max_text_line,
+            max_message_size: self.limits.max_message_size,
+            max_recipients: self.limits.max_recipients,
+            max_errors: self.limits.max_errors,
+            max_received_headers: self.limits.max_received_headers,
+            bare_lf: self.limits.bare_lf,
+        }
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Runtime, Vec<ConfigError>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![ConfigError {
+            key: path.display().to_string(),
+            message: format!("cannot read config file: {e}"),
+        }]
+    })?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    parse(&text, &base)
+}
+
+/// Parses TOML text; relative paths in it are taken relative to `base`.
+pub fn parse(text: &str, base: &Path) -> Result<Runtime, Vec<ConfigError>> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| vec![toml_error(&e)])?;
+    Runtime::from_file_config(file, base)
+}
+
+fn toml_error(e: &toml::de::Error) -> ConfigError {
+    // toml names the offending key in its message ("unknown field `x`",
+    // "invalid type ... for key `limits.max_errors`"); keep it whole but on one line.
+    let message = e.message().replace('\n', " ");
+    let key = e
+        .span()
+        .map(|s| format!("toml (bytes {}..{})", s.start, s.end))
+        .unwrap_or_else(|| "toml".to_string());
+    ConfigError { key, message }
+}
+
+/// The configuration used when `tern serve` gets no `--config`: it works on a
+/// fresh machine without root, on loopback only.
+pub const EMBEDDED_DEFAULT: &str = r#"
+hostname = "localhost"
+data_dir = "tern-data"
+
+[[listener]]
+address = "127.0.0.1:2525"
+role = "mx"
+
+[local]
+domains = ["localhost"]
+postmaster = "me"
+
+[[user]]
+name = "me"
+addresses = ["me@localhost"]
+"#;
+
+/// Runtime for the embedded default, with `data_dir` relative to the
+/// current working directory.
+pub fn embedded_default() -> Result<Runtime, Vec<ConfigError>> {
+    let cwd = std::env::current_dir().map_err(|e| {
+        vec![ConfigError {
+            key: "data_dir".into(),
+            message: format!("cannot read the current directory: {e}"),
+        }]
+    })?;
+    parse(EMBEDDED_DEFAULT, &cwd)
+}
+
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn duration(errors: &mut Errors, key: &str, value: &str) -> Duration {
+    match humantime::parse_duration(value) {
+        Ok(d) => d,
+        Err(e) => {
+            errors.push(
+                key,
+                format!("invalid duration {value:?}: {e} (examples: \"300ms\", \"5m\")"),
+            );
+            Duration::ZERO
+        }
+    }
+}
+
+/// Checks `domain` is a plausible DNS name (RFC 1035 letters-digits-hyphen labels).
+fn valid_domain(domain: &str) -> bool {
+    !domain.is_empty()
+        && domain.len() <= 253
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+        })
+}
+
+fn split_address(address: &str) -> Option<(&str, &str)> {
+    let (local, domain) = address.rsplit_once('@')?;
+    (!local.is_empty() && valid_domain(domain)).then_some((local, domain))
+}
+
+impl Runtime {
+    /// Validates a parsed file; returns every error found.
+    pub fn from_file_config(file: FileConfig, base: &Path) -> Result<Runtime, Vec<ConfigError>> {
+        let mut errors = Errors(Vec::new());
+        let hostname = file.hostname.clone().unwrap_or_else(system_hostname);
+        if !valid_domain(&hostname) {
+            errors.push("hostname", format!("{hostname:?} is not a valid host name"));
+        }
+        let data_dir = absolute(
+            base,
+            file.data_dir.as_deref().unwrap_or(Path::new("tern-data")),
+        );
+
+        let listeners = check_listeners(&file, &mut errors);
+        let local_domains = check_domains(&file, &mut errors);
+        let first_domain = file.local.domains.first().map(|d| d.to_ascii_lowercase());
+        let (users, addresses) = check_users(
+            &file,
+            &data_dir,
+            base,
+            first_domain,
+            &local_domains,
+            &mut errors,
+        );
+        let aliases = check_aliases(&file, &users, &local_domains, &mut errors);
+
+        let postmaster = match &file.local.postmaster {
+            Some(name) => {
+                if !users.contains_key(name) {
+                    errors.push(
+                        "local.postmaster",
+                        format!("{name:?} is not a configured [[user]]"),
+                    );
+                }
+                name.clone()
+            }
+            None => file
+                .user
+                .first()
+                .map(|u| u.name.clone())
+                .unwrap_or_default(),
+        };
+        if postmaster.is_empty() {
+            errors.push(
+                "user",
+                "at least one [[user]] is needed: postmaster mail must be deliverable (RFC 5321 §4.5.1)",
+            );
+        }
+        let mut catch_all = HashMap::new();
+        for (domain, user) in &file.local.catch_all {
+            let domain = domain.to_ascii_lowercase();
+            if !local_domains.contains(&domain) {
+                errors.push(
+                    format!("local.catch_all.{domain}"),
+                    "not one of local.domains",
+                );
+            }
+            if !users.contains_key(user) {
+                errors.push(
+                    format!("local.catch_all.{domain}"),
+                    format!("{user:?} is not a configured [[user]]"),
+                );
+            }
+            catch_all.insert(domain, user.clone());
+        }
+        let subaddress_separator = check_separator(&file, &mut errors);
+
+        let mut trusted_networks = Vec::new();
+        for (i, net) in file.relay.trusted_networks.iter().enumerate() {
+            match parse_network(net) {
+                Some(n) => trusted_networks.push(n),
+                None => errors.push(
+                    format!("relay.trusted_networks[{i}]"),
+                    format!("{net:?} is not an IP network (e.g. \"192.0.2.0/24\", \"::1/128\")"),
+                ),
+            }
+        }
+
+        let limits = check_limits(&file.limits, &mut errors);
+        let spool_dir = file
+            .spool
+            .dir
+            .as_deref()
+            .map(|d| absolute(base, d))
+            .unwrap_or_else(|| data_dir.join("spool"));
+        if file.spool.segment_size < 1024 * 1024 {
+            errors.push("spool.segment_size", "must be at least 1048576 (1 MiB)");
+        }
+        let spool = SpoolSettings {
+            dir: spool_dir,
+            segment_size: file.spool.segment_size,
+            draft_memory_limit: file.spool.draft_memory_limit,
+        };
+        let delivery = check_delivery(&file, &mut errors);
+        if !matches!(file.log.format.as_str(), "text" | "json") {
+            errors.push("log.format", "must be \"text\" or \"json\"");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&file.log.level).is_err() {
+            errors.push(
+                "log.level",
+                format!(
+                    "{:?} is not a tracing filter (e.g. \"info\")",
+                    file.log.level
+                ),
+            );
+        }
+
+        if !errors.0.is_empty() {
+            return Err(errors.0);
+        }
+        Ok(Runtime {
+            hostname,
+            data_dir,
+            listeners,
+            local_domains,
+            users,
+            addresses,
+            aliases,
+            subaddress_separator,
+            postmaster,
+            catch_all,
+            trusted_networks,
+            limits,
+            spool,
+            delivery,
+            log: file.log,
+        })
+    }
+}
+
+fn system_hostname() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .filter(|h| valid_domain(h))
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn absolute(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+fn parse_network(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+        .map(|n| n.trunc())
+}
+
+fn check_listeners(file: &FileConfig, errors: &mut Errors) -> Vec<Listener> {
+    if file.listener.is_empty() {
+        errors.push("listener", "at least one [[listener]] is needed");
+    }
+    let mut out = Vec::new();
+    for (i, l) in file.listener.iter().enumerate() {
+        let address = l.address.parse::<SocketAddr>();
+        if address.is_err() {
+            errors.push(
+                format!("listener[{i}].address"),
+                format!(
+                    "{:?} is not IP:port (e.g. \"127.0.0.1:2525\", \"[::1]:2525\")",
+                    l.address
+                ),
+            );
+        }
+        let role = match l.role.as_str() {
+            "mx" => Some(Role::Mx),
+            other => {
+                errors.push(
+                    format!("listener[{i}].role"),
+                    format!("{other:?} is not a known role (known: \"mx\")"),
+                );
+                None
+            }
+        };
+        if let (Ok(address), Some(role)) = (address, role) {
+            out.push(Listener { address, role });
+        }
+    }
+    out
+}
+
+fn check_domains(file: &FileConfig, errors: &mut Errors) -> HashSet<String> {
+    let mut set = HashSet::new();
+    if file.local.domains.is_empty() {
+        errors.push("local.domains", "at least one local domain is needed");
+    }
+    for (i, d) in file.local.domains.iter().enumerate() {
+        if !valid_domain(d) {
+            errors.push(
+                format!("local.domains[{i}]"),
+                format!("{d:?} is not a valid domain"),
+            );
+        }
+        set.insert(d.to_ascii_lowercase());
+    }
+    set
+}
+
+type UserMaps = (HashMap<String, User>, HashMap<String, String>);
+
+fn check_users(
+    file: &FileConfig,
+    data_dir: &Path,
+    base: &Path,
+    first_domain: Option<String>,
+    local_domains: &HashSet<String>,
+    errors: &mut Errors,
+) -> UserMaps {
+    let mut users = HashMap::new();
+    let mut addresses = HashMap::new();
+    for (i, u) in file.user.iter().enumerate() {
+        let key = format!("user[{i}]");
+        let name_ok = !u.name.is_empty()
+            && u.name.len() <= 64
+            && u.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            && !u.name.starts_with('.');
+        if !name_ok {
+            // The name becomes a directory under data_dir: no separators, no dot-dot.
+            errors.push(
+                format!("{key}.name"),
+                format!(
+                    "{:?} must be 1-64 of [A-Za-z0-9._-], not starting with '.'",
+                    u.name
+                ),
+            );
+            continue;
+        }
+        if users.contains_key(&u.name) {
+            errors.push(
+                format!("{key}.name"),
+                format!("duplicate user {:?}", u.name),
+            );
+            continue;
+        }
+        for (j, a) in u.addresses.iter().enumerate() {
+            let lower = a.to_lowercase();
+            match split_address(&lower) {
+                Some((_, domain)) if local_domains.contains(domain) => {}
+                Some(_) => errors.push(
+                    format!("{key}.addresses[{j}]"),
+                    format!("{a:?} is not in a local domain"),
+                ),
+                None => {
+                    errors.push(
+                        format!("{key}.addresses[{j}]"),
+                        format!("{a:?} is not local@domain"),
+                    );
+                    continue;
+                }
+            }
+            if let Some(other) = addresses.insert(lower, u.name.clone()) {
+                errors.push(
+                    format!("{key}.addresses[{j}]"),
+                    format!("{a:?} already belongs to user {other:?}"),
+                );
+            }
+        }
+        let primary_address = u
+            .addresses
+            .first()
+            .map(|a| a.to_lowercase())
+            .unwrap_or_else(|| {
+                format!(
+                    "{}@{}",
+                    u.name.to_lowercase(),
+                    first_domain.clone().unwrap_or_default()
+                )
+            });
+        let maildir = u
+            .maildir
+            .as_deref()
+            .map(|m| absolute(base, m))
+            .unwrap_or_else(|| data_dir.join("mail").join(&u.name).join("Maildir"));
+        users.insert(
+            u.name.clone(),
+            User {
+                name: u.name.clone(),
+                primary_address,
+                maildir,
+            },
+        );
+    }
+    (users, addresses)
+}
+
+fn check_aliases(
+    file: &FileConfig,
+    users: &HashMap<String, User>,
+    local_domains: &HashSet<String>,
+    errors: &mut Errors,
+) -> HashMap<String, Vec<String>> {
+    let mut out = HashMap::new();
+    for (alias, targets) in &file.aliases {
+        let key = format!("aliases.{alias:?}");
+        let lower = alias.to_lowercase();
+        match split_address(&lower) {
+            Some((_, domain)) if local_domains.contains(domain) => {}
+            _ => {
+                errors.push(&key, "an alias must be an address in one of local.domains");
+                continue;
+            }
+        }
+        if targets.is_empty() {
+            errors.push(&key, "an alias needs at least one target");
+        }
+        for t in targets {
+            let ok = if t.contains('@') {
+                split_address(t).is_some()
+            } else {
+                users.contains_key(t.as_str())
+            };
+            if !ok {
+                errors.push(
+                    &key,
+                    format!("target {t:?} is neither a configured user nor local@domain"),
+                );
+            }
+        }
+        out.insert(
+            lower,
+            targets
+                .iter()
+                .map(|t| {
+                    if t.contains('@') {
+                        t.to_lowercase()
+                    } else {
+                        t.clone()
+                    }
+                })
+                .collect(),
+        );
+    }
+    out
+}
+
+fn check_separator(file: &FileConfig, errors: &mut Errors) -> Option<char> {
+    let sep = &file.local.subaddress_separator;
+    let mut chars = sep.chars();
+    match (chars.next(), chars.next()) {
+        (None, _) => None,
+        (Some(c), None) if c.is_ascii_punctuation() && c != '@' && c != '"' => Some(c),
+        _ => {
+            errors.push(
+                "local.subaddress_separator",
+                "must be one ASCII punctuation character (e.g. \"+\"), or \"\" to disable",
+            );
+            None
+        }
+    }
+}
+
+fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
+    if l.max_command_line < 512 {
+        // RFC 5321 §4.5.3.1.4: a command line may be 512 octets.
+        errors.push(
+            "limits.max_command_line",
+            "must be at least 512 (RFC 5321 §4.5.3.1.4)",
+        );
+    }
+    if l.max_text_line < 1000 {
+        errors.push(
+            "limits.max_text_line",
+            "must be at least 1000 (RFC 5321 §4.5.3.1.6)",
+        );
+    }
+    if l.max_recipients < 1 {
+        errors.push(
+            "limits.max_recipients",
+            "must be at least 1 (RFC 5321 §4.5.3.1.8 asks for 100)",
+        );
+    }
+    if l.max_errors < 1 {
+        errors.push("limits.max_errors", "must be at least 1");
+    }
+    if l.max_connections < 1 {
+        errors.push("limits.max_connections", "must be at least 1");
+    }
+    if l.max_connections_per_ip < 1 {
+        errors.push("limits.max_connections_per_ip", "must be at least 1");
+    }
+    let bare_lf = match l.bare_lf.as_str() {
+        "reject" => BareLfPolicy::Reject,
+        "normalize" => BareLfPolicy::Normalize,
+        _ => {
+            errors.push("limits.bare_lf", "must be \"reject\" or \"normalize\"");
+            BareLfPolicy::Reject
+        }
+    };
+    let command_timeout = duration(errors, "limits.command_timeout", &l.command_timeout);
+    let data_timeout = duration(errors, "limits.data_timeout", &l.data_timeout);
+    for (key, d) in [
+        ("limits.command_timeout", command_timeout),
+        ("limits.data_timeout", data_timeout),
+    ] {
+        if d < Duration::from_secs(1) && !errors.0.iter().any(|e| e.key == key) {
+            errors.push(key, "must be at least 1s");
+        }
+    }
+    let greeting_delay = duration(errors, "limits.greeting_delay", &l.greeting_delay);
+    if greeting_delay > Duration::from_secs(30) {
+        errors.push(
+            "limits.greeting_delay",
+            "must be at most 30s (clients give up after a while)",
+        );
+    }
+    let min_free_space = l.min_free_space.unwrap_or_else(|| {
+        l.max_message_size
+            .saturating_add(l.max_message_size / 2)
+            .max(16 * 1024 * 1024)
+    });
+    Limits {
+        max_command_line: l.max_command_line,
+        max_text_line: l.max_text_line,
+        max_message_size: l.max_message_size,
+        max_recipients: l.max_recipients,
+        max_errors: l.max_errors,
+        max_received_headers: l.max_received_headers,
+        command_timeout,
+        data_timeout,
+        greeting_delay,
+        max_connections: l.max_connections,
+        max_connections_per_ip: l.max_connections_per_ip,
+        min_free_space,
+        bare_lf,
+    }
+}
+
+fn check_delivery(file: &FileConfig, errors: &mut Errors) -> DeliverySettings {
+    let d = &file.delivery;
+    if d.batch_size < 1 {
+        errors.push("delivery.batch_size", "must be at least 1");
+    }
+    if d.local_concurrency < 1 {
+        errors.push("delivery.local_concurrency", "must be at least 1");
+    }
+    let retry_initial = duration(errors, "delivery.retry_initial", &d.retry_initial);
+    let retry_max = duration(errors, "delivery.retry_max", &d.retry_max);
+    if retry_max < retry_initial {
+        errors.push(
+            "delivery.retry_max",
+            "must not be less than delivery.retry_initial",
+        );
+    }
+    DeliverySettings {
+        batch_size: d.batch_size,
+        local_concurrency: d.local_concurrency,
+        retry_initial,
+        retry_max,
+    }
+}
+
+#[cfg(test)]
+mod tests;

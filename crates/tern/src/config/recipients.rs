@@ -1,0 +1,189 @@
+//! Recipient resolution: which mailboxes (and forwarding addresses) one
+//! envelope recipient stands for.
+//!
+//! Order of lookup for an address in a local domain, after lower-casing it:
+//! alias, then a user's address, then the same two without the subaddress
+//! (`user+tag@` → `user@`), then `postmaster` (RFC 5321 §4.5.1: must always be
+//! deliverable), then the domain's catch-all. Aliases expand recursively (at
+//! most [`MAX_ALIAS_DEPTH`] levels); an alias that names its own address while
+//! that address is also a user's delivers to that user (the usual
+//! "keep a copy" idiom), any other cycle is cut.
+//!
+//! Not here: relay permission (the session decides with the client's address)
+//! and the duplicate collapse across recipients of one message (the session
+//! merges destinations per message).
+
+use super::Runtime;
+use std::collections::HashSet;
+
+const MAX_ALIAS_DEPTH: usize = 10;
+
+/// Where one copy of the message goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Destination {
+    /// The address this copy is for: the user's address for local mailboxes
+    /// (becomes `Delivered-To:`), the forwarding address for remote ones.
+    pub address: String,
+    /// `Some(user)` for a local mailbox, `None` for a remote address.
+    pub mailbox: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// One of our domains: deliver to these destinations (never empty).
+    Local(Vec<Destination>),
+    /// Not one of our domains: only trusted clients may relay there.
+    Relay,
+    /// One of our domains, but nobody by that name.
+    Unknown,
+}
+
+impl Runtime {
+    /// Resolves `postmaster` with no domain (RFC 5321 §4.1.1.3).
+    pub fn resolve_postmaster(&self) -> Resolution {
+        match self.users.get(&self.postmaster) {
+            Some(user) => Resolution::Local(vec![Destination {
+                address: user.primary_address.clone(),
+                mailbox: Some(user.name.clone()),
+            }]),
+            None => Resolution::Unknown,
+        }
+    }
+
+    /// Resolves `local_part@domain` (domain without brackets for names;
+    /// address literals are never local).
+    pub fn resolve(&self, local_part: &str, domain: &str) -> Resolution {
+        let domain = domain.to_lowercase();
+        if !self.local_domains.contains(&domain) {
+            return Resolution::Relay;
+        }
+        let address = format!("{}@{}", local_part.to_lowercase(), domain);
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        if !self.expand(&address, 0, &mut seen, &mut out) {
+            return Resolution::Unknown;
+        }
+        let mut unique = HashSet::new();
+        out.retain(|d| {
+            unique.insert(
+                d.mailbox
+                    .clone()
+                    .map(Ok)
+                    .unwrap_or_else(|| Err(d.address.clone())),
+            )
+        });
+        if out.is_empty() {
+            Resolution::Unknown
+        } else {
+            Resolution::Local(out)
+        }
+    }
+
+    /// Adds the destinations of a local `address` to `out`; false if the
+    /// address is unknown.
+    fn expand(
+        &self,
+        address: &str,
+        depth: usize,
+        seen: &mut HashSet<String>,
+        out: &mut Vec<Destination>,
+    ) -> bool {
+        if depth > MAX_ALIAS_DEPTH || !seen.insert(address.to_string()) {
+            return self.push_user_address(address, out);
+        }
+        let Some((local, domain)) = address.rsplit_once('@') else {
+            return false;
+        };
+        if let Some(found) = self.lookup(address, depth, seen, out) {
+            return found;
+        }
+        if let Some(sep) = self.subaddress_separator
+            && let Some((base, _tag)) = local.split_once(sep)
+            && !base.is_empty()
+        {
+            let base_address = format!("{base}@{domain}");
+            if let Some(found) = self.lookup(&base_address, depth, seen, out) {
+                return found;
+            }
+        }
+        if local == "postmaster" {
+            return self.push_user(&self.postmaster, out);
+        }
+        if let Some(user) = self.catch_all.get(domain) {
+            return self.push_user(user, out);
+        }
+        false
+    }
+
+    /// Alias or user address lookup; `None` when neither exists.
+    fn lookup(
+        &self,
+        address: &str,
+        depth: usize,
+        seen: &mut HashSet<String>,
+        out: &mut Vec<Destination>,
+    ) -> Option<bool> {
+        if let Some(targets) = self.aliases.get(address) {
+            let mut any = false;
+            for target in targets {
+                any |= self.expand_target(target, depth, seen, out);
+            }
+            return Some(any);
+        }
+        if self.addresses.contains_key(address) {
+            return Some(self.push_user_address(address, out));
+        }
+        None
+    }
+
+    fn expand_target(
+        &self,
+        target: &str,
+        depth: usize,
+        seen: &mut HashSet<String>,
+        out: &mut Vec<Destination>,
+    ) -> bool {
+        if !target.contains('@') {
+            return self.push_user(target, out);
+        }
+        match target.rsplit_once('@') {
+            Some((_, domain)) if self.local_domains.contains(domain) => {
+                self.expand(target, depth + 1, seen, out)
+            }
+            Some(_) => {
+                out.push(Destination {
+                    address: target.to_string(),
+                    mailbox: None,
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn push_user(&self, name: &str, out: &mut Vec<Destination>) -> bool {
+        match self.users.get(name) {
+            Some(user) => {
+                out.push(Destination {
+                    address: user.primary_address.clone(),
+                    mailbox: Some(user.name.clone()),
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn push_user_address(&self, address: &str, out: &mut Vec<Destination>) -> bool {
+        match self.addresses.get(address) {
+            Some(name) => {
+                out.push(Destination {
+                    address: address.to_string(),
+                    mailbox: Some(name.clone()),
+                });
+                true
+            }
+            None => false,
+        }
+    }
+}

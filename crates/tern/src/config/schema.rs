@@ -1,0 +1,175 @@
+//! The TOML file as written by the administrator (serde, unknown keys are
+//! errors so a typo never silently falls back to a default). Defaults live
+//! here; meaning and validation live in `config/mod.rs`. `tern.example.toml`
+//! at the repository root documents every key and must stay in step.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub hostname: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub listener: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub local: LocalConfig,
+    #[serde(default)]
+    pub user: Vec<UserConfig>,
+    #[serde(default)]
+    pub aliases: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub relay: RelayConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub spool: SpoolConfigFile,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: String,
+    #[serde(default = "default_role")]
+    pub role: String,
+}
+
+fn default_role() -> String {
+    "mx".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    pub domains: Vec<String>,
+    pub subaddress_separator: String,
+    pub postmaster: Option<String>,
+    pub catch_all: BTreeMap<String, String>,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            domains: Vec::new(),
+            subaddress_separator: "+".into(),
+            postmaster: None,
+            catch_all: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    pub maildir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    pub trusted_networks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_command_line: usize,
+    pub max_text_line: usize,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_errors: usize,
+    pub max_received_headers: usize,
+    pub command_timeout: String,
+    pub data_timeout: String,
+    pub greeting_delay: String,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub min_free_space: Option<u64>,
+    pub bare_lf: String,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_command_line: 4096,
+            max_text_line: 1000,
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            max_errors: 20,
+            max_received_headers: 50,
+            // RFC 5321 §4.5.3.2.7: the server timeout should be at least 5 minutes.
+            command_timeout: "5m".into(),
+            // §4.5.3.2.5/6: 3 min per data block, 10 min for the terminating dot.
+            data_timeout: "10m".into(),
+            greeting_delay: "300ms".into(),
+            max_connections: 1000,
+            max_connections_per_ip: 50,
+            min_free_space: None,
+            bare_lf: "reject".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfigFile {
+    pub dir: Option<PathBuf>,
+    pub segment_size: u64,
+    pub draft_memory_limit: usize,
+}
+
+impl Default for SpoolConfigFile {
+    fn default() -> Self {
+        SpoolConfigFile {
+            dir: None,
+            segment_size: 64 * 1024 * 1024,
+            draft_memory_limit: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub batch_size: usize,
+    pub local_concurrency: usize,
+    pub retry_initial: String,
+    pub retry_max: String,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        // Postfix's minimal_backoff_time / maximal_backoff_time.
+        DeliveryConfig {
+            batch_size: 256,
+            local_concurrency: 32,
+            retry_initial: "5m".into(),
+            retry_max: "67m".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}

@@ -1,0 +1,202 @@
+use super::*;
+
+const BASE: &str = r#"
+hostname = "mx.example.test"
+data_dir = "/var/lib/tern"
+[[listener]]
+address = "127.0.0.1:0"
+[local]
+domains = ["example.test", "Other.Test"]
+postmaster = "alice"
+catch_all = { "other.test" = "bob" }
+[[user]]
+name = "alice"
+addresses = ["alice@example.test", "Alice.Smith@example.test"]
+[[user]]
+name = "bob"
+addresses = ["bob@example.test"]
+[aliases]
+"team@example.test" = ["alice", "bob@example.test", "carol@remote.test", "alice@example.test"]
+"loop1@example.test" = ["loop2@example.test"]
+"loop2@example.test" = ["loop1@example.test"]
+"keep@example.test" = ["bob@example.test"]
+"bob@example.test" = ["bob@example.test", "bob@elsewhere.test"]
+"#;
+
+fn rt() -> Runtime {
+    parse(BASE, Path::new("/etc/tern")).expect("valid config")
+}
+
+fn local(address: &str, mailbox: &str) -> Destination {
+    Destination {
+        address: address.into(),
+        mailbox: Some(mailbox.into()),
+    }
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let rt = embedded_default().expect("embedded default validates");
+    assert_eq!(rt.listeners.len(), 1);
+    assert!(rt.listeners[0].address.ip().is_loopback());
+    assert!(
+        rt.trusted_networks.is_empty(),
+        "loopback must not be trusted by default"
+    );
+    assert_eq!(
+        rt.resolve("me", "localhost"),
+        Resolution::Local(vec![local("me@localhost", "me")])
+    );
+}
+
+#[test]
+fn users_aliases_subaddress_postmaster_catch_all() {
+    let rt = rt();
+    assert_eq!(
+        rt.resolve("ALICE", "Example.Test"),
+        Resolution::Local(vec![local("alice@example.test", "alice")])
+    );
+    assert_eq!(
+        rt.resolve("alice+news", "example.test"),
+        Resolution::Local(vec![local("alice@example.test", "alice")])
+    );
+    assert_eq!(rt.resolve("nobody", "example.test"), Resolution::Unknown);
+    assert_eq!(rt.resolve("x", "remote.test"), Resolution::Relay);
+    assert_eq!(
+        rt.resolve("PostMaster", "example.test"),
+        Resolution::Local(vec![local("alice@example.test", "alice")])
+    );
+    assert_eq!(
+        rt.resolve_postmaster(),
+        Resolution::Local(vec![local("alice@example.test", "alice")])
+    );
+    assert_eq!(
+        rt.resolve("anything", "other.test"),
+        Resolution::Local(vec![local("bob@example.test", "bob")])
+    );
+    // one alias, many targets; alice named twice collapses to one copy.
+    assert_eq!(
+        rt.resolve("team", "example.test"),
+        Resolution::Local(vec![
+            local("alice@example.test", "alice"),
+            local("bob@example.test", "bob"),
+            Destination {
+                address: "bob@elsewhere.test".into(),
+                mailbox: None
+            },
+            Destination {
+                address: "carol@remote.test".into(),
+                mailbox: None
+            },
+        ])
+    );
+    assert_eq!(rt.resolve("loop1", "example.test"), Resolution::Unknown);
+}
+
+#[test]
+fn every_error_names_its_key() {
+    let bad = r#"
+hostname = "bad host"
+[[listener]]
+address = "nowhere"
+role = "submission"
+[local]
+domains = []
+subaddress_separator = "ab"
+[relay]
+trusted_networks = ["10.0.0.0/33"]
+[limits]
+max_command_line = 100
+command_timeout = "soon"
+bare_lf = "maybe"
+"#;
+    let errors = parse(bad, Path::new("/")).expect_err("invalid");
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    for key in [
+        "hostname",
+        "listener[0].address",
+        "listener[0].role",
+        "local.domains",
+        "local.subaddress_separator",
+        "relay.trusted_networks[0]",
+        "limits.max_command_line",
+        "limits.command_timeout",
+        "limits.bare_lf",
+        "user",
+    ] {
+        assert!(keys.contains(&key), "missing error for {key}: {errors:?}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_errors() {
+    let errors =
+        parse("[limits]\nmax_recipient = 5\n", Path::new("/")).expect_err("typo must fail");
+    assert!(errors[0].message.contains("max_recipient"), "{errors:?}");
+}
+
+#[test]
+fn trusted_networks_match_mapped_addresses() {
+    let text = BASE.replace(
+        "[aliases]",
+        "[relay]\ntrusted_networks = [\"192.0.2.0/24\", \"::1\"]\n[aliases]",
+    );
+    let rt = parse(&text, Path::new("/")).expect("valid");
+    assert!(rt.is_trusted("192.0.2.7".parse().unwrap()));
+    assert!(rt.is_trusted("::ffff:192.0.2.7".parse().unwrap()));
+    assert!(rt.is_trusted("::1".parse().unwrap()));
+    assert!(!rt.is_trusted("127.0.0.1".parse().unwrap()));
+}
+
+#[test]
+fn example_config_is_valid_and_complete() {
+    let text = include_str!("../../../../tern.example.toml");
+    let rt = parse(text, Path::new("/etc/tern")).expect("tern.example.toml validates");
+    assert_eq!(rt.data_dir, Path::new("/etc/tern/tern-data"));
+    assert_eq!(
+        rt.resolve("robert", "example.test"),
+        Resolution::Local(vec![local("robert@example.test", "bob")])
+    );
+    // Every key of the schema appears in the example, commented or not.
+    for key in [
+        "hostname",
+        "data_dir",
+        "address",
+        "role",
+        "domains",
+        "subaddress_separator",
+        "postmaster",
+        "catch_all",
+        "name",
+        "addresses",
+        "maildir",
+        "trusted_networks",
+        "max_command_line",
+        "max_text_line",
+        "max_message_size",
+        "max_recipients",
+        "max_errors",
+        "max_received_headers",
+        "command_timeout",
+        "data_timeout",
+        "greeting_delay",
+        "max_connections",
+        "max_connections_per_ip",
+        "min_free_space",
+        "bare_lf",
+        "dir",
+        "segment_size",
+        "draft_memory_limit",
+        "batch_size",
+        "local_concurrency",
+        "retry_initial",
+        "retry_max",
+        "level",
+        "format",
+    ] {
+        assert!(
+            text.contains(&format!("{key} =")),
+            "tern.example.toml does not document {key}"
+        );
+    }
+}

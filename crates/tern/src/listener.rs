@@ -1,0 +1,136 @@
+//! Accept loops: one per configured listener, with the total and per-client
+//! connection limits applied before a session exists.
+//!
+//! A connection over a limit gets `421 4.7.0` and is closed (RFC 5321 §3.8
+//! allows 421 at connection time); it never takes a session slot. Accept
+//! errors (e.g. out of file descriptors) back off briefly instead of spinning.
+//!
+//! Not here: anything SMTP beyond that one refusal line.
+
+use crate::session::{self, Context};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// Connection counts, total and per client address.
+pub struct ConnectionLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// Holds one slot; releases it when the session ends.
+pub struct Slot {
+    limits: Arc<ConnectionLimits>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.limits.counts.lock() {
+            counts.0 = counts.0.saturating_sub(1);
+            if let Some(n) = counts.1.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.1.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+impl ConnectionLimits {
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnectionLimits> {
+        Arc::new(ConnectionLimits {
+            max_total,
+            max_per_ip,
+            counts: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// A slot, or the reason there is none.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
+        let mut counts = self.counts.lock().map_err(|_| "limits unavailable")?;
+        if counts.0 >= self.max_total {
+            return Err("too many connections");
+        }
+        let per_ip = counts.1.get(&ip).copied().unwrap_or(0);
+        if per_ip >= self.max_per_ip {
+            return Err("too many connections from your address");
+        }
+        counts.0 += 1;
+        counts.1.insert(ip, per_ip + 1);
+        Ok(Slot {
+            limits: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// Accepts on `listener` until shutdown, spawning sessions on `tracker`.
+pub async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    limits: Arc<ConnectionLimits>,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                warn!(event = "listener.accept_error", error = %e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match limits.acquire(peer.ip()) {
+            Ok(slot) => {
+                let ctx = ctx.clone();
+                tracker.spawn(async move {
+                    session::run(stream, peer, ctx).await;
+                    drop(slot);
+                });
+            }
+            Err(reason) => {
+                info!(event = "session.refused", client = %peer, reason);
+                let hostname = ctx.runtime.hostname.clone();
+                tracker.spawn(refuse(stream, peer, hostname, reason));
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: TcpStream, _peer: SocketAddr, hostname: String, reason: &'static str) {
+    let line = format!("421 4.7.0 {hostname} Error: {reason}, try again later\r\n");
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.write_all(line.as_bytes())).await;
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_count_total_and_per_ip_and_release_on_drop() {
+        let limits = ConnectionLimits::new(3, 2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let s1 = limits.acquire(a).unwrap();
+        let _s2 = limits.acquire(a).unwrap();
+        assert!(limits.acquire(a).is_err(), "third from one address");
+        let _s3 = limits.acquire(b).unwrap();
+        assert!(limits.acquire(b).is_err(), "total reached");
+        drop(s1);
+        assert!(limits.acquire(a).is_ok());
+    }
+}

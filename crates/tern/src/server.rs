@@ -1,0 +1,161 @@
+//! `tern serve`: opens the spool, binds the listeners, starts the queue
+//! manager and the accept loops, and shuts all of it down in order on
+//! SIGTERM/SIGINT.
+//!
+//! Start-up order matters: the spool is recovered before any listener
+//! accepts, so no session can commit into a half-scanned queue. Shutdown is
+//! the reverse: stop accepting, let sessions finish or answer `421 4.3.2`,
+//! stop the queue after its batch in hand, then close the spool (its
+//! committer drains what is waiting).
+//!
+//! Errors: anything that prevents serving (bad data dir, port in use, a
+//! spool that cannot be opened) is returned with a message naming the path or
+//! address; the caller prints it and exits non-zero.
+
+use crate::config::Runtime;
+use crate::listener::{ConnectionLimits, accept_loop};
+use crate::queue;
+use crate::session::Context;
+use crate::spool::{Spool, SpoolConfig};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// How long open sessions get to finish after SIGTERM before we stop waiting.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), String> {
+    let runtime = Arc::new(runtime);
+    std::fs::create_dir_all(&runtime.data_dir)
+        .map_err(|e| format!("cannot create data_dir {}: {e}", runtime.data_dir.display()))?;
+    let spool_config = SpoolConfig {
+        dir: runtime.spool.dir.clone(),
+        segment_size: runtime.spool.segment_size,
+        draft_memory_limit: runtime.spool.draft_memory_limit,
+    };
+    let (spool, report) = Spool::open(spool_config)
+        .map_err(|e| format!("cannot open spool {}: {e}", runtime.spool.dir.display()))?;
+    info!(
+        event = "spool.recovered",
+        messages = report.messages,
+        segments = report.segments,
+        torn_tails_cut = report.torn_tails_cut,
+        corrupt_segments = report.corrupt_segments.len(),
+        dir = %runtime.spool.dir.display()
+    );
+    for path in &report.corrupt_segments {
+        warn!(event = "spool.quarantined", path = %path.display(), "corrupt segment moved aside; its valid messages were recovered");
+    }
+
+    let mut bound = Vec::new();
+    for l in &runtime.listeners {
+        let listener = TcpListener::bind(l.address).await.map_err(|e| {
+            format!(
+                "cannot listen on {} (listener role {}): {e}",
+                l.address, l.role
+            )
+        })?;
+        bound.push((listener, l.role));
+    }
+
+    let shutdown = CancellationToken::new();
+    let (queue_handle, queue_task) = queue::start(runtime.clone(), spool.clone(), shutdown.clone());
+    let ctx = Arc::new(Context {
+        runtime: runtime.clone(),
+        spool: spool.clone(),
+        queue: queue_handle,
+        shutdown: shutdown.clone(),
+    });
+    let limits = ConnectionLimits::new(
+        runtime.limits.max_connections,
+        runtime.limits.max_connections_per_ip,
+    );
+    let tracker = TaskTracker::new();
+    let mut loops = Vec::new();
+    for (listener, role) in bound {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("cannot read the bound address: {e}"))?;
+        println!("listening on {addr} role={role}");
+        info!(event = "listener.start", address = %addr, role = %role);
+        loops.push(tokio::spawn(accept_loop(
+            listener,
+            ctx.clone(),
+            limits.clone(),
+            tracker.clone(),
+        )));
+    }
+    if embedded_default {
+        print_test_hint(&runtime);
+    }
+    println!("ready");
+
+    wait_for_signal().await;
+    info!(
+        event = "server.shutdown",
+        "stopping: no new connections, open sessions get 421"
+    );
+    shutdown.cancel();
+    for l in loops {
+        let _ = l.await;
+    }
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            event = "server.shutdown",
+            "sessions still open after the grace period; their messages were not acknowledged"
+        );
+    }
+    let _ = queue_task.await;
+    spool.close().await;
+    info!(event = "server.stopped");
+    Ok(())
+}
+
+fn print_test_hint(runtime: &Runtime) {
+    let Some(listener) = runtime.listeners.first() else {
+        return;
+    };
+    let addr = listener.address;
+    let Some(user) = runtime.users.get(&runtime.postmaster) else {
+        return;
+    };
+    println!(
+        "embedded default: no config file; data in {}",
+        runtime.data_dir.display()
+    );
+    println!("send a test message:");
+    println!(
+        "  swaks --server {} --port {} --from you@example.com --to {}",
+        addr.ip(),
+        addr.port(),
+        user.primary_address
+    );
+    println!(
+        "  or: curl smtp://{addr} --mail-from you@example.com --mail-rcpt {} --upload-file message.eml",
+        user.primary_address
+    );
+    println!("it lands in {}/new/", user.maildir.display());
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers we can only run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

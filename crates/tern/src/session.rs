@@ -1,0 +1,477 @@
+//! The I/O driver for one SMTP connection: feeds socket bytes into the
+//! sans-IO [`tern_proto::Session`], answers its queries with policy (recipient
+//! lookup, relay permission, free space) and the spool, and writes its replies.
+//!
+//! Invariants:
+//! - `250` at end of data is written only after `Spool::commit` returned,
+//!   i.e. after the fdatasync that covers the message (RFC 5321 §4.1.1.4:
+//!   the receiver takes responsibility with the 250).
+//! - Replies are written in order; the protocol engine answers pipelined
+//!   commands one at a time, so policy sees them in order too.
+//! - Nothing is read from the socket while a query is being decided (OpenSMTPD
+//!   pauses input during filter phases): input cannot race past a decision.
+//! - An idle session holds no read buffer: bytes are read into a stack buffer
+//!   only once the socket is readable (memory per idle session is measured).
+//!
+//! Not here: connection limits (listener), delivery (queue), protocol rules
+//! (tern-proto).
+//!
+//! Errors: socket errors end the session silently (logged); spool errors turn
+//! into `452 4.3.1` for the message concerned and the session goes on.
+
+use crate::config::{Resolution, Runtime};
+use crate::queue::QueueHandle;
+use crate::spool::{Draft, Envelope, RcptStatus, Recipient, Route, Spool};
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tern_proto::{
+    BodyType, Decision, EnhancedCode, Event, ForwardPath, MailParams, Mailbox, Phase, Query,
+    RcptParams, Reply, Ret, ReversePath, Session,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// What every session shares.
+pub struct Context {
+    pub runtime: Arc<Runtime>,
+    pub spool: Spool,
+    pub queue: QueueHandle,
+    /// Cancelled on SIGTERM: idle sessions answer `421 4.3.2` and close.
+    pub shutdown: CancellationToken,
+}
+
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// The transaction as the driver sees it: the resolved recipients and the
+/// draft the body streams into.
+struct Transaction {
+    sender: String,
+    params: MailParams,
+    recipients: Vec<Recipient>,
+    /// Local mailboxes and remote addresses already in `recipients`: one copy
+    /// each, however many RCPTs (or aliases) lead there.
+    destinations: HashSet<(bool, String)>,
+    draft: Option<Draft>,
+    draft_error: Option<io::Error>,
+}
+
+struct Driver {
+    ctx: Arc<Context>,
+    session: Session,
+    peer: SocketAddr,
+    session_id: u64,
+    out: Vec<u8>,
+    tx: Option<Transaction>,
+}
+
+/// Runs one connection to its end.
+pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+    let session_id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+    info!(event = "session.connect", session_id, client = %peer);
+    let session = Session::new(ctx.runtime.server_config());
+    let mut driver = Driver {
+        ctx,
+        session,
+        peer,
+        session_id,
+        out: Vec::new(),
+        tx: None,
+    };
+    match driver.drive(&mut stream).await {
+        Ok(()) => debug!(event = "session.close", session_id),
+        Err(e) => debug!(event = "session.close", session_id, error = %e),
+    }
+    let _ = stream.shutdown().await;
+}
+
+impl Driver {
+    async fn drive(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+        self.greeting_delay(stream).await?;
+        loop {
+            while let Some(event) = self.session.next_event() {
+                match event {
+                    Event::Reply(reply) => self.out.extend_from_slice(&reply.to_bytes()),
+                    Event::Query(query) => {
+                        let decision = self.decide(query).await;
+                        self.session.decide(decision);
+                    }
+                    Event::Body(chunk) => self.body(&chunk).await,
+                    Event::MessageAborted => self.abort_message(),
+                    Event::Close => {
+                        self.flush(stream).await?;
+                        return Ok(());
+                    }
+                }
+            }
+            if self.session.is_closed() {
+                return self.flush(stream).await;
+            }
+            self.flush(stream).await?;
+            self.wait_for_input(stream).await?;
+        }
+    }
+
+    /// Waits before the greeting, reading whatever arrives: the protocol
+    /// engine rejects a client that talks first (RFC 5321 §4.3.1: the client
+    /// must wait for the 220), which is how most spam bots give themselves away.
+    async fn greeting_delay(&mut self, stream: &TcpStream) -> io::Result<()> {
+        let delay = self.ctx.runtime.limits.greeting_delay;
+        if delay.is_zero() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = sleep_until(deadline) => return Ok(()),
+                ready = stream.readable() => {
+                    ready?;
+                    match read_available(stream, &mut self.session) {
+                        Ok(0) => { self.session.eof(); return Ok(()); }
+                        Ok(_) => return Ok(()),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn wait_for_input(&mut self, stream: &TcpStream) -> io::Result<()> {
+        let limit = match self.session.phase() {
+            Phase::Command => self.ctx.runtime.limits.command_timeout,
+            Phase::Data => self.ctx.runtime.limits.data_timeout,
+        };
+        tokio::select! {
+            _ = self.ctx.shutdown.cancelled() => {
+                self.abort_message();
+                self.session.shutdown();
+            }
+            ready = timeout(limit, stream.readable()) => match ready {
+                Err(_) => {
+                    info!(event = "session.timeout", session_id = self.session_id);
+                    self.abort_message();
+                    self.session.timeout();
+                }
+                Ok(ready) => {
+                    ready?;
+                    match read_available(stream, &mut self.session) {
+                        Ok(0) => self.session.eof(),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let limit = self.ctx.runtime.limits.command_timeout;
+        let written = timeout(limit, stream.write_all(&self.out)).await;
+        self.out.clear();
+        if self.out.capacity() > 4096 {
+            self.out.shrink_to(1024);
+        }
+        match written {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timeout")),
+        }
+    }
+
+    async fn decide(&mut self, query: Query) -> Decision {
+        match query {
+            Query::Connect | Query::Helo { .. } => Decision::Accept,
+            Query::Mail { from, params } => self.mail(from, params),
+            Query::Rcpt { to, params } => self.rcpt(to, params),
+            Query::Data => self.data().await,
+            Query::EndOfData => self.end_of_data().await,
+        }
+    }
+
+    fn mail(&mut self, from: ReversePath, params: MailParams) -> Decision {
+        let limits = &self.ctx.runtime.limits;
+        let needed = limits
+            .min_free_space
+            .saturating_add(params.size.unwrap_or(0));
+        match self.ctx.spool.free_space() {
+            Ok(free) if free >= needed => {}
+            Ok(free) => {
+                warn!(
+                    event = "mail.reject",
+                    session_id = self.session_id,
+                    free,
+                    needed,
+                    "spool disk below reserve"
+                );
+                return Decision::Reject(reply(
+                    452,
+                    (4, 3, 1),
+                    "Error: insufficient system storage, try again later",
+                ));
+            }
+            Err(e) => {
+                warn!(event = "mail.reject", session_id = self.session_id, error = %e, "cannot read spool free space");
+                return Decision::Reject(reply(
+                    451,
+                    (4, 3, 0),
+                    "Error: local error in processing, try again later",
+                ));
+            }
+        }
+        let sender = match &from {
+            ReversePath::Null => String::new(),
+            ReversePath::Mailbox(m) => m.to_string(),
+        };
+        self.tx = Some(Transaction {
+            sender,
+            params,
+            recipients: Vec::new(),
+            destinations: HashSet::new(),
+            draft: None,
+            draft_error: None,
+        });
+        Decision::Accept
+    }
+
+    fn rcpt(&mut self, to: ForwardPath, params: RcptParams) -> Decision {
+        let runtime = &self.ctx.runtime;
+        let (given, resolution) = match &to {
+            ForwardPath::Postmaster => ("Postmaster".to_string(), runtime.resolve_postmaster()),
+            ForwardPath::Mailbox(m) => (m.to_string(), resolve_mailbox(runtime, m)),
+        };
+        let Some(tx) = self.tx.as_mut() else {
+            return Decision::Reject(reply(503, (5, 5, 1), "Error: need MAIL command"));
+        };
+        let destinations = match resolution {
+            Resolution::Unknown => {
+                info!(event = "rcpt.reject", session_id = self.session_id, rcpt = %given, reason = "unknown user");
+                return Decision::Reject(reply(
+                    550,
+                    (5, 1, 1),
+                    &format!("<{given}>: Recipient address rejected: User unknown"),
+                ));
+            }
+            Resolution::Relay if !runtime.is_trusted(self.peer.ip()) => {
+                info!(event = "rcpt.reject", session_id = self.session_id, rcpt = %given, reason = "relay denied");
+                return Decision::Reject(reply(
+                    550,
+                    (5, 7, 1),
+                    &format!("<{given}>: Relay access denied"),
+                ));
+            }
+            Resolution::Relay => vec![(given.clone(), Route::Remote)],
+            Resolution::Local(list) => list
+                .into_iter()
+                .map(|d| match d.mailbox {
+                    Some(mailbox) => (d.address, Route::Local { mailbox }),
+                    None => (d.address, Route::Remote),
+                })
+                .collect(),
+        };
+        let orcpt = params
+            .orcpt
+            .as_ref()
+            .map(|o| format!("{};{}", o.addr_type, o.address));
+        let notify = params.notify.as_ref().map(notify_string);
+        for (address, route) in destinations {
+            let key = match &route {
+                Route::Local { mailbox } => (true, mailbox.clone()),
+                Route::Remote => (false, address.to_lowercase()),
+            };
+            if tx.destinations.insert(key) {
+                tx.recipients.push(Recipient {
+                    address,
+                    original: given.clone(),
+                    orcpt: orcpt.clone(),
+                    notify: notify.clone(),
+                    route,
+                    status: RcptStatus::Pending,
+                });
+            }
+        }
+        Decision::Accept
+    }
+
+    async fn data(&mut self) -> Decision {
+        let helo = self.session.helo_domain().unwrap_or("unknown").to_string();
+        let esmtp = self.session.used_esmtp();
+        let Some(tx) = self.tx.as_mut() else {
+            return Decision::Reject(reply(503, (5, 5, 1), "Error: need MAIL command"));
+        };
+        let protocol = match (esmtp, tx.params.smtputf8) {
+            (true, true) => "UTF8SMTP",
+            (true, false) => "ESMTP",
+            (false, _) => "SMTP",
+        };
+        let single = match tx.recipients.as_slice() {
+            [only] if only.original.is_ascii() || tx.params.smtputf8 => {
+                Some(only.original.as_str())
+            }
+            _ => None,
+        };
+        let header = received_header(
+            &helo,
+            self.peer,
+            &self.ctx.runtime.hostname,
+            protocol,
+            single,
+        );
+        let mut draft = self.ctx.spool.draft();
+        tx.draft_error = draft.write(&header).await.err();
+        tx.draft = Some(draft);
+        Decision::Accept
+    }
+}
+
+impl Driver {
+    async fn body(&mut self, chunk: &[u8]) {
+        let Some(tx) = self.tx.as_mut() else { return };
+        if tx.draft_error.is_some() {
+            return;
+        }
+        if let Some(draft) = tx.draft.as_mut()
+            && let Err(e) = draft.write(chunk).await
+        {
+            warn!(event = "draft.error", session_id = self.session_id, error = %e);
+            tx.draft_error = Some(e);
+        }
+    }
+
+    fn abort_message(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            drop(tx.draft);
+        }
+    }
+
+    async fn end_of_data(&mut self) -> Decision {
+        let Some(tx) = self.tx.take() else {
+            return Decision::Reject(reply(503, (5, 5, 1), "Error: need MAIL command"));
+        };
+        let temp_fail = || {
+            Decision::Reject(reply(
+                452,
+                (4, 3, 1),
+                "Error: insufficient system storage, try again later",
+            ))
+        };
+        let (Some(draft), None) = (tx.draft, tx.draft_error) else {
+            return temp_fail();
+        };
+        let params = tx.params;
+        let envelope = Envelope {
+            sender: tx.sender,
+            recipients: tx.recipients,
+            received_at: chrono::Utc::now().timestamp(),
+            size: 0,
+            smtputf8: params.smtputf8,
+            body_type: params.body.map(|b| match b {
+                BodyType::SevenBit => "7BIT".to_string(),
+                BodyType::EightBitMime => "8BITMIME".to_string(),
+                BodyType::BinaryMime => "BINARYMIME".to_string(),
+            }),
+            ret: params.ret.map(|r| match r {
+                Ret::Full => "FULL".to_string(),
+                Ret::Hdrs => "HDRS".to_string(),
+            }),
+            envid: params.envid,
+            client_ip: self.peer.ip().to_string(),
+            helo: self.session.helo_domain().unwrap_or("").to_string(),
+        };
+        let rcpts = envelope.recipients.len();
+        let sender = envelope.sender.clone();
+        match self.ctx.spool.commit(envelope, draft).await {
+            Ok(id) => {
+                info!(event = "queue.commit", session_id = self.session_id, queue_id = %id, from = %sender, rcpts);
+                self.ctx.queue.notify(id);
+                Decision::Queued {
+                    queue_id: id.to_string(),
+                }
+            }
+            Err(e) => {
+                warn!(event = "queue.commit_failed", session_id = self.session_id, error = %e);
+                temp_fail()
+            }
+        }
+    }
+}
+
+/// Reads what the socket has into a stack buffer: no per-session buffer
+/// survives between reads.
+fn read_available(stream: &TcpStream, session: &mut Session) -> io::Result<usize> {
+    let mut buf = [0u8; 16 * 1024];
+    let n = stream.try_read(&mut buf)?;
+    if n > 0 {
+        session.receive(&buf[..n]);
+    }
+    Ok(n)
+}
+
+fn resolve_mailbox(runtime: &Runtime, mailbox: &Mailbox) -> Resolution {
+    match &mailbox.domain {
+        tern_proto::Domain::Name(domain) => runtime.resolve(&mailbox.local_part, domain),
+        // Address literals are never one of our domains (RFC 5321 §4.1.3 lets
+        // us refuse them); relaying to them needs trust like any other relay.
+        tern_proto::Domain::AddressLiteral(_) => Resolution::Relay,
+    }
+}
+
+fn notify_string(n: &tern_proto::Notify) -> String {
+    if n.never {
+        return "NEVER".into();
+    }
+    let mut parts = Vec::new();
+    if n.success {
+        parts.push("SUCCESS");
+    }
+    if n.failure {
+        parts.push("FAILURE");
+    }
+    if n.delay {
+        parts.push("DELAY");
+    }
+    parts.join(",")
+}
+
+pub(crate) fn reply(code: u16, enhanced: (u8, u16, u16), text: &str) -> Reply {
+    Reply::new(
+        code,
+        Some(EnhancedCode(enhanced.0, enhanced.1, enhanced.2)),
+        text,
+    )
+}
+
+/// The trace header of RFC 5321 §4.4, with the RFC 3848 / RFC 6531 §4.3
+/// protocol keyword. TCP-info is the address literal of the peer; the HELO
+/// name was validated by the protocol engine (a domain or address literal).
+pub fn received_header(
+    helo: &str,
+    peer: SocketAddr,
+    hostname: &str,
+    protocol: &str,
+    rcpt: Option<&str>,
+) -> Vec<u8> {
+    let ip = match peer.ip() {
+        std::net::IpAddr::V4(v4) => format!("[{v4}]"),
+        std::net::IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
+    };
+    let helo: String = helo
+        .chars()
+        .filter(|c| !c.is_control() && !"()\\".contains(*c))
+        .collect();
+    let mut h = format!("Received: from {helo} ({ip})\r\n\tby {hostname} (Tern) with {protocol}");
+    if let Some(rcpt) = rcpt {
+        h.push_str(&format!("\r\n\tfor <{rcpt}>"));
+    }
+    h.push_str(&format!(";\r\n\t{}\r\n", chrono::Local::now().to_rfc2822()));
+    h.into_bytes()
+}
