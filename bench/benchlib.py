@@ -227,7 +227,9 @@ def fmt(v):
 def ratio(a, b):
     if a is None or b is None or b == 0:
         return "n/a"
-    return f"{a / b:.2f}x"
+    r = a / b
+    # Small ratios (memory per session) need more digits than "0.00x" to say anything.
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.4f}x"
 
 
 def cmd_table(args):
@@ -256,6 +258,9 @@ def cmd_table(args):
         if i == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     print()
+    n, kib = vals.get("postfix.idle.after.smtpd_procs"), vals.get("postfix.idle.after.smtpd_pss_kib")
+    if n and kib:
+        print(f"Postfix: {n:,.0f} smtpd processes, {kib / n:,.0f} KiB PSS each on average.")
     print("Ratios > 1 favour Tern for rates; for fsyncs and PSS lower is better (ratio < 1 favours Tern).")
 
 

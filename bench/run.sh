@@ -16,7 +16,8 @@
 # Errors: a failing measurement is logged and shown as n/a; a missing prerequisite aborts.
 #
 # Knobs (environment): BENCH_TARGET_SECS (length of each throughput batch, default 8),
-# BENCH_IDLE_SESSIONS (5000), BENCH_PF_IDLE_SESSIONS (Postfix idle sessions, default = the former),
+# BENCH_IDLE_SESSIONS (5000), BENCH_PF_IDLE_SESSIONS (Postfix idle sessions, default 1000: one
+# smtpd process each; 5,000 took ~3 min to fork on this 2-core machine and gave the same per-session PSS),
 # BENCH_FSYNC_MSGS (messages in the strace batch, 400), BENCH_SERVERS ("sink postfix tern"),
 # TERN_BIN (skip the cargo build and use this binary), BENCH_OUT (results dir), BENCH_KEEP=1 (keep
 # the temp dir with spools, logs and Maildirs).
@@ -27,7 +28,7 @@ REPO="$(cd "$HERE/.." && pwd)"
 LIB="$HERE/benchlib.py"
 : "${BENCH_TARGET_SECS:=8}"
 : "${BENCH_IDLE_SESSIONS:=5000}"
-: "${BENCH_PF_IDLE_SESSIONS:=$BENCH_IDLE_SESSIONS}"
+: "${BENCH_PF_IDLE_SESSIONS:=1000}"   # a process per session: 5,000 take ~3 min to spawn here
 : "${BENCH_FSYNC_MSGS:=400}"
 : "${BENCH_SERVERS:=sink postfix tern}"
 : "${BENCH_OUT:=/tmp/tern-bench-results-$(date +%Y%m%d-%H%M%S)}"
@@ -139,10 +140,14 @@ fsyncs() {
     strace -f -e trace=fsync,fdatasync,sync_file_range,syncfs -o "$trace" "${args[@]}" \
         2>"$trace.err" &
     STRACE_PID=$!
-    # Attached once strace has said so for each PID we gave it (threads add more lines).
+    # Attached once strace has said so for every thread of every PID (-p PID -f attaches all the
+    # threads of a multi-threaded process, one line each). 10 s deadline: a process that exits
+    # meanwhile never reports.
+    local want=0
+    for p in "$@"; do want=$((want + $(ls "/proc/$p/task" 2>/dev/null | wc -l))); done
     for ((i = 0; i < 100; i++)); do
         n=$(grep -c 'attached' "$trace.err" 2>/dev/null || true)
-        ((n >= $#)) && break
+        ((n >= want)) && break
         sleep 0.1
     done
     local mdargs=()
