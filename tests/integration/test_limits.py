@@ -97,7 +97,7 @@ def test_size_exceeded_in_bdat_552(tern):
         c.ehlo()
         assert c.cmd("MAIL FROM:<sender@remote.test>").code == 250
         assert c.cmd("RCPT TO:<alice@example.test>").code == 250
-        chunk = b"c" * 8000
+        chunk = (b"c" * 78 + b"\r\n") * 100  # 8000 bytes in legal lines
         c.send(b"BDAT 8000\r\n" + chunk)
         c.expect(250)
         c.send(b"BDAT 8000 LAST\r\n" + chunk)
