@@ -176,19 +176,40 @@ pub fn load(path: &Path) -> Result<Runtime, Vec<ConfigError>> {
 
 /// Parses TOML text; relative paths in it are taken relative to `base`.
 pub fn parse(text: &str, base: &Path) -> Result<Runtime, Vec<ConfigError>> {
-    let file: FileConfig = toml::from_str(text).map_err(|e| vec![toml_error(&e)])?;
+    let file: FileConfig = toml::from_str(text).map_err(|e| vec![toml_error(text, &e)])?;
     Runtime::from_file_config(file, base)
 }
 
-fn toml_error(e: &toml::de::Error) -> ConfigError {
-    // toml names the offending key in its message ("unknown field `x`",
-    // "invalid type ... for key `limits.max_errors`"); keep it whole but on one line.
+fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let message = e.message().replace('\n', " ");
     let key = e
         .span()
-        .map(|s| format!("toml (bytes {}..{})", s.start, s.end))
+        .map(|span| key_at(text, span.start))
         .unwrap_or_else(|| "toml".to_string());
     ConfigError { key, message }
+}
+
+/// The dotted key whose value starts at byte `offset` of `text`: the key on
+/// that line, prefixed by the nearest `[section]` above it. serde's type
+/// errors only carry a byte span, and an administrator wants the key.
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let line_no = text[..line_start].matches('\n').count() + 1;
+    let Some((key, _)) = line.split_once('=') else {
+        return format!("line {line_no}");
+    };
+    let key = key.trim().trim_matches('"');
+    let section = text[..line_start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.starts_with('[')
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    });
+    match section {
+        Some(section) => format!("{section}.{key}"),
+        None => key.to_string(),
+    }
 }
 
 /// The configuration used when `tern serve` gets no `--config`: it works on a
@@ -266,7 +287,11 @@ fn split_address(address: &str) -> Option<(&str, &str)> {
 
 impl Runtime {
     /// Validates a parsed file; returns every error found.
-    pub fn from_file_config(file: FileConfig, base: &Path) -> Result<Runtime, Vec<ConfigError>> {
+    pub fn from_file_config(
+        mut file: FileConfig,
+        base: &Path,
+    ) -> Result<Runtime, Vec<ConfigError>> {
+        apply_defaults(&mut file);
         let mut errors = Errors(Vec::new());
         let hostname = file.hostname.clone().unwrap_or_else(system_hostname);
         if !valid_domain(&hostname) {
@@ -391,6 +416,28 @@ impl Runtime {
             delivery,
             log: file.log,
         })
+    }
+}
+
+/// What an empty file means: the embedded default's listener, domain and
+/// user, so every key is optional and a minimal file is a working server.
+fn apply_defaults(file: &mut FileConfig) {
+    if file.listener.is_empty() {
+        file.listener.push(ListenerConfig {
+            address: "127.0.0.1:2525".into(),
+            role: "mx".into(),
+        });
+    }
+    if file.local.domains.is_empty() {
+        file.local.domains.push("localhost".into());
+    }
+    if file.user.is_empty() {
+        let domain = file.local.domains[0].to_ascii_lowercase();
+        file.user.push(schema::UserConfig {
+            name: "me".into(),
+            addresses: vec![format!("me@{domain}")],
+            maildir: None,
+        });
     }
 }
 

@@ -101,7 +101,7 @@ hostname = "bad host"
 address = "nowhere"
 role = "submission"
 [local]
-domains = []
+domains = ["bad_domain!"]
 subaddress_separator = "ab"
 [relay]
 trusted_networks = ["10.0.0.0/33"]
@@ -116,13 +116,12 @@ bare_lf = "maybe"
         "hostname",
         "listener[0].address",
         "listener[0].role",
-        "local.domains",
+        "local.domains[0]",
         "local.subaddress_separator",
         "relay.trusted_networks[0]",
         "limits.max_command_line",
         "limits.command_timeout",
         "limits.bare_lf",
-        "user",
     ] {
         assert!(keys.contains(&key), "missing error for {key}: {errors:?}");
     }
@@ -199,4 +198,29 @@ fn example_config_is_valid_and_complete() {
             "tern.example.toml does not document {key}"
         );
     }
+}
+
+#[test]
+fn type_errors_name_the_dotted_key() {
+    let errors = parse(
+        "hostname = \"h.test\"\n[limits]\nmax_errors = 3\nmax_message_size = \"big\"\n",
+        Path::new("/"),
+    )
+    .expect_err("a string is not a size");
+    assert_eq!(errors[0].key, "limits.max_message_size", "{errors:?}");
+}
+
+#[test]
+fn empty_file_is_the_embedded_default() {
+    let rt = parse("", Path::new("/srv")).expect("every key is optional");
+    assert_eq!(rt.listeners[0].address, "127.0.0.1:2525".parse().unwrap());
+    assert_eq!(rt.data_dir, Path::new("/srv/tern-data"));
+    assert_eq!(
+        rt.resolve("me", "localhost"),
+        Resolution::Local(vec![local("me@localhost", "me")])
+    );
+    assert_eq!(
+        rt.resolve_postmaster(),
+        Resolution::Local(vec![local("me@localhost", "me")])
+    );
 }
