@@ -108,7 +108,12 @@ choose_python() {
     # /root/.pyenv may shadow Debian's python3 on PATH: use whichever python3
     # comes first, and give *that* interpreter pytest.
     local py
-    py="$(command -v python3)"
+    py="$(command -v python3 || true)"
+    if [[ -z "$py" ]]; then
+        log "no python3 at all: installing Debian's python3 and python3-pytest"
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends python3 python3-pytest </dev/null
+        py=/usr/bin/python3
+    fi
     if "$py" -c 'import pytest' >/dev/null 2>&1; then
         PYTHON="$py"
         return 0
@@ -145,7 +150,8 @@ step_deps() {
 
 step_fmt() { cargo fmt --all -- --check; }
 step_clippy() { cargo clippy --workspace --all-targets -- -D warnings; }
-step_test() { cargo test --workspace; }
+# --no-fail-fast: one failing test binary must not hide the others' results.
+step_test() { cargo test --workspace --no-fail-fast; }
 step_build() { cargo build -p tern; }
 
 # ---------------------------------------------------------------- pytest

@@ -7,12 +7,13 @@ user 550 5.1.1; relay denied 550 5.7.1; relay from a trusted network is queued
 as waiting for outbound delivery.
 """
 
+import re
 import smtplib
 import uuid
 
 import pytest
 
-from ternlib import HOSTNAME, ends_with_original, header_values, split_mail
+from ternlib import HOSTNAME, ends_with_original, header_values, split_mail, wait_until
 
 
 def make_msg(marker: str, to: str = "alice@example.test") -> bytes:
@@ -186,10 +187,15 @@ def test_relay_accepted_from_trusted_network_waits_in_queue(tern):
         assert code == 250, text
     qid = text.decode().rsplit(" ", 1)[-1].strip("<>")
     srv.wait_for_mail("alice", 1)
-    listing = srv.queue_list()
+
+    def rcpt_line(listing, rcpt):
+        return next((ln for ln in listing.splitlines() if rcpt in ln), "")
+
+    # The Maildir file lands before the delivery is recorded: poll the queue.
+    listing = wait_until(
+        lambda: (lambda out: out if "delivered" in rcpt_line(out, "alice@example.test").lower() else None)(
+            srv.queue_list()), 10, what="alice recorded as delivered")
     assert qid in listing, listing
-    block = listing[listing.index(qid):]
-    assert "sender@remote.test" in block
-    assert "carol@remote.test" in block
-    line = next(ln for ln in block.splitlines() if "carol@remote.test" in ln)
-    assert "waiting for outbound delivery" in line.lower(), listing
+    head = listing[listing.index(qid):].splitlines()[0]
+    assert "sender@remote.test" in head and re.search(r"\bage\b", head) and re.search(r"\bsize\b", head), head
+    assert "waiting for outbound delivery" in rcpt_line(listing, "carol@remote.test").lower(), listing
