@@ -78,6 +78,13 @@ pub(crate) struct Log {
     pub skip_compact: BTreeSet<u32>,
 }
 
+/// Whether injected test faults apply to a write.
+#[derive(Clone, Copy)]
+enum Injection {
+    Armed,
+    Off,
+}
+
 impl Log {
     /// Start a new segment when the batch would overflow the active one, or
     /// when the active one could not be cut back after a failure.
@@ -101,14 +108,29 @@ impl Log {
 
     /// Write `recs` durably (one sync), then apply them to the index.
     pub fn commit_records(&mut self, recs: &mut Vec<OutRec>) -> io::Result<()> {
+        self.commit_records_with(recs, Injection::Armed)
+    }
+
+    /// As `commit_records`, for housekeeping (compaction, recovery rewrites):
+    /// injected test faults are meant for callers' requests, and a background
+    /// compaction must not consume them at a random moment.
+    pub fn commit_housekeeping(&mut self, recs: &mut Vec<OutRec>) -> io::Result<()> {
+        self.commit_records_with(recs, Injection::Off)
+    }
+
+    fn commit_records_with(
+        &mut self,
+        recs: &mut Vec<OutRec>,
+        injection: Injection,
+    ) -> io::Result<()> {
+        static NO_FAULTS: Faults = Faults::none();
         let need = recs.iter().map(OutRec::total).sum();
         self.roll_if_needed(need)?;
-        append_batch(
-            &mut self.active,
-            recs,
-            &self.shared.faults,
-            &self.shared.syncs,
-        )?;
+        let faults = match injection {
+            Injection::Armed => &self.shared.faults,
+            Injection::Off => &NO_FAULTS,
+        };
+        append_batch(&mut self.active, recs, faults, &self.shared.syncs)?;
         let mut idx = self.shared.index();
         for r in recs.drain(..) {
             match r.apply {

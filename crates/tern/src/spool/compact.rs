@@ -123,7 +123,7 @@ impl Log {
             });
         }
         let n = recs.len();
-        self.commit_records(&mut recs)?;
+        self.commit_housekeeping(&mut recs)?;
         Ok(n)
     }
 }

@@ -33,6 +33,13 @@ pub struct Faults {
 }
 
 impl Faults {
+    pub const fn none() -> Faults {
+        Faults {
+            writes: AtomicU32::new(0),
+            syncs: AtomicU32::new(0),
+        }
+    }
+
     pub fn fail_writes(&self, n: u32) {
         self.writes.store(n, Ordering::SeqCst);
     }
