@@ -199,3 +199,32 @@ def test_relay_accepted_from_trusted_network_waits_in_queue(tern):
     head = listing[listing.index(qid):].splitlines()[0]
     assert "sender@remote.test" in head and re.search(r"\bage\b", head) and re.search(r"\bsize\b", head), head
     assert "waiting for outbound delivery" in rcpt_line(listing, "carol@remote.test").lower(), listing
+
+
+def test_domain_is_case_insensitive(tern):
+    # RFC 5321 §2.4: domain names are case-insensitive.
+    srv = tern()
+    marker, msg = send(srv, ["alice@EXAMPLE.Test"])
+    (mail,) = srv.wait_for_mail("alice", 1)
+    assert ends_with_original(mail, msg)
+
+
+def test_catch_all_only_for_its_domain(tern):
+    srv = tern({"local": {"catch_all": {"example.test": "carol"}}})
+    with smtp(srv) as s:
+        s.mail("sender@remote.test")
+        code, text = s.rcpt("whoever@localhost")
+        assert (code, text[:5]) == (550, b"5.1.1"), (code, text)
+
+
+def test_custom_maildir_path(tern, tmp_path):
+    box = tmp_path / "elsewhere" / "Maildir"
+    srv = tern({"user": [
+        {"name": "alice", "addresses": ["alice@example.test"], "maildir": str(box)},
+        {"name": "bob", "addresses": ["bob@example.test"]},
+    ], "aliases": None})
+    assert srv.maildir("alice") == box
+    marker, msg = send(srv, ["alice@example.test"])
+    (mail,) = srv.wait_for_mail("alice", 1)
+    assert ends_with_original(mail, msg)
+    assert not (srv.data_dir / "mail" / "alice").exists()

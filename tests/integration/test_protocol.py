@@ -283,3 +283,82 @@ def test_bad_parameters(tern, line, code):
         assert r.code == code, (line, r)
         assert r.enhanced and r.enhanced.startswith("5."), r
         assert c.cmd("NOOP").code == 250
+
+
+def test_data_after_bdat_is_503(tern):
+    # RFC 3030 §3: DATA after BDAT in the same transaction is out of sequence.
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<s@remote.test>").code == 250
+        assert c.cmd("RCPT TO:<alice@example.test>").code == 250
+        c.send(b"BDAT 5\r\nabc\r\n")
+        c.expect(250)
+        r = c.cmd("DATA")
+        assert r.code == 503, r
+
+
+@pytest.mark.parametrize("line", ["EHLO", "HELO"])
+def test_helo_without_domain_501(tern, line):
+    srv = tern()
+    with srv.connect() as c:
+        r = c.cmd(line)
+        # No enhanced code required: none was negotiated yet (RFC 2034 §3).
+        assert r.code == 501, r
+        assert c.cmd("EHLO client.test").code == 250
+
+
+def test_rset_clears_transaction(tern):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<s@remote.test>").code == 250
+        assert c.cmd("RCPT TO:<alice@example.test>").code == 250
+        assert c.cmd("RSET").code == 250
+        assert c.cmd("DATA").code == 503
+        assert c.cmd("RCPT TO:<alice@example.test>").code == 503
+
+
+def test_client_disconnect_mid_data_delivers_nothing(tern):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<s@remote.test>").code == 250
+        assert c.cmd("RCPT TO:<alice@example.test>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: cut\r\n\r\nhalf a message\r\n")
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<s@remote.test>").code == 250
+        assert c.cmd("RCPT TO:<alice@example.test>").code == 250
+        assert c.cmd("DATA").code == 354
+        queued_id(c.cmd(b"Subject: whole\r\n\r\nsentinel\r\n."))
+    mails = srv.wait_for_mail("alice", 1)
+    assert len(mails) == 1 and b"sentinel" in mails[0], mails
+
+
+def test_many_parallel_sessions(tern):
+    """16 concurrent smtplib sessions, 5 messages each, all delivered once."""
+    import threading
+
+    srv = tern()
+    errors = []
+
+    def client(n):
+        try:
+            with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as s:
+                for i in range(5):
+                    msg = f"Subject: p{n}-{i}\r\nMessage-ID: <p{n}-{i}@t>\r\n\r\nparallel {n}-{i}\r\n".encode()
+                    assert s.sendmail("s@remote.test", ["bob@example.test"], msg) == {}
+        except Exception as e:  # collected and asserted below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    mails = srv.wait_for_mail("bob", 80, timeout=30)
+    ids = sorted(header_values(m, "Message-ID")[0] for m in mails)
+    assert ids == sorted(f"<p{n}-{i}@t>" for n in range(16) for i in range(5))
