@@ -160,3 +160,61 @@ fn error_replies() {
         "500 5.5.2 Error: message line too long"
     );
 }
+
+mod split_equivalence {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Bytes rich in the characters that matter: CR, LF, dots, and a header
+    /// name, so runs, line ends and terminators all occur.
+    fn content() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just(b"\r".to_vec()),
+                Just(b"\n".to_vec()),
+                Just(b"\r\n".to_vec()),
+                Just(b".".to_vec()),
+                Just(b"Received: x".to_vec()),
+                Just(b"\r\n\r\n".to_vec()),
+                proptest::collection::vec(b'a'..=b'z', 1..40),
+            ],
+            0..60,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    fn run(
+        dec: &mut ContentDecoder,
+        input: &[u8],
+        step: usize,
+    ) -> (Vec<u8>, usize, bool, Option<ContentError>, u64) {
+        let (out, used, done) = decode(dec, input, step);
+        (out, used, done, dec.error(), dec.size())
+    }
+
+    proptest! {
+        /// The bulk path for ordinary bytes must be indistinguishable from
+        /// feeding one byte at a time: same output, same end, same first
+        /// error, same size, under tight limits that runs cross.
+        #[test]
+        fn whole_input_equals_byte_at_a_time(
+            input in content(),
+            max_line in 3usize..60,
+            max_size in 0u64..300,
+            max_received in 0usize..3,
+            dot in any::<bool>(),
+            normalize in any::<bool>(),
+        ) {
+            let limits = ContentLimits {
+                max_size,
+                max_line,
+                max_received,
+                bare_lf: if normalize { BareLfPolicy::Normalize } else { BareLfPolicy::Reject },
+            };
+            let make = || if dot { ContentDecoder::dot(limits) } else { ContentDecoder::chunked(limits) };
+            let whole = run(&mut make(), &input, input.len().max(1));
+            let bytewise = run(&mut make(), &input, 1);
+            prop_assert_eq!(whole, bytewise);
+        }
+    }
+}
