@@ -241,3 +241,46 @@ def test_min_free_space_452(tern):
         c.ehlo()
         r = c.cmd("MAIL FROM:<sender@remote.test>")
         assert r.code == 452 and r.enhanced == "4.3.1", r
+
+
+
+def trickle(c, byte: bytes, budget: float):
+    """Sends one byte every 0.2 s (the pause doubles as the wait for a
+    reply) until the server answers or `budget` seconds pass; returns the
+    first reply line and when it came."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < budget:
+        try:
+            c.send(byte)
+        except OSError:
+            break
+        try:
+            line = c.readline(timeout=0.2)
+        except TimeoutError:
+            continue
+        if line is not None:
+            return line, time.monotonic() - t0
+    return c.readline(timeout=1), time.monotonic() - t0
+
+
+def test_trickled_command_line_still_times_out(tern):
+    """A client that sends one byte at a time (slowloris) gets no more time
+    than an idle one: the command timeout runs from our last reply."""
+    srv = tern({"limits": {"command_timeout": "1s"}})
+    with srv.connect() as c:
+        c.ehlo()
+        line, elapsed = trickle(c, b"N", budget=6)
+        assert line is not None and line.startswith(b"421 4.4.2"), line
+        assert elapsed < 4, elapsed
+        assert c.is_closed()
+
+
+def test_trickled_message_data_times_out(tern):
+    srv = tern({"limits": {"data_timeout": "1s"}})
+    with srv.connect() as c:
+        start_data(c)
+        line, elapsed = trickle(c, b"x", budget=6)
+        assert line is not None and line.startswith(b"421 4.4.2"), line
+        assert elapsed < 4, elapsed
+        assert c.is_closed()
+    prove_nothing_delivered(srv)

@@ -362,3 +362,62 @@ def test_many_parallel_sessions(tern):
     mails = srv.wait_for_mail("bob", 80, timeout=30)
     ids = sorted(header_values(m, "Message-ID")[0] for m in mails)
     assert ids == sorted(f"<p{n}-{i}@t>" for n in range(16) for i in range(5))
+
+
+def test_content_before_354_is_refused_and_the_session_closed(tern):
+    """RFC 2920 §3.1: DATA ends a command group. Content sent with it would
+    otherwise be parsed as commands depending on packet boundaries."""
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        c.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+               b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<alice@example.test>\r\n\r\n.\r\n")
+        c.expect(250, "2.1.0")
+        c.expect(250, "2.1.5")
+        c.expect(554, "5.5.0")
+        assert c.is_closed()
+    with srv.connect() as c:  # the server itself is fine
+        c.ehlo()
+        assert c.cmd("NOOP").code == 250
+
+
+def test_refused_data_needs_a_new_mail(tern):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        c.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<nobody@example.test>\r\nDATA\r\n"
+               b"RCPT TO:<alice@example.test>\r\nDATA\r\n")
+        c.expect(250, "2.1.0")
+        c.expect(550, "5.1.1")
+        r = c.reply()
+        assert r.code in (503, 554) and r.enhanced.startswith("5."), r
+        c.expect(503, "5.5.1")  # RCPT: the transaction is gone
+        c.expect(503, "5.5.1")  # DATA
+        c.cmd("MAIL FROM:<s@remote.test>")
+        assert c.cmd("RCPT TO:<alice@example.test>").code == 250
+
+
+def test_bdat_after_helo_is_refused(tern):
+    srv = tern()
+    with srv.connect() as c:
+        assert c.cmd("HELO client.test").code == 250
+        assert c.cmd("MAIL FROM:<s@remote.test>").code == 250
+        assert c.cmd("RCPT TO:<alice@example.test>").code == 250
+        c.send(b"BDAT 4 LAST\r\nQUIT")
+        c.expect(503, "5.5.1")
+        assert c.cmd("NOOP").code == 250  # the 4 octets were swallowed, not run
+
+
+def test_utf8_helo_stays_out_of_ascii_headers(tern):
+    srv = tern()
+    with srv.connect() as c:
+        assert c.cmd("EHLO ünï.test".encode()).code == 250
+        c.cmd("MAIL FROM:<s@remote.test>")
+        c.cmd("RCPT TO:<alice@example.test>")
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: ascii\r\n\r\nbody\r\n.\r\n")
+        c.expect(250, "2.0.0")
+    (mail,) = srv.wait_for_mail("alice", 1)
+    headers, _ = split_mail(mail)
+    assert headers.isascii(), headers
+    assert b"from [127.0.0.1] ([127.0.0.1])" in headers, headers

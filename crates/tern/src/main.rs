@@ -118,9 +118,12 @@ fn serve(path: Option<&Path>) -> ExitCode {
 fn init_tracing(runtime: &Runtime) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&runtime.log.level));
+    // Colour codes only for a terminal: logs in files and journals stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if runtime.log.format == "json" {
         builder.json().init();
     } else {

@@ -33,7 +33,7 @@ use tern_proto::{
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -68,6 +68,11 @@ struct Driver {
     session_id: u64,
     out: Vec<u8>,
     tx: Option<Transaction>,
+    /// When the client must have completed what it is sending now: a
+    /// command line within `command_timeout`, a whole message within
+    /// `data_timeout`. Reset by each reply, not by each read, so a client
+    /// trickling one byte at a time cannot hold a session forever.
+    deadline: Instant,
 }
 
 /// Runs one connection to its end.
@@ -75,6 +80,7 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     let session_id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
     info!(event = "session.connect", session_id, client = %peer);
     let session = Session::new(ctx.runtime.server_config());
+    let deadline = Instant::now() + ctx.runtime.limits.command_timeout;
     let mut driver = Driver {
         ctx,
         session,
@@ -82,6 +88,7 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         session_id,
         out: Vec::new(),
         tx: None,
+        deadline,
     };
     match driver.drive(&mut stream).await {
         Ok(()) => debug!(event = "session.close", session_id),
@@ -111,6 +118,14 @@ impl Driver {
             }
             if self.session.is_closed() {
                 return self.flush(stream).await;
+            }
+            if !self.out.is_empty() {
+                let limits = &self.ctx.runtime.limits;
+                let limit = match self.session.phase() {
+                    Phase::Command => limits.command_timeout,
+                    Phase::Data => limits.data_timeout,
+                };
+                self.deadline = Instant::now() + limit;
             }
             self.flush(stream).await?;
             self.wait_for_input(stream).await?;
@@ -143,16 +158,12 @@ impl Driver {
     }
 
     async fn wait_for_input(&mut self, stream: &TcpStream) -> io::Result<()> {
-        let limit = match self.session.phase() {
-            Phase::Command => self.ctx.runtime.limits.command_timeout,
-            Phase::Data => self.ctx.runtime.limits.data_timeout,
-        };
         tokio::select! {
             _ = self.ctx.shutdown.cancelled() => {
                 self.abort_message();
                 self.session.shutdown();
             }
-            ready = timeout(limit, stream.readable()) => match ready {
+            ready = timeout_at(self.deadline, stream.readable()) => match ready {
                 Err(_) => {
                     info!(event = "session.timeout", session_id = self.session_id);
                     self.abort_message();
@@ -319,6 +330,13 @@ impl Driver {
             }
             _ => None,
         };
+        // RFC 6531 §3.7.3: a message that is not internationalised keeps its
+        // header fields ASCII; a U-label HELO name is replaced by the address.
+        let helo = if helo.is_ascii() || tx.params.smtputf8 {
+            helo
+        } else {
+            address_literal(self.peer)
+        };
         let header = received_header(
             &helo,
             self.peer,
@@ -450,6 +468,17 @@ pub(crate) fn reply(code: u16, enhanced: (u8, u16, u16), text: &str) -> Reply {
     )
 }
 
+/// The RFC 5321 §4.1.3 address literal of the client.
+fn address_literal(peer: SocketAddr) -> String {
+    match peer.ip() {
+        std::net::IpAddr::V4(v4) => format!("[{v4}]"),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("[{v4}]"),
+            None => format!("[IPv6:{v6}]"),
+        },
+    }
+}
+
 /// The trace header of RFC 5321 §4.4, with the RFC 3848 / RFC 6531 §4.3
 /// protocol keyword. TCP-info is the address literal of the peer; the HELO
 /// name was validated by the protocol engine (a domain or address literal).
@@ -460,10 +489,7 @@ pub fn received_header(
     protocol: &str,
     rcpt: Option<&str>,
 ) -> Vec<u8> {
-    let ip = match peer.ip() {
-        std::net::IpAddr::V4(v4) => format!("[{v4}]"),
-        std::net::IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
-    };
+    let ip = address_literal(peer);
     let helo: String = helo
         .chars()
         .filter(|c| !c.is_control() && !"()\\".contains(*c))

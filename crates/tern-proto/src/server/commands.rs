@@ -190,6 +190,9 @@ impl Session {
             Some(_) => None,
         };
         if let Some(reply) = refusal {
+            // The transaction is over after a refused DATA: a client that
+            // pipelined RCPT/DATA after it must start again with MAIL.
+            self.reset_transaction();
             self.reply(reply);
         } else if !self.input.is_empty() {
             self.pipelining_violation();
@@ -199,11 +202,14 @@ impl Session {
     }
 
     /// RFC 2920 §3.1: DATA ends a command group; content sent before the
-    /// 354 means the client is broken or smuggling. Drop it all.
+    /// 354 means the client is broken or smuggling. Drop it all and close:
+    /// whatever follows would be parsed as commands depending on how the
+    /// client's bytes happened to be split into packets (Postfix
+    /// `smtpd_forbid_unauth_pipelining` does the same).
     pub(super) fn pipelining_violation(&mut self) {
         self.input = Vec::new();
         self.reset_transaction();
-        self.reply(r(
+        self.close_with(r(
             554,
             (5, 5, 0),
             "Error: improper use of SMTP command pipelining",
@@ -214,6 +220,8 @@ impl Session {
     /// a refused BDAT must swallow them (or they would be read as commands).
     fn cmd_bdat(&mut self, size: u64, last: bool) {
         let refusal = match &self.tx {
+            // RFC 3030 §2: BDAT exists only after an EHLO that advertised CHUNKING.
+            _ if !self.esmtp => Some(r(503, (5, 5, 1), "Error: BDAT needs EHLO")),
             None => Some(r(503, (5, 5, 1), "Error: need MAIL command")),
             Some(tx) if tx.rcpts.is_empty() => {
                 Some(r(554, (5, 5, 1), "Error: no valid recipients"))

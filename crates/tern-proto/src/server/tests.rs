@@ -509,9 +509,13 @@ fn content_sent_with_data_is_a_pipelining_violation() {
         ],
         accept,
     );
-    assert!(replies(&ev).ends_with(
-        "250 2.1.5 Ok\r\n554 5.5.0 Error: improper use of SMTP command pipelining\r\n250 2.0.0 Ok\r\n"
-    ));
+    // The session closes: the NOOP of the second read is never answered.
+    assert!(
+        replies(&ev).ends_with(
+            "250 2.1.5 Ok\r\n554 5.5.0 Error: improper use of SMTP command pipelining\r\n"
+        )
+    );
+    assert_eq!(ev.last(), Some(&Event::Close));
     assert_eq!(count(&ev, |e| matches!(e, Event::Query(Query::Data))), 0);
     assert_eq!(count(&ev, |e| matches!(e, Event::Body(_))), 0);
 }
@@ -683,5 +687,47 @@ fn idle_session_is_small() {
         std::mem::size_of_val(&s) < 1024,
         "{}",
         std::mem::size_of_val(&s)
+    );
+}
+
+#[test]
+fn refused_data_ends_the_transaction() {
+    // RCPT refused, then DATA refused: a pipelined RCPT/DATA afterwards must
+    // not revive the transaction (a new MAIL is needed).
+    let ev = run_events_with(
+        config(),
+        &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\nDATA\r\nRCPT TO:<x@b>\r\nDATA\r\n"],
+        |q| match q {
+            Query::Rcpt { .. } => {
+                Decision::Reject(Reply::new(550, Some(EnhancedCode(5, 1, 1)), "no"))
+            }
+            _ => Decision::Accept,
+        },
+    );
+    assert!(
+        replies(&ev).ends_with(
+            "250 2.1.0 Ok\r\n550 5.1.1 no\r\n554 5.5.1 Error: no valid recipients\r\n\
+503 5.5.1 Error: need MAIL command\r\n503 5.5.1 Error: need MAIL command\r\n"
+        ),
+        "{}",
+        replies(&ev)
+    );
+}
+
+#[test]
+fn bdat_after_helo_is_refused_and_its_octets_swallowed() {
+    let ev = run_events_with(
+        config(),
+        &[b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\nBDAT 4 LAST\r\nQUITNOOP\r\n"],
+        accept,
+    );
+    assert!(
+        replies(&ev).ends_with("503 5.5.1 Error: BDAT needs EHLO\r\n250 2.0.0 Ok\r\n"),
+        "{}",
+        replies(&ev)
+    );
+    assert_eq!(
+        count(&ev, |e| matches!(e, Event::Query(Query::EndOfData))),
+        0
     );
 }

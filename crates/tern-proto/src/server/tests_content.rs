@@ -155,7 +155,7 @@ fn bdat_sequencing() {
         accept,
     );
     assert!(replies(&ev).ends_with(
-        "250 2.0.0 2 octets received\r\n503 5.5.1 Error: DATA after BDAT\r\n503 5.5.1 Error: RCPT after BDAT\r\n\
+        "250 2.0.0 2 octets received\r\n503 5.5.1 Error: DATA after BDAT\r\n503 5.5.1 Error: need MAIL command\r\n\
 250 2.0.0 Ok\r\n503 5.5.1 Error: need MAIL command\r\n"
     ));
     // RSET aborted the streamed chunk.
