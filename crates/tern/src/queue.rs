@@ -240,7 +240,6 @@ impl Queue {
             }
         }
         let namer = self.namer.clone();
-        let concurrency = self.runtime.delivery.local_concurrency;
         let outcome = tokio::task::spawn_blocking(move || {
             let copies: Vec<LocalCopy<'_>> = plan
                 .iter()
@@ -250,7 +249,7 @@ impl Queue {
                     body,
                 })
                 .collect();
-            deliver_batch(&namer, &copies, concurrency)
+            deliver_batch(&namer, &copies)
                 .into_iter()
                 .zip(plan.iter())
                 .map(|(r, (maildir, _, _))| {

@@ -99,8 +99,6 @@ pub struct DeliverySettings {
     /// Most messages handed to the local delivery agent in one batch (their
     /// fsyncs and the `new/` directory syncs are shared).
     pub batch_size: usize,
-    /// Parallel Maildir writers inside a batch.
-    pub local_concurrency: usize,
     pub retry_initial: Duration,
     pub retry_max: Duration,
 }
@@ -750,9 +748,6 @@ fn check_delivery(file: &FileConfig, errors: &mut Errors) -> DeliverySettings {
     if d.batch_size < 1 {
         errors.push("delivery.batch_size", "must be at least 1");
     }
-    if d.local_concurrency < 1 {
-        errors.push("delivery.local_concurrency", "must be at least 1");
-    }
     let retry_initial = duration(errors, "delivery.retry_initial", &d.retry_initial);
     let retry_max = duration(errors, "delivery.retry_max", &d.retry_max);
     if retry_max < retry_initial {
@@ -763,7 +758,6 @@ fn check_delivery(file: &FileConfig, errors: &mut Errors) -> DeliverySettings {
     }
     DeliverySettings {
         batch_size: d.batch_size,
-        local_concurrency: d.local_concurrency,
         retry_initial,
         retry_max,
     }

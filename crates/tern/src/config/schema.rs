@@ -141,7 +141,6 @@ impl Default for SpoolConfigFile {
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
     pub batch_size: usize,
-    pub local_concurrency: usize,
     pub retry_initial: String,
     pub retry_max: String,
 }
@@ -151,7 +150,6 @@ impl Default for DeliveryConfig {
         // Postfix's minimal_backoff_time / maximal_backoff_time.
         DeliveryConfig {
             batch_size: 256,
-            local_concurrency: 32,
             retry_initial: "5m".into(),
             retry_max: "67m".into(),
         }

@@ -187,7 +187,6 @@ fn example_config_is_valid_and_complete() {
         "segment_size",
         "draft_memory_limit",
         "batch_size",
-        "local_concurrency",
         "retry_initial",
         "retry_max",
         "level",
