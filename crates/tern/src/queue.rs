@@ -83,6 +83,10 @@ pub fn backoff(initial: Duration, max: Duration, attempts: u32, jitter: f64) -> 
     base + base.mul_f64(jitter.clamp(0.0, 1.0) * 0.1)
 }
 
+/// Most message bytes one delivery batch holds in memory (a single larger
+/// message still goes alone).
+const BATCH_BYTES: u64 = 64 * 1024 * 1024;
+
 /// The local recipients of one message due in this attempt.
 struct LocalJob {
     id: MsgId,
@@ -176,10 +180,21 @@ impl Queue {
     async fn deliver(&mut self, batch: Vec<MsgId>) {
         let at = now();
         let mut jobs: Vec<LocalJob> = Vec::new();
-        for id in batch {
+        let mut bytes = 0u64;
+        let mut ids = batch.into_iter();
+        while let Some(id) = ids.next() {
             let Some(envelope) = self.spool.get(id) else {
                 continue;
             };
+            if !jobs.is_empty() && bytes + envelope.size > BATCH_BYTES {
+                // Bodies are held in memory for the batch: leave the rest
+                // for the next one, in order.
+                let rest: Vec<MsgId> = std::iter::once(id).chain(ids).collect();
+                for id in rest.into_iter().rev() {
+                    self.ready.push_front(id);
+                }
+                break;
+            }
             let due: Vec<usize> = envelope
                 .recipients
                 .iter()
@@ -191,6 +206,7 @@ impl Queue {
                 self.maybe_finish(id, &envelope).await;
                 continue;
             }
+            bytes += envelope.size;
             match self.spool.read_body(id).await {
                 Ok(body) => jobs.push(LocalJob {
                     id,

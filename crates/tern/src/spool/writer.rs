@@ -173,8 +173,14 @@ pub(crate) fn append_batch(
         Err(e) => {
             if let Err(t) = w.file.set_len(start) {
                 tracing::error!(segment = w.no, error = %t, "spool.truncate_failed");
-                w.poisoned = true;
             }
+            // Never append to this file again: after a failed fdatasync the
+            // kernel may have dropped the dirty pages it could not write, so
+            // later syncs of the same file prove nothing (the "fsyncgate"
+            // lesson). Rolling also lets a full disk recover: the old
+            // segment, once all its messages are done, is deleted, which
+            // it never would be while it stayed the active one.
+            w.poisoned = true;
             Err(e)
         }
     }
