@@ -82,8 +82,24 @@ struct Written {
 /// Delivers every copy; blocking (run it on a blocking thread). The result
 /// at index i belongs to `copies[i]`.
 pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::Result<()>> {
-    let mut written: Vec<io::Result<Written>> =
-        copies.iter().map(|c| write_tmp(namer, c)).collect();
+    // Each mailbox is checked (and created) once per batch, not once per copy.
+    let mut ready: BTreeMap<&Path, Result<(), (io::ErrorKind, String)>> = BTreeMap::new();
+    for copy in copies {
+        ready
+            .entry(copy.maildir)
+            .or_insert_with(|| ensure_maildir(copy.maildir).map_err(|e| (e.kind(), e.to_string())));
+    }
+    let mut written: Vec<io::Result<Written>> = copies
+        .iter()
+        .map(|c| match ready.get(c.maildir) {
+            Some(Ok(())) => write_tmp(namer, c),
+            Some(Err((kind, text))) => Err(io::Error::new(
+                *kind,
+                format!("{}: {text}", c.maildir.display()),
+            )),
+            None => Err(io::Error::other("mailbox not prepared")),
+        })
+        .collect();
     sync_file_systems(&mut written);
     let mut outcomes: Vec<io::Result<PathBuf>> = written
         .into_iter()
@@ -129,7 +145,6 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
 }
 
 fn write_tmp(namer: &MaildirNamer, copy: &LocalCopy<'_>) -> io::Result<Written> {
-    ensure_maildir(copy.maildir)?;
     let name = namer.next(copy.prefix.len() + copy.body.len());
     let tmp = copy.maildir.join("tmp").join(&name);
     let new = copy.maildir.join("new").join(&name);
@@ -139,8 +154,7 @@ fn write_tmp(namer: &MaildirNamer, copy: &LocalCopy<'_>) -> io::Result<Written> 
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        file.write_all(&copy.prefix)?;
-        file.write_all(copy.body)?;
+        write_both(&mut file, &copy.prefix, copy.body)?;
         Ok(file)
     })();
     match file {
@@ -150,6 +164,25 @@ fn write_tmp(namer: &MaildirNamer, copy: &LocalCopy<'_>) -> io::Result<Written> 
             Err(io::Error::new(e.kind(), format!("{}: {e}", tmp.display())))
         }
     }
+}
+
+/// Writes `head` then `tail` with as few system calls as the kernel allows
+/// (usually one `writev`), without copying them into one buffer.
+fn write_both(file: &mut File, head: &[u8], tail: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    let total = head.len() + tail.len();
+    while done < total {
+        let n = if done < head.len() {
+            file.write_vectored(&[io::IoSlice::new(&head[done..]), io::IoSlice::new(tail)])?
+        } else {
+            file.write(&tail[done - head.len()..])?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
 }
 
 /// One `syncfs` per file system holding written copies; a failure fails
