@@ -155,3 +155,21 @@ def test_config_writer_roundtrip(tmp_path):
 
     cfg = {"a": 1, "t": {"x": ["y"], "m": {"k.j": "v"}}, "arr": [{"n": "a"}, {"n": "b"}]}
     assert tomllib.loads(to_toml(cfg)) == cfg
+
+
+def test_second_server_on_the_same_spool_refuses_to_start(tern):
+    first = tern()
+    proc = subprocess.Popen([str(TERN_BIN), "serve", "--config", str(first.config_path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert b"ready" not in out
+    assert b"in use by another tern process" in err, err
+    # The first one is unharmed.
+    with first.connect() as c:
+        assert c.cmd("NOOP").code == 250

@@ -36,6 +36,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         segment_size: runtime.spool.segment_size,
         draft_memory_limit: runtime.spool.draft_memory_limit,
     };
+    let _lock = lock_spool(&runtime.spool.dir)?;
     let (spool, report) = Spool::open(spool_config)
         .map_err(|e| format!("cannot open spool {}: {e}", runtime.spool.dir.display()))?;
     info!(
@@ -116,6 +117,32 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
     spool.close().await;
     info!(event = "server.stopped");
     Ok(())
+}
+
+/// Takes an exclusive `flock` on `<spool>/lock` for the life of the server:
+/// two servers appending to one spool would corrupt it, so the second one
+/// refuses to start and says why. (`tern queue list` reads without it.)
+fn lock_spool(dir: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create spool directory {}: {e}", dir.display()))?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on an fd we own; the lock lives as long as `file`.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!(
+            "spool {} is in use by another tern process (lock {}: {e})",
+            dir.display(),
+            path.display()
+        ));
+    }
+    Ok(file)
 }
 
 fn print_test_hint(runtime: &Runtime) {
