@@ -21,7 +21,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the mail server until SIGTERM/SIGINT. Prints "listening on ADDR role=ROLE"
-    /// per listener and then "ready" on stdout; logs go to stderr.
+    /// per listener and then "ready" on stdout; logs go to stderr (level from the
+    /// config's [log] section, overridden by the TERN_LOG environment variable).
     Serve {
         /// TOML config file (see tern.example.toml); without it, the embedded default
         #[arg(short, long)]
