@@ -501,3 +501,66 @@ pub fn received_header(
     h.push_str(&format!(";\r\n\t{}\r\n", chrono::Local::now().to_rfc2822()));
     h.into_bytes()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn received_header_follows_rfc5321_4_4() {
+        let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        let h = String::from_utf8(received_header(
+            "client.test",
+            peer,
+            "mx.test",
+            "ESMTP",
+            Some("a@b.test"),
+        ))
+        .unwrap();
+        assert!(h.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby mx.test (Tern) with ESMTP\r\n\tfor <a@b.test>;\r\n\t"), "{h}");
+        assert!(h.ends_with("\r\n") && !h[..h.len() - 2].contains("\r\n\r\n"));
+        // Every continuation line is folded (starts with white space).
+        assert!(
+            h.split("\r\n")
+                .skip(1)
+                .filter(|l| !l.is_empty())
+                .all(|l| l.starts_with('\t'))
+        );
+        let v6: SocketAddr = "[2001:db8::1]:25".parse().unwrap();
+        let h = String::from_utf8(received_header(
+            "[IPv6:2001:db8::1]",
+            v6,
+            "mx.test",
+            "SMTP",
+            None,
+        ))
+        .unwrap();
+        assert!(h.starts_with("Received: from [IPv6:2001:db8::1] ([IPv6:2001:db8::1])\r\n\tby mx.test (Tern) with SMTP;\r\n"), "{h}");
+        let mapped: SocketAddr = "[::ffff:192.0.2.9]:25".parse().unwrap();
+        assert_eq!(address_literal(mapped), "[192.0.2.9]");
+    }
+
+    #[test]
+    fn received_header_never_carries_parentheses_or_controls_from_helo() {
+        let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        let h =
+            String::from_utf8(received_header("a(b)\\c", peer, "mx.test", "ESMTP", None)).unwrap();
+        assert!(h.starts_with("Received: from abc ([192.0.2.7])"), "{h}");
+    }
+
+    #[test]
+    fn notify_is_stored_in_rfc3461_form() {
+        let n = |never, success, failure, delay| tern_proto::Notify {
+            never,
+            success,
+            failure,
+            delay,
+        };
+        assert_eq!(notify_string(&n(true, false, false, false)), "NEVER");
+        assert_eq!(
+            notify_string(&n(false, true, true, false)),
+            "SUCCESS,FAILURE"
+        );
+        assert_eq!(notify_string(&n(false, false, false, true)), "DELAY");
+    }
+}
