@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::draft::Body;
 use super::index::{Index, Loc, SegInfo};
 use super::record::{Kind, SEG_HDR_LEN, msg_head, state_payload};
+use super::spare::{self, Spares};
 use super::writer::{Apply, Faults, OutRec, SegmentWriter, append_batch};
 use super::{Envelope, IdGen, MsgId, RcptStatus, SpoolError};
 
@@ -76,6 +77,8 @@ pub(crate) struct Log {
     pub segment_size: u64,
     /// Segments whose compaction failed once (unreadable record): not retried.
     pub skip_compact: BTreeSet<u32>,
+    /// The next, preallocated segment being prepared in the background.
+    pub spares: Spares,
 }
 
 /// Whether injected test faults apply to a write.
@@ -87,21 +90,43 @@ enum Injection {
 
 impl Log {
     /// Start a new segment when the batch would overflow the active one, or
-    /// when the active one could not be cut back after a failure.
+    /// when the active one could not be cut back after a failure. Also roll
+    /// early out of a growing segment as soon as a preallocated one is
+    /// ready, so the hot-path `fdatasync` stops writing file metadata.
     fn roll_if_needed(&mut self, need: u64) -> io::Result<()> {
         let full = self.active.end > SEG_HDR_LEN && self.active.end + need > self.segment_size;
-        if !self.active.poisoned && !full {
+        let needed = self.active.poisoned || full;
+        let early = !self.active.prealloc && self.spares.ready();
+        if !needed && !early {
             return Ok(());
         }
         let no = self.active.no + 1;
-        let w = SegmentWriter::create(&self.shared.dir, no, &self.shared.syncs)?;
+        let dir = &self.shared.dir;
+        let w = match self.spares.take().map(|p| spare::activate(p, dir, no)) {
+            Some(Ok(w)) => w,
+            Some(Err(e)) if !needed => {
+                tracing::warn!(segment = no, error = %e, "spool.spare_activate_failed");
+                return Ok(());
+            }
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::warn!(segment = no, error = %e, "spool.spare_activate_failed");
+                }
+                // Nothing prepared (yet): the old way, a growing file.
+                SegmentWriter::create(dir, no, &self.shared.syncs)?
+            }
+        };
         let info = SegInfo {
             nonce: w.nonce,
             size: w.end,
             ..SegInfo::default()
         };
         self.shared.index().segs.insert(no, info);
-        tracing::info!(segment = no, "spool.segment_roll");
+        tracing::info!(
+            segment = no,
+            preallocated = w.prealloc,
+            "spool.segment_roll"
+        );
         self.active = w;
         Ok(())
     }
@@ -145,6 +170,8 @@ impl Log {
         }
         let (no, end) = (self.active.no, self.active.end);
         idx.segs.entry(no).or_default().size = end;
+        drop(idx);
+        self.spares.maybe_start(&self.active, &self.shared);
         Ok(())
     }
 

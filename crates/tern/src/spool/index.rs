@@ -34,7 +34,8 @@ pub(crate) struct Entry {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SegInfo {
     pub nonce: u64,
-    /// Bytes in the file (the active segment grows with every batch).
+    /// The logical end: bytes up to the end of the last record (a
+    /// preallocated file is longer; its zero tail holds nothing).
     pub size: u64,
     pub live: usize,
     pub live_bytes: u64,

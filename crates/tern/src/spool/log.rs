@@ -23,6 +23,7 @@ use super::draft::{Draft, DraftCfg, clean_scratch};
 use super::index::{Index, Loc};
 use super::record::{Kind, REC_HDR_LEN, parse_record};
 use super::recover;
+use super::spare;
 use super::writer::{Faults, segment_path};
 use super::{Envelope, IdGen, MsgId, RcptStatus, RecoveryReport, SpoolConfig, SpoolError};
 
@@ -72,6 +73,12 @@ impl Spool {
         let stale = clean_scratch(&scratch_dir)?;
         if stale > 0 {
             tracing::info!(files = stale, "spool.scratch_cleaned");
+        }
+        // A spare that was being prepared (or was ready) when the last run
+        // ended never held a record.
+        let spares = spare::remove_stale(&dir)?;
+        if spares > 0 {
+            tracing::info!(files = spares, "spool.stale_spare_removed");
         }
         let outcome = recover::scan(&dir)?;
         let mut report = RecoveryReport {
@@ -206,17 +213,7 @@ impl Spool {
     /// Bytes available to unprivileged users on the spool's file system
     /// (`statvfs`: `f_bavail * f_frsize`).
     pub fn free_space(&self) -> io::Result<u64> {
-        let c = std::ffi::CString::new(self.inner.shared.dir.as_os_str().as_bytes())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: `c` is a valid NUL-terminated path and `st` a properly
-        // sized, writable statvfs struct that outlives the call.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        #[allow(clippy::unnecessary_cast)] // the field widths differ between targets
-        Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+        free_space(&self.inner.shared.dir)
     }
 
     /// Finish the batch in flight and stop the committer. Later calls get
@@ -235,7 +232,8 @@ impl Spool {
         }
     }
 
-    /// fdatasync/fsync calls issued on segments since open (metrics, tests).
+    /// fdatasync/fsync calls issued on segments since open (metrics, tests),
+    /// including the one `fsync` per prepared spare segment (helper thread).
     pub fn sync_count(&self) -> u64 {
         self.inner.shared.syncs.load(Ordering::Relaxed)
     }
@@ -255,6 +253,35 @@ impl Spool {
     pub(crate) fn segment_numbers(&self) -> Vec<u32> {
         self.inner.shared.index().segs.keys().copied().collect()
     }
+
+    /// (segment, logical size) as the index sees them.
+    #[cfg(test)]
+    pub(crate) fn segment_sizes(&self) -> Vec<(u32, u64)> {
+        let idx = self.inner.shared.index();
+        idx.segs.iter().map(|(no, s)| (*no, s.size)).collect()
+    }
+
+    /// Where a live message's record starts (segment, offset).
+    #[cfg(test)]
+    pub(crate) fn location(&self, id: MsgId) -> Option<(u32, u64)> {
+        let idx = self.inner.shared.index();
+        idx.locate(id).map(|(loc, _)| (loc.seg, loc.off))
+    }
+}
+
+/// Bytes available to unprivileged users on the file system holding `dir`.
+pub(crate) fn free_space(dir: &Path) -> io::Result<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly
+    // sized, writable statvfs struct that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // the field widths differ between targets
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// Read and verify the MSG record at `loc`; return its body.

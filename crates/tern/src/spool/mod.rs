@@ -33,11 +33,47 @@
 //! (for instance someone mailing a spool file) can never be mistaken for a
 //! real record when recovery resynchronises after damage.
 //!
+//! **Preallocation.** A segment file may be longer than its records: the
+//! spool prepares the next segment in the background as `dir/spare.prep`
+//! (header, then real zeros up to `segment_size`, `fsync`, directory
+//! `fsync`), and a roll renames it to `NNNNNNNN.log` and syncs the directory
+//! before the first append (`spare.rs`). Appends then overwrite zeros in
+//! place, so the hot-path `fdatasync` flushes data and no size metadata.
+//! - The **logical end** of a segment is just past its last valid record.
+//!   Everything after it is zeros in a healthy segment; since every record
+//!   starts with the non-zero magic `TREC`, "only zeros from here to the end
+//!   of the file" is unambiguous and is the normal end (not a torn tail, not
+//!   damage). Recovery checks the whole remaining region; any non-zero byte
+//!   in it falls under the usual torn-tail/corruption rules.
+//! - A torn record before the zeros of the last segment is cut **in place**
+//!   when the segment is preallocated (its bytes overwritten with zeros and
+//!   synced, the file keeps its size); the writer resumes at its start. A
+//!   growing segment (shorter than `segment_size`) is truncated as before.
+//! - `*.prep` files never hold records: scans ignore them and
+//!   [`Spool::open`] deletes them. A crash mid-preparation leaves only such a
+//!   file; a crash mid-activation leaves either it or a segment made of a
+//!   header and zeros (a clean, empty segment).
+//! - When no spare is ready at a roll, the segment is created the old way
+//!   (header written and synced, file grows); once a spare is ready the
+//!   committer rolls early out of such a growing segment.
+//!
+//! The format version stays 1: headers and records are byte-for-byte
+//! unchanged, and a reader of the original version 1 handles a preallocated
+//! segment safely (it cuts the zeros of the last segment as a torn tail and
+//! quarantines an older one, rewriting every valid record), so a downgrade
+//! loses nothing; bumping the version would instead make such a reader treat
+//! every segment as foreign.
+//!
 //! # Invariants
 //! - A commit returns `Ok` only after the `fdatasync` that covered its record
 //!   succeeded; the index only ever shows durable state.
-//! - Exactly one `fdatasync` per batch on the hot path (a segment roll adds one
-//!   sync of the new file's header and one of the directory).
+//! - Exactly one `fdatasync` per batch on the hot path (a roll into a
+//!   prepared segment adds one directory sync; a roll without one adds a
+//!   sync of the new file's header and one of the directory). Preparing a
+//!   spare costs one `fsync` on the helper thread, counted in
+//!   [`Spool::sync_count`] (directory syncs are never counted).
+//! - Space accounting (`RecoveryReport`, compaction) uses logical ends,
+//!   never file sizes.
 //! - A message may appear in several segments (compaction copies it forward,
 //!   then deletes the old segment): the newest copy wins; a DONE anywhere wins.
 //! - A segment is deleted only when none of its messages is live **and** every
@@ -64,10 +100,13 @@ mod index;
 mod log;
 mod record;
 mod recover;
+mod spare;
 mod writer;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_prealloc;
 #[cfg(test)]
 mod tests_prop;
 #[cfg(test)]

@@ -113,12 +113,19 @@ pub(crate) fn parse_record(buf: &[u8], nonce: u64) -> Option<Parsed<'_>> {
     })
 }
 
-/// Offset of the next record start at or after `from` that parses, if any.
-/// Used to resynchronise after a damaged region.
-pub(crate) fn resync(buf: &[u8], from: usize, nonce: u64) -> Option<usize> {
+/// Offset of the next record start at or after `from` and before `limit`
+/// that parses, if any. Used to resynchronise after a damaged region;
+/// `limit` is the start of a segment's trailing zeros, where no record can
+/// start (a record begins with the non-zero magic), so a preallocated
+/// segment's empty space is not searched.
+pub(crate) fn resync(buf: &[u8], from: usize, limit: usize, nonce: u64) -> Option<usize> {
     let mut pos = from;
-    while pos + REC_OVERHEAD <= buf.len() {
-        let hit = buf[pos..].windows(4).position(|w| w == REC_MAGIC)?;
+    let limit = limit.min(buf.len());
+    while pos < limit && pos + REC_OVERHEAD <= buf.len() {
+        let window_end = (limit + REC_MAGIC.len() - 1).min(buf.len());
+        let hit = buf[pos..window_end]
+            .windows(4)
+            .position(|w| w == REC_MAGIC)?;
         let at = pos + hit;
         if parse_record(&buf[at..], nonce).is_some() {
             return Some(at);
@@ -139,6 +146,20 @@ pub(crate) fn encode(kind: Kind, payload: &[u8], nonce: u64) -> Result<Vec<u8>, 
     let crc = crc32c::crc32c_append(crc_seed(nonce), &out);
     out.extend_from_slice(&crc.to_le_bytes());
     Ok(out)
+}
+
+/// Offset just past the last non-zero byte of `buf` (0 if all zero): where
+/// the trailing zeros of a preallocated segment begin. Checks 64-byte blocks
+/// first so scanning 64 MiB of zeros stays fast.
+pub(crate) fn data_end(buf: &[u8]) -> usize {
+    let mut end = buf.len();
+    for chunk in buf.rchunks(64) {
+        if let Some(i) = chunk.iter().rposition(|&b| b != 0) {
+            return end - chunk.len() + i + 1;
+        }
+        end -= chunk.len();
+    }
+    0
 }
 
 /// MSG payload prefix: id, envelope JSON length, envelope JSON (the body follows).

@@ -2,12 +2,16 @@
 //! quarantine damaged segments.
 //!
 //! Classification, per segment, in number order:
+//! - zeros from after the last valid record to the end of the file are the
+//!   unused space of a preallocated segment: the clean end (the logical end
+//!   is where they start; no record starts with a zero byte);
 //! - a record that does not verify is followed by a search for the next
 //!   record that does (resync on the magic; the CRC is seeded by the segment
 //!   nonce, so quoted records inside bodies never match);
 //! - damage with no valid record after it, in the **last** segment, is a torn
 //!   tail: the write of a batch that never got its sync, so none of it was
-//!   acknowledged. It is cut off (`set_len`);
+//!   acknowledged. It is cut off: truncated (`set_len`), or in a
+//!   preallocated segment overwritten with zeros so the file keeps its size;
 //! - any other damage (in the middle, or at the end of an older segment) is
 //!   corruption: the segment's live messages, the statuses and DONEs it holds
 //!   are rewritten into the active segment (synced), then the segment is moved
@@ -21,6 +25,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -29,9 +34,10 @@ use super::draft::Body;
 use super::index::{Index, Loc, SegInfo};
 use super::log::read_msg_body;
 use super::record::{
-    Kind, Parsed, REC_HDR_LEN, SEG_HDR_LEN, decode_done, decode_msg, decode_state, msg_head,
-    parse_record, parse_segment_header, resync, state_payload,
+    Kind, Parsed, REC_HDR_LEN, SEG_HDR_LEN, data_end, decode_done, decode_msg, decode_state,
+    msg_head, parse_record, parse_segment_header, resync, state_payload,
 };
+use super::spare::Spares;
 use super::writer::{Apply, OutRec, SegmentWriter, segment_path, sync_dir};
 use super::{MsgId, RecoveryReport, SpoolConfig, SpoolError};
 
@@ -39,7 +45,14 @@ use super::{MsgId, RecoveryReport, SpoolConfig, SpoolError};
 #[derive(Debug, Default)]
 pub(crate) struct SegScan {
     pub no: u32,
+    /// File size.
     pub len: u64,
+    /// Logical end: just past the last valid record (the start of the torn
+    /// tail, if any). Only zeros follow it in a clean segment.
+    pub end: u64,
+    /// Start of the trailing all-zero region (`len` if there is none): a
+    /// preallocated segment's unused space.
+    pub data_end: u64,
     /// `None`: the segment header is short or not ours.
     pub nonce: Option<u64>,
     /// Start of trailing damage with no valid record after it.
@@ -100,18 +113,21 @@ fn scan_segment(
     done: &mut HashSet<MsgId>,
     max_id: &mut u64,
 ) -> SegScan {
+    let data_end = data_end(buf);
     let mut s = SegScan {
         no,
         len: buf.len() as u64,
+        data_end: data_end as u64,
         nonce: parse_segment_header(buf),
         ..SegScan::default()
     };
     let Some(nonce) = s.nonce else { return s };
-    let info = index.segs.entry(no).or_default();
-    info.nonce = nonce;
-    info.size = buf.len() as u64;
     let mut off = SEG_HDR_LEN as usize;
-    while off < buf.len() {
+    // Past `data_end` there are only zeros: the normal end of a
+    // preallocated segment (no record starts with a zero byte), so the
+    // scan stops there without calling it damage. A record's own last
+    // bytes may be zeros, hence `off` can end up beyond `data_end`.
+    while off < data_end {
         match parse_record(&buf[off..], nonce) {
             Some(p) => {
                 let total = p.total;
@@ -123,7 +139,7 @@ fn scan_segment(
                 }
                 off += total;
             }
-            None => match resync(buf, off + 1, nonce) {
+            None => match resync(buf, off + 1, data_end, nonce) {
                 Some(next) => {
                     s.bad.push((off as u64, next as u64));
                     off = next;
@@ -135,6 +151,11 @@ fn scan_segment(
             },
         }
     }
+    s.end = off as u64;
+    let info = index.segs.entry(no).or_default();
+    info.nonce = nonce;
+    // Space accounting uses the logical end, never the preallocated size.
+    info.size = s.end;
     s
 }
 
@@ -206,34 +227,23 @@ pub(crate) fn repair(
             None => corrupt.push(s),
             Some(_) if !s.bad.is_empty() || (s.torn_at.is_some() && !is_last) => corrupt.push(s),
             Some(nonce) => {
-                let mut end = s.len;
+                // A preallocated segment: full size, room left after the
+                // logical end that appends can use without growing the file.
+                let prealloc = s.len > s.end && s.len >= config.segment_size;
                 if let Some(t) = s.torn_at {
-                    save_tail(dir, s.no, t);
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(segment_path(dir, s.no))?;
-                    f.set_len(t)?;
-                    f.sync_data()?;
+                    cut_torn_tail(dir, &s, t, prealloc)?;
                     report.torn_tails_cut += 1;
-                    report.bytes_lost += s.len - t;
-                    end = t;
-                    shared.index().segs.entry(s.no).or_default().size = t;
-                    tracing::warn!(
-                        segment = s.no,
-                        offset = t,
-                        bytes = s.len - t,
-                        "spool.torn_tail_cut"
-                    );
+                    report.bytes_lost += s.data_end - t;
                 }
                 if is_last {
-                    reuse = Some((s.no, nonce, end));
+                    reuse = Some((s.no, nonce, s.end, prealloc));
                 }
             }
         }
     }
     let active = match reuse {
-        Some((no, nonce, end)) if end < config.segment_size => {
-            SegmentWriter::open_existing(dir, no, nonce, end)?
+        Some((no, nonce, end, prealloc)) if end < config.segment_size => {
+            SegmentWriter::open_existing(dir, no, nonce, end, prealloc)?
         }
         _ => {
             let w = SegmentWriter::create(dir, max_no + 1, &shared.syncs)?;
@@ -251,6 +261,7 @@ pub(crate) fn repair(
         active,
         segment_size: config.segment_size,
         skip_compact: BTreeSet::new(),
+        spares: Spares::new(dir, config.segment_size),
     };
     for s in corrupt {
         quarantine(&mut log, &s, report);
@@ -261,10 +272,10 @@ pub(crate) fn repair(
 /// Lost bytes in a damaged segment.
 fn damaged_bytes(s: &SegScan) -> u64 {
     if s.nonce.is_none() {
-        return s.len;
+        return s.data_end;
     }
     let mid: u64 = s.bad.iter().map(|(a, b)| b - a).sum();
-    mid + s.torn_at.map_or(0, |t| s.len - t)
+    mid + s.torn_at.map_or(0, |t| s.data_end - t)
 }
 
 /// Rewrite what a damaged segment holds into the active one, then move it to
@@ -386,15 +397,50 @@ fn move_to_corrupt(dir: &Path, path: &Path, no: u32) -> std::io::Result<PathBuf>
     Ok(dest)
 }
 
-/// Keep a copy of a torn tail in `corrupt/` before cutting it: normally it is
-/// an unacknowledged batch, but if it was damage instead, the bytes are kept
-/// for forensics (nothing is ever thrown away silently). Best effort.
-fn save_tail(dir: &Path, no: u32, from: u64) {
+/// Cut the torn tail that starts at `t` in the last segment. In a
+/// preallocated segment the torn bytes are overwritten with zeros and the
+/// file keeps its size, so the next append (at `t`) still goes into allocated
+/// space and "only zeros after the logical end" holds again (leftover bytes
+/// would otherwise make the segment look damaged once it is no longer the
+/// last). A growing segment is truncated to `t`, as before.
+fn cut_torn_tail(dir: &Path, s: &SegScan, t: u64, prealloc: bool) -> std::io::Result<()> {
+    save_tail(dir, s.no, t, s.data_end);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(segment_path(dir, s.no))?;
+    if prealloc {
+        let zeros = vec![0u8; usize::try_from(s.data_end - t).unwrap_or(0).min(1 << 20)];
+        let mut off = t;
+        while off < s.data_end {
+            let n = zeros
+                .len()
+                .min(usize::try_from(s.data_end - off).unwrap_or(usize::MAX));
+            f.write_all_at(&zeros[..n], off)?;
+            off += n as u64;
+        }
+    } else {
+        f.set_len(t)?;
+    }
+    f.sync_data()?;
+    tracing::warn!(
+        segment = s.no,
+        offset = t,
+        bytes = s.data_end - t,
+        kept_preallocation = prealloc,
+        "spool.torn_tail_cut"
+    );
+    Ok(())
+}
+
+/// Keep a copy of a torn tail (`[from, to)`, the trailing zeros excluded) in
+/// `corrupt/` before cutting it: normally it is an unacknowledged batch, but
+/// if it was damage instead, the bytes are kept for forensics (nothing is
+/// ever thrown away silently). Best effort.
+fn save_tail(dir: &Path, no: u32, from: u64, to: u64) {
     let res = (|| -> std::io::Result<()> {
         let src = std::fs::File::open(segment_path(dir, no))?;
-        let len = src.metadata()?.len();
-        let mut buf = vec![0u8; usize::try_from(len.saturating_sub(from)).unwrap_or(0)];
-        std::os::unix::fs::FileExt::read_exact_at(&src, &mut buf, from)?;
+        let mut buf = vec![0u8; usize::try_from(to.saturating_sub(from)).unwrap_or(0)];
+        src.read_exact_at(&mut buf, from)?;
         let cdir = dir.join("corrupt");
         std::fs::create_dir_all(&cdir)?;
         std::fs::write(cdir.join(format!("{no:08}.tail-{from}")), &buf)

@@ -61,21 +61,39 @@ async fn torn_tail_at_every_byte_of_the_last_record() {
             }
             std::fs::write(dst.path().join(&name), &bytes).unwrap();
             let (s, rep) = Spool::open(config(dst.path())).unwrap();
-            let torn = usize::from(bytes.len() as u64 > before_last);
+            // Zeros right after the last whole record are the clean end of
+            // a preallocated segment; a partial record (it starts with the
+            // non-zero magic) before them is a torn tail.
+            let torn = usize::from(cut as u64 > before_last);
             assert_eq!(rep.torn_tails_cut, torn, "cut at {cut}");
+            // Lost: the torn record's bytes up to its last non-zero one.
+            let nonzero_end = bytes.iter().rposition(|&x| x != 0).map_or(0, |p| p + 1);
+            let lost = (nonzero_end as u64).saturating_sub(before_last);
+            assert_eq!(rep.bytes_lost, lost, "cut at {cut}");
             assert!(rep.corrupt_segments.is_empty(), "cut at {cut}");
             assert_eq!(rep.messages, 2, "cut at {cut}");
             assert!(s.get(c).is_none());
             assert!(s.get(a).unwrap().recipients[0].status.is_final());
             assert_eq!(s.read_body(b).await.unwrap(), b"second body\r\n");
-            assert_eq!(
-                std::fs::metadata(dst.path().join(&name)).unwrap().len(),
-                before_last
-            );
-            // The log keeps working after the cut.
+            // A torn tail in a file shorter than a segment (not
+            // preallocated) is truncated; a clean zero tail is left alone.
+            let after = std::fs::read(dst.path().join(&name)).unwrap();
+            let want_len = if torn == 1 {
+                before_last as usize
+            } else {
+                bytes.len()
+            };
+            assert_eq!(after.len(), want_len, "cut at {cut}");
+            assert_eq!(after[..before_last as usize], full[..before_last as usize]);
+            assert!(after[before_last as usize..].iter().all(|&x| x == 0));
+            // The log keeps working after the cut: the next record starts
+            // where the torn one did.
             let d = commit_body(&s, envelope(1), b"again").await.unwrap();
+            let seg_no = list_segments(dst.path()).unwrap()[0];
+            assert_eq!(s.location(d), Some((seg_no, before_last)), "cut at {cut}");
             let (s, rep) = reopen(s, config(dst.path())).await;
             assert_eq!(rep.torn_tails_cut, 0);
+            assert!(rep.corrupt_segments.is_empty());
             assert_eq!(s.read_body(d).await.unwrap(), b"again");
         }
     }

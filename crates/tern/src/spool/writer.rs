@@ -2,7 +2,8 @@
 //! truncate-back on failure, and the fault-injection hook used by tests.
 //!
 //! Invariants: `SegmentWriter::end` is always the end of the last record that
-//! was durably synced; after a failed batch the file is cut back to it
+//! was durably synced (the logical end; a preallocated file is longer and
+//! holds only zeros after it); after a failed batch the file is cut back to it
 //! (`set_len`), and if even that fails the writer is marked `poisoned` so the
 //! next batch starts a fresh segment instead of appending after garbage.
 //! Does not decide what to write or update the index (the committer does).
@@ -69,13 +70,19 @@ pub(crate) struct SegmentWriter {
     pub no: u32,
     pub nonce: u64,
     pub file: File,
+    /// The logical end: just past the last durably synced record. In a
+    /// preallocated segment the file is longer, and zeros follow.
     pub end: u64,
     pub poisoned: bool,
+    /// The file already has its full size (zero-filled), so appends below
+    /// that size change no file metadata and `fdatasync` flushes data only.
+    pub prealloc: bool,
 }
 
 impl SegmentWriter {
     /// Create segment `no` with its header synced, then sync the directory
-    /// so the new name survives a crash.
+    /// so the new name survives a crash. The fallback when no prepared
+    /// segment is ready (`spare.rs`): this file grows with every batch.
     pub fn create(dir: &Path, no: u32, syncs: &AtomicU64) -> io::Result<SegmentWriter> {
         let nonce: u64 = rand::random();
         let path = segment_path(dir, no);
@@ -95,10 +102,18 @@ impl SegmentWriter {
             file,
             end: hdr.len() as u64,
             poisoned: false,
+            prealloc: false,
         })
     }
 
-    pub fn open_existing(dir: &Path, no: u32, nonce: u64, end: u64) -> io::Result<SegmentWriter> {
+    /// Reopen the last segment at recovery; appends continue at `end`.
+    pub fn open_existing(
+        dir: &Path,
+        no: u32,
+        nonce: u64,
+        end: u64,
+        prealloc: bool,
+    ) -> io::Result<SegmentWriter> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -109,6 +124,7 @@ impl SegmentWriter {
             file,
             end,
             poisoned: false,
+            prealloc,
         })
     }
 
@@ -171,6 +187,9 @@ pub(crate) fn append_batch(
             Ok(())
         }
         Err(e) => {
+            // Cutting back also drops a preallocated segment's zero tail:
+            // nothing is lost, the segment is never appended to again
+            // (poisoned below), and a short file has an unambiguous end.
             if let Err(t) = w.file.set_len(start) {
                 tracing::error!(segment = w.no, error = %t, "spool.truncate_failed");
             }
