@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from ternlib import HOSTNAME, ends_with_original, header_values, split_mail, wait_until
+from ternlib import HOSTNAME, ends_with_original, header_values, queued_id, split_mail, to_toml, wait_until
 
 
 def make_msg(marker: str, to: str = "alice@example.test") -> bytes:
@@ -228,3 +228,30 @@ def test_custom_maildir_path(tern, tmp_path):
     (mail,) = srv.wait_for_mail("alice", 1)
     assert ends_with_original(mail, msg)
     assert not (srv.data_dir / "mail" / "alice").exists()
+
+
+def test_mail_for_a_removed_user_stays_queued_and_is_written_nowhere(tern):
+    """A message accepted for a user who is then removed from the config is
+    kept (deferred), never written under the working directory or anywhere
+    else, and listed by `tern queue list`."""
+    srv = tern({"user": [{"name": "alice", "addresses": ["alice@example.test"]},
+                         {"name": "bob", "addresses": ["bob@example.test"], "maildir": "/proc/no-such-maildir"}],
+                "aliases": None,
+                "delivery": {"retry_initial": "1s", "retry_max": "1s"}})
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<s@remote.test>").code == 250
+        assert c.cmd("RCPT TO:<bob@example.test>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: for bob\r\n\r\nbody\r\n.\r\n")
+        qid = queued_id(c.expect(250, "2.0.0"))
+    wait_until(lambda: "deferred" in srv.queue_list(), 15, what="bob's delivery deferred")
+    srv.stop()
+    # bob leaves; the server restarts and retries.
+    srv.config["user"] = [{"name": "alice", "addresses": ["alice@example.test"]}]
+    srv.config_path.write_text(to_toml(srv.config), encoding="utf-8")
+    srv.start()
+    wait_until(lambda: "no longer configured" in srv.queue_list(), 15, what="a retry for the removed user")
+    assert qid in srv.queue_list()
+    for name in ("new", "tmp", "cur"):
+        assert not (srv.workdir / name).exists(), f"{name}/ created in the working directory"

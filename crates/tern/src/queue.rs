@@ -229,7 +229,11 @@ impl Queue {
     }
 
     async fn write_maildirs(&self, jobs: &[LocalJob]) -> Vec<Result<(), String>> {
-        let mut plan: Vec<(PathBuf, Vec<u8>, Arc<Vec<u8>>)> = Vec::new();
+        // One entry per due recipient, in order; a recipient whose user was
+        // removed from the config since acceptance is deferred right here
+        // (kept until an administrator decides), never written anywhere.
+        type Plan = Result<(PathBuf, Vec<u8>, Arc<Vec<u8>>), String>;
+        let mut plan: Vec<Plan> = Vec::new();
         for LocalJob {
             envelope,
             due,
@@ -239,46 +243,46 @@ impl Queue {
         {
             for &i in due {
                 let rcpt = &envelope.recipients[i];
-                let maildir = match &rcpt.route {
-                    Route::Local { mailbox } => {
-                        self.runtime.users.get(mailbox).map(|u| u.maildir.clone())
-                    }
+                let user = match &rcpt.route {
+                    Route::Local { mailbox } => self.runtime.users.get(mailbox),
                     Route::Remote => None,
                 };
-                // A user removed from the config since acceptance: keep the
-                // message (defer) until an administrator decides.
-                let maildir = maildir.unwrap_or_default();
-                let prefix = format!(
-                    "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
-                    envelope.sender, rcpt.address
-                );
-                plan.push((maildir, prefix.into_bytes(), body.clone()));
+                plan.push(match user {
+                    Some(user) => {
+                        let prefix = format!(
+                            "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+                            envelope.sender, rcpt.address
+                        );
+                        Ok((user.maildir.clone(), prefix.into_bytes(), body.clone()))
+                    }
+                    None => Err("mailbox no longer configured".to_string()),
+                });
             }
         }
         let namer = self.namer.clone();
+        let total = plan.len();
         let outcome = tokio::task::spawn_blocking(move || {
             let copies: Vec<LocalCopy<'_>> = plan
                 .iter()
+                .flatten()
                 .map(|(maildir, prefix, body)| LocalCopy {
                     maildir,
                     prefix: prefix.clone(),
                     body,
                 })
                 .collect();
-            deliver_batch(&namer, &copies)
-                .into_iter()
-                .zip(plan.iter())
-                .map(|(r, (maildir, _, _))| {
-                    if maildir.as_os_str().is_empty() {
-                        Err("mailbox no longer configured".to_string())
-                    } else {
-                        r.map_err(|e| e.to_string())
-                    }
+            let mut delivered = deliver_batch(&namer, &copies).into_iter();
+            plan.iter()
+                .map(|p| match p {
+                    Ok(_) => delivered
+                        .next()
+                        .unwrap_or_else(|| Err(std::io::Error::other("no result")))
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.clone()),
                 })
                 .collect::<Vec<_>>()
         })
         .await;
-        let total: usize = jobs.iter().map(|j| j.due.len()).sum();
         outcome.unwrap_or_else(|e| vec![Err(format!("maildir writer failed: {e}")); total])
     }
 

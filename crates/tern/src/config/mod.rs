@@ -165,10 +165,13 @@ pub fn load(path: &Path) -> Result<Runtime, Vec<ConfigError>> {
             message: format!("cannot read config file: {e}"),
         }]
     })?;
-    let base = path
+    // Relative paths in the file are relative to the file's directory, made
+    // absolute here so nothing depends on the working directory later.
+    let parent = path
         .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
     parse(&text, &base)
 }
 
