@@ -385,14 +385,15 @@ def test_refused_data_needs_a_new_mail(tern):
     srv = tern()
     with srv.connect() as c:
         c.ehlo()
-        c.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<nobody@example.test>\r\nDATA\r\n"
-               b"RCPT TO:<alice@example.test>\r\nDATA\r\n")
+        c.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<nobody@example.test>\r\nDATA\r\n")
         c.expect(250, "2.1.0")
         c.expect(550, "5.1.1")
         r = c.reply()
         assert r.code in (503, 554) and r.enhanced.startswith("5."), r
+        c.send(b"RCPT TO:<alice@example.test>\r\n")
         c.expect(503, "5.5.1")  # RCPT: the transaction is gone
-        c.expect(503, "5.5.1")  # DATA
+        c.send(b"DATA\r\n")
+        c.expect(503, "5.5.1")
         c.cmd("MAIL FROM:<s@remote.test>")
         assert c.cmd("RCPT TO:<alice@example.test>").code == 250
 
@@ -421,3 +422,15 @@ def test_utf8_helo_stays_out_of_ascii_headers(tern):
     headers, _ = split_mail(mail)
     assert headers.isascii(), headers
     assert b"from [127.0.0.1] ([127.0.0.1])" in headers, headers
+
+
+def test_content_pipelined_after_a_refused_data_is_not_run(tern):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        c.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<nobody@example.test>\r\nDATA\r\n"
+               b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        c.expect(250, "2.1.0")
+        c.expect(550, "5.1.1")
+        c.expect(554, "5.5.0")
+        assert c.is_closed()

@@ -16,8 +16,8 @@
 //! Errors: [`CommandError`]: unknown verb 500 5.5.2, bad characters 500
 //! 5.5.2, known-but-unimplemented verb 502 5.5.1, HTTP request 554 5.5.1 (and
 //! close), argument syntax 501 5.5.4 (RFC 3463: "invalid command
-//! arguments"), bad sender 501 5.1.7, bad recipient 501 5.1.3, over-long
-//! address 553, unknown or unadvertised parameter 555 5.5.4 (§4.1.1.11),
+//! arguments"), bad sender 501 5.1.7, bad recipient 501 5.1.3 (also for an
+//! over-long address, §4.5.3.1.10), unknown or unadvertised parameter 555 5.5.4 (§4.1.1.11),
 //! duplicate or malformed parameter 501 5.5.4.
 
 mod params;
@@ -114,15 +114,12 @@ impl CommandError {
     }
 }
 
-/// RFC 3463: X.1.7 bad sender syntax, X.1.3 bad destination syntax.
+/// RFC 3463: X.1.7 bad sender syntax, X.1.3 bad destination syntax. An
+/// over-long path is a syntax error too: RFC 5321 §4.5.3.1.10 names
+/// "501 Path too long".
 fn address_reply(a: &AddressError, detail: u16, who: &str) -> Reply {
-    let code = if matches!(a, AddressError::Syntax(_)) {
-        501
-    } else {
-        553
-    };
     Reply::new(
-        code,
+        501,
         Some(EnhancedCode(5, 1, detail)),
         format!("Error: bad {who} address: {a}"),
     )

@@ -191,8 +191,9 @@ fn address_error_codes() {
         e.reply().enhanced,
         Some(crate::reply::EnhancedCode(5, 1, 7))
     );
+    // RFC 5321 §4.5.3.1.10: "501 Path too long".
     let e = p(&format!("RCPT TO:<{}@b>", "a".repeat(65))).unwrap_err();
-    assert_eq!(e.reply().code, 553);
+    assert_eq!(e.reply().code, 501);
     assert_eq!(
         e.reply().enhanced,
         Some(crate::reply::EnhancedCode(5, 1, 3))

@@ -324,7 +324,11 @@ impl Session {
     /// Queues a reply; 4xx/5xx count as errors and the last allowed one
     /// is followed by 421 4.7.0 and Close.
     fn reply(&mut self, r: Reply) {
-        let is_error = r.code >= 400;
+        // "Too many recipients" is not a client error: RFC 5321 §4.5.3.1.10
+        // expects the client to send the rest in another transaction, and a
+        // pipelining client may send many RCPTs past the limit at once.
+        let overshoot = r.code == 452 && r.enhanced == Some(EnhancedCode(4, 5, 3));
+        let is_error = r.code >= 400 && !overshoot;
         self.events.push_back(Event::Reply(r));
         if is_error && !self.closed {
             self.errors += 1;

@@ -99,7 +99,7 @@ impl Session {
             // §3.5.3: 252 when we will not verify; never disclose users.
             Command::Vrfy(_) => self.reply(r(
                 252,
-                (2, 5, 2),
+                (2, 0, 0),
                 "Cannot VRFY user, but will accept message and attempt delivery",
             )),
             Command::Help(_) => self.reply(r(
@@ -189,13 +189,16 @@ impl Session {
             }
             Some(_) => None,
         };
-        if let Some(reply) = refusal {
-            // The transaction is over after a refused DATA: a client that
-            // pipelined RCPT/DATA after it must start again with MAIL.
+        if !self.input.is_empty() {
+            // Checked first: whatever follows DATA in the same read is message
+            // content sent without waiting for our reply, even when the DATA
+            // itself is refused; it must never run as commands.
+            self.pipelining_violation();
+        } else if let Some(reply) = refusal {
+            // The transaction is over after a refused DATA: a client must
+            // start again with MAIL.
             self.reset_transaction();
             self.reply(reply);
-        } else if !self.input.is_empty() {
-            self.pipelining_violation();
         } else {
             self.ask(Query::Data, Pending::Data);
         }

@@ -252,7 +252,7 @@ fn sequencing_errors() {
             "554 5.5.1 Error: no valid recipients",
             "250 2.0.0 Ok",
             "250 2.0.0 Ok",
-            "252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery",
+            "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery",
             "214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP",
         ]
     );
@@ -480,7 +480,7 @@ fn bad_addresses() {
         .collect();
     assert_eq!(
         codes,
-        vec!["501 5.5.4", "501 5.1.7", "553 5.1.3", "501 5.1.3"]
+        vec!["501 5.5.4", "501 5.1.7", "501 5.1.3", "501 5.1.3"]
     );
 }
 
@@ -696,7 +696,10 @@ fn refused_data_ends_the_transaction() {
     // not revive the transaction (a new MAIL is needed).
     let ev = run_events_with(
         config(),
-        &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\nDATA\r\nRCPT TO:<x@b>\r\nDATA\r\n"],
+        &[
+            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\nDATA\r\n",
+            b"RCPT TO:<x@b>\r\nDATA\r\n",
+        ],
         |q| match q {
             Query::Rcpt { .. } => {
                 Decision::Reject(Reply::new(550, Some(EnhancedCode(5, 1, 1)), "no"))
@@ -729,5 +732,47 @@ fn bdat_after_helo_is_refused_and_its_octets_swallowed() {
     assert_eq!(
         count(&ev, |e| matches!(e, Event::Query(Query::EndOfData))),
         0
+    );
+}
+
+#[test]
+fn content_after_a_refused_data_is_never_run_as_commands() {
+    let ev = run_events_with(
+        config(),
+        &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nDATA\r\nMAIL FROM:<evil@b>\r\nRCPT TO:<x@b>\r\n"],
+        accept,
+    );
+    assert!(
+        replies(&ev).ends_with(
+            "250 2.1.0 Ok\r\n554 5.5.0 Error: improper use of SMTP command pipelining\r\n"
+        ),
+        "{}",
+        replies(&ev)
+    );
+    assert_eq!(
+        count(&ev, |e| matches!(e, Event::Query(Query::Mail { .. }))),
+        1
+    );
+    assert_eq!(ev.last(), Some(&Event::Close));
+}
+
+#[test]
+fn recipients_past_the_limit_are_not_errors() {
+    // A pipelining client sends many RCPTs past the limit: each gets 452
+    // 4.5.3, the session is not closed for "too many errors", DATA goes on.
+    let mut cfg = config();
+    cfg.max_recipients = 2;
+    cfg.max_errors = 3;
+    let mut input = b"EHLO c\r\nMAIL FROM:<a@b>\r\n".to_vec();
+    for i in 0..10 {
+        input.extend_from_slice(format!("RCPT TO:<r{i}@b>\r\n").as_bytes());
+    }
+    let ev = run_events_with(cfg, &[&input, b"DATA\r\n"], accept);
+    let out = replies(&ev);
+    assert_eq!(out.matches("452 4.5.3").count(), 8, "{out}");
+    assert!(!out.contains("421"), "{out}");
+    assert!(
+        out.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"),
+        "{out}"
     );
 }

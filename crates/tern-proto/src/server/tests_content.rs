@@ -151,7 +151,10 @@ fn bdat_size_limit_spans_chunks() {
 fn bdat_sequencing() {
     let ev = run_events_with(
         config(),
-        &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\nBDAT 2\r\nabDATA\r\nRCPT TO:<y@b>\r\nRSET\r\nBDAT 1\r\nz"],
+        &[
+            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\nBDAT 2\r\nabDATA\r\n",
+            b"RCPT TO:<y@b>\r\nRSET\r\nBDAT 1\r\nz",
+        ],
         accept,
     );
     assert!(replies(&ev).ends_with(
