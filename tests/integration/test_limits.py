@@ -284,3 +284,23 @@ def test_trickled_message_data_times_out(tern):
         assert elapsed < 4, elapsed
         assert c.is_closed()
     prove_nothing_delivered(srv)
+
+
+def test_slow_but_steady_message_data_is_not_cut(tern):
+    """Each 64 KiB of message data earns a new data_timeout: a large message
+    from a slow client arrives even when the whole takes longer than one
+    timeout."""
+    srv = tern({"limits": {"data_timeout": "1s"}})
+    block = (("y" * 78 + "\r\n") * 900).encode()  # ~70 KiB
+    with srv.connect() as c:
+        start_data(c)
+        t0 = time.monotonic()
+        c.send(b"Subject: slow\r\n\r\n")
+        for _ in range(3):
+            c.send(block)
+            time.sleep(0.7)  # pacing the slow client, not waiting for a result
+        c.send(b".\r\n")
+        r = c.reply(timeout=10)
+        assert r.code == 250, r
+        assert time.monotonic() - t0 > 1.5  # longer than one data_timeout in total
+    srv.wait_for_mail("alice", 1)

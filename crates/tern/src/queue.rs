@@ -75,12 +75,12 @@ impl Schedule {
 }
 
 /// Delay before attempt `attempts + 1`: doubling from `initial`, capped at
-/// `max`, plus up to 10% jitter so that deferred mail does not retry in
-/// lockstep after a restart (chasquid `nextDelay`).
+/// `max`, minus up to 10% jitter so that deferred mail does not retry in
+/// lockstep after a restart (chasquid `nextDelay`); never above `max`.
 pub fn backoff(initial: Duration, max: Duration, attempts: u32, jitter: f64) -> Duration {
     let exp = initial.saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
     let base = exp.min(max);
-    base + base.mul_f64(jitter.clamp(0.0, 1.0) * 0.1)
+    base - base.mul_f64(jitter.clamp(0.0, 1.0) * 0.1)
 }
 
 /// Most message bytes one delivery batch holds in memory (a single larger
@@ -410,7 +410,8 @@ mod tests {
         assert_eq!(backoff(min, max, 4, 0.0), Duration::from_secs(2400));
         assert_eq!(backoff(min, max, 9, 0.0), max);
         assert_eq!(backoff(min, max, 99, 0.0), max);
-        assert_eq!(backoff(min, max, 1, 1.0), Duration::from_secs(330));
+        assert_eq!(backoff(min, max, 1, 1.0), Duration::from_secs(270));
+        assert!(backoff(min, max, 99, 0.5) < max);
     }
 
     #[test]

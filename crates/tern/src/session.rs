@@ -69,11 +69,21 @@ struct Driver {
     out: Vec<u8>,
     tx: Option<Transaction>,
     /// When the client must have completed what it is sending now: a
-    /// command line within `command_timeout`, a whole message within
-    /// `data_timeout`. Reset by each reply, not by each read, so a client
-    /// trickling one byte at a time cannot hold a session forever.
+    /// command line within `command_timeout` of our last reply; message data
+    /// within `data_timeout` of the last reply or of the last
+    /// [`DATA_PROGRESS`] bytes. Not reset by every read, so a client
+    /// trickling a byte at a time cannot hold a session forever.
     deadline: Instant,
+    /// The phase the deadline was set for: a new phase gets its own limit.
+    deadline_phase: Phase,
+    /// Bytes read since the deadline was last set.
+    progress: usize,
 }
+
+/// Message data that counts as progress and earns a new `data_timeout`
+/// (RFC 5321 §4.5.3.2.6 times each data block; a slow but honest client of a
+/// large message keeps going, a trickle does not).
+const DATA_PROGRESS: usize = 64 * 1024;
 
 /// Runs one connection to its end.
 pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
@@ -89,6 +99,8 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         out: Vec::new(),
         tx: None,
         deadline,
+        deadline_phase: Phase::Command,
+        progress: 0,
     };
     match driver.drive(&mut stream).await {
         Ok(()) => debug!(event = "session.close", session_id),
@@ -119,13 +131,17 @@ impl Driver {
             if self.session.is_closed() {
                 return self.flush(stream).await;
             }
-            if !self.out.is_empty() {
+            let phase = self.session.phase();
+            let progressed = phase == Phase::Data && self.progress >= DATA_PROGRESS;
+            if !self.out.is_empty() || phase != self.deadline_phase || progressed {
                 let limits = &self.ctx.runtime.limits;
-                let limit = match self.session.phase() {
+                let limit = match phase {
                     Phase::Command => limits.command_timeout,
                     Phase::Data => limits.data_timeout,
                 };
                 self.deadline = Instant::now() + limit;
+                self.deadline_phase = phase;
+                self.progress = 0;
             }
             self.flush(stream).await?;
             self.wait_for_input(stream).await?;
@@ -173,7 +189,7 @@ impl Driver {
                     ready?;
                     match read_available(stream, &mut self.session) {
                         Ok(0) => self.session.eof(),
-                        Ok(_) => {}
+                        Ok(n) => self.progress = self.progress.saturating_add(n),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return Err(e),
                     }

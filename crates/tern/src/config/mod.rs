@@ -255,18 +255,38 @@ impl Errors {
     }
 }
 
-fn duration(errors: &mut Errors, key: &str, value: &str) -> Duration {
+/// Parses a duration that must lie in `min..=max` (bounded so that no
+/// deadline arithmetic can overflow and no typo parks a session for years).
+fn duration(errors: &mut Errors, key: &str, value: &str, min: Duration, max: Duration) -> Duration {
     match humantime::parse_duration(value) {
-        Ok(d) => d,
+        Ok(d) if (min..=max).contains(&d) => d,
+        Ok(_) => {
+            errors.push(
+                key,
+                format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            );
+            min
+        }
         Err(e) => {
             errors.push(
                 key,
                 format!("invalid duration {value:?}: {e} (examples: \"300ms\", \"5m\")"),
             );
-            Duration::ZERO
+            min
         }
     }
 }
+
+const SECOND: Duration = Duration::from_secs(1);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// The largest message we accept: bodies are held in memory for delivery and
+/// a spool record's length is 32 bits.
+const MAX_MESSAGE_SIZE: u64 = 1024 * 1024 * 1024;
 
 /// Checks `domain` is a plausible DNS name (RFC 1035 letters-digits-hyphen labels).
 fn valid_domain(domain: &str) -> bool {
@@ -707,23 +727,28 @@ fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
             BareLfPolicy::Reject
         }
     };
-    let command_timeout = duration(errors, "limits.command_timeout", &l.command_timeout);
-    let data_timeout = duration(errors, "limits.data_timeout", &l.data_timeout);
-    for (key, d) in [
-        ("limits.command_timeout", command_timeout),
-        ("limits.data_timeout", data_timeout),
-    ] {
-        if d < Duration::from_secs(1) && !errors.0.iter().any(|e| e.key == key) {
-            errors.push(key, "must be at least 1s");
-        }
-    }
-    let greeting_delay = duration(errors, "limits.greeting_delay", &l.greeting_delay);
-    if greeting_delay > Duration::from_secs(30) {
+    if !(1..=MAX_MESSAGE_SIZE).contains(&l.max_message_size) {
         errors.push(
-            "limits.greeting_delay",
-            "must be at most 30s (clients give up after a while)",
+            "limits.max_message_size",
+            format!("must be between 1 and {MAX_MESSAGE_SIZE} (1 GiB)"),
         );
     }
+    let command_timeout = duration(
+        errors,
+        "limits.command_timeout",
+        &l.command_timeout,
+        SECOND,
+        DAY,
+    );
+    let data_timeout = duration(errors, "limits.data_timeout", &l.data_timeout, SECOND, DAY);
+    // Clients give up waiting for a greeting after a while.
+    let greeting_delay = duration(
+        errors,
+        "limits.greeting_delay",
+        &l.greeting_delay,
+        Duration::ZERO,
+        Duration::from_secs(30),
+    );
     let min_free_space = l.min_free_space.unwrap_or_else(|| {
         l.max_message_size
             .saturating_add(l.max_message_size / 2)
@@ -751,8 +776,14 @@ fn check_delivery(file: &FileConfig, errors: &mut Errors) -> DeliverySettings {
     if d.batch_size < 1 {
         errors.push("delivery.batch_size", "must be at least 1");
     }
-    let retry_initial = duration(errors, "delivery.retry_initial", &d.retry_initial);
-    let retry_max = duration(errors, "delivery.retry_max", &d.retry_max);
+    let retry_initial = duration(
+        errors,
+        "delivery.retry_initial",
+        &d.retry_initial,
+        SECOND,
+        DAY,
+    );
+    let retry_max = duration(errors, "delivery.retry_max", &d.retry_max, SECOND, 7 * DAY);
     if retry_max < retry_initial {
         errors.push(
             "delivery.retry_max",

@@ -223,3 +223,19 @@ fn empty_file_is_the_embedded_default() {
         Resolution::Local(vec![local("me@localhost", "me")])
     );
 }
+
+#[test]
+fn sizes_and_durations_are_bounded() {
+    let text = "[limits]\nmax_message_size = 0\ncommand_timeout = \"500000000000y\"\ngreeting_delay = \"1m\"\n\
+[delivery]\nretry_max = \"30d\"\n";
+    let errors = parse(text, Path::new("/")).expect_err("out of range");
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    for key in [
+        "limits.max_message_size",
+        "limits.command_timeout",
+        "limits.greeting_delay",
+        "delivery.retry_max",
+    ] {
+        assert!(keys.contains(&key), "missing {key}: {errors:?}");
+    }
+}
