@@ -115,6 +115,12 @@ impl Reply {
         }
     }
 
+    /// A reply with an enhanced status code given as (class, subject,
+    /// detail), the form every reply after the greeting takes (RFC 2034).
+    pub fn enhanced(code: u16, status: (u8, u16, u16), text: impl Into<String>) -> Reply {
+        Reply::new(code, Some(EnhancedCode(status.0, status.1, status.2)), text)
+    }
+
     /// The wire form, every line ended by CRLF.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out =

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod deliver;
+pub mod fsutil;
 pub mod listener;
 pub mod queue;
 pub mod server;

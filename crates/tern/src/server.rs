@@ -29,7 +29,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), String> {
     let runtime = Arc::new(runtime);
-    std::fs::create_dir_all(&runtime.data_dir)
+    crate::fsutil::create_dir_durable(&runtime.data_dir)
         .map_err(|e| format!("cannot create data_dir {}: {e}", runtime.data_dir.display()))?;
     let spool_config = SpoolConfig {
         dir: runtime.spool.dir.clone(),
@@ -69,6 +69,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         spool: spool.clone(),
         queue: queue_handle,
         shutdown: shutdown.clone(),
+        free_space: Default::default(),
     });
     let limits = ConnectionLimits::new(
         runtime.limits.max_connections,
@@ -124,7 +125,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
 /// refuses to start and says why. (`tern queue list` reads without it.)
 fn lock_spool(dir: &std::path::Path) -> Result<std::fs::File, String> {
     use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(dir)
+    crate::fsutil::create_dir_durable(dir)
         .map_err(|e| format!("cannot create spool directory {}: {e}", dir.display()))?;
     let path = dir.join("lock");
     let file = std::fs::OpenOptions::new()

@@ -28,8 +28,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tern_proto::{
-    BodyType, Decision, EnhancedCode, Event, ForwardPath, MailParams, Mailbox, Phase, Query,
-    RcptParams, Reply, Ret, ReversePath, Session,
+    BodyType, Decision, Event, ForwardPath, MailParams, Mailbox, Phase, Query, RcptParams, Reply,
+    Ret, ReversePath, Session,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -44,6 +44,34 @@ pub struct Context {
     pub queue: QueueHandle,
     /// Cancelled on SIGTERM: idle sessions answer `421 4.3.2` and close.
     pub shutdown: CancellationToken,
+    pub free_space: FreeSpace,
+}
+
+/// The spool's free space, asked of the file system at most once a second:
+/// every MAIL needs it, and it moves slowly compared with a MAIL rate in the
+/// thousands per second.
+#[derive(Default)]
+pub struct FreeSpace {
+    bytes: AtomicU64,
+    /// Milliseconds since the Unix epoch of the last `statvfs`; 0 = never.
+    checked_at: AtomicU64,
+}
+
+impl FreeSpace {
+    fn get(&self, spool: &Spool) -> io::Result<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let checked = self.checked_at.load(Ordering::Relaxed);
+        if checked != 0 && now.saturating_sub(checked) < 1000 {
+            return Ok(self.bytes.load(Ordering::Relaxed));
+        }
+        let bytes = spool.free_space()?;
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.checked_at.store(now, Ordering::Relaxed);
+        Ok(bytes)
+    }
 }
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
@@ -230,7 +258,7 @@ impl Driver {
         let needed = limits
             .min_free_space
             .saturating_add(params.size.unwrap_or(0));
-        match self.ctx.spool.free_space() {
+        match self.ctx.free_space.get(&self.ctx.spool) {
             Ok(free) if free >= needed => {}
             Ok(free) => {
                 warn!(
@@ -240,7 +268,7 @@ impl Driver {
                     needed,
                     "spool disk below reserve"
                 );
-                return Decision::Reject(reply(
+                return Decision::Reject(Reply::enhanced(
                     452,
                     (4, 3, 1),
                     "Error: insufficient system storage, try again later",
@@ -248,7 +276,7 @@ impl Driver {
             }
             Err(e) => {
                 warn!(event = "mail.reject", session_id = self.session_id, error = %e, "cannot read spool free space");
-                return Decision::Reject(reply(
+                return Decision::Reject(Reply::enhanced(
                     451,
                     (4, 3, 0),
                     "Error: local error in processing, try again later",
@@ -277,23 +305,23 @@ impl Driver {
             ForwardPath::Mailbox(m) => (m.to_string(), resolve_mailbox(runtime, m)),
         };
         let Some(tx) = self.tx.as_mut() else {
-            return Decision::Reject(reply(503, (5, 5, 1), "Error: need MAIL command"));
+            return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
         };
         let destinations = match resolution {
             Resolution::Unknown => {
                 info!(event = "rcpt.reject", session_id = self.session_id, rcpt = %given, reason = "unknown user");
-                return Decision::Reject(reply(
+                return Decision::Reject(Reply::enhanced(
                     550,
                     (5, 1, 1),
-                    &format!("<{given}>: Recipient address rejected: User unknown"),
+                    format!("<{given}>: Recipient address rejected: User unknown"),
                 ));
             }
             Resolution::Relay if !runtime.is_trusted(self.peer.ip()) => {
                 info!(event = "rcpt.reject", session_id = self.session_id, rcpt = %given, reason = "relay denied");
-                return Decision::Reject(reply(
+                return Decision::Reject(Reply::enhanced(
                     550,
                     (5, 7, 1),
-                    &format!("<{given}>: Relay access denied"),
+                    format!("<{given}>: Relay access denied"),
                 ));
             }
             Resolution::Relay => vec![(given.clone(), Route::Remote)],
@@ -333,7 +361,7 @@ impl Driver {
         let helo = self.session.helo_domain().unwrap_or("unknown").to_string();
         let esmtp = self.session.used_esmtp();
         let Some(tx) = self.tx.as_mut() else {
-            return Decision::Reject(reply(503, (5, 5, 1), "Error: need MAIL command"));
+            return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
         };
         let protocol = match (esmtp, tx.params.smtputf8) {
             (true, true) => "UTF8SMTP",
@@ -389,10 +417,10 @@ impl Driver {
 
     async fn end_of_data(&mut self) -> Decision {
         let Some(tx) = self.tx.take() else {
-            return Decision::Reject(reply(503, (5, 5, 1), "Error: need MAIL command"));
+            return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
         };
         let temp_fail = || {
-            Decision::Reject(reply(
+            Decision::Reject(Reply::enhanced(
                 452,
                 (4, 3, 1),
                 "Error: insufficient system storage, try again later",
@@ -476,22 +504,11 @@ fn notify_string(n: &tern_proto::Notify) -> String {
     parts.join(",")
 }
 
-pub(crate) fn reply(code: u16, enhanced: (u8, u16, u16), text: &str) -> Reply {
-    Reply::new(
-        code,
-        Some(EnhancedCode(enhanced.0, enhanced.1, enhanced.2)),
-        text,
-    )
-}
-
 /// The RFC 5321 §4.1.3 address literal of the client.
 fn address_literal(peer: SocketAddr) -> String {
-    match peer.ip() {
+    match crate::config::canonical_ip(peer.ip()) {
         std::net::IpAddr::V4(v4) => format!("[{v4}]"),
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => format!("[{v4}]"),
-            None => format!("[IPv6:{v6}]"),
-        },
+        std::net::IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
     }
 }
 

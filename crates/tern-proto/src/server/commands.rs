@@ -13,11 +13,7 @@
 use super::{Mode, Pending, Query, Session, Transaction};
 use crate::address::{ForwardPath, ReversePath};
 use crate::command::{Command, MailParams, RcptParams, parse_command};
-use crate::reply::{EnhancedCode, Reply};
-
-fn r(code: u16, e: (u8, u16, u16), text: &str) -> Reply {
-    Reply::new(code, Some(EnhancedCode(e.0, e.1, e.2)), text)
-}
+use crate::reply::Reply;
 
 impl Session {
     /// Frames one command line; false when more input is needed.
@@ -33,21 +29,25 @@ impl Session {
                 self.skipping_line = true;
                 self.skip_prev_cr = self.input.last() == Some(&b'\r');
                 self.input = Vec::new();
-                self.reply(r(500, (5, 5, 2), "Error: line too long"));
+                self.reply(Reply::enhanced(500, (5, 5, 2), "Error: line too long"));
                 return true;
             }
             return false;
         };
         if i + 2 > max {
             self.consume(i + 2);
-            self.reply(r(500, (5, 5, 2), "Error: line too long"));
+            self.reply(Reply::enhanced(500, (5, 5, 2), "Error: line too long"));
             return true;
         }
         let line = self.input[..i].to_vec();
         self.consume(i + 2);
         if line.iter().any(|&b| b == b'\r' || b == b'\n') {
             // §2.3.8: CR and LF only occur together as a line end.
-            self.reply(r(500, (5, 5, 2), "Error: bare <CR> or <LF> in command"));
+            self.reply(Reply::enhanced(
+                500,
+                (5, 5, 2),
+                "Error: bare <CR> or <LF> in command",
+            ));
             return true;
         }
         match parse_command(&line) {
@@ -92,17 +92,17 @@ impl Session {
             Command::Bdat { size, last } => self.cmd_bdat(size, last),
             Command::Rset => {
                 self.reset_transaction();
-                self.reply(r(250, (2, 0, 0), "Ok"));
+                self.reply(Reply::enhanced(250, (2, 0, 0), "Ok"));
             }
-            Command::Noop => self.reply(r(250, (2, 0, 0), "Ok")),
-            Command::Quit => self.close_with(r(221, (2, 0, 0), "Bye")),
+            Command::Noop => self.reply(Reply::enhanced(250, (2, 0, 0), "Ok")),
+            Command::Quit => self.close_with(Reply::enhanced(221, (2, 0, 0), "Bye")),
             // §3.5.3: 252 when we will not verify; never disclose users.
-            Command::Vrfy(_) => self.reply(r(
+            Command::Vrfy(_) => self.reply(Reply::enhanced(
                 252,
                 (2, 0, 0),
                 "Cannot VRFY user, but will accept message and attempt delivery",
             )),
-            Command::Help(_) => self.reply(r(
+            Command::Help(_) => self.reply(Reply::enhanced(
                 214,
                 (2, 0, 0),
                 "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP",
@@ -123,18 +123,38 @@ impl Session {
     fn cmd_mail(&mut self, from: ReversePath, params: MailParams) {
         let max = self.config.max_message_size;
         let refusal = if self.helo.is_none() {
-            Some(r(503, (5, 5, 1), "Error: send HELO/EHLO first"))
+            Some(Reply::enhanced(
+                503,
+                (5, 5, 1),
+                "Error: send HELO/EHLO first",
+            ))
         } else if self.tx.is_some() {
-            Some(r(503, (5, 5, 1), "Error: nested MAIL command"))
+            Some(Reply::enhanced(
+                503,
+                (5, 5, 1),
+                "Error: nested MAIL command",
+            ))
         } else if !self.esmtp && !params.is_empty() {
             // Nothing was advertised after HELO (§4.1.1.11).
-            Some(r(555, (5, 5, 4), "Error: ESMTP parameters need EHLO"))
+            Some(Reply::enhanced(
+                555,
+                (5, 5, 4),
+                "Error: ESMTP parameters need EHLO",
+            ))
         } else if max != 0 && params.size.is_some_and(|s| s > max) {
             // RFC 1870 §6.2.
-            Some(r(552, (5, 3, 4), "Error: message size exceeds fixed limit"))
+            Some(Reply::enhanced(
+                552,
+                (5, 3, 4),
+                "Error: message size exceeds fixed limit",
+            ))
         } else if matches!(&from, ReversePath::Mailbox(m) if m.is_utf8()) && !params.smtputf8 {
             // RFC 6531 §3.6 / RFC 6533: UTF-8 address without SMTPUTF8.
-            Some(r(553, (5, 6, 7), "Error: UTF-8 address needs SMTPUTF8"))
+            Some(Reply::enhanced(
+                553,
+                (5, 6, 7),
+                "Error: UTF-8 address needs SMTPUTF8",
+            ))
         } else {
             None
         };
@@ -152,19 +172,29 @@ impl Session {
 
     fn cmd_rcpt(&mut self, to: ForwardPath, params: RcptParams) {
         let refusal = match &self.tx {
-            None => Some(r(503, (5, 5, 1), "Error: need MAIL command")),
+            None => Some(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command")),
             // RFC 3030 §2: after BDAT only BDAT (or RSET...) continues.
-            Some(_) if self.msg.is_some() => Some(r(503, (5, 5, 1), "Error: RCPT after BDAT")),
+            Some(_) if self.msg.is_some() => {
+                Some(Reply::enhanced(503, (5, 5, 1), "Error: RCPT after BDAT"))
+            }
             Some(tx) if tx.rcpts.len() >= self.config.max_recipients => {
                 // §4.5.3.1.10: 452 for too many recipients.
-                Some(r(452, (4, 5, 3), "Error: too many recipients"))
+                Some(Reply::enhanced(
+                    452,
+                    (4, 5, 3),
+                    "Error: too many recipients",
+                ))
             }
-            Some(_) if !self.esmtp && !params.is_empty() => {
-                Some(r(555, (5, 5, 4), "Error: ESMTP parameters need EHLO"))
-            }
-            Some(tx) if to.is_utf8() && !tx.params.smtputf8 => {
-                Some(r(553, (5, 6, 7), "Error: UTF-8 address needs SMTPUTF8"))
-            }
+            Some(_) if !self.esmtp && !params.is_empty() => Some(Reply::enhanced(
+                555,
+                (5, 5, 4),
+                "Error: ESMTP parameters need EHLO",
+            )),
+            Some(tx) if to.is_utf8() && !tx.params.smtputf8 => Some(Reply::enhanced(
+                553,
+                (5, 6, 7),
+                "Error: UTF-8 address needs SMTPUTF8",
+            )),
             Some(_) => None,
         };
         match refusal {
@@ -181,12 +211,16 @@ impl Session {
 
     fn cmd_data(&mut self) {
         let refusal = match &self.tx {
-            None => Some(r(503, (5, 5, 1), "Error: need MAIL command")),
-            Some(_) if self.msg.is_some() => Some(r(503, (5, 5, 1), "Error: DATA after BDAT")),
-            // §3.3: DATA with no accepted recipient.
-            Some(tx) if tx.rcpts.is_empty() => {
-                Some(r(554, (5, 5, 1), "Error: no valid recipients"))
+            None => Some(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command")),
+            Some(_) if self.msg.is_some() => {
+                Some(Reply::enhanced(503, (5, 5, 1), "Error: DATA after BDAT"))
             }
+            // §3.3: DATA with no accepted recipient.
+            Some(tx) if tx.rcpts.is_empty() => Some(Reply::enhanced(
+                554,
+                (5, 5, 1),
+                "Error: no valid recipients",
+            )),
             Some(_) => None,
         };
         if !self.input.is_empty() {
@@ -212,7 +246,7 @@ impl Session {
     pub(super) fn pipelining_violation(&mut self) {
         self.input = Vec::new();
         self.reset_transaction();
-        self.close_with(r(
+        self.close_with(Reply::enhanced(
             554,
             (5, 5, 0),
             "Error: improper use of SMTP command pipelining",
@@ -224,11 +258,13 @@ impl Session {
     fn cmd_bdat(&mut self, size: u64, last: bool) {
         let refusal = match &self.tx {
             // RFC 3030 §2: BDAT exists only after an EHLO that advertised CHUNKING.
-            _ if !self.esmtp => Some(r(503, (5, 5, 1), "Error: BDAT needs EHLO")),
-            None => Some(r(503, (5, 5, 1), "Error: need MAIL command")),
-            Some(tx) if tx.rcpts.is_empty() => {
-                Some(r(554, (5, 5, 1), "Error: no valid recipients"))
-            }
+            _ if !self.esmtp => Some(Reply::enhanced(503, (5, 5, 1), "Error: BDAT needs EHLO")),
+            None => Some(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command")),
+            Some(tx) if tx.rcpts.is_empty() => Some(Reply::enhanced(
+                554,
+                (5, 5, 1),
+                "Error: no valid recipients",
+            )),
             Some(_) => None,
         };
         if let Some(reply) = refusal {

@@ -48,15 +48,12 @@ impl Session {
     }
 
     fn accept(&mut self, pending: Pending, custom: Option<Reply>) {
-        let ok = |code, e: (u8, u16, u16), text: &str| {
-            Reply::new(code, Some(EnhancedCode(e.0, e.1, e.2)), text)
-        };
         match pending {
             Pending::Connect => {
                 if !self.input.is_empty() {
                     // §4.3.1: the client must wait for the greeting.
                     let text = format!("{} Error: input before greeting", self.config.hostname);
-                    self.close_with(ok(554, (5, 5, 1), &text));
+                    self.close_with(Reply::enhanced(554, (5, 5, 1), &text));
                     return;
                 }
                 let text = format!("{} {}", self.config.hostname, self.config.greeting_text);
@@ -74,13 +71,13 @@ impl Session {
             }
             Pending::Mail(from, params) => {
                 self.start_transaction(from, params);
-                self.reply(custom.unwrap_or_else(|| ok(250, (2, 1, 0), "Ok")));
+                self.reply(custom.unwrap_or_else(|| Reply::enhanced(250, (2, 1, 0), "Ok")));
             }
             Pending::Rcpt(to, params) => {
                 if let Some(tx) = self.tx.as_mut() {
                     tx.rcpts.push((to, params));
                 }
-                self.reply(custom.unwrap_or_else(|| ok(250, (2, 1, 5), "Ok")));
+                self.reply(custom.unwrap_or_else(|| Reply::enhanced(250, (2, 1, 5), "Ok")));
             }
             Pending::Data => {
                 if !self.input.is_empty() {
@@ -110,7 +107,7 @@ impl Session {
                 // The driver owns the content now: no MessageAborted.
                 self.msg = None;
                 self.tx = None;
-                self.reply(custom.unwrap_or_else(|| ok(250, (2, 0, 0), "Ok")));
+                self.reply(custom.unwrap_or_else(|| Reply::enhanced(250, (2, 0, 0), "Ok")));
             }
         }
     }

@@ -127,17 +127,16 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Domains (and addresses) are compared in one case form everywhere:
+    /// `str::to_lowercase`, which also folds non-ASCII (U-label) domains.
     pub fn is_local_domain(&self, domain: &str) -> bool {
-        self.local_domains.contains(&domain.to_ascii_lowercase())
+        self.local_domains.contains(&domain.to_lowercase())
     }
 
     /// RFC 5321 §3.6.2: relaying is for clients we know. Loopback is trusted
     /// only when configured, so a local proxy cannot turn us into an open relay.
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
+        let ip = canonical_ip(ip);
         self.trusted_networks.iter().any(|net| net.contains(&ip))
     }
 
@@ -154,6 +153,15 @@ impl Runtime {
             max_received_headers: self.limits.max_received_headers,
             bare_lf: self.limits.bare_lf,
         }
+    }
+}
+
+/// A client address in the form policy and headers use: an IPv4 client seen
+/// on a dual-stack socket (`::ffff:192.0.2.1`) is the IPv4 client it is.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
     }
 }
 
@@ -325,7 +333,7 @@ impl Runtime {
 
         let listeners = check_listeners(&file, &mut errors);
         let local_domains = check_domains(&file, &mut errors);
-        let first_domain = file.local.domains.first().map(|d| d.to_ascii_lowercase());
+        let first_domain = file.local.domains.first().map(|d| d.to_lowercase());
         let (users, addresses) = check_users(
             &file,
             &data_dir,
@@ -360,7 +368,7 @@ impl Runtime {
         }
         let mut catch_all = HashMap::new();
         for (domain, user) in &file.local.catch_all {
-            let domain = domain.to_ascii_lowercase();
+            let domain = domain.to_lowercase();
             if !local_domains.contains(&domain) {
                 errors.push(
                     format!("local.catch_all.{domain}"),
@@ -453,7 +461,7 @@ fn apply_defaults(file: &mut FileConfig) {
         file.local.domains.push("localhost".into());
     }
     if file.user.is_empty() {
-        let domain = file.local.domains[0].to_ascii_lowercase();
+        let domain = file.local.domains[0].to_lowercase();
         file.user.push(schema::UserConfig {
             name: "me".into(),
             addresses: vec![format!("me@{domain}")],
@@ -530,7 +538,7 @@ fn check_domains(file: &FileConfig, errors: &mut Errors) -> HashSet<String> {
                 format!("{d:?} is not a valid domain"),
             );
         }
-        set.insert(d.to_ascii_lowercase());
+        set.insert(d.to_lowercase());
     }
     set
 }

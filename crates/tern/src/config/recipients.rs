@@ -53,10 +53,10 @@ impl Runtime {
     /// Resolves `local_part@domain` (domain without brackets for names;
     /// address literals are never local).
     pub fn resolve(&self, local_part: &str, domain: &str) -> Resolution {
-        let domain = domain.to_lowercase();
-        if !self.local_domains.contains(&domain) {
+        if !self.is_local_domain(domain) {
             return Resolution::Relay;
         }
+        let domain = domain.to_lowercase();
         let address = format!("{}@{}", local_part.to_lowercase(), domain);
         let mut out = Vec::new();
         let mut seen = HashSet::new();

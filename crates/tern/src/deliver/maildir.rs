@@ -21,11 +21,12 @@
 //! Errors: per copy, as `io::Error`; the queue turns every one into a
 //! deferral (a full mailbox disk must never bounce or lose mail).
 
+use crate::fsutil::{create_dir_durable, sync_dir};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -134,10 +135,7 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
                     // Not durable: take it back so a retry does not leave two copies.
                     let _ = fs::remove_file(path);
                 }
-                outcomes[i] = Err(io::Error::new(
-                    e.kind(),
-                    format!("fsync {}: {e}", dir.display()),
-                ));
+                outcomes[i] = Err(io::Error::new(e.kind(), e.to_string()));
             }
         }
     }
@@ -222,25 +220,16 @@ fn syncfs(file: &File) -> io::Result<()> {
     }
 }
 
-/// Creates `maildir/{tmp,new,cur}` if needed and makes the creation durable.
+/// Creates `maildir/{tmp,new,cur}` (and any missing ancestors) if needed,
+/// durably.
 fn ensure_maildir(maildir: &Path) -> io::Result<()> {
     if maildir.join("new").is_dir() && maildir.join("tmp").is_dir() {
         return Ok(());
     }
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true).mode(0o700);
     for sub in ["tmp", "new", "cur"] {
-        builder.create(maildir.join(sub))?;
-    }
-    sync_dir(maildir)?;
-    if let Some(parent) = maildir.parent() {
-        sync_dir(parent)?;
+        create_dir_durable(&maildir.join(sub))?;
     }
     Ok(())
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
