@@ -11,9 +11,12 @@
 //! covered its record returned `Ok`.
 //! It runs on a plain OS thread, not a tokio worker, because every step is a
 //! blocking file-system call; async callers wait on oneshot channels.
-//! Errors: a failed batch answers `SpoolError::Io` to every waiter of that
-//! batch; validation failures (`NotFound`, bad recipient index) answer only
-//! the request concerned and are never written.
+//! Errors: a failed batch (segment write or sync) answers `SpoolError::Io` to
+//! every waiter of that batch; validation failures (`NotFound`, bad recipient
+//! index) and failures of one record alone (its scratch file cannot be read,
+//! see `writer.rs`) answer only the request concerned and are never written.
+//! Payloads are encoded by the callers (`Spool::commit`, `Spool::update`), so
+//! the index lock is held here only for lookups.
 
 use std::collections::{BTreeSet, HashSet};
 use std::io;
@@ -24,8 +27,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, oneshot};
 
 use super::draft::Body;
-use super::index::{Index, Loc, SegInfo};
-use super::record::{Kind, SEG_HDR_LEN, msg_head, state_payload};
+use super::index::{Index, SegInfo};
+use super::record::SEG_HDR_LEN;
 use super::spare::{self, Spares};
 use super::writer::{Apply, Faults, OutRec, SegmentWriter, append_batch};
 use super::{Envelope, IdGen, MsgId, RcptStatus, SpoolError};
@@ -53,11 +56,15 @@ pub(crate) enum Op {
     Msg {
         id: MsgId,
         env: Box<Envelope>,
+        /// `record::msg_head(id, &env)`, encoded by the caller.
+        head: Vec<u8>,
         body: Body,
     },
     State {
         id: MsgId,
         changes: Vec<(usize, RcptStatus)>,
+        /// `record::state_payload(id, &changes)`, encoded by the caller.
+        head: Vec<u8>,
     },
     Done {
         id: MsgId,
@@ -79,7 +86,14 @@ pub(crate) struct Log {
     pub skip_compact: BTreeSet<u32>,
     /// The next, preallocated segment being prepared in the background.
     pub spares: Spares,
+    /// Damaged segments still in place because their move to `corrupt/`
+    /// failed at recovery: reclaiming moves them there instead of deleting
+    /// them (damage is kept, never thrown away).
+    pub unmoved: BTreeSet<u32>,
 }
+
+/// Per-record results of a committed batch, in record order.
+pub(crate) type Outcomes = Vec<io::Result<()>>;
 
 /// Whether injected test faults apply to a write.
 #[derive(Clone, Copy)]
@@ -131,23 +145,30 @@ impl Log {
         Ok(())
     }
 
-    /// Write `recs` durably (one sync), then apply them to the index.
-    pub fn commit_records(&mut self, recs: &mut Vec<OutRec>) -> io::Result<()> {
+    /// Write `recs` durably (one sync), then apply them to the index. `Err`
+    /// means none of them was written; otherwise one outcome per record
+    /// (a record that failed on its own is neither written nor applied).
+    pub fn commit_records(&mut self, recs: &mut Vec<OutRec>) -> io::Result<Outcomes> {
         self.commit_records_with(recs, Injection::Armed)
     }
 
     /// As `commit_records`, for housekeeping (compaction, recovery rewrites):
     /// injected test faults are meant for callers' requests, and a background
-    /// compaction must not consume them at a random moment.
+    /// compaction must not consume them at a random moment. Copies have
+    /// in-memory bodies that were written once already, so a record failing
+    /// on its own is unexpected: it is reported as an error of the whole
+    /// call (the records that were written are applied, which is harmless:
+    /// the newest copy wins).
     pub fn commit_housekeeping(&mut self, recs: &mut Vec<OutRec>) -> io::Result<()> {
-        self.commit_records_with(recs, Injection::Off)
+        let outcomes = self.commit_records_with(recs, Injection::Off)?;
+        outcomes.into_iter().collect()
     }
 
     fn commit_records_with(
         &mut self,
         recs: &mut Vec<OutRec>,
         injection: Injection,
-    ) -> io::Result<()> {
+    ) -> io::Result<Outcomes> {
         static NO_FAULTS: Faults = Faults::none();
         let need = recs.iter().map(OutRec::total).sum();
         self.roll_if_needed(need)?;
@@ -157,7 +178,13 @@ impl Log {
         };
         append_batch(&mut self.active, recs, faults, &self.shared.syncs)?;
         let mut idx = self.shared.index();
+        let mut outcomes = Vec::with_capacity(recs.len());
         for r in recs.drain(..) {
+            if let Some(e) = r.failed {
+                outcomes.push(Err(e));
+                continue;
+            }
+            outcomes.push(Ok(()));
             match r.apply {
                 Apply::Msg(env) => idx.apply_msg(r.id, env, r.loc),
                 Apply::State(ch) => {
@@ -172,10 +199,12 @@ impl Log {
         idx.segs.entry(no).or_default().size = end;
         drop(idx);
         self.spares.maybe_start(&self.active, &self.shared);
-        Ok(())
+        Ok(outcomes)
     }
 
     /// Turn one request into a record, or reject it. `Ok(None)` is `Close`.
+    /// Only lookups happen here (under the index lock): payloads arrive
+    /// encoded.
     fn prepare(
         idx: &Index,
         finished: &mut HashSet<MsgId>,
@@ -184,15 +213,13 @@ impl Log {
         let live = |id: MsgId| idx.msgs.get(&id).filter(|_| !finished.contains(&id));
         let rec = match op {
             Op::Close => return Ok(None),
-            Op::Msg { id, env, body } => OutRec {
+            Op::Msg {
                 id,
-                kind: Kind::Msg,
-                head: msg_head(id, &env).map_err(SpoolError::Corrupt)?,
-                body: Some(body),
-                apply: Apply::Msg(*env),
-                loc: Loc::default(),
-            },
-            Op::State { id, changes } => {
+                env,
+                head,
+                body,
+            } => OutRec::msg(id, head, body, *env),
+            Op::State { id, changes, head } => {
                 let e = live(id).ok_or(SpoolError::NotFound(id))?;
                 let n = e.env.recipients.len();
                 if let Some((i, _)) = changes.iter().find(|(i, _)| *i >= n) {
@@ -201,33 +228,19 @@ impl Log {
                         format!("recipient index {i} out of range for {id} ({n} recipients)"),
                     )));
                 }
-                OutRec {
-                    id,
-                    kind: Kind::State,
-                    head: state_payload(id, &changes).map_err(SpoolError::Corrupt)?,
-                    body: None,
-                    apply: Apply::State(changes),
-                    loc: Loc::default(),
-                }
+                OutRec::state(id, head, changes)
             }
             Op::Done { id } => {
                 live(id).ok_or(SpoolError::NotFound(id))?;
                 finished.insert(id);
-                OutRec {
-                    id,
-                    kind: Kind::Done,
-                    head: id.0.to_le_bytes().to_vec(),
-                    body: None,
-                    apply: Apply::Done,
-                    loc: Loc::default(),
-                }
+                OutRec::done(id)
             }
         };
         Ok(Some(rec))
     }
 
     /// One batch. Returns true if a `Close` was in it.
-    fn process(&mut self, reqs: Vec<Req>) -> bool {
+    pub(super) fn process(&mut self, reqs: Vec<Req>) -> bool {
         let mut recs = Vec::with_capacity(reqs.len());
         let mut waiters = Vec::with_capacity(reqs.len());
         let mut closers = Vec::new();
@@ -249,11 +262,16 @@ impl Log {
         }
         if !recs.is_empty() {
             let n = recs.len();
-            match self.commit_records(&mut recs) {
-                Ok(()) => {
+            let res = self.commit_records(&mut recs);
+            // Drop the records (a failed batch leaves them here) before
+            // answering: that removes the scratch files of spilled bodies,
+            // so a waiter never sees its scratch file after its answer.
+            drop(recs);
+            match res {
+                Ok(outcomes) => {
                     tracing::debug!(records = n, "queue.commit");
-                    for w in waiters {
-                        let _ = w.send(Ok(()));
+                    for (w, res) in waiters.into_iter().zip(outcomes) {
+                        let _ = w.send(res.map_err(SpoolError::Io));
                     }
                 }
                 Err(e) => {
@@ -265,8 +283,6 @@ impl Log {
                 }
             }
         }
-        // Dropping the records removes the scratch files of spilled bodies.
-        drop(recs);
         let closing = !closers.is_empty();
         for c in closers {
             let _ = c.send(Ok(()));

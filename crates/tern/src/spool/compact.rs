@@ -11,17 +11,26 @@
 //!   between leaves two copies, and recovery keeps the newest.
 //! - Only segments whose `refs` are all gone are compacted, so the copy is
 //!   always followed by the deletion (never wasted work).
+//! - A damaged segment that recovery could not move to `corrupt/`
+//!   (`Log::unmoved`) is moved there instead of being deleted, under the same
+//!   rules; until the move succeeds it stays in the index.
+//! - The copy-forward of a live message (`copy_forward`) is shared with
+//!   recovery's quarantine, which differs only in what a failure means.
 //!
 //! Runs on the committer thread, only when no request is waiting, so it never
 //! adds a sync to a waiting commit's batch.
 //! Errors: logged (`spool.reclaim_*` events) and retried later; never fatal.
 
+use std::path::Path;
+
 use super::committer::Log;
 use super::draft::Body;
-use super::index::Loc;
+use super::index::{Index, Loc};
 use super::log::read_msg_body;
-use super::record::{Kind, msg_head};
-use super::writer::{Apply, OutRec, segment_path, sync_dir};
+use super::record::msg_head;
+use super::recover::move_to_corrupt;
+use super::writer::{OutRec, segment_path, sync_dir};
+use super::{Envelope, MsgId, SpoolError};
 
 /// Compact a segment once less than this fraction (1/N) of it is live.
 const COMPACT_LIVE_DIVISOR: u64 = 2;
@@ -63,16 +72,30 @@ impl Log {
             }
             for no in victims {
                 let path = segment_path(&self.shared.dir, no);
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(segment = no, error = %e, "spool.reclaim_delete_failed");
-                        return;
+                if self.unmoved.contains(&no) {
+                    // A damaged segment: kept in `corrupt/`, never deleted.
+                    match move_to_corrupt(&self.shared.dir, &path, no) {
+                        Ok(dest) => {
+                            self.unmoved.remove(&no);
+                            tracing::warn!(segment = no, dest = %dest.display(), "spool.segment_quarantined");
+                        }
+                        Err(e) => {
+                            tracing::warn!(segment = no, error = %e, "spool.quarantine_move_failed");
+                            return;
+                        }
                     }
+                } else {
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(segment = no, error = %e, "spool.reclaim_delete_failed");
+                            return;
+                        }
+                    }
+                    tracing::info!(segment = no, "spool.segment_deleted");
                 }
                 self.shared.index().segs.remove(&no);
-                tracing::info!(segment = no, "spool.segment_deleted");
             }
             // The next round may delete segments that had to outlive these.
             if let Err(e) = sync_dir(&self.shared.dir) {
@@ -97,33 +120,48 @@ impl Log {
     }
 
     /// Copy the live messages of `seg` into the active segment (one sync).
-    fn compact(&mut self, seg: u32) -> Result<usize, super::SpoolError> {
+    fn compact(&mut self, seg: u32) -> Result<usize, SpoolError> {
         let (nonce, moves) = {
             let idx = self.shared.index();
             let nonce = idx.segs.get(&seg).map_or(0, |s| s.nonce);
-            let moves: Vec<_> = idx
-                .msgs
-                .iter()
-                .filter(|(_, e)| e.loc.seg == seg)
-                .map(|(id, e)| (*id, e.env.clone(), e.loc))
-                .collect();
-            (nonce, moves)
+            (nonce, live_in(&idx, seg))
         };
         let path = segment_path(&self.shared.dir, seg);
         let mut recs = Vec::with_capacity(moves.len());
-        for (id, env, loc) in moves {
-            let body = read_msg_body(&path, loc, nonce)?;
-            recs.push(OutRec {
-                id,
-                kind: Kind::Msg,
-                head: msg_head(id, &env).map_err(super::SpoolError::Corrupt)?,
-                body: Some(Body::Mem(body)),
-                apply: Apply::Msg(env),
-                loc: Loc::default(),
-            });
+        for m in moves {
+            recs.push(copy_forward(&path, nonce, m)?);
         }
         let n = recs.len();
         self.commit_housekeeping(&mut recs)?;
         Ok(n)
     }
+}
+
+/// A live message whose current copy is in a given segment.
+pub(crate) struct Live {
+    pub id: MsgId,
+    pub env: Envelope,
+    pub loc: Loc,
+}
+
+/// The live messages whose current copy is in segment `seg`.
+pub(crate) fn live_in(idx: &Index, seg: u32) -> Vec<Live> {
+    idx.msgs
+        .iter()
+        .filter(|(_, e)| e.loc.seg == seg)
+        .map(|(id, e)| Live {
+            id: *id,
+            env: e.env.clone(),
+            loc: e.loc,
+        })
+        .collect()
+}
+
+/// The MSG record that copies `m` forward out of the segment at `path`
+/// (compaction and quarantine): same id, current statuses, the body read
+/// back and CRC-checked. The caller decides what a failure means.
+pub(crate) fn copy_forward(path: &Path, nonce: u64, m: Live) -> Result<OutRec, SpoolError> {
+    let body = read_msg_body(path, m.loc, nonce)?;
+    let head = msg_head(m.id, &m.env).map_err(SpoolError::Corrupt)?;
+    Ok(OutRec::msg(m.id, head, Body::Mem(body), m.env))
 }

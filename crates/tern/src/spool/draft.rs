@@ -74,6 +74,20 @@ impl Draft {
         Ok(())
     }
 
+    /// Tests: spill to a scratch file and make it `extra` bytes longer
+    /// without writing them (a sparse file), so multi-GiB drafts are cheap.
+    #[cfg(test)]
+    pub(crate) async fn grow_sparse(&mut self, extra: u64) -> std::io::Result<()> {
+        let spill = vec![b'x'; self.cfg.limit + 1];
+        self.write(&spill).await?;
+        if let Some((_, f)) = self.file.as_mut() {
+            f.flush().await?;
+            f.set_len(self.len + extra).await?;
+        }
+        self.len += extra;
+        Ok(())
+    }
+
     /// Body bytes written so far.
     pub fn len(&self) -> u64 {
         self.len

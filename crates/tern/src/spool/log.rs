@@ -1,5 +1,6 @@
 //! `Spool`: the public handle over the segment log (open, commit, update,
-//! finish, queries, body reads) and the read-only helpers for `tern queue`.
+//! finish, queries, body reads). The read-only helpers for `tern queue` are
+//! in `readonly.rs`.
 //!
 //! Invariants: every mutation goes through the committer channel, so callers
 //! never touch segment files for writing; reads use `pread` on a fresh file
@@ -11,20 +12,20 @@
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::committer::{self, Op, Req, Shared};
+use super::committer::{self, Log, Op, Req, Shared};
 use super::draft::{Draft, DraftCfg, clean_scratch};
-use super::index::{Index, Loc};
-use super::record::{Kind, REC_HDR_LEN, parse_record};
+use super::index::Loc;
+use super::record::{Kind, REC_HDR_LEN, msg_head, parse_record, state_payload};
 use super::recover;
 use super::spare;
-use super::writer::{Faults, segment_path};
+use super::writer::{Faults, check_payload_len, segment_path};
 use super::{Envelope, IdGen, MsgId, RcptStatus, RecoveryReport, SpoolConfig, SpoolError};
 
 /// Handle to the spool; cheap to clone (an `Arc` inside).
@@ -66,35 +67,9 @@ impl Spool {
     /// quarantine corrupt segments, remove stale scratch files, and start the
     /// committer thread.
     pub fn open(config: SpoolConfig) -> Result<(Spool, RecoveryReport), SpoolError> {
+        let (log, report) = open_log(&config)?;
         let dir = config.dir.clone();
-        let scratch_dir = dir.join("scratch");
-        std::fs::create_dir_all(&scratch_dir)?;
-        std::fs::create_dir_all(dir.join("corrupt"))?;
-        let stale = clean_scratch(&scratch_dir)?;
-        if stale > 0 {
-            tracing::info!(files = stale, "spool.scratch_cleaned");
-        }
-        // A spare that was being prepared (or was ready) when the last run
-        // ended never held a record.
-        let spares = spare::remove_stale(&dir)?;
-        if spares > 0 {
-            tracing::info!(files = spares, "spool.stale_spare_removed");
-        }
-        let outcome = recover::scan(&dir)?;
-        let mut report = RecoveryReport {
-            segments: outcome.segs.len(),
-            ..RecoveryReport::default()
-        };
-        let shared = Arc::new(Shared {
-            dir: dir.clone(),
-            index: Mutex::new(outcome.index),
-            syncs: AtomicU64::new(0),
-            faults: Faults::default(),
-            ids: IdGen::new(outcome.max_id),
-            closed: AtomicBool::new(false),
-        });
-        let log = recover::repair(&config, shared.clone(), outcome.segs, &mut report)?;
-        report.messages = shared.index().msgs.len();
+        let shared = log.shared.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
             .name("tern-spool-committer".into())
@@ -111,10 +86,7 @@ impl Spool {
             shared,
             tx: Some(tx),
             thread: Mutex::new(Some(thread)),
-            draft_cfg: Arc::new(DraftCfg {
-                scratch_dir,
-                limit: config.draft_memory_limit,
-            }),
+            draft_cfg: Arc::new(draft_cfg(&config)),
         };
         Ok((
             Spool {
@@ -148,11 +120,20 @@ impl Spool {
             return Err(SpoolError::Closed);
         }
         envelope.size = draft.len();
-        let body = draft.into_body().await?;
         let id = self.inner.shared.ids.next();
+        // Encoded here, in the caller's task, not by the committer under
+        // the index lock. The size check is per message too: a record
+        // that cannot be written must fail only its own commit, never the
+        // batch it would have joined (the daemon's own limit is lower, but
+        // the spool does not rely on it). Dropping the draft removes its
+        // scratch file.
+        let head = msg_head(id, &envelope).map_err(SpoolError::Corrupt)?;
+        check_payload_len(head.len() as u64 + envelope.size)?;
+        let body = draft.into_body().await?;
         self.request(Op::Msg {
             id,
             env: Box::new(envelope),
+            head,
             body,
         })
         .await?;
@@ -165,7 +146,9 @@ impl Spool {
         id: MsgId,
         changes: Vec<(usize, RcptStatus)>,
     ) -> Result<(), SpoolError> {
-        self.request(Op::State { id, changes }).await
+        let head = state_payload(id, &changes).map_err(SpoolError::Corrupt)?;
+        check_payload_len(head.len() as u64)?;
+        self.request(Op::State { id, changes, head }).await
     }
 
     /// Mark the message finished; its space can be reclaimed.
@@ -269,6 +252,50 @@ impl Spool {
     }
 }
 
+/// Where drafts spill and how much they keep in memory.
+pub(crate) fn draft_cfg(config: &SpoolConfig) -> DraftCfg {
+    DraftCfg {
+        scratch_dir: config.dir.join("scratch"),
+        limit: config.draft_memory_limit,
+    }
+}
+
+/// Everything `Spool::open` does before starting the committer thread:
+/// create the directories, remove stale scratch and spare files, scan and
+/// repair. Tests drive the returned `Log` directly.
+pub(crate) fn open_log(config: &SpoolConfig) -> Result<(Log, RecoveryReport), SpoolError> {
+    let dir = config.dir.clone();
+    let scratch_dir = dir.join("scratch");
+    std::fs::create_dir_all(&scratch_dir)?;
+    std::fs::create_dir_all(dir.join("corrupt"))?;
+    let stale = clean_scratch(&scratch_dir)?;
+    if stale > 0 {
+        tracing::info!(files = stale, "spool.scratch_cleaned");
+    }
+    // A spare that was being prepared (or was ready) when the last run
+    // ended never held a record.
+    let spares = spare::remove_stale(&dir)?;
+    if spares > 0 {
+        tracing::info!(files = spares, "spool.stale_spare_removed");
+    }
+    let outcome = recover::scan(&dir)?;
+    let mut report = RecoveryReport {
+        segments: outcome.segs.len(),
+        ..RecoveryReport::default()
+    };
+    let shared = Arc::new(Shared {
+        dir,
+        index: Mutex::new(outcome.index),
+        syncs: AtomicU64::new(0),
+        faults: Faults::default(),
+        ids: IdGen::new(outcome.max_id),
+        closed: AtomicBool::new(false),
+    });
+    let log = recover::repair(config, shared.clone(), outcome.segs, &mut report)?;
+    report.messages = shared.index().msgs.len();
+    Ok((log, report))
+}
+
 /// Bytes available to unprivileged users on the file system holding `dir`.
 pub(crate) fn free_space(dir: &Path) -> io::Result<u64> {
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
@@ -306,22 +333,4 @@ pub(crate) fn read_msg_body(path: &Path, loc: Loc, nonce: u64) -> Result<Vec<u8>
     buf.truncate(end);
     buf.drain(..start);
     Ok(buf)
-}
-
-fn scan_index(dir: &Path) -> Result<Index, SpoolError> {
-    Ok(recover::scan(dir)?.index)
-}
-
-/// Read-only scan for `tern queue list/show` while the daemon may run: never
-/// modifies anything, ignores a torn tail and damaged regions.
-pub fn scan_read_only(dir: &Path) -> Result<Vec<(MsgId, Envelope)>, SpoolError> {
-    Ok(scan_index(dir)?.live())
-}
-
-/// Read one body without opening the spool for writing.
-pub fn read_body_read_only(dir: &Path, id: MsgId) -> Result<Vec<u8>, SpoolError> {
-    let index = scan_index(dir)?;
-    let (loc, nonce) = index.locate(id).ok_or(SpoolError::NotFound(id))?;
-    let path: PathBuf = segment_path(dir, loc.seg);
-    read_msg_body(&path, loc, nonce)
 }

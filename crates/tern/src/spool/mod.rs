@@ -79,18 +79,27 @@
 //! - A segment is deleted only when none of its messages is live **and** every
 //!   older segment its STATE/DONE/copy records refer to is already gone, so a
 //!   deletion can never resurrect a finished message or forget an outcome.
+//!   A damaged segment stays in the index (so this keeps holding) until it
+//!   has actually been moved to `corrupt/`; it is moved, never deleted.
+//! - One request's own failure (its scratch file cannot be read back, its
+//!   record would exceed the 32-bit length) fails only that request, never
+//!   the batch it is in. Payloads are encoded in the caller's task, so the
+//!   committer and the index lock only look things up and write.
 //!
 //! # What it does not do
 //! It does not schedule, route or deliver; it does not enforce the message
-//! size limit (the session does, while reading); it does not fsync scratch
-//! files (they are only buffers: a crash before commit loses nothing that was
-//! acknowledged).
+//! size limit (the session does, while reading; the spool only refuses what
+//! the format cannot hold, a payload of 4 GiB or more); it does not fsync
+//! scratch files (they are only buffers: a crash before commit loses nothing
+//! that was acknowledged).
 //!
 //! # Errors
 //! [`SpoolError::Io`] for any file-system failure (a failed batch is truncated
-//! away and the spool keeps serving), [`SpoolError::Corrupt`] when a record
-//! read back does not verify, [`SpoolError::NotFound`] for an unknown or
-//! finished message, [`SpoolError::Closed`] after [`Spool::close`].
+//! away and the spool keeps serving; a message too large for a record gets
+//! `ErrorKind::FileTooLarge` before it reaches the log),
+//! [`SpoolError::Corrupt`] when a record read back does not verify,
+//! [`SpoolError::NotFound`] for an unknown or finished message,
+//! [`SpoolError::Closed`] after [`Spool::close`].
 
 mod committer;
 mod compact;
@@ -98,6 +107,7 @@ mod draft;
 mod envelope;
 mod index;
 mod log;
+mod readonly;
 mod record;
 mod recover;
 mod spare;
@@ -105,6 +115,8 @@ mod writer;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_faults;
 #[cfg(test)]
 mod tests_prealloc;
 #[cfg(test)]
@@ -121,7 +133,8 @@ use serde::{Deserialize, Serialize};
 
 pub use draft::Draft;
 pub use envelope::{Envelope, RcptStatus, Recipient, Route};
-pub use log::{Spool, read_body_read_only, scan_read_only};
+pub use log::Spool;
+pub use readonly::{read_body_read_only, scan_read_only};
 pub use writer::Faults;
 
 /// A queue identifier: 44 bits of milliseconds since 2020-01-01 UTC, then a

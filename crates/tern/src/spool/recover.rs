@@ -19,7 +19,11 @@
 //!
 //! Invariants: only records whose CRC verifies reach the index, so a partial
 //! message is never delivered; a valid record after damage is never dropped.
-//! The `scan` half never modifies anything (it also serves `tern queue`).
+//! The `scan` half never modifies anything (its `Scanner` also serves
+//! `tern queue`, see `readonly.rs`).
+//! A damaged segment leaves the index only once it is in `corrupt/`: while
+//! it is still in place, the segments that must outlive it keep doing so
+//! (if its move fails, reclaiming retries the move instead of deleting it).
 //! Errors: `SpoolError::Io` when the directory or a segment cannot be read;
 //! damage itself is never an error, only a report entry and a log line.
 
@@ -30,15 +34,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::committer::{Log, Shared};
-use super::draft::Body;
+use super::compact::{copy_forward, live_in};
 use super::index::{Index, Loc, SegInfo};
-use super::log::read_msg_body;
 use super::record::{
     Kind, Parsed, REC_HDR_LEN, SEG_HDR_LEN, data_end, decode_done, decode_msg, decode_state,
-    msg_head, parse_record, parse_segment_header, resync, state_payload,
+    parse_record, parse_segment_header, resync, state_payload,
 };
 use super::spare::Spares;
-use super::writer::{Apply, OutRec, SegmentWriter, segment_path, sync_dir};
+use super::writer::{OutRec, SegmentWriter, segment_path, sync_dir};
 use super::{MsgId, RecoveryReport, SpoolConfig, SpoolError};
 
 /// What the scan saw in one segment.
@@ -89,21 +92,42 @@ pub(crate) fn list_segments(dir: &Path) -> std::io::Result<Vec<u32>> {
     Ok(out)
 }
 
-/// Read-only scan of every segment.
+/// Builds the index from segments fed in number order (used by `scan` and by
+/// the read-only scan in `readonly.rs`).
+#[derive(Default)]
+pub(crate) struct Scanner {
+    index: Index,
+    done: HashSet<MsgId>,
+    max_id: u64,
+    segs: Vec<SegScan>,
+}
+
+impl Scanner {
+    /// Scan the bytes of segment `no` (segments must come in number order).
+    pub fn segment(&mut self, no: u32, buf: &[u8]) {
+        let s = scan_segment(no, buf, &mut self.index, &mut self.done, &mut self.max_id);
+        self.segs.push(s);
+    }
+
+    pub fn finish(self) -> ScanOutcome {
+        ScanOutcome {
+            index: self.index,
+            segs: self.segs,
+            max_id: self.max_id,
+        }
+    }
+}
+
+/// Scan every segment, for `Spool::open`. Never modifies anything. A
+/// segment that vanishes between listing and reading is an error here: the
+/// spool is not open, so nothing else should be removing segments.
 pub(crate) fn scan(dir: &Path) -> Result<ScanOutcome, SpoolError> {
-    let mut index = Index::default();
-    let mut done = HashSet::new();
-    let mut max_id = 0;
-    let mut segs = Vec::new();
+    let mut scanner = Scanner::default();
     for no in list_segments(dir)? {
         let buf = std::fs::read(segment_path(dir, no))?;
-        segs.push(scan_segment(no, &buf, &mut index, &mut done, &mut max_id));
+        scanner.segment(no, &buf);
     }
-    Ok(ScanOutcome {
-        index,
-        segs,
-        max_id,
-    })
+    Ok(scanner.finish())
 }
 
 fn scan_segment(
@@ -262,6 +286,7 @@ pub(crate) fn repair(
         segment_size: config.segment_size,
         skip_compact: BTreeSet::new(),
         spares: Spares::new(dir, config.segment_size),
+        unmoved: BTreeSet::new(),
     };
     for s in corrupt {
         quarantine(&mut log, &s, report);
@@ -279,19 +304,55 @@ fn damaged_bytes(s: &SegScan) -> u64 {
 }
 
 /// Rewrite what a damaged segment holds into the active one, then move it to
-/// `corrupt/`. On failure the segment stays in place (logged) and is used as is.
+/// `corrupt/`. The segment leaves the index only once the move succeeded:
+/// segments whose records refer to it must outlive it as long as its file is
+/// in place (its MSG records would otherwise resurrect messages finished in
+/// them at the next start). On failure (rewrite or move) it stays in place
+/// and in the index (logged), is used as is, and reclaiming moves it to
+/// `corrupt/` once nothing needs it (`Log::unmoved`).
 fn quarantine(log: &mut Log, s: &SegScan, report: &mut RecoveryReport) {
     let dir = log.shared.dir.clone();
     let path = segment_path(&dir, s.no);
     tracing::error!(segment = s.no, bad_regions = s.bad.len(), torn = ?s.torn_at, "spool.segment_corrupt");
-    let (moves, states, refs) = {
+    log.unmoved.insert(s.no);
+    let mut recs = rewrites(log, s, &path);
+    if !recs.is_empty() {
+        let res = log.commit_housekeeping(&mut recs);
+        if let Err(e) = res {
+            tracing::error!(segment = s.no, error = %e, "spool.quarantine_failed");
+            return;
+        }
+    }
+    {
+        // Whatever this segment had to outlive, the rewritten records (in
+        // the active segment) now must.
+        let mut idx = log.shared.index();
+        let refs = idx
+            .segs
+            .get(&s.no)
+            .map(|i| i.refs.clone())
+            .unwrap_or_default();
+        let active = log.active.no;
+        idx.segs.entry(active).or_default().refs.extend(refs);
+    }
+    match move_to_corrupt(&dir, &path, s.no) {
+        Ok(dest) => {
+            log.shared.index().segs.remove(&s.no);
+            log.unmoved.remove(&s.no);
+            report.bytes_lost += damaged_bytes(s);
+            report.corrupt_segments.push(dest);
+        }
+        Err(e) => tracing::error!(segment = s.no, error = %e, "spool.quarantine_move_failed"),
+    }
+}
+
+/// The records that carry a damaged segment's valid content forward: its live
+/// messages (a message whose record cannot be read back is lost: logged and
+/// dropped from the index), the current statuses of messages it holds STATE
+/// records about, and its DONEs.
+fn rewrites(log: &Log, s: &SegScan, path: &Path) -> Vec<OutRec> {
+    let (moves, states) = {
         let idx = log.shared.index();
-        let moves: Vec<_> = idx
-            .msgs
-            .iter()
-            .filter(|(_, e)| e.loc.seg == s.no)
-            .map(|(id, e)| (*id, e.env.clone(), e.loc))
-            .collect();
         let states: Vec<_> = s
             .state_ids
             .iter()
@@ -302,35 +363,19 @@ fn quarantine(log: &mut Log, s: &SegScan, report: &mut RecoveryReport) {
                     .map(|e| (*id, e.env.clone()))
             })
             .collect();
-        let refs = idx
-            .segs
-            .get(&s.no)
-            .map(|i| i.refs.clone())
-            .unwrap_or_default();
-        (moves, states, refs)
+        (live_in(&idx, s.no), states)
     };
     let nonce = s.nonce.unwrap_or(0);
     let mut recs = Vec::new();
-    for (id, env, loc) in moves {
-        let body = match read_msg_body(&path, loc, nonce) {
-            Ok(b) => b,
+    for m in moves {
+        let id = m.id;
+        match copy_forward(path, nonce, m) {
+            Ok(r) => recs.push(r),
             Err(e) => {
                 tracing::error!(queue_id = %id, error = %e, "spool.message_lost");
                 log.shared.index().apply_done(id, s.no);
-                continue;
             }
-        };
-        let Ok(head) = msg_head(id, &env) else {
-            continue;
-        };
-        recs.push(OutRec {
-            id,
-            kind: Kind::Msg,
-            head,
-            body: Some(Body::Mem(body)),
-            apply: Apply::Msg(env),
-            loc: Loc::default(),
-        });
+        }
     }
     for (id, env) in states {
         let changes: Vec<_> = env
@@ -339,50 +384,30 @@ fn quarantine(log: &mut Log, s: &SegScan, report: &mut RecoveryReport) {
             .map(|r| r.status)
             .enumerate()
             .collect();
-        let Ok(head) = state_payload(id, &changes) else {
-            continue;
-        };
-        recs.push(OutRec {
-            id,
-            kind: Kind::State,
-            head,
-            body: None,
-            apply: Apply::State(changes),
-            loc: Loc::default(),
-        });
-    }
-    for id in &s.done_ids {
-        recs.push(OutRec {
-            id: *id,
-            kind: Kind::Done,
-            head: id.0.to_le_bytes().to_vec(),
-            body: None,
-            apply: Apply::Done,
-            loc: Loc::default(),
-        });
-    }
-    if !recs.is_empty()
-        && let Err(e) = log.commit_records(&mut recs)
-    {
-        tracing::error!(segment = s.no, error = %e, "spool.quarantine_failed");
-        return;
-    }
-    {
-        let mut idx = log.shared.index();
-        let active = log.active.no;
-        idx.segs.entry(active).or_default().refs.extend(refs);
-        idx.segs.remove(&s.no);
-    }
-    match move_to_corrupt(&dir, &path, s.no) {
-        Ok(dest) => {
-            report.bytes_lost += damaged_bytes(s);
-            report.corrupt_segments.push(dest);
+        if let Ok(head) = state_payload(id, &changes) {
+            recs.push(OutRec::state(id, head, changes));
         }
-        Err(e) => tracing::error!(segment = s.no, error = %e, "spool.quarantine_move_failed"),
     }
+    recs.extend(s.done_ids.iter().map(|id| OutRec::done(*id)));
+    recs
 }
 
-fn move_to_corrupt(dir: &Path, path: &Path, no: u32) -> std::io::Result<PathBuf> {
+/// Test hook: moves to `corrupt/` fail for spool directories listed here.
+#[cfg(test)]
+pub(crate) static FAIL_MOVES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Move a damaged segment into `dir/corrupt/` (never over an earlier one),
+/// and make both directory entries durable.
+pub(crate) fn move_to_corrupt(dir: &Path, path: &Path, no: u32) -> std::io::Result<PathBuf> {
+    #[cfg(test)]
+    if FAIL_MOVES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .any(|d| d == dir)
+    {
+        return Err(std::io::Error::other("injected move failure"));
+    }
     let cdir = dir.join("corrupt");
     std::fs::create_dir_all(&cdir)?;
     let mut dest = cdir.join(format!("{no:08}.log"));

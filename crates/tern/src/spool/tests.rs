@@ -230,7 +230,7 @@ async fn concurrent_commits_are_group_committed() {
 }
 
 /// Poll with a deadline (reclaiming runs on the committer after a batch).
-async fn wait_until(mut cond: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cond() {
         assert!(

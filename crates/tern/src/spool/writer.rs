@@ -6,8 +6,14 @@
 //! holds only zeros after it); after a failed batch the file is cut back to it
 //! (`set_len`), and if even that fails the writer is marked `poisoned` so the
 //! next batch starts a fresh segment instead of appending after garbage.
+//! A record that fails on its own (its scratch file cannot be read, its
+//! payload does not fit the 32-bit length) is left out of the batch: what was
+//! flushed of it is overwritten by the next record or cleared (zeros in a
+//! preallocated segment, a truncation otherwise) before the sync, and only
+//! that record is marked `failed`; the rest of the batch is written as usual.
 //! Does not decide what to write or update the index (the committer does).
-//! Errors: `std::io::Error` from write, sync or scratch reads, returned as-is.
+//! Errors: `std::io::Error` from a segment write or sync fails the batch;
+//! per-record errors are reported in `OutRec::failed`.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -163,16 +169,71 @@ pub(crate) struct OutRec {
     pub apply: Apply,
     /// Filled in by `append_batch`.
     pub loc: Loc,
+    /// Set by `append_batch` when this record alone could not be written
+    /// (its scratch file could not be read, or its payload does not fit the
+    /// 32-bit length): it is not in the log, and only its own waiter fails.
+    pub failed: Option<io::Error>,
 }
 
 impl OutRec {
+    fn new(id: MsgId, kind: Kind, head: Vec<u8>, body: Option<Body>, apply: Apply) -> OutRec {
+        OutRec {
+            id,
+            kind,
+            head,
+            body,
+            apply,
+            loc: Loc::default(),
+            failed: None,
+        }
+    }
+
+    /// A MSG record; `head` is `record::msg_head(id, &env)`.
+    pub fn msg(id: MsgId, head: Vec<u8>, body: Body, env: Envelope) -> OutRec {
+        OutRec::new(id, Kind::Msg, head, Some(body), Apply::Msg(env))
+    }
+
+    /// A STATE record; `head` is `record::state_payload(id, &changes)`.
+    pub fn state(id: MsgId, head: Vec<u8>, changes: Vec<(usize, RcptStatus)>) -> OutRec {
+        OutRec::new(id, Kind::State, head, None, Apply::State(changes))
+    }
+
+    /// A DONE record (payload: the id).
+    pub fn done(id: MsgId) -> OutRec {
+        OutRec::new(
+            id,
+            Kind::Done,
+            id.0.to_le_bytes().to_vec(),
+            None,
+            Apply::Done,
+        )
+    }
+
+    /// Payload length (what the record header's `len` must hold).
+    pub fn payload_len(&self) -> u64 {
+        self.head.len() as u64 + self.body.as_ref().map_or(0, Body::len)
+    }
+
     pub fn total(&self) -> u64 {
-        (REC_OVERHEAD + self.head.len()) as u64 + self.body.as_ref().map_or(0, Body::len)
+        REC_OVERHEAD as u64 + self.payload_len()
     }
 }
 
-/// Append `recs` at the writer's end and `fdatasync` once. On any error the
-/// file is cut back to where the batch started and nothing of it counts.
+/// Whether a payload of `len` bytes fits a record (the header's `len` is a
+/// `u32`). `Spool::commit` checks this before a message joins a batch.
+pub(crate) fn check_payload_len(len: u64) -> io::Result<u32> {
+    u32::try_from(len).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!("payload of {len} bytes does not fit a spool record (4 GiB - 1 at most)"),
+        )
+    })
+}
+
+/// Append `recs` at the writer's end and `fdatasync` once. On any error of
+/// the segment itself the file is cut back to where the batch started and
+/// nothing of it counts. A record that fails on its own (see
+/// `OutRec::failed`) is left out and the others are written as usual.
 pub(crate) fn append_batch(
     w: &mut SegmentWriter,
     recs: &mut [OutRec],
@@ -180,7 +241,14 @@ pub(crate) fn append_batch(
     syncs: &AtomicU64,
 ) -> io::Result<()> {
     let start = w.end;
-    let res = write_records(w, recs, faults).and_then(|end| w.sync(faults, syncs).map(|()| end));
+    let res = write_records(w, recs, faults).and_then(|(end, written)| {
+        // Nothing reached the file (every record failed on its own before
+        // any flush): there is nothing to make durable.
+        if written > start {
+            w.sync(faults, syncs)?;
+        }
+        Ok(end)
+    });
     match res {
         Ok(end) => {
             w.end = end;
@@ -205,66 +273,158 @@ pub(crate) fn append_batch(
     }
 }
 
-/// Encode and write every record; returns the new end offset.
-fn write_records(w: &SegmentWriter, recs: &mut [OutRec], faults: &Faults) -> io::Result<u64> {
-    let mut buf: Vec<u8> = Vec::with_capacity(
-        recs.iter()
-            .map(|r| r.total() as usize)
-            .sum::<usize>()
-            .min(FLUSH_AT * 2),
-    );
-    let mut off = w.end;
+/// Why one record could not be written.
+enum RecErr {
+    /// The record itself (scratch read, size): skip it, keep the batch.
+    Own(io::Error),
+    /// The segment write failed: the whole batch fails.
+    Segment(io::Error),
+}
+
+/// The batch being written: bytes in `buf` go to `off` onwards.
+struct Cursor<'a> {
+    w: &'a SegmentWriter,
+    faults: &'a Faults,
+    buf: Vec<u8>,
+    off: u64,
+    /// The highest offset any write of this batch reached.
+    high: u64,
+}
+
+impl Cursor<'_> {
+    /// Offset of the next byte appended to `buf`.
+    fn pos(&self) -> u64 {
+        self.off + self.buf.len() as u64
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.w.write_at(&self.buf, self.off, self.faults)?;
+            self.off += self.buf.len() as u64;
+            self.high = self.high.max(self.off);
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    fn flush_if_full(&mut self) -> io::Result<()> {
+        if self.buf.len() >= FLUSH_AT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Drop everything from `to` on (a record that could not be finished):
+    /// the next record starts there and overwrites what was flushed of it.
+    fn rewind(&mut self, to: u64) {
+        if to >= self.off {
+            self.buf
+                .truncate(usize::try_from(to - self.off).unwrap_or(0));
+        } else {
+            self.buf.clear();
+            self.off = to;
+        }
+    }
+}
+
+/// Encode and write every record; returns the new logical end and the
+/// highest offset written. Bytes of a skipped record that were flushed and
+/// not overwritten by a later one are cleared before returning, so "only
+/// zeros after the logical end" still holds for the sync that follows.
+fn write_records(
+    w: &SegmentWriter,
+    recs: &mut [OutRec],
+    faults: &Faults,
+) -> io::Result<(u64, u64)> {
+    let cap = recs
+        .iter()
+        .map(|r| r.total())
+        .sum::<u64>()
+        .min(FLUSH_AT as u64 * 2);
+    let mut c = Cursor {
+        w,
+        faults,
+        buf: Vec::with_capacity(usize::try_from(cap).unwrap_or(FLUSH_AT)),
+        off: w.end,
+        high: w.end,
+    };
     let seed = crc_seed(w.nonce);
     for r in recs.iter_mut() {
-        let body_len = r.body.as_ref().map_or(0, Body::len);
-        let plen = u32::try_from(r.head.len() as u64 + body_len)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record larger than 4 GiB"))?;
-        let rec_off = off + buf.len() as u64;
-        let hdr = record_header(r.kind, plen);
-        let mut crc = crc32c::crc32c_append(seed, &hdr);
-        crc = crc32c::crc32c_append(crc, &r.head);
-        buf.extend_from_slice(&hdr);
-        buf.extend_from_slice(&r.head);
-        match &r.body {
-            None => {}
-            Some(Body::Mem(v)) => {
-                crc = crc32c::crc32c_append(crc, v);
-                buf.extend_from_slice(v);
+        let rec_off = c.pos();
+        match put_record(&mut c, r, seed) {
+            Ok(()) => {
+                r.loc = Loc {
+                    seg: w.no,
+                    off: rec_off,
+                    len: r.total(),
+                    body_off: (REC_HDR_LEN + r.head.len()) as u64,
+                    body_len: r.body.as_ref().map_or(0, Body::len),
+                };
             }
-            Some(Body::File(s)) => {
-                let mut pos = 0u64;
-                let mut chunk = vec![0u8; FLUSH_AT.min(s.len as usize).max(1)];
-                while pos < s.len {
-                    let n = chunk.len().min((s.len - pos) as usize);
-                    s.file.read_exact_at(&mut chunk[..n], pos)?;
-                    crc = crc32c::crc32c_append(crc, &chunk[..n]);
-                    buf.extend_from_slice(&chunk[..n]);
-                    pos += n as u64;
-                    if buf.len() >= FLUSH_AT {
-                        w.write_at(&buf, off, faults)?;
-                        off += buf.len() as u64;
-                        buf.clear();
-                    }
-                }
+            Err(RecErr::Own(e)) => {
+                tracing::warn!(queue_id = %r.id, error = %e, "spool.record_skipped");
+                c.rewind(rec_off);
+                r.failed = Some(e);
+            }
+            Err(RecErr::Segment(e)) => return Err(e),
+        }
+        c.flush_if_full()?;
+    }
+    c.flush()?;
+    let (end, high) = (c.off, c.high);
+    if high > end {
+        clear_stale(w, end, high, faults)?;
+    }
+    Ok((end, high))
+}
+
+/// Remove the leftovers of a skipped record in `[end, high)`: zeros in a
+/// preallocated segment (it keeps its size), a truncation otherwise.
+fn clear_stale(w: &SegmentWriter, end: u64, high: u64, faults: &Faults) -> io::Result<()> {
+    if !w.prealloc {
+        return w.file.set_len(end);
+    }
+    let zeros = vec![0u8; usize::try_from(high - end).map_or(FLUSH_AT, |n| n.min(FLUSH_AT))];
+    let mut off = end;
+    while off < high {
+        let n = zeros
+            .len()
+            .min(usize::try_from(high - off).unwrap_or(usize::MAX));
+        w.write_at(&zeros[..n], off, faults)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Append one record (header, payload, CRC) to the cursor.
+fn put_record(c: &mut Cursor<'_>, r: &OutRec, seed: u32) -> Result<(), RecErr> {
+    let plen = check_payload_len(r.payload_len()).map_err(RecErr::Own)?;
+    let hdr = record_header(r.kind, plen);
+    let mut crc = crc32c::crc32c_append(seed, &hdr);
+    crc = crc32c::crc32c_append(crc, &r.head);
+    c.buf.extend_from_slice(&hdr);
+    c.buf.extend_from_slice(&r.head);
+    match &r.body {
+        None => {}
+        Some(Body::Mem(v)) => {
+            crc = crc32c::crc32c_append(crc, v);
+            c.buf.extend_from_slice(v);
+        }
+        Some(Body::File(s)) => {
+            let mut pos = 0u64;
+            let mut chunk = vec![0u8; FLUSH_AT.min(s.len as usize).max(1)];
+            while pos < s.len {
+                let n = chunk.len().min((s.len - pos) as usize);
+                s.file
+                    .read_exact_at(&mut chunk[..n], pos)
+                    .map_err(RecErr::Own)?;
+                crc = crc32c::crc32c_append(crc, &chunk[..n]);
+                c.buf.extend_from_slice(&chunk[..n]);
+                pos += n as u64;
+                c.flush_if_full().map_err(RecErr::Segment)?;
             }
         }
-        buf.extend_from_slice(&crc.to_le_bytes());
-        r.loc = Loc {
-            seg: w.no,
-            off: rec_off,
-            len: r.total(),
-            body_off: (REC_HDR_LEN + r.head.len()) as u64,
-            body_len,
-        };
-        if buf.len() >= FLUSH_AT {
-            w.write_at(&buf, off, faults)?;
-            off += buf.len() as u64;
-            buf.clear();
-        }
     }
-    if !buf.is_empty() {
-        w.write_at(&buf, off, faults)?;
-        off += buf.len() as u64;
-    }
-    Ok(off)
+    c.buf.extend_from_slice(&crc.to_le_bytes());
+    Ok(())
 }
