@@ -65,10 +65,7 @@ pub(crate) fn segment_path(dir: &Path, no: u32) -> PathBuf {
     dir.join(format!("{no:08}.log"))
 }
 
-/// fsync a directory so a created, renamed or removed entry is durable.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub(crate) use crate::fsutil::sync_dir;
 
 /// The open active segment.
 #[derive(Debug)]
