@@ -87,13 +87,16 @@ pub fn backoff(initial: Duration, max: Duration, attempts: u32, jitter: f64) -> 
 /// message still goes alone).
 const BATCH_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Where one copy goes: the mailbox and its `Return-Path:`/`Delivered-To:`
+/// lines, or why it cannot be delivered now.
+type CopyTarget = Result<(PathBuf, Vec<u8>), String>;
+
 /// The local recipients of one message due in this attempt.
 struct LocalJob {
     id: MsgId,
     envelope: Envelope,
     /// Indexes into `envelope.recipients`.
     due: Vec<usize>,
-    body: Arc<Vec<u8>>,
 }
 
 pub struct Queue {
@@ -207,19 +210,7 @@ impl Queue {
                 continue;
             }
             bytes += envelope.size;
-            match self.spool.read_body(id).await {
-                Ok(body) => jobs.push(LocalJob {
-                    id,
-                    envelope,
-                    due,
-                    body: Arc::new(body),
-                }),
-                Err(e) => {
-                    warn!(event = "delivery.body_unreadable", queue_id = %id, error = %e);
-                    let retry = at + self.runtime.delivery.retry_initial.as_secs() as i64;
-                    self.schedule.insert(retry, id);
-                }
-            }
+            jobs.push(LocalJob { id, envelope, due });
         }
         if jobs.is_empty() {
             return;
@@ -228,57 +219,66 @@ impl Queue {
         self.record(jobs, results, at).await;
     }
 
+    /// One blocking call for the whole batch: read every body from the
+    /// spool, then write every copy (a thread hand-off per message was the
+    /// largest cost of delivery). One result per due recipient, in order.
     async fn write_maildirs(&self, jobs: &[LocalJob]) -> Vec<Result<(), String>> {
-        // One entry per due recipient, in order; a recipient whose user was
-        // removed from the config since acceptance is deferred right here
-        // (kept until an administrator decides), never written anywhere.
-        type Plan = Result<(PathBuf, Vec<u8>, Arc<Vec<u8>>), String>;
-        let mut plan: Vec<Plan> = Vec::new();
-        for LocalJob {
-            envelope,
-            due,
-            body,
-            ..
-        } in jobs
-        {
+        // Per due recipient: its job and its mailbox. A user removed from the
+        // config since acceptance is deferred right here (kept until an
+        // administrator decides), never written anywhere.
+        let mut plan: Vec<(usize, CopyTarget)> = Vec::new();
+        for (j, LocalJob { envelope, due, .. }) in jobs.iter().enumerate() {
             for &i in due {
                 let rcpt = &envelope.recipients[i];
                 let user = match &rcpt.route {
                     Route::Local { mailbox } => self.runtime.users.get(mailbox),
                     Route::Remote => None,
                 };
-                plan.push(match user {
+                let target = match user {
                     Some(user) => {
                         let prefix = format!(
                             "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
                             envelope.sender, rcpt.address
                         );
-                        Ok((user.maildir.clone(), prefix.into_bytes(), body.clone()))
+                        Ok((user.maildir.clone(), prefix.into_bytes()))
                     }
                     None => Err("mailbox no longer configured".to_string()),
-                });
+                };
+                plan.push((j, target));
             }
         }
-        let namer = self.namer.clone();
+        let ids: Vec<MsgId> = jobs.iter().map(|j| j.id).collect();
+        let (spool, namer) = (self.spool.clone(), self.namer.clone());
         let total = plan.len();
         let outcome = tokio::task::spawn_blocking(move || {
-            let copies: Vec<LocalCopy<'_>> = plan
+            let bodies: Vec<Result<Vec<u8>, String>> = ids
                 .iter()
-                .flatten()
-                .map(|(maildir, prefix, body)| LocalCopy {
-                    maildir,
-                    prefix: prefix.clone(),
-                    body,
+                .map(|id| {
+                    spool.read_body_blocking(*id).map_err(|e| {
+                        warn!(event = "delivery.body_unreadable", queue_id = %id, error = %e);
+                        format!("message unreadable in the spool: {e}")
+                    })
                 })
                 .collect();
-            let mut delivered = deliver_batch(&namer, &copies).into_iter();
+            let copies: Vec<LocalCopy<'_>> = plan
+                .iter()
+                .filter_map(|(j, target)| match (target, &bodies[*j]) {
+                    (Ok((maildir, prefix)), Ok(body)) => Some(LocalCopy {
+                        maildir,
+                        prefix: prefix.clone(),
+                        body,
+                    }),
+                    _ => None,
+                })
+                .collect();
+            let mut written = deliver_batch(&namer, &copies).into_iter();
             plan.iter()
-                .map(|p| match p {
-                    Ok(_) => delivered
+                .map(|(j, target)| match (target, &bodies[*j]) {
+                    (Ok(_), Ok(_)) => written
                         .next()
                         .unwrap_or_else(|| Err(std::io::Error::other("no result")))
                         .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.clone()),
+                    (Err(e), _) | (_, Err(e)) => Err(e.clone()),
                 })
                 .collect::<Vec<_>>()
         })

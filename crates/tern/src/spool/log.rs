@@ -173,15 +173,23 @@ impl Spool {
 
     /// Read a body back from the log (CRC checked).
     pub async fn read_body(&self, id: MsgId) -> Result<Vec<u8>, SpoolError> {
+        let spool = self.clone();
+        tokio::task::spawn_blocking(move || spool.read_body_blocking(id))
+            .await
+            .map_err(|e| SpoolError::Io(io::Error::other(e)))?
+    }
+
+    /// [`Spool::read_body`] for a caller already on a blocking thread (the
+    /// delivery batch reads all its bodies in one blocking call instead of
+    /// paying a thread hand-off per message).
+    pub fn read_body_blocking(&self, id: MsgId) -> Result<Vec<u8>, SpoolError> {
         // Compaction may move the message between the lookup and the read:
         // look it up again when the read fails and the location changed.
         for _ in 0..4 {
             let found = self.inner.shared.index().locate(id);
             let (loc, nonce) = found.ok_or(SpoolError::NotFound(id))?;
             let path = segment_path(&self.inner.shared.dir, loc.seg);
-            let res = tokio::task::spawn_blocking(move || read_msg_body(&path, loc, nonce))
-                .await
-                .map_err(|e| SpoolError::Io(io::Error::other(e)))?;
+            let res = read_msg_body(&path, loc, nonce);
             match res {
                 Ok(body) => return Ok(body),
                 Err(e) if self.inner.shared.index().locate(id) == Some((loc, nonce)) => {
