@@ -64,9 +64,9 @@ def test_check_config_not_toml(tmp_path):
     assert res.returncode == 1, output(res)
 
 
-def test_serve_with_bad_config_exits_nonzero(tmp_path):
-    srv = Tern(tmp_path, {"limits": {"max_command_line": 100}})
-    proc = subprocess.Popen([str(TERN_BIN), "serve", "--config", str(srv.config_path)],
+def serve_expecting_failure(config_path):
+    """Runs `tern serve` that must refuse to start; returns (exit code, stdout, stderr)."""
+    proc = subprocess.Popen([str(TERN_BIN), "serve", "--config", str(config_path)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=20)
@@ -74,7 +74,13 @@ def test_serve_with_bad_config_exits_nonzero(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0
+    return proc.returncode, out, err
+
+
+def test_serve_with_bad_config_exits_nonzero(tmp_path):
+    srv = Tern(tmp_path, {"limits": {"max_command_line": 100}})
+    rc, out, err = serve_expecting_failure(srv.config_path)
+    assert rc != 0
     assert b"ready" not in out
     assert b"max_command_line" in out + err, out + err
 
@@ -159,15 +165,8 @@ def test_config_writer_roundtrip(tmp_path):
 
 def test_second_server_on_the_same_spool_refuses_to_start(tern):
     first = tern()
-    proc = subprocess.Popen([str(TERN_BIN), "serve", "--config", str(first.config_path)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode != 0
+    rc, out, err = serve_expecting_failure(first.config_path)
+    assert rc != 0
     assert b"ready" not in out
     assert b"in use by another tern process" in err, err
     # The first one is unharmed.

@@ -36,6 +36,15 @@ pub(crate) fn envelope(n: usize) -> Envelope {
     }
 }
 
+/// A whole MSG record as it would sit in a segment whose nonce is `nonce`.
+pub(crate) fn msg_record(id: u64, body: &[u8], nonce: u64) -> Vec<u8> {
+    let mut env = envelope(1);
+    env.size = body.len() as u64;
+    let mut payload = record::msg_head(MsgId(id), &env).unwrap();
+    payload.extend_from_slice(body);
+    record::encode(record::Kind::Msg, &payload, nonce).unwrap()
+}
+
 pub(crate) fn config(dir: &Path) -> SpoolConfig {
     SpoolConfig {
         dir: dir.to_path_buf(),

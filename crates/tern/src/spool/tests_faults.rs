@@ -13,19 +13,11 @@ use super::readonly;
 use super::record::{self, Kind};
 use super::recover::{FAIL_MOVES, list_segments};
 use super::spare::SPARE_NAME;
-use super::tests::{commit_body, config, envelope, reopen, wait_until};
+use super::tests::{commit_body, config, envelope, msg_record, reopen, wait_until};
 use super::writer::segment_path;
 use super::*;
 
 const NONCE: u64 = 0xFA11_0C0D;
-
-fn msg_record(id: u64, body: &[u8]) -> Vec<u8> {
-    let mut env = envelope(1);
-    env.size = body.len() as u64;
-    let mut payload = record::msg_head(MsgId(id), &env).unwrap();
-    payload.extend_from_slice(body);
-    record::encode(Kind::Msg, &payload, NONCE).unwrap()
-}
 
 fn write_segment(path: &Path, records: &[&[u8]], size: usize) {
     let mut buf = record::segment_header(NONCE).to_vec();
@@ -212,9 +204,9 @@ async fn failed_quarantine_move_keeps_protecting_newer_segments() {
     write_segment(
         &segment_path(&dir, 1),
         &[
-            &msg_record(10, b"finished"),
+            &msg_record(10, b"finished", NONCE),
             garbage,
-            &msg_record(11, b"keep"),
+            &msg_record(11, b"keep", NONCE),
         ],
         0,
     );

@@ -5,22 +5,14 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::record::{self, Kind, SEG_HDR_LEN};
+use super::record::{self, SEG_HDR_LEN};
 use super::recover::list_segments;
 use super::spare::SPARE_NAME;
-use super::tests::{commit_body, config, envelope, reopen};
+use super::tests::{commit_body, config, envelope, msg_record, reopen};
 use super::writer::segment_path;
 use super::*;
 
 const NONCE: u64 = 0x5EED_F00D;
-
-fn msg_record(id: u64, body: &[u8]) -> Vec<u8> {
-    let mut env = envelope(1);
-    env.size = body.len() as u64;
-    let mut payload = record::msg_head(MsgId(id), &env).unwrap();
-    payload.extend_from_slice(body);
-    record::encode(Kind::Msg, &payload, NONCE).unwrap()
-}
 
 /// A segment file as the spool preallocates it: header, `records`, zeros up
 /// to `size`. Returns the logical end.
@@ -50,12 +42,15 @@ async fn reopen_preallocated_segment_is_clean_and_appends_at_logical_end() {
     // An older, rolled preallocated segment and the active one.
     let old_end = write_prealloc(
         &segment_path(tmp.path(), 1),
-        &[msg_record(10, b"old one")],
+        &[msg_record(10, b"old one", NONCE)],
         size,
     );
     let end = write_prealloc(
         &segment_path(tmp.path(), 2),
-        &[msg_record(11, b"alpha"), msg_record(12, b"bravo")],
+        &[
+            msg_record(11, b"alpha", NONCE),
+            msg_record(12, b"bravo", NONCE),
+        ],
         size,
     );
     let cfg = cfg_sized(tmp.path(), size as u64);
@@ -101,13 +96,16 @@ async fn torn_record_before_zeros_is_cut_in_place_and_overwritten() {
     let tmp = tempfile::tempdir().unwrap();
     let size = 256 * 1024;
     let seg = segment_path(tmp.path(), 1);
-    let third = msg_record(13, &[b'z'; 900]);
+    let third = msg_record(13, &[b'z'; 900], NONCE);
     // Every cut of the third record (header only, half, all but the CRC).
     for keep in [1, 12, third.len() / 2, third.len() - 1] {
         let partial = third[..keep].to_vec();
         let end = write_prealloc(
             &seg,
-            &[msg_record(11, b"alpha"), msg_record(12, b"bravo")],
+            &[
+                msg_record(11, b"alpha", NONCE),
+                msg_record(12, b"bravo", NONCE),
+            ],
             size,
         );
         // Put the partial record at the logical end, zeros after it.
@@ -158,7 +156,7 @@ async fn garbage_between_records_and_zeros_in_older_segment_is_corruption() {
     let size = 64 * 1024;
     let end = write_prealloc(
         &segment_path(tmp.path(), 1),
-        &[msg_record(11, b"alpha")],
+        &[msg_record(11, b"alpha", NONCE)],
         size,
     );
     let mut bytes = std::fs::read(segment_path(tmp.path(), 1)).unwrap();
@@ -166,7 +164,7 @@ async fn garbage_between_records_and_zeros_in_older_segment_is_corruption() {
     std::fs::write(segment_path(tmp.path(), 1), &bytes).unwrap();
     write_prealloc(
         &segment_path(tmp.path(), 2),
-        &[msg_record(12, b"bravo")],
+        &[msg_record(12, b"bravo", NONCE)],
         size,
     );
     let (spool, rep) = Spool::open(cfg_sized(tmp.path(), size as u64)).unwrap();
