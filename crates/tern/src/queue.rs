@@ -251,10 +251,12 @@ impl Queue {
         let (spool, namer) = (self.spool.clone(), self.namer.clone());
         let total = plan.len();
         let outcome = tokio::task::spawn_blocking(move || {
-            let bodies: Vec<Result<Vec<u8>, String>> = ids
-                .iter()
-                .map(|id| {
-                    spool.read_body_blocking(*id).map_err(|e| {
+            let bodies: Vec<Result<Vec<u8>, String>> = spool
+                .read_bodies_blocking(&ids)
+                .into_iter()
+                .zip(&ids)
+                .map(|(body, id)| {
+                    body.map_err(|e| {
                         warn!(event = "delivery.body_unreadable", queue_id = %id, error = %e);
                         format!("message unreadable in the spool: {e}")
                     })

@@ -25,13 +25,14 @@ use crate::spool::{Draft, Envelope, RcptStatus, Recipient, Route, Spool};
 use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tern_proto::{
     BodyType, Decision, Event, ForwardPath, MailParams, Mailbox, Phase, Query, RcptParams, Reply,
     Ret, ReversePath, Session,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -469,13 +470,35 @@ impl Driver {
 
 /// Reads what the socket has into a stack buffer: no per-session buffer
 /// survives between reads.
+///
+/// A short read means the socket is drained, so its readiness is cleared
+/// right away, as tokio's own `poll_read` does; `try_read` would leave it
+/// set and cost an extra `recv` that fails with EAGAIN after every command.
+/// Clearing is race-free: tokio only clears the readiness observed before
+/// the `recv`, and data arriving later raises a new edge.
 fn read_available(stream: &TcpStream, session: &mut Session) -> io::Result<usize> {
     let mut buf = [0u8; 16 * 1024];
-    let n = stream.try_read(&mut buf)?;
-    if n > 0 {
-        session.receive(&buf[..n]);
+    let mut received = 0;
+    let res = stream.try_io(Interest::READABLE, || {
+        // SAFETY: recv(2) into a buffer we own, of the length we pass, on the
+        // stream's own fd, which is open for the duration of the borrow.
+        let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        received = n;
+        if n > 0 && n < buf.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match res {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && received == 0 => return Err(e),
+        Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+        _ => {}
     }
-    Ok(n)
+    if received > 0 {
+        session.receive(&buf[..received]);
+    }
+    Ok(received)
 }
 
 fn resolve_mailbox(runtime: &Runtime, mailbox: &Mailbox) -> Resolution {

@@ -101,7 +101,7 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
             None => Err(io::Error::other("mailbox not prepared")),
         })
         .collect();
-    sync_file_systems(&mut written);
+    sync_file_systems(copies, &mut written);
     let mut outcomes: Vec<io::Result<PathBuf>> = written
         .into_iter()
         .map(|w| {
@@ -185,11 +185,18 @@ fn write_both(file: &mut File, head: &[u8], tail: &[u8]) -> io::Result<()> {
 
 /// One `syncfs` per file system holding written copies; a failure fails
 /// (and removes) every copy on that file system.
-fn sync_file_systems(written: &mut [io::Result<Written>]) {
+fn sync_file_systems(copies: &[LocalCopy<'_>], written: &mut [io::Result<Written>]) {
+    // The file system is looked up once per mailbox (its tmp/), not per copy.
+    let mut dev_of: BTreeMap<&Path, u64> = BTreeMap::new();
     let mut by_fs: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     for (i, w) in written.iter().enumerate() {
-        if let Ok(w) = w {
-            let dev = w.file.metadata().map(|m| m.dev()).unwrap_or(u64::MAX);
+        if w.is_ok() {
+            let maildir = copies[i].maildir;
+            let dev = *dev_of.entry(maildir).or_insert_with(|| {
+                fs::metadata(maildir.join("tmp"))
+                    .map(|m| m.dev())
+                    .unwrap_or(u64::MAX)
+            });
             by_fs.entry(dev).or_default().push(i);
         }
     }

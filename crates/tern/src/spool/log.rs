@@ -9,6 +9,8 @@
 //! Does not schedule or deliver; does not hold bodies in memory.
 //! Errors: see the `spool` module header.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
@@ -179,17 +181,44 @@ impl Spool {
             .map_err(|e| SpoolError::Io(io::Error::other(e)))?
     }
 
-    /// [`Spool::read_body`] for a caller already on a blocking thread (the
-    /// delivery batch reads all its bodies in one blocking call instead of
-    /// paying a thread hand-off per message).
+    /// [`Spool::read_body`] for a caller already on a blocking thread.
     pub fn read_body_blocking(&self, id: MsgId) -> Result<Vec<u8>, SpoolError> {
+        self.read_bodies_blocking(&[id])
+            .pop()
+            .unwrap_or(Err(SpoolError::NotFound(id)))
+    }
+
+    /// Reads many bodies in one blocking call (the delivery batch: a thread
+    /// hand-off per message was most of delivery's time), opening each
+    /// segment once for the whole call rather than once per message.
+    pub fn read_bodies_blocking(&self, ids: &[MsgId]) -> Vec<Result<Vec<u8>, SpoolError>> {
+        let mut open: HashMap<u32, std::fs::File> = HashMap::new();
+        ids.iter().map(|&id| self.read_one(id, &mut open)).collect()
+    }
+
+    fn read_one(
+        &self,
+        id: MsgId,
+        open: &mut HashMap<u32, std::fs::File>,
+    ) -> Result<Vec<u8>, SpoolError> {
         // Compaction may move the message between the lookup and the read:
-        // look it up again when the read fails and the location changed.
+        // look it up again when the read fails and the location changed. A
+        // handle kept open on a segment compaction has since deleted still
+        // reads the old, verified bytes, so a cached handle is never stale
+        // for the location it was looked up for (segment numbers are never
+        // reused).
         for _ in 0..4 {
             let found = self.inner.shared.index().locate(id);
             let (loc, nonce) = found.ok_or(SpoolError::NotFound(id))?;
             let path = segment_path(&self.inner.shared.dir, loc.seg);
-            let res = read_msg_body(&path, loc, nonce);
+            let file = match open.entry(loc.seg) {
+                Entry::Occupied(e) => Ok(e.into_mut()),
+                Entry::Vacant(v) => std::fs::File::open(&path).map(|f| v.insert(f)),
+            };
+            let res = match file {
+                Ok(file) => read_msg_body_from(file, &path, loc, nonce),
+                Err(e) => Err(e.into()),
+            };
             match res {
                 Ok(body) => return Ok(body),
                 Err(e) if self.inner.shared.index().locate(id) == Some((loc, nonce)) => {
@@ -321,7 +350,16 @@ pub(crate) fn free_space(dir: &Path) -> io::Result<u64> {
 
 /// Read and verify the MSG record at `loc`; return its body.
 pub(crate) fn read_msg_body(path: &Path, loc: Loc, nonce: u64) -> Result<Vec<u8>, SpoolError> {
-    let file = std::fs::File::open(path)?;
+    read_msg_body_from(&std::fs::File::open(path)?, path, loc, nonce)
+}
+
+/// [`read_msg_body`] from an already open segment (`path` names it in errors).
+fn read_msg_body_from(
+    file: &std::fs::File,
+    path: &Path,
+    loc: Loc,
+    nonce: u64,
+) -> Result<Vec<u8>, SpoolError> {
     let len =
         usize::try_from(loc.len).map_err(|_| SpoolError::Corrupt("record too large".into()))?;
     let mut buf = vec![0u8; len];

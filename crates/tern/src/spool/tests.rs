@@ -350,3 +350,36 @@ async fn two_copies_newest_wins_and_done_anywhere_wins() {
     assert_eq!(rep.messages, 0, "DONE wins over every copy");
     assert!(spool.live().is_empty());
 }
+
+#[tokio::test]
+async fn batched_body_reads_span_segments_in_request_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = SpoolConfig {
+        segment_size: 4096,
+        ..config(tmp.path())
+    };
+    let (spool, _) = Spool::open(cfg).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..8u8 {
+        ids.push(
+            commit_body(&spool, envelope(1), &body(i, 1000))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(list_segments(tmp.path()).unwrap().len() >= 2);
+    spool.finish(ids[3]).await.unwrap();
+    // Out of log order, with a repeat, a finished and an unknown message.
+    let ask = vec![ids[7], ids[0], ids[3], ids[0], MsgId(9_999_999), ids[5]];
+    let spool2 = spool.clone();
+    let got = tokio::task::spawn_blocking(move || spool2.read_bodies_blocking(&ask))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 6);
+    assert_eq!(got[0].as_ref().unwrap(), &body(7, 1000));
+    assert_eq!(got[1].as_ref().unwrap(), &body(0, 1000));
+    assert!(matches!(got[2], Err(SpoolError::NotFound(x)) if x == ids[3]));
+    assert_eq!(got[3].as_ref().unwrap(), &body(0, 1000));
+    assert!(matches!(got[4], Err(SpoolError::NotFound(_))));
+    assert_eq!(got[5].as_ref().unwrap(), &body(5, 1000));
+}
