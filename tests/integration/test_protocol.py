@@ -434,3 +434,55 @@ def test_content_pipelined_after_a_refused_data_is_not_run(tern):
         c.expect(550, "5.1.1")
         c.expect(554, "5.5.0")
         assert c.is_closed()
+
+
+def test_utf8_ehlo_name_is_not_echoed(tern):
+    # RFC 5321 §4.1.1.1: the EHLO greeting text is 7-bit.
+    srv = tern()
+    with srv.connect() as c:
+        r = c.cmd("EHLO ünï.test".encode())
+        assert r.code == 250, r
+        assert all(line.isascii() for line in r.lines), r
+
+
+@pytest.mark.parametrize("name", ["WIN_PC", "host_1.client.test", "client.test.", "  client.test"])
+def test_helo_names_deployed_clients_send_are_accepted(tern, name):
+    srv = tern()
+    with srv.connect() as c:
+        assert c.cmd(f"EHLO {name}").code == 250
+        assert c.cmd("MAIL FROM:<s@remote.test>").code == 250
+        assert c.cmd("RCPT TO:<alice@example.test>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: helo\r\n\r\nbody\r\n.\r\n")
+        c.expect(250, "2.0.0")
+    (mail,) = srv.wait_for_mail("alice", 1)
+    headers, _ = split_mail(mail)
+    assert f"from {name.strip()} ([127.0.0.1])".encode() in headers, headers
+
+
+def test_lf_terminated_command_is_answered_at_once(tern):
+    # A bare LF never ends a command (RFC 5321 §2.3.8), but the client gets
+    # its error now instead of waiting for a CRLF until the timeout.
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        c.send(b"NOOP\n")
+        c.expect(500, "5.5.2")
+        assert c.cmd("NOOP").code == 250
+
+
+@pytest.mark.parametrize("mail_params, orcpt, code", [
+    ("", "rfc822;j\xc3\xb6rg@remote.test", 501),
+    ("", "utf-8;j\xc3\xb6rg@remote.test", 501),
+    (" SMTPUTF8", "utf-8;j\xc3\xb6rg@remote.test", 250),
+    (" SMTPUTF8", "rfc822;j\xc3\xb6rg@remote.test", 501),
+])
+def test_orcpt_utf8_only_as_rfc6533_allows(tern, mail_params, orcpt, code):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd(f"MAIL FROM:<s@remote.test>{mail_params}").code == 250
+        r = c.cmd(b"RCPT TO:<alice@example.test> ORCPT=" + orcpt.encode("latin-1"))
+        assert r.code == code, r
+        if code == 501:
+            assert r.enhanced == "5.5.4", r

@@ -222,6 +222,11 @@ fn parse_path(s: &str) -> Result<(Mailbox, usize), AddressError> {
         p.source_route()?;
     }
     let m = p.mailbox()?;
+    if p.peek().is_some_and(|b| b != b'>') {
+        // The mailbox grammar stopped early: say so, rather than blame a
+        // missing bracket that is in fact there.
+        return Err(AddressError::Syntax("character not allowed in the address"));
+    }
     p.expect(b'>', "missing '>'")?;
     if p.pos > MAX_PATH {
         return Err(AddressError::PathTooLong);

@@ -243,3 +243,12 @@ proptest! {
         let _ = parse_domain(&s);
     }
 }
+
+#[test]
+fn error_text_names_the_real_problem() {
+    let stray = AddressError::Syntax("character not allowed in the address");
+    assert_eq!(fwd("<a@b.test@c.test>"), Err(stray.clone()));
+    assert_eq!(fwd("<a@b.test >"), Err(stray.clone()));
+    assert_eq!(fwd("<a@b_c.test>"), Err(stray));
+    assert_eq!(fwd("<a@b.test"), Err(AddressError::Syntax("missing '>'")));
+}

@@ -144,6 +144,12 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
     if line.iter().any(|&b| (b < 32 && b != b'\t') || b == 127) {
         return Err(CommandError::BadCharacters);
     }
+    // Trailing blanks are common from hand-typed sessions and harmless.
+    let end = line
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(0, |i| i + 1);
+    let line = &line[..end];
     let (verb, args) = match line.iter().position(|&b| b == b' ') {
         Some(i) => (&line[..i], Some(&line[i + 1..])),
         None => (line, None),
@@ -162,9 +168,10 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
         Some(a) => Some(std::str::from_utf8(a).map_err(|_| CommandError::BadCharacters)?),
         None => None,
     };
-    // Trailing blanks are common from hand-typed sessions and harmless.
+    // So are extra spaces after the verb (`MAIL  FROM:`), which Postfix
+    // and Exim accept too.
     let args = args
-        .map(|a| a.trim_end_matches([' ', '\t']))
+        .map(|a| a.trim_start_matches(' '))
         .filter(|a| !a.is_empty());
     match verb.as_str() {
         "HELO" => parse_helo(args, "HELO domain").map(Command::Helo),
@@ -193,11 +200,34 @@ fn no_args(args: Option<&str>, cmd: Command, usage: &'static str) -> Result<Comm
     }
 }
 
-/// `ehlo = "EHLO" SP ( Domain / address-literal )` (§4.1.1.1).
+/// `ehlo = "EHLO" SP ( Domain / address-literal )` (§4.1.1.1), read the
+/// way deployed servers read it: extra spaces before the name, `_` in
+/// labels (Windows host names) and a trailing root dot are accepted, since
+/// refusing HELO leaves a misconfigured client no way to send at all (and
+/// §4.1.4 forbids refusing mail over a HELO name that merely does not
+/// verify). Address literals stay strict, and nothing but one name is
+/// accepted, so the name is always safe to repeat in a trace header.
 fn parse_helo(args: Option<&str>, usage: &'static str) -> Result<String, CommandError> {
     let arg = args.ok_or(CommandError::HeloSyntax(usage))?;
-    address::parse_domain(arg).map_err(|_| CommandError::HeloSyntax(usage))?;
+    if address::parse_domain(arg).is_err() && !lenient_helo_name(arg) {
+        return Err(CommandError::HeloSyntax(usage));
+    }
     Ok(arg.to_string())
+}
+
+/// A host name with `_` allowed in labels and an optional trailing dot:
+/// labels of letters, digits, `-`, `_` or UTF-8, 1 to 63 octets, at most
+/// 255 octets in all.
+fn lenient_helo_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 255
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80)
+        })
 }
 
 /// Splits `PREFIX:<path> params`: the prefix is case-insensitive; one space

@@ -18,6 +18,15 @@ fn verbs_are_case_insensitive() {
     );
     assert_eq!(p("quit"), Ok(Command::Quit));
     assert_eq!(p("DATA "), Ok(Command::Data));
+    assert_eq!(p("RSET\t"), Ok(Command::Rset));
+    assert_eq!(p("QUIT \t "), Ok(Command::Quit));
+    assert_eq!(
+        p("MAIL  FROM:<a@b.test>"),
+        Ok(Command::Mail(
+            ReversePath::Mailbox("a@b.test".parse().unwrap()),
+            MailParams::default()
+        ))
+    );
     assert_eq!(p("NOOP anything"), Ok(Command::Noop));
     assert_eq!(p("help mail"), Ok(Command::Help(Some("mail".into()))));
     assert_eq!(
@@ -34,6 +43,30 @@ fn verbs_are_case_insensitive() {
             last: false
         })
     );
+}
+
+#[test]
+fn helo_names_are_read_as_deployed_servers_read_them() {
+    let ok = |s: &str, name: &str| assert_eq!(p(s), Ok(Command::Ehlo(name.into())), "{s}");
+    ok("EHLO foo_bar.test", "foo_bar.test");
+    ok("EHLO WIN_PC", "WIN_PC");
+    ok("EHLO x.test.", "x.test.");
+    ok("EHLO  x.test", "x.test");
+    ok("EHLO jörg.test", "jörg.test");
+    ok("EHLO [IPv6:::1]", "[IPv6:::1]");
+    let refused = |s: &str| assert!(matches!(p(s), Err(CommandError::HeloSyntax(_))), "{s}");
+    refused("EHLO");
+    refused("EHLO  ");
+    refused("EHLO x.test junk");
+    refused("EHLO x..test");
+    refused("EHLO .");
+    refused("EHLO x.test..");
+    refused("EHLO [1.2.3]");
+    refused("EHLO [300.1.1.1]");
+    refused("EHLO a(b)");
+    refused("EHLO a<b>");
+    refused(&format!("EHLO {}.test", "x".repeat(64)));
+    refused(&format!("EHLO {}", ["abc"; 70].join(".")));
 }
 
 #[test]
@@ -164,6 +197,8 @@ fn parameter_errors() {
     assert!(bad("RCPT TO:<a@b> NOTIFY=SOMETIMES"));
     assert!(bad("RCPT TO:<a@b> ORCPT=rfc822"));
     assert!(bad("RCPT TO:<a@b> ORCPT=;a@b"));
+    assert!(bad("RCPT TO:<a@b> ORCPT=rfc822;jörg@b"));
+    assert!(bad("MAIL FROM:<a@b> ENVID=é"));
     assert!(bad("RCPT TO:<a@b> NOTIFY=NEVER NOTIFY=NEVER"));
     assert_eq!(
         p("MAIL FROM:<a@b> SIZE=99999999999999999999"),

@@ -24,8 +24,14 @@ pub fn ehlo_reply(hostname: &str, client_domain: &str, max_size: u64) -> Reply {
     } else {
         format!("SIZE {max_size}")
     };
+    // ehlo-greet is 7-bit text (§4.1.1.1): a U-label name is not repeated.
+    let greet = if client_domain.is_ascii() {
+        format!("{hostname} Hello {client_domain}")
+    } else {
+        format!("{hostname} Hello")
+    };
     let lines = vec![
-        format!("{hostname} Hello {client_domain}"),
+        greet,
         "PIPELINING".to_string(),
         size,
         "8BITMIME".to_string(),
@@ -106,5 +112,12 @@ mod tests {
         assert_eq!(caps.size(), Some(1000));
         let caps = Capabilities::from_reply(&ehlo_reply("h", "d", 0));
         assert_eq!(caps.size(), Some(0));
+    }
+
+    #[test]
+    fn greeting_line_stays_seven_bit() {
+        let r = ehlo_reply("mx.example", "jörg.example", 1000);
+        assert_eq!(r.lines[0], "mx.example Hello");
+        assert!(r.to_bytes().is_ascii());
     }
 }

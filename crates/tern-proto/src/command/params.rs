@@ -231,7 +231,11 @@ fn parse_orcpt(v: &str) -> Result<Orcpt, CommandError> {
     if t.is_empty() || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         return Err(BAD);
     }
-    let address = xtext_decode(a).ok_or(BAD)?;
+    // RFC 6533 §3: only the "utf-8" address type may carry raw UTF-8
+    // (utf-8-addr-unitext); every other type is plain xtext (RFC 3461 §4).
+    // Whether SMTPUTF8 is in use is the session's check.
+    let raw_utf8 = t.eq_ignore_ascii_case("utf-8");
+    let address = decode(a, raw_utf8).ok_or(BAD)?;
     if address.is_empty() || address.chars().any(char::is_control) {
         return Err(BAD);
     }
@@ -242,9 +246,15 @@ fn parse_orcpt(v: &str) -> Result<Orcpt, CommandError> {
 }
 
 /// Decodes xtext (RFC 3461 §4): `xchar` is `!`..`~` except `+` and `=`;
-/// `+XX` (upper-case hex) is one octet. Returns `None` when malformed or
-/// when the decoded octets are not UTF-8.
+/// `+XX` (upper-case hex) is one octet. Returns `None` when malformed
+/// (including any raw octet outside `!`..`~`) or when the decoded octets
+/// are not UTF-8.
 pub fn xtext_decode(s: &str) -> Option<String> {
+    decode(s, false)
+}
+
+/// xtext, plus raw UTF-8 when `raw_utf8` (RFC 6533 §3 unitext).
+fn decode(s: &str, raw_utf8: bool) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -266,8 +276,7 @@ pub fn xtext_decode(s: &str) -> Option<String> {
                 out.push(c);
                 i += 1;
             }
-            // UTF-8 in values is allowed with SMTPUTF8 (RFC 6533 §3).
-            c if c >= 0x80 => {
+            c if c >= 0x80 && raw_utf8 => {
                 out.push(c);
                 i += 1;
             }

@@ -22,7 +22,7 @@ impl Session {
             return self.skip_long_line();
         }
         let max = self.config.max_command_line.max(3);
-        let Some(i) = find_crlf(&self.input) else {
+        let Some(lf) = self.input.iter().position(|&b| b == b'\n') else {
             // The CR of a CRLF may already be here: don't count it.
             let content = self.input.len() - usize::from(self.input.last() == Some(&b'\r'));
             if content + 2 > max {
@@ -34,6 +34,20 @@ impl Session {
             }
             return false;
         };
+        if lf == 0 || self.input[lf - 1] != b'\r' {
+            // §2.3.8: a bare LF never ends a command. It is answered at
+            // once rather than joined to the next line, so a client that
+            // ends lines with LF alone gets an error instead of a silent
+            // wait for a CRLF that never comes; nothing on the line runs.
+            self.consume(lf + 1);
+            self.reply(Reply::enhanced(
+                500,
+                (5, 5, 2),
+                "Error: bare <LF> in command",
+            ));
+            return true;
+        }
+        let i = lf - 1;
         if i + 2 > max {
             self.consume(i + 2);
             self.reply(Reply::enhanced(500, (5, 5, 2), "Error: line too long"));
@@ -41,12 +55,12 @@ impl Session {
         }
         let line = self.input[..i].to_vec();
         self.consume(i + 2);
-        if line.iter().any(|&b| b == b'\r' || b == b'\n') {
+        if line.contains(&b'\r') {
             // §2.3.8: CR and LF only occur together as a line end.
             self.reply(Reply::enhanced(
                 500,
                 (5, 5, 2),
-                "Error: bare <CR> or <LF> in command",
+                "Error: bare <CR> in command",
             ));
             return true;
         }
@@ -195,6 +209,18 @@ impl Session {
                 (5, 6, 7),
                 "Error: UTF-8 address needs SMTPUTF8",
             )),
+            // RFC 6533 §3: a UTF-8 original recipient only in an SMTPUTF8
+            // transaction; otherwise it must be sent as utf-8-addr-xtext.
+            Some(tx)
+                if !tx.params.smtputf8
+                    && params.orcpt.as_ref().is_some_and(|o| !o.address.is_ascii()) =>
+            {
+                Some(Reply::enhanced(
+                    501,
+                    (5, 5, 4),
+                    "Error: UTF-8 in ORCPT needs SMTPUTF8",
+                ))
+            }
             Some(_) => None,
         };
         match refusal {

@@ -336,20 +336,27 @@ fn long_line_does_not_stay_buffered() {
 }
 
 #[test]
-fn bare_lf_and_cr_do_not_split_commands() {
+fn bare_lf_and_cr_never_end_a_valid_command() {
     let out = run(
         &[
             b"EHLO c\r\n",
+            // The LF-ended NOOP is refused at once (no wait for a CRLF);
+            // the CRLF-ended line after it is a command of its own.
             b"NOOP\nMAIL FROM:<a@b>\r\n",
+            b"RSET\n\n",
             b"NOOP\rRSET\r\n",
             b"NO\0OP\r\n",
         ],
         accept,
     );
-    assert!(out.ends_with(
-        "250 DSN\r\n500 5.5.2 Error: bare <CR> or <LF> in command\r\n\
-500 5.5.2 Error: bare <CR> or <LF> in command\r\n500 5.5.2 Error: bad characters in command\r\n"
-    ));
+    assert!(
+        out.ends_with(
+            "250 DSN\r\n500 5.5.2 Error: bare <LF> in command\r\n250 2.1.0 Ok\r\n\
+500 5.5.2 Error: bare <LF> in command\r\n500 5.5.2 Error: bare <LF> in command\r\n\
+500 5.5.2 Error: bare <CR> in command\r\n500 5.5.2 Error: bad characters in command\r\n"
+        ),
+        "{out}"
+    );
 }
 
 #[test]
@@ -460,6 +467,35 @@ fn smtputf8_is_required_for_utf8_addresses() {
         "553 5.6.7 Error: UTF-8 address needs SMTPUTF8\r\n250 2.1.0 Ok\r\n553 5.6.7 Error: UTF-8 address needs SMTPUTF8\r\n\
 250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
     ));
+}
+
+#[test]
+fn utf8_orcpt_needs_smtputf8_and_the_utf8_type() {
+    let out = run(
+        &[
+            "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b> ORCPT=rfc822;jörg@x.test\r\n".as_bytes(),
+            "RCPT TO:<x@b> ORCPT=utf-8;jörg@x.test\r\nRCPT TO:<x@b> ORCPT=rfc822;j+C3+B6rg@x.test\r\n"
+                .as_bytes(),
+            "RSET\r\nMAIL FROM:<a@b> SMTPUTF8\r\nRCPT TO:<x@b> ORCPT=utf-8;jörg@x.test\r\n".as_bytes(),
+            "RCPT TO:<y@b> ORCPT=rfc822;jörg@x.test\r\n".as_bytes(),
+        ],
+        accept,
+    );
+    let codes: Vec<&str> = out.lines().skip(9).map(|l| &l[..9]).collect();
+    assert_eq!(
+        codes,
+        vec![
+            "250 2.1.0", // MAIL
+            "501 5.5.4", // raw UTF-8 is not xtext (RFC 3461 §4)
+            "501 5.5.4", // unitext only with SMTPUTF8 (RFC 6533 §3)
+            "501 5.5.4", // xtext-encoded UTF-8 likewise
+            "250 2.0.0", // RSET
+            "250 2.1.0",
+            "250 2.1.5",
+            "501 5.5.4", // rfc822 stays xtext even under SMTPUTF8
+        ],
+        "{out}"
+    );
 }
 
 #[test]
