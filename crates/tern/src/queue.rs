@@ -6,7 +6,8 @@
 //! Batching is the point: while one batch is being delivered, newly committed
 //! messages gather, so under load one batch carries many messages whose
 //! Maildir fsyncs run in parallel, whose `new/` directories are synced once,
-//! and whose `STATE`/`DONE` records share the spool's group commit. No timer
+//! and whose `STATE`/`DONE` records share the spool's group commit. Under
+//! load, a short linger after each batch lets the next one fill up; no timer
 //! adds latency at low load.
 //!
 //! Invariants: a recipient's state changes only after its delivery result is
@@ -19,7 +20,7 @@
 
 use crate::config::Runtime;
 use crate::deliver::maildir::{LocalCopy, MaildirNamer, deliver_batch};
-use crate::spool::{Envelope, MsgId, RcptStatus, Route, Spool};
+use crate::spool::{Envelope, MsgId, Outcome, RcptStatus, Route, Spool};
 use rand::Rng;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -27,7 +28,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -82,6 +82,10 @@ pub fn backoff(initial: Duration, max: Duration, attempts: u32, jitter: f64) -> 
     let base = exp.min(max);
     base - base.mul_f64(jitter.clamp(0.0, 1.0) * 0.1)
 }
+
+/// Longest wait for a fuller batch while mail keeps arriving (see
+/// `Queue::linger`).
+const LINGER: Duration = Duration::from_millis(10);
 
 /// Most message bytes one delivery batch holds in memory (a single larger
 /// message still goes alone).
@@ -175,6 +179,35 @@ impl Queue {
             self.deliver(batch).await;
             if shutdown.is_cancelled() {
                 return;
+            }
+            self.linger(batch_size, &shutdown).await;
+        }
+    }
+
+    /// Right after a batch, while mail keeps arriving, waits up to
+    /// [`LINGER`] for a fuller next batch: a batch's syncs cost the same
+    /// for 30 messages as for 200. Never when idle: a message arriving at a
+    /// quiet queue is delivered at once.
+    async fn linger(&mut self, batch_size: usize, shutdown: &CancellationToken) {
+        let deadline = tokio::time::Instant::now() + LINGER;
+        let mut arrived = false;
+        while self.ready.len() < batch_size {
+            match self.rx.try_recv() {
+                Ok(id) => {
+                    self.ready.push_back(id);
+                    arrived = true;
+                    continue;
+                }
+                Err(_) if !arrived => return,
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                id = self.rx.recv() => match id {
+                    Some(id) => self.ready.push_back(id),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(deadline) => return,
             }
         }
     }
@@ -288,12 +321,13 @@ impl Queue {
         outcome.unwrap_or_else(|e| vec![Err(format!("maildir writer failed: {e}")); total])
     }
 
-    /// Writes every outcome as STATE records (concurrently, so they share
-    /// group commits), reschedules deferrals and finishes completed messages.
+    /// Writes every outcome (all in one group commit), reschedules
+    /// deferrals and finishes completed messages.
     async fn record(&mut self, jobs: Vec<LocalJob>, results: Vec<Result<(), String>>, at: i64) {
         let delivery = self.runtime.delivery.clone();
         let mut results = results.into_iter();
-        let mut set = JoinSet::new();
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        let mut recorded_jobs = Vec::with_capacity(jobs.len());
         for LocalJob {
             id,
             mut envelope,
@@ -332,34 +366,28 @@ impl Queue {
                 envelope.recipients[i].status = status.clone();
                 changes.push((i, status));
             }
-            let spool = self.spool.clone();
-            set.spawn(async move {
-                // A message whose recipients are all final needs only its DONE
-                // record (the outcomes are in the logs): one group commit
-                // instead of two per batch.
-                let recorded = if envelope.recipients.iter().all(|r| r.status.is_final()) {
-                    let done = spool.finish(id).await;
-                    if done.is_ok() {
-                        info!(event = "queue.done", queue_id = %id);
-                    }
-                    done
-                } else {
-                    spool.update(id, changes).await
-                };
-                if let Err(e) = &recorded {
-                    warn!(event = "queue.record_failed", queue_id = %id, error = %e);
-                }
-                (id, envelope, recorded.is_ok())
-            });
-        }
-        while let Some(joined) = set.join_next().await {
-            let Ok((id, envelope, recorded)) = joined else {
-                continue;
-            };
-            let next = if recorded {
-                next_local_attempt(&envelope)
+            // A message whose recipients are all final needs only its DONE
+            // record: one group commit instead of two per batch.
+            let done = envelope.recipients.iter().all(|r| r.status.is_final());
+            outcomes.push(if done {
+                Outcome::Done(id)
             } else {
-                Some(at + delivery.retry_initial.as_secs() as i64)
+                Outcome::State(id, changes)
+            });
+            recorded_jobs.push((id, envelope, done));
+        }
+        let results = self.spool.record_many(outcomes).await;
+        for ((id, envelope, done), recorded) in recorded_jobs.into_iter().zip(results) {
+            let next = match recorded {
+                Ok(()) if done => {
+                    info!(event = "queue.done", queue_id = %id);
+                    None
+                }
+                Ok(()) => next_local_attempt(&envelope),
+                Err(e) => {
+                    warn!(event = "queue.record_failed", queue_id = %id, error = %e);
+                    Some(at + delivery.retry_initial.as_secs() as i64)
+                }
             };
             if let Some(next) = next {
                 self.schedule.insert(next, id);

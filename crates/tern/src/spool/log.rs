@@ -31,6 +31,16 @@ use super::writer::{Faults, check_payload_len, segment_path};
 use super::{Envelope, IdGen, MsgId, RcptStatus, RecoveryReport, SpoolConfig, SpoolError};
 
 /// Handle to the spool; cheap to clone (an `Arc` inside).
+/// What a delivery attempt leaves in the log for one message.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Every recipient is final: only the DONE record is needed (the
+    /// per-recipient results are in the logs).
+    Done(MsgId),
+    /// New statuses for some recipients (by index).
+    State(MsgId, Vec<(usize, RcptStatus)>),
+}
+
 #[derive(Clone)]
 pub struct Spool {
     inner: Arc<Inner>,
@@ -104,13 +114,46 @@ impl Spool {
     }
 
     async fn request(&self, op: Op) -> Result<(), SpoolError> {
+        self.send(op)?.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Hands one request to the committer without waiting for it.
+    fn send(&self, op: Op) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
         if self.inner.shared.closed.load(Ordering::Acquire) {
             return Err(SpoolError::Closed);
         }
         let (reply, rx) = oneshot::channel();
         let tx = self.inner.tx.as_ref().ok_or(SpoolError::Closed)?;
         tx.send(Req { op, reply }).map_err(|_| SpoolError::Closed)?;
-        rx.await.map_err(|_| SpoolError::Closed)?
+        Ok(rx)
+    }
+
+    /// Records many outcomes at once: every request reaches the committer
+    /// before the first wait, so they share one group commit, without a
+    /// task per message. One result per outcome, in order.
+    pub async fn record_many(&self, outcomes: Vec<Outcome>) -> Vec<Result<(), SpoolError>> {
+        let sent: Vec<_> = outcomes
+            .into_iter()
+            .map(|o| {
+                let op = match o {
+                    Outcome::Done(id) => Op::Done { id },
+                    Outcome::State(id, changes) => {
+                        let head = state_payload(id, &changes).map_err(SpoolError::Corrupt)?;
+                        check_payload_len(head.len() as u64)?;
+                        Op::State { id, changes, head }
+                    }
+                };
+                self.send(op)
+            })
+            .collect();
+        let mut results = Vec::with_capacity(sent.len());
+        for rx in sent {
+            results.push(match rx {
+                Ok(rx) => rx.await.unwrap_or(Err(SpoolError::Closed)),
+                Err(e) => Err(e),
+            });
+        }
+        results
     }
 
     /// Append the message and return once `fdatasync` covered it (group

@@ -133,7 +133,7 @@ use serde::{Deserialize, Serialize};
 
 pub use draft::Draft;
 pub use envelope::{Envelope, RcptStatus, Recipient, Route};
-pub use log::Spool;
+pub use log::{Outcome, Spool};
 pub use readonly::{read_body_read_only, scan_read_only};
 pub use writer::Faults;
 

@@ -383,3 +383,34 @@ async fn batched_body_reads_span_segments_in_request_order() {
     assert!(matches!(got[4], Err(SpoolError::NotFound(_))));
     assert_eq!(got[5].as_ref().unwrap(), &body(5, 1000));
 }
+
+#[tokio::test]
+async fn record_many_answers_each_outcome_in_order_and_survives_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let (spool, _) = Spool::open(cfg.clone()).unwrap();
+    let a = commit_body(&spool, envelope(2), b"a").await.unwrap();
+    let b = commit_body(&spool, envelope(2), b"b").await.unwrap();
+    let st = RcptStatus::Delivered {
+        reply: "250 ok".into(),
+        at: 5,
+    };
+    let syncs = spool.sync_count();
+    let results = spool
+        .record_many(vec![
+            Outcome::Done(a),
+            Outcome::State(b, vec![(0, st.clone())]),
+            Outcome::Done(MsgId(9_999_999)),
+            Outcome::State(b, vec![(7, st.clone())]),
+        ])
+        .await;
+    assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
+    assert!(matches!(results[2], Err(SpoolError::NotFound(_))));
+    assert!(results[3].is_err(), "recipient index out of range");
+    assert!(spool.sync_count() - syncs <= 2, "one group commit (or two)");
+    assert!(spool.get(a).is_none());
+    assert_eq!(spool.get(b).unwrap().recipients[0].status, st);
+    let (spool, rep) = reopen(spool, cfg).await;
+    assert_eq!(rep.messages, 1);
+    assert_eq!(spool.get(b).unwrap().recipients[0].status, st);
+}
