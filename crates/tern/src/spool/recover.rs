@@ -27,11 +27,12 @@
 //! Errors: `SpoolError::Io` when the directory or a segment cannot be read;
 //! damage itself is never an error, only a report entry and a log line.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::committer::{Log, Shared};
 use super::compact::{copy_forward, live_in};
@@ -287,6 +288,9 @@ pub(crate) fn repair(
         skip_compact: BTreeSet::new(),
         spares: Spares::new(dir, config.segment_size),
         unmoved: BTreeSet::new(),
+        closed_at: HashMap::new(),
+        started: Instant::now(),
+        compact_after: config.compact_after,
     };
     for s in corrupt {
         quarantine(&mut log, &s, report);

@@ -50,6 +50,7 @@ pub(crate) fn config(dir: &Path) -> SpoolConfig {
         dir: dir.to_path_buf(),
         segment_size: 64 << 20,
         draft_memory_limit: 1024,
+        compact_after: Duration::ZERO,
     }
 }
 
@@ -413,4 +414,41 @@ async fn record_many_answers_each_outcome_in_order_and_survives_restart() {
     let (spool, rep) = reopen(spool, cfg).await;
     assert_eq!(rep.messages, 1);
     assert_eq!(spool.get(b).unwrap().recipients[0].status, st);
+}
+
+#[tokio::test]
+async fn a_recently_closed_segment_is_not_compacted_but_dead_ones_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = SpoolConfig {
+        segment_size: 4096,
+        compact_after: Duration::from_secs(3600),
+        ..config(tmp.path())
+    };
+    let (spool, _) = Spool::open(cfg).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..12u8 {
+        ids.push(
+            commit_body(&spool, envelope(1), &body(i, 1000))
+                .await
+                .unwrap(),
+        );
+    }
+    let first = list_segments(tmp.path()).unwrap()[0];
+    for id in &ids[1..] {
+        spool.finish(*id).await.unwrap();
+    }
+    // Segments holding only finished messages are deleted...
+    let dir = tmp.path().to_path_buf();
+    wait_until(|| list_segments(&dir).unwrap().len() <= 2).await;
+    // A request after that reclaim returns only once the reclaim is over.
+    let probe = commit_body(&spool, envelope(1), b"p").await.unwrap();
+    spool.finish(probe).await.unwrap();
+    // ...but the first one, still holding a message in flight, is left whole
+    // for it to finish rather than copied forward.
+    assert!(list_segments(tmp.path()).unwrap().contains(&first));
+    assert_eq!(spool.read_body(ids[0]).await.unwrap(), body(0, 1000));
+    spool.finish(ids[0]).await.unwrap();
+    // The next batch's reclaim deletes it.
+    commit_body(&spool, envelope(1), b"x").await.unwrap();
+    wait_until(|| !list_segments(&dir).unwrap().contains(&first)).await;
 }

@@ -103,6 +103,7 @@ async fn run(steps: Vec<Step>) {
         dir: tmp.path().to_path_buf(),
         segment_size: 4096,
         draft_memory_limit: 1024,
+        compact_after: std::time::Duration::ZERO,
     };
     let (mut spool, _) = Spool::open(cfg.clone()).unwrap();
     let mut model = Model::new();
