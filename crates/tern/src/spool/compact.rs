@@ -101,6 +101,7 @@ impl Log {
                     tracing::info!(segment = no, "spool.segment_deleted");
                 }
                 self.shared.index().segs.remove(&no);
+                self.closed_at.remove(&no);
             }
             // The next round may delete segments that had to outlive these.
             if let Err(e) = sync_dir(&self.shared.dir) {
