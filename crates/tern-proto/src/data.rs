@@ -154,10 +154,7 @@ impl ContentDecoder {
                 // Mid-line, everything up to the next CR or LF is ordinary
                 // content: take it in one step instead of byte by byte (the
                 // per-byte path was the top user-space cost under load).
-                let run = input[i..]
-                    .iter()
-                    .position(|&b| b == b'\r' || b == b'\n')
-                    .unwrap_or(input.len() - i);
+                let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
                 if run > 0 {
                     self.plain_run(&input[i..i + run], out);
                     i += run;
