@@ -468,7 +468,11 @@ def test_lf_terminated_command_is_answered_at_once(tern):
         c.ehlo()
         c.send(b"NOOP\n")
         c.expect(500, "5.5.2")
+        # Nothing up to the next CRLF runs, not even a valid command.
+        c.send(b"MAIL FROM:<s@remote.test>\r\n")
+        c.expect(500, "5.5.2")
         assert c.cmd("NOOP").code == 250
+        assert c.cmd("RCPT TO:<alice@example.test>").code == 503  # that MAIL never ran
 
 
 @pytest.mark.parametrize("mail_params, orcpt, code", [

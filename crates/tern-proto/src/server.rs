@@ -208,6 +208,9 @@ pub struct Session {
     skipping_line: bool,
     /// While skipping: the last discarded byte was CR.
     skip_prev_cr: bool,
+    /// The command line in progress (up to its CRLF) already had a bare LF:
+    /// every piece of it is refused, none runs.
+    line_tainted: bool,
 }
 
 /// Input buffers above this capacity are shrunk once drained, so an idle
@@ -233,6 +236,7 @@ impl Session {
             errors: 0,
             skipping_line: false,
             skip_prev_cr: false,
+            line_tainted: false,
         }
     }
 

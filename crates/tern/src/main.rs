@@ -1,16 +1,16 @@
 //! The `tern` command line: `serve`, `check-config`, `queue list|show`.
 
 use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tern::config::{self, ConfigError, Runtime};
+use tern::spool::{self, Envelope, MsgId, RcptStatus, Route};
 
 /// mimalloc: per-thread free lists suit a server whose sessions allocate
 /// and free small buffers on every command (glibc malloc was ~5% of CPU
 /// under load).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use tern::config::{self, ConfigError, Runtime};
-use tern::spool::{self, Envelope, MsgId, RcptStatus, Route};
 
 /// Tern: a durable SMTP mail server.
 ///

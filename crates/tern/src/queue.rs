@@ -152,13 +152,15 @@ impl Queue {
     async fn run(&mut self, shutdown: CancellationToken) {
         let batch_size = self.runtime.delivery.batch_size;
         loop {
+            // Retries (and everything recovered at start) first: under
+            // sustained load new mail alone would fill every batch.
+            self.schedule.take_due(now(), batch_size, &mut self.ready);
             while self.ready.len() < batch_size {
                 match self.rx.try_recv() {
                     Ok(id) => self.ready.push_back(id),
                     Err(_) => break,
                 }
             }
-            self.schedule.take_due(now(), batch_size, &mut self.ready);
             if self.ready.is_empty() {
                 let sleep = match self.schedule.next_due() {
                     Some(at) => Duration::from_secs((at - now()).max(0) as u64 + 1),
@@ -180,7 +182,9 @@ impl Queue {
             if shutdown.is_cancelled() {
                 return;
             }
-            self.linger(batch_size, &shutdown).await;
+            // New mail may fill at most three quarters of the next batch:
+            // the rest stays for retries that come due meanwhile.
+            self.linger(batch_size - batch_size / 4, &shutdown).await;
             if shutdown.is_cancelled() {
                 return;
             }

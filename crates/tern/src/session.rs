@@ -471,8 +471,9 @@ impl Driver {
 /// Reads what the socket has into a stack buffer: no per-session buffer
 /// survives between reads.
 ///
-/// A short read means the socket is drained, so its readiness is cleared
-/// right away, as tokio's own `poll_read` does; `try_read` would leave it
+/// A short read almost always means the socket is drained (TCP urgent data
+/// is the exception, as for tokio's own `poll_read`, which makes the same
+/// assumption), so its readiness is cleared right away; `try_read` would leave it
 /// set and cost an extra `recv` that fails with EAGAIN after every command.
 /// Clearing is race-free: tokio only clears the readiness observed before
 /// the `recv`, and data arriving later raises a new edge.

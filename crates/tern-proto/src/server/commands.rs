@@ -2,8 +2,12 @@
 //! the handler of each verb, with RFC 5321 §4.1.4 sequencing.
 //!
 //! Invariants: an over-long line produces exactly one 500 and is discarded
-//! up to its CRLF without being buffered; a bare CR or LF never splits a
-//! command line (it makes the whole line a 500).
+//! up to its CRLF without being buffered; a bare CR or LF never makes a
+//! command run: a bare CR makes its whole line a 500, and a bare LF is
+//! answered with a 500 at once (so an LF-only client is not left waiting)
+//! and taints the line up to its CRLF, every piece of which then gets a 500
+//! too (`RCPT TO:<a>\nRCPT TO:<b>\r\n` runs neither: no command injection
+//! through an application that strips CRLF but not LF).
 //!
 //! Not done: applying decisions (see `decide`).
 //!
@@ -27,6 +31,8 @@ impl Session {
             let content = self.input.len() - usize::from(self.input.last() == Some(&b'\r'));
             if content + 2 > max {
                 self.skipping_line = true;
+                // The skip discards through the CRLF, which ends a tainted line.
+                self.line_tainted = false;
                 self.skip_prev_cr = self.input.last() == Some(&b'\r');
                 self.input = Vec::new();
                 self.reply(Reply::enhanced(500, (5, 5, 2), "Error: line too long"));
@@ -34,11 +40,13 @@ impl Session {
             }
             return false;
         };
-        if lf == 0 || self.input[lf - 1] != b'\r' {
-            // §2.3.8: a bare LF never ends a command. It is answered at
-            // once rather than joined to the next line, so a client that
-            // ends lines with LF alone gets an error instead of a silent
-            // wait for a CRLF that never comes; nothing on the line runs.
+        let bare = lf == 0 || self.input[lf - 1] != b'\r';
+        if bare || self.line_tainted {
+            // §2.3.8: a bare LF never ends a command. Each piece up to it is
+            // answered at once rather than held for a CRLF that an LF-only
+            // client never sends; the rest of the line up to its CRLF is
+            // refused as well, so nothing after a bare LF ever runs.
+            self.line_tainted = bare;
             self.consume(lf + 1);
             self.reply(Reply::enhanced(
                 500,

@@ -340,22 +340,45 @@ fn bare_lf_and_cr_never_end_a_valid_command() {
     let out = run(
         &[
             b"EHLO c\r\n",
-            // The LF-ended NOOP is refused at once (no wait for a CRLF);
-            // the CRLF-ended line after it is a command of its own.
+            // The LF-ended NOOP is refused at once (no wait for a CRLF), and
+            // so is the rest of its line: the MAIL after the LF never runs.
             b"NOOP\nMAIL FROM:<a@b>\r\n",
             b"RSET\n\n",
+            b"\r\n",
             b"NOOP\rRSET\r\n",
             b"NO\0OP\r\n",
+            b"MAIL FROM:<a@b>\r\n",
         ],
         accept,
     );
+    let lf = "500 5.5.2 Error: bare <LF> in command\r\n";
     assert!(
-        out.ends_with(
-            "250 DSN\r\n500 5.5.2 Error: bare <LF> in command\r\n250 2.1.0 Ok\r\n\
-500 5.5.2 Error: bare <LF> in command\r\n500 5.5.2 Error: bare <LF> in command\r\n\
-500 5.5.2 Error: bare <CR> in command\r\n500 5.5.2 Error: bad characters in command\r\n"
-        ),
+        out.ends_with(&format!(
+            "250 DSN\r\n{lf}{lf}{lf}{lf}{lf}500 5.5.2 Error: bare <CR> in command\r\n\
+500 5.5.2 Error: bad characters in command\r\n250 2.1.0 Ok\r\n"
+        )),
         "{out}"
+    );
+}
+
+#[test]
+fn nothing_after_a_bare_lf_runs_until_the_next_crlf() {
+    let ev = run_events_with(
+        config(),
+        &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\nRCPT TO:<evil@b>\r\nRCPT TO:<y@b>\r\n"],
+        accept,
+    );
+    let asked: Vec<String> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Query(Query::Rcpt { to, .. }) => Some(format!("{to:?}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert!(
+        asked[0].contains('y') && !asked[0].contains("evil"),
+        "{asked:?}"
     );
 }
 
@@ -809,6 +832,25 @@ fn recipients_past_the_limit_are_not_errors() {
     assert!(!out.contains("421"), "{out}");
     assert!(
         out.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn an_over_long_tainted_line_ends_its_taint() {
+    let cfg = ServerConfig {
+        max_command_line: 512,
+        ..config()
+    };
+    // The rest of the tainted line arrives without its CRLF and is too long:
+    // it is skipped up to that CRLF, which also ends the taint.
+    let long = "x".repeat(600);
+    let input: [&[u8]; 4] = [b"EHLO c\r\n", b"NOOP\n", long.as_bytes(), b"\r\nNOOP\r\n"];
+    let out = replies(&run_events_with(cfg, &input, accept));
+    assert!(
+        out.ends_with(
+            "500 5.5.2 Error: bare <LF> in command\r\n500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+        ),
         "{out}"
     );
 }

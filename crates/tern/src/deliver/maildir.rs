@@ -189,18 +189,28 @@ fn sync_file_systems(copies: &[LocalCopy<'_>], written: &mut [io::Result<Written
     // The file system is looked up once per mailbox (its tmp/), not per copy.
     let mut dev_of: BTreeMap<&Path, u64> = BTreeMap::new();
     let mut by_fs: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    let mut by_fs_unknown = Vec::new();
     for (i, w) in written.iter().enumerate() {
-        if w.is_ok() {
+        if let Ok(w) = w {
             let maildir = copies[i].maildir;
-            let dev = *dev_of.entry(maildir).or_insert_with(|| {
-                fs::metadata(maildir.join("tmp"))
-                    .map(|m| m.dev())
-                    .unwrap_or(u64::MAX)
-            });
-            by_fs.entry(dev).or_default().push(i);
+            let dev = match dev_of.get(maildir) {
+                Some(dev) => Ok(*dev),
+                None => fs::metadata(maildir.join("tmp")).map(|m| m.dev()),
+            };
+            // A failed stat must not merge this copy into another file
+            // system's syncfs: ask the open file itself.
+            match dev.or_else(|_| w.file.metadata().map(|m| m.dev())) {
+                Ok(dev) => {
+                    dev_of.insert(maildir, dev);
+                    by_fs.entry(dev).or_default().push(i);
+                }
+                Err(_) => by_fs_unknown.push(i),
+            }
         }
     }
-    for members in by_fs.into_values() {
+    // Copies whose file system cannot be told each get their own sync.
+    let singles = by_fs_unknown.into_iter().map(|i| vec![i]);
+    for members in by_fs.into_values().chain(singles) {
         let synced = match &written[members[0]] {
             Ok(w) => syncfs(&w.file),
             Err(_) => continue,

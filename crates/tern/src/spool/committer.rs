@@ -70,6 +70,9 @@ pub(crate) enum Op {
     Done {
         id: MsgId,
     },
+    /// Nothing to write: a wake-up so that space is reclaimed on an idle
+    /// spool too (compaction waits for segments to settle).
+    Reclaim,
     Close,
 }
 
@@ -219,7 +222,7 @@ impl Log {
     ) -> Result<Option<OutRec>, SpoolError> {
         let live = |id: MsgId| idx.msgs.get(&id).filter(|_| !finished.contains(&id));
         let rec = match op {
-            Op::Close => return Ok(None),
+            Op::Close | Op::Reclaim => return Ok(None),
             Op::Msg {
                 id,
                 env,
@@ -255,6 +258,10 @@ impl Log {
             let idx = self.shared.index();
             let mut finished = HashSet::new();
             for req in reqs {
+                if matches!(req.op, Op::Reclaim) {
+                    let _ = req.reply.send(Ok(()));
+                    continue;
+                }
                 match Self::prepare(&idx, &mut finished, req.op) {
                     Ok(Some(rec)) => {
                         recs.push(rec);

@@ -30,7 +30,6 @@ use super::spare;
 use super::writer::{Faults, check_payload_len, segment_path};
 use super::{Envelope, IdGen, MsgId, RcptStatus, RecoveryReport, SpoolConfig, SpoolError};
 
-/// Handle to the spool; cheap to clone (an `Arc` inside).
 /// What a delivery attempt leaves in the log for one message.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -41,6 +40,7 @@ pub enum Outcome {
     State(MsgId, Vec<(usize, RcptStatus)>),
 }
 
+/// Handle to the spool; cheap to clone (an `Arc` inside).
 #[derive(Clone)]
 pub struct Spool {
     inner: Arc<Inner>,
@@ -86,6 +86,7 @@ impl Spool {
         let thread = std::thread::Builder::new()
             .name("tern-spool-committer".into())
             .spawn(move || committer::run(log, rx))?;
+        spawn_reclaim_ticker(&tx, config.compact_after);
         tracing::info!(
             dir = %dir.display(),
             messages = report.messages,
@@ -129,8 +130,9 @@ impl Spool {
     }
 
     /// Records many outcomes at once: every request reaches the committer
-    /// before the first wait, so they share one group commit, without a
-    /// task per message. One result per outcome, in order.
+    /// before the first wait, so they share a group commit (two when the
+    /// committer wakes on the first one), without a task per message. One
+    /// result per outcome, in order.
     pub async fn record_many(&self, outcomes: Vec<Outcome>) -> Vec<Result<(), SpoolError>> {
         let sent: Vec<_> = outcomes
             .into_iter()
@@ -392,6 +394,38 @@ pub(crate) fn free_space(dir: &Path) -> io::Result<u64> {
 }
 
 /// Read and verify the MSG record at `loc`; return its body.
+/// Wakes the committer every `every` (at least 1 s) so that a segment
+/// which settles while no mail flows is still compacted. Only inside a
+/// tokio runtime; it holds a weak sender, so it never keeps the spool open
+/// and stops at the first tick after the spool is gone.
+fn spawn_reclaim_ticker(tx: &mpsc::UnboundedSender<Req>, every: std::time::Duration) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let weak = tx.downgrade();
+    let every = every.max(std::time::Duration::from_secs(1));
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(tx) = weak.upgrade() else {
+                return;
+            };
+            let (reply, _) = oneshot::channel();
+            if tx
+                .send(Req {
+                    op: Op::Reclaim,
+                    reply,
+                })
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+}
+
 pub(crate) fn read_msg_body(path: &Path, loc: Loc, nonce: u64) -> Result<Vec<u8>, SpoolError> {
     read_msg_body_from(&std::fs::File::open(path)?, path, loc, nonce)
 }

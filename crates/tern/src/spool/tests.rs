@@ -452,3 +452,31 @@ async fn a_recently_closed_segment_is_not_compacted_but_dead_ones_go() {
     commit_body(&spool, envelope(1), b"x").await.unwrap();
     wait_until(|| !list_segments(&dir).unwrap().contains(&first)).await;
 }
+
+#[tokio::test]
+async fn a_settled_segment_is_compacted_while_no_mail_flows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = SpoolConfig {
+        segment_size: 4096,
+        compact_after: Duration::from_secs(1),
+        ..config(tmp.path())
+    };
+    let (spool, _) = Spool::open(cfg).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..12u8 {
+        ids.push(
+            commit_body(&spool, envelope(1), &body(i, 1000))
+                .await
+                .unwrap(),
+        );
+    }
+    let first = list_segments(tmp.path()).unwrap()[0];
+    for id in &ids[1..] {
+        spool.finish(*id).await.unwrap();
+    }
+    // No request follows: only the reclaim ticker can compact the first
+    // segment once it has been closed for a second.
+    let dir = tmp.path().to_path_buf();
+    wait_until(|| !list_segments(&dir).unwrap().contains(&first)).await;
+    assert_eq!(spool.read_body(ids[0]).await.unwrap(), body(0, 1000));
+}
