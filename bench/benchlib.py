@@ -14,7 +14,8 @@ Subcommands:
   waitquiet FILE --quiet S          wait until FILE stops growing for S seconds (deadline bounded).
   count DIR                         number of entries in DIR.
   tree PID                          print PID and its live descendants, one per line.
-  table RESULTS                     print the final comparison table from key=value lines.
+  table RESULTS                     print the final comparison table from key=value lines
+                                    (medians when a key repeats, one value per round).
 
 Errors: a failed smtp-source, a missed deadline or an unreadable file exits non-zero with a
 one-line reason on stderr, so run.sh can record the figure as unavailable and move on.
@@ -224,15 +225,27 @@ def fmt(v):
     return f"{v:.2f}"
 
 
-def ratio(a, b):
-    if a is None or b is None or b == 0:
-        return "n/a"
-    r = a / b
+def fmt_ratio(r):
     # Small ratios (memory per session) need more digits than "0.00x" to say anything.
     return f"{r:.2f}x" if r >= 0.1 else f"{r:.4f}x"
 
 
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return fmt_ratio(a / b)
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return None if n == 0 else (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2)
+
+
 def cmd_table(args):
+    """Medians over rounds (a key repeats once per round). A ratio is the median of the
+    per-round ratios when both servers have one value per round (each pair was measured minutes
+    apart, so the machine's drift cancels), else the ratio of the medians."""
     vals = {}
     with open(args.results) as f:
         for line in f:
@@ -240,17 +253,32 @@ def cmd_table(args):
             if "=" in line and not line.startswith("#"):
                 k, v = line.split("=", 1)
                 try:
-                    vals[k] = float(v)
+                    vals.setdefault(k, []).append(float(v))
                 except ValueError:
                     pass
+
+    def paired(key, a, b):
+        xs, ys = vals.get(f"{a}.{key}", []), vals.get(f"{b}.{key}", [])
+        if len(xs) > 1 and len(xs) == len(ys) and all(ys):
+            return [x / y for x, y in zip(xs, ys)]
+        return None
+
+    def ratio_of(key, a, b):
+        per_round = paired(key, a, b)
+        if per_round:
+            return fmt_ratio(median(per_round))
+        return ratio(median(vals.get(f"{a}.{key}", [])), median(vals.get(f"{b}.{key}", [])))
+
+    rounds = max((len(v) for k, v in vals.items() if k.endswith(".acc4k.acc")), default=0)
     head = ["figure", "smtp-sink", "Postfix", "Tern", "Tern/Postfix", "Tern/smtp-sink"]
     rows = [head]
     for label, key, _higher_better in ROWS:
-        s, p, t = (vals.get(f"{srv}.{key}") for srv in ("sink", "postfix", "tern"))
+        s, p, t = (median(vals.get(f"{srv}.{key}", [])) for srv in ("sink", "postfix", "tern"))
         if key == "idle.sessions":
             rows.append([label, fmt(s), fmt(p), fmt(t), "", ""])
             continue
-        rows.append([label, fmt(s), fmt(p), fmt(t), ratio(t, p), ratio(t, s)])
+        rows.append([label, fmt(s), fmt(p), fmt(t), ratio_of(key, "tern", "postfix"),
+                     ratio_of(key, "tern", "sink")])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for i, r in enumerate(rows):
         cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
@@ -258,7 +286,19 @@ def cmd_table(args):
         if i == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     print()
-    n, kib = vals.get("postfix.idle.after.smtpd_procs"), vals.get("postfix.idle.after.smtpd_pss_kib")
+    if rounds > 1:
+        print(f"Rates are medians of {rounds} rounds (sink, Postfix, Tern in turn, each round); "
+              "ratios are medians of the per-round ratios:")
+        for label, key, higher in ROWS:
+            if not higher:
+                continue
+            for other, name in (("postfix", "Postfix"), ("sink", "smtp-sink")):
+                per_round = paired(key, "tern", other)
+                if per_round:
+                    print(f"  {label}, Tern/{name}: " + " ".join(fmt_ratio(r) for r in per_round))
+        print()
+    n = median(vals.get("postfix.idle.after.smtpd_procs", []))
+    kib = median(vals.get("postfix.idle.after.smtpd_pss_kib", []))
     if n and kib:
         print(f"Postfix: {n:,.0f} smtpd processes, {kib / n:,.0f} KiB PSS each on average.")
     print("Ratios > 1 favour Tern for rates; for fsyncs and PSS lower is better (ratio < 1 favours Tern).")

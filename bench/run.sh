@@ -20,7 +20,9 @@
 # smtpd process each; 5,000 took ~3 min to fork on this 2-core machine and gave the same per-session PSS),
 # BENCH_FSYNC_MSGS (messages in the strace batch, 400), BENCH_SERVERS ("sink postfix tern"),
 # TERN_BIN (skip the cargo build and use this binary), BENCH_OUT (results dir), BENCH_KEEP=1 (keep
-# the temp dir with spools, logs and Maildirs), BENCH_SETTLE_SECS (pause between servers, 65).
+# the temp dir with spools, logs and Maildirs), BENCH_SETTLE_SECS (pause before a server that
+# writes to disk, 65), BENCH_ROUNDS (1: rounds of the load runs, servers alternating; the
+# machine's speed drifts by minutes, so 3 rounds give ratios of runs measured close together).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,6 +33,10 @@ LIB="$HERE/benchlib.py"
 : "${BENCH_PF_IDLE_SESSIONS:=1000}"   # a process per session: 5,000 take ~3 min to spawn here
 : "${BENCH_FSYNC_MSGS:=400}"
 : "${BENCH_SERVERS:=sink postfix tern}"
+# Rounds of the load runs (figures 1-3), the servers in turn in each round; the table shows
+# medians and the median of the per-round ratios. Idle sessions and fsyncs: first round only.
+: "${BENCH_ROUNDS:=1}"
+ROUND=1
 # Between two servers: sync, then wait. ext4 (without a journal, as here) skips inodes deleted
 # in the last 60 s when it allocates new ones (RECENTCY_MIN in ialloc.c), so without the pause
 # the queue-file churn of one server (Postfix deletes a file per message) slows the file
@@ -222,10 +228,10 @@ bench_sink() {
         >"$BENCH_OUT/sink.log" 2>&1 &
     SINK_PID=$!
     wait_port "$port" 10 || die "smtp-sink did not listen on $port"
-    log "smtp-sink PID $SINK_PID on 127.0.0.1:$port"
-    idle sink "$port" "$SINK_PID" "$BENCH_IDLE_SESSIONS"
+    log "smtp-sink PID $SINK_PID on 127.0.0.1:$port (round $ROUND)"
+    if [ "$ROUND" = 1 ]; then idle sink "$port" "$SINK_PID" "$BENCH_IDLE_SESSIONS"; fi
     throughput sink "$port"
-    fsyncs sink "$port" "" "$SINK_PID"
+    if [ "$ROUND" = 1 ]; then fsyncs sink "$port" "" "$SINK_PID"; fi
     stop_pid "$SINK_PID" 5
     SINK_PID=""
 }
@@ -316,18 +322,20 @@ bench_postfix() {
     postfix -c "$PF_CONF" check >"$BENCH_OUT/postfix.check" 2>&1 || true
     start_postfix "$d" "$port"
     local md="$d/mail/bench/Maildir/new"
-    # Idle sessions first, on the fresh instance: no smtpd left idle by the load runs yet, so the
-    # PSS difference counts exactly one new smtpd per session.
-    idle postfix "$port" "$PF_MASTER" "$BENCH_PF_IDLE_SESSIONS" smtpd
-    # Restart: thousands of idle smtpds (max_idle 100s) would all wake on every new connection and
-    # skew the load runs.
-    log "Postfix: restarting after the idle test"
-    stop_postfix
-    start_postfix "$d" "$port"
+    if [ "$ROUND" = 1 ]; then
+        # Idle sessions first, on the fresh instance: no smtpd left idle by the load runs yet, so
+        # the PSS difference counts exactly one new smtpd per session.
+        idle postfix "$port" "$PF_MASTER" "$BENCH_PF_IDLE_SESSIONS" smtpd
+        # Restart: thousands of idle smtpds (max_idle 100s) would all wake on every new
+        # connection and skew the load runs.
+        log "Postfix: restarting after the idle test"
+        stop_postfix
+        start_postfix "$d" "$port"
+    fi
     throughput postfix "$port" "$md"
     # Attach to the master (new children are followed with -f) and to every running child.
     # shellcheck disable=SC2046
-    fsyncs postfix "$port" "$md" $(python3 "$LIB" tree "$PF_MASTER")
+    if [ "$ROUND" = 1 ]; then fsyncs postfix "$port" "$md" $(python3 "$LIB" tree "$PF_MASTER"); fi
     cp "$d/maillog" "$BENCH_OUT/postfix.maillog" 2>/dev/null || true
     stop_postfix
     rm -rf "$d/mail" "$d/queue"   # free the disk before the next server
@@ -350,7 +358,7 @@ find_tern() {
 
 bench_tern() {
     find_tern || { log "skipping Tern"; return 0; }
-    local d="$TMP/tern" cfg port="" i
+    local d="$TMP/tern.r$ROUND" cfg port="" i
     mkdir -p "$d"
     cfg="$d/tern.toml"
     cat >"$cfg" <<EOF
@@ -392,13 +400,14 @@ EOF
         TERN_PID=""
         return 0
     fi
-    log "Tern PID $TERN_PID on 127.0.0.1:$port"
+    log "Tern PID $TERN_PID on 127.0.0.1:$port (round $ROUND)"
     local md="$d/data/mail/bench/Maildir/new"
-    idle tern "$port" "$TERN_PID" "$BENCH_IDLE_SESSIONS"
+    if [ "$ROUND" = 1 ]; then idle tern "$port" "$TERN_PID" "$BENCH_IDLE_SESSIONS"; fi
     throughput tern "$port" "$md"
-    fsyncs tern "$port" "$md" "$TERN_PID"
+    if [ "$ROUND" = 1 ]; then fsyncs tern "$port" "$md" "$TERN_PID"; fi
     stop_pid "$TERN_PID" 30
     TERN_PID=""
+    [ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$d/data"   # free the disk before the next server
 }
 
 # ---------------------------------------------------------------- main
@@ -408,19 +417,22 @@ EOF
 } >>"$RESULTS"
 START=$SECONDS
 first=1
-for s in $BENCH_SERVERS; do
-    if [ "$first" = 0 ] && [ "$BENCH_SETTLE_SECS" -gt 0 ]; then
-        log "settling: sync, then ${BENCH_SETTLE_SECS}s so the previous server's file churn does not weigh on $s"
-        sync
-        sleep "$BENCH_SETTLE_SECS"
-    fi
-    first=0
-    case "$s" in
-        sink) bench_sink ;;
-        postfix) bench_postfix ;;
-        tern) bench_tern ;;
-        *) die "unknown server $s" ;;
-    esac
+for ((ROUND = 1; ROUND <= BENCH_ROUNDS; ROUND++)); do
+    for s in $BENCH_SERVERS; do
+        # smtp-sink writes nothing: only a server that creates files needs the pause.
+        if [ "$first" = 0 ] && [ "$s" != sink ] && [ "$BENCH_SETTLE_SECS" -gt 0 ]; then
+            log "settling: sync, then ${BENCH_SETTLE_SECS}s so the previous server's file churn does not weigh on $s"
+            sync
+            sleep "$BENCH_SETTLE_SECS"
+        fi
+        first=0
+        case "$s" in
+            sink) bench_sink ;;
+            postfix) bench_postfix ;;
+            tern) bench_tern ;;
+            *) die "unknown server $s" ;;
+        esac
+    done
 done
 log "done in $((SECONDS - START))s"
 echo
