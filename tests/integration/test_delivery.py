@@ -57,6 +57,7 @@ def test_smtplib_local_delivery_headers_and_bytes(tern):
         code, text = s.data(msg)
         assert code == 250, text
         assert text.startswith(b"2.0.0 Ok: queued as "), text
+        qid = text.split()[-1].decode()
 
     (mail,) = srv.wait_for_mail("alice", 1)
     # Give any (wrong) second copy the same chance to appear: a second
@@ -70,6 +71,8 @@ def test_smtplib_local_delivery_headers_and_bytes(tern):
     received = header_values(mail, "Received")
     assert len(received) == 1, received
     assert f"by {HOSTNAME}" in received[0], received[0]
+    # RFC 5321 §4.4 ID clause: the queue ID of the 250 reply and the logs.
+    assert f" id {qid}" in " ".join(received[0].split()), received[0]
     # Prepended headers come before the original header block, in order.
     head, _ = split_mail(mail)
     assert head.find(b"Return-Path:") < head.find(b"Delivered-To:") < head.find(b"Received:") < head.find(b"From:")

@@ -21,7 +21,7 @@
 
 use crate::config::{Resolution, Runtime};
 use crate::queue::QueueHandle;
-use crate::spool::{Draft, Envelope, RcptStatus, Recipient, Route, Spool};
+use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
 use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
@@ -88,6 +88,9 @@ struct Transaction {
     destinations: HashSet<(bool, String)>,
     draft: Option<Draft>,
     draft_error: Option<io::Error>,
+    /// Reserved when the content starts, so the `Received:` header can
+    /// name the ID the 250 reply and the logs will use.
+    queue_id: Option<MsgId>,
 }
 
 struct Driver {
@@ -295,6 +298,7 @@ impl Driver {
             destinations: HashSet::new(),
             draft: None,
             draft_error: None,
+            queue_id: None,
         });
         Decision::Accept
     }
@@ -382,11 +386,14 @@ impl Driver {
         } else {
             address_literal(self.peer)
         };
+        let id = self.ctx.spool.reserve_id();
+        tx.queue_id = Some(id);
         let header = received_header(
             &helo,
             self.peer,
             &self.ctx.runtime.hostname,
             protocol,
+            &id.to_string(),
             single,
         );
         let mut draft = self.ctx.spool.draft();
@@ -452,7 +459,11 @@ impl Driver {
         };
         let rcpts = envelope.recipients.len();
         let sender = envelope.sender.clone();
-        match self.ctx.spool.commit(envelope, draft).await {
+        let committed = match tx.queue_id {
+            Some(id) => self.ctx.spool.commit_as(id, envelope, draft).await,
+            None => self.ctx.spool.commit(envelope, draft).await,
+        };
+        match committed {
             Ok(id) => {
                 info!(event = "queue.commit", session_id = self.session_id, queue_id = %id, from = %sender, rcpts);
                 self.ctx.queue.notify(id);
@@ -544,6 +555,7 @@ pub fn received_header(
     peer: SocketAddr,
     hostname: &str,
     protocol: &str,
+    queue_id: &str,
     rcpt: Option<&str>,
 ) -> Vec<u8> {
     let ip = address_literal(peer);
@@ -551,7 +563,10 @@ pub fn received_header(
         .chars()
         .filter(|c| !c.is_control() && !"()\\".contains(*c))
         .collect();
-    let mut h = format!("Received: from {helo} ({ip})\r\n\tby {hostname} (Tern) with {protocol}");
+    // §4.4: Opt-info is [Via] [With] [ID] [For], in that order.
+    let mut h = format!(
+        "Received: from {helo} ({ip})\r\n\tby {hostname} (Tern) with {protocol} id {queue_id}"
+    );
     if let Some(rcpt) = rcpt {
         h.push_str(&format!("\r\n\tfor <{rcpt}>"));
     }
@@ -571,10 +586,11 @@ mod tests {
             peer,
             "mx.test",
             "ESMTP",
+            "0123ABCD",
             Some("a@b.test"),
         ))
         .unwrap();
-        assert!(h.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby mx.test (Tern) with ESMTP\r\n\tfor <a@b.test>;\r\n\t"), "{h}");
+        assert!(h.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby mx.test (Tern) with ESMTP id 0123ABCD\r\n\tfor <a@b.test>;\r\n\t"), "{h}");
         assert!(h.ends_with("\r\n") && !h[..h.len() - 2].contains("\r\n\r\n"));
         // Every continuation line is folded (starts with white space).
         assert!(
@@ -589,10 +605,11 @@ mod tests {
             v6,
             "mx.test",
             "SMTP",
+            "0123ABCD",
             None,
         ))
         .unwrap();
-        assert!(h.starts_with("Received: from [IPv6:2001:db8::1] ([IPv6:2001:db8::1])\r\n\tby mx.test (Tern) with SMTP;\r\n"), "{h}");
+        assert!(h.starts_with("Received: from [IPv6:2001:db8::1] ([IPv6:2001:db8::1])\r\n\tby mx.test (Tern) with SMTP id 0123ABCD;\r\n"), "{h}");
         let mapped: SocketAddr = "[::ffff:192.0.2.9]:25".parse().unwrap();
         assert_eq!(address_literal(mapped), "[192.0.2.9]");
     }
@@ -600,8 +617,10 @@ mod tests {
     #[test]
     fn received_header_never_carries_parentheses_or_controls_from_helo() {
         let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
-        let h =
-            String::from_utf8(received_header("a(b)\\c", peer, "mx.test", "ESMTP", None)).unwrap();
+        let h = String::from_utf8(received_header(
+            "a(b)\\c", peer, "mx.test", "ESMTP", "1", None,
+        ))
+        .unwrap();
         assert!(h.starts_with("Received: from abc ([192.0.2.7])"), "{h}");
     }
 

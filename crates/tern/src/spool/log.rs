@@ -162,12 +162,29 @@ impl Spool {
     /// commit). Only then may the session send 250 (RFC 5321 §4.1.1.4: the
     /// receiver accepts responsibility for the message). On error nothing of
     /// the message is visible, now or after a restart.
-    pub async fn commit(&self, mut envelope: Envelope, draft: Draft) -> Result<MsgId, SpoolError> {
+    pub async fn commit(&self, envelope: Envelope, draft: Draft) -> Result<MsgId, SpoolError> {
+        self.commit_as(self.reserve_id(), envelope, draft).await
+    }
+
+    /// A fresh queue ID, for a message whose ID must be known before its
+    /// commit (the `id` clause of its `Received:` header). IDs are unique,
+    /// also across restarts; one reserved but never committed is just unused.
+    pub fn reserve_id(&self) -> MsgId {
+        self.inner.shared.ids.next()
+    }
+
+    /// [`Spool::commit`] under an ID from [`Spool::reserve_id`] (each ID
+    /// committed at most once).
+    pub async fn commit_as(
+        &self,
+        id: MsgId,
+        mut envelope: Envelope,
+        draft: Draft,
+    ) -> Result<MsgId, SpoolError> {
         if self.inner.shared.closed.load(Ordering::Acquire) {
             return Err(SpoolError::Closed);
         }
         envelope.size = draft.len();
-        let id = self.inner.shared.ids.next();
         // Encoded here, in the caller's task, not by the committer under
         // the index lock. The size check is per message too: a record
         // that cannot be written must fail only its own commit, never the

@@ -480,3 +480,29 @@ async fn a_settled_segment_is_compacted_while_no_mail_flows() {
     wait_until(|| !list_segments(&dir).unwrap().contains(&first)).await;
     assert_eq!(spool.read_body(ids[0]).await.unwrap(), body(0, 1000));
 }
+
+#[tokio::test]
+async fn reserved_ids_commit_in_any_order_and_stay_unique_after_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let (spool, _) = Spool::open(cfg.clone()).unwrap();
+    let first = spool.reserve_id();
+    let second = spool.reserve_id();
+    let unused = spool.reserve_id();
+    assert!(first < second && second < unused);
+    let mut d = spool.draft();
+    d.write(b"two").await.unwrap();
+    assert_eq!(
+        spool.commit_as(second, envelope(1), d).await.unwrap(),
+        second
+    );
+    let mut d = spool.draft();
+    d.write(b"one").await.unwrap();
+    assert_eq!(spool.commit_as(first, envelope(1), d).await.unwrap(), first);
+    assert_eq!(spool.read_body(first).await.unwrap(), b"one");
+    assert_eq!(spool.read_body(second).await.unwrap(), b"two");
+    let ids: Vec<_> = spool.live().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, vec![first, second]);
+    let (spool, _) = reopen(spool, cfg).await;
+    assert!(spool.reserve_id() > second);
+}
