@@ -73,6 +73,20 @@ pub(crate) async fn reopen(spool: Spool, cfg: SpoolConfig) -> (Spool, RecoveryRe
     Spool::open(cfg).unwrap()
 }
 
+/// Commits `n` messages of 1,000 bytes (`body(i, 1000)`, `rcpts` recipients
+/// each), in order; with small segments they span several.
+async fn commit_many(spool: &Spool, n: u8, rcpts: usize) -> Vec<MsgId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(
+            commit_body(spool, envelope(rcpts), &body(i, 1000))
+                .await
+                .unwrap(),
+        );
+    }
+    ids
+}
+
 fn body(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| seed.wrapping_add((i % 251) as u8))
@@ -260,14 +274,7 @@ async fn segments_roll_get_deleted_and_compacted() {
         ..config(tmp.path())
     };
     let (spool, _) = Spool::open(cfg.clone()).unwrap();
-    let mut ids = Vec::new();
-    for i in 0..12u8 {
-        ids.push(
-            commit_body(&spool, envelope(2), &body(i, 1000))
-                .await
-                .unwrap(),
-        );
-    }
+    let ids = commit_many(&spool, 12, 2).await;
     let segs = list_segments(tmp.path()).unwrap();
     assert!(segs.len() >= 4, "rolled into several segments: {segs:?}");
     let first = segs[0];
@@ -360,14 +367,7 @@ async fn batched_body_reads_span_segments_in_request_order() {
         ..config(tmp.path())
     };
     let (spool, _) = Spool::open(cfg).unwrap();
-    let mut ids = Vec::new();
-    for i in 0..8u8 {
-        ids.push(
-            commit_body(&spool, envelope(1), &body(i, 1000))
-                .await
-                .unwrap(),
-        );
-    }
+    let ids = commit_many(&spool, 8, 1).await;
     assert!(list_segments(tmp.path()).unwrap().len() >= 2);
     spool.finish(ids[3]).await.unwrap();
     // Out of log order, with a repeat, a finished and an unknown message.
@@ -425,14 +425,7 @@ async fn a_recently_closed_segment_is_not_compacted_but_dead_ones_go() {
         ..config(tmp.path())
     };
     let (spool, _) = Spool::open(cfg).unwrap();
-    let mut ids = Vec::new();
-    for i in 0..12u8 {
-        ids.push(
-            commit_body(&spool, envelope(1), &body(i, 1000))
-                .await
-                .unwrap(),
-        );
-    }
+    let ids = commit_many(&spool, 12, 1).await;
     let first = list_segments(tmp.path()).unwrap()[0];
     for id in &ids[1..] {
         spool.finish(*id).await.unwrap();
@@ -462,14 +455,7 @@ async fn a_settled_segment_is_compacted_while_no_mail_flows() {
         ..config(tmp.path())
     };
     let (spool, _) = Spool::open(cfg).unwrap();
-    let mut ids = Vec::new();
-    for i in 0..12u8 {
-        ids.push(
-            commit_body(&spool, envelope(1), &body(i, 1000))
-                .await
-                .unwrap(),
-        );
-    }
+    let ids = commit_many(&spool, 12, 1).await;
     let first = list_segments(tmp.path()).unwrap()[0];
     for id in &ids[1..] {
         spool.finish(*id).await.unwrap();
