@@ -412,13 +412,19 @@ impl Driver {
         if let Some(draft) = tx.draft.as_mut()
             && let Err(e) = draft.write(chunk).await
         {
-            warn!(event = "draft.error", session_id = self.session_id, error = %e);
+            let queue_id = tx.queue_id.map(|id| id.to_string());
+            warn!(event = "draft.error", session_id = self.session_id, queue_id, error = %e);
             tx.draft_error = Some(e);
         }
     }
 
     fn abort_message(&mut self) {
         if let Some(tx) = self.tx.take() {
+            // Content had started (refused by the engine, timed out, cut
+            // off): the reserved ID names it in the log, never in the queue.
+            if let Some(id) = tx.queue_id {
+                info!(event = "message.aborted", session_id = self.session_id, queue_id = %id);
+            }
             drop(tx.draft);
         }
     }
@@ -459,7 +465,8 @@ impl Driver {
         };
         let rcpts = envelope.recipients.len();
         let sender = envelope.sender.clone();
-        let committed = match tx.queue_id {
+        let queue_id = tx.queue_id;
+        let committed = match queue_id {
             Some(id) => self.ctx.spool.commit_as(id, envelope, draft).await,
             None => self.ctx.spool.commit(envelope, draft).await,
         };
@@ -472,7 +479,8 @@ impl Driver {
                 }
             }
             Err(e) => {
-                warn!(event = "queue.commit_failed", session_id = self.session_id, error = %e);
+                let queue_id = queue_id.map(|id| id.to_string());
+                warn!(event = "queue.commit_failed", session_id = self.session_id, queue_id, error = %e);
                 temp_fail()
             }
         }
