@@ -469,3 +469,86 @@ mod tests {
         assert_eq!(out.iter().map(|m| m.0).collect::<Vec<_>>(), vec![4]);
     }
 }
+
+#[cfg(test)]
+mod run_tests {
+    //! The queue manager end to end over a real spool and Maildir.
+    use super::*;
+    use crate::spool::{Recipient, SpoolConfig};
+
+    fn local_envelope() -> Envelope {
+        let mut env = crate::spool::tests::envelope(1);
+        env.recipients = vec![Recipient {
+            address: "alice@example.test".into(),
+            original: "alice@example.test".into(),
+            orcpt: None,
+            notify: None,
+            route: Route::Local {
+                mailbox: "alice".into(),
+            },
+            status: RcptStatus::Pending,
+        }];
+        env
+    }
+
+    async fn commit(spool: &Spool, body: &[u8]) -> MsgId {
+        let mut d = spool.draft();
+        d.write(body).await.unwrap();
+        spool.commit(local_envelope(), d).await.unwrap()
+    }
+
+    fn delivered(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir.join("mail/alice/Maildir/new")).map_or(0, |d| d.count())
+    }
+
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not before the deadline"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delivers_bursts_and_stops_promptly_when_told() {
+        let tmp = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "hostname = \"mx.test\"\ndata_dir = \"{}\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+             [local]\ndomains = [\"example.test\"]\n[[user]]\nname = \"alice\"\n\
+             addresses = [\"alice@example.test\"]\n",
+            tmp.path().display()
+        );
+        let runtime = Arc::new(crate::config::parse(&toml, tmp.path()).unwrap());
+        let (spool, _) = Spool::open(SpoolConfig::new(runtime.spool.dir.clone())).unwrap();
+        let shutdown = CancellationToken::new();
+        let (queue, task) = start(runtime, spool.clone(), shutdown.clone());
+        // One message at a quiet queue, then a burst (which lingers).
+        let first = commit(&spool, b"Subject: one\r\n\r\n1\r\n").await;
+        queue.notify(first);
+        until("first delivery", || delivered(tmp.path()) == 1).await;
+        let mut burst = Vec::new();
+        for i in 0..40 {
+            let id = commit(&spool, format!("Subject: {i}\r\n\r\nx\r\n").as_bytes()).await;
+            queue.notify(id);
+            burst.push(id);
+        }
+        until("burst delivered", || delivered(tmp.path()) == 41).await;
+        // Delivered messages are finished in the spool (DONE written).
+        until("all done", || spool.live().is_empty()).await;
+        // More mail arrives and shutdown comes while the queue lingers.
+        for _ in 0..5 {
+            let id = commit(&spool, b"Subject: late\r\n\r\nx\r\n").await;
+            queue.notify(id);
+        }
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the queue manager stops within 5 s")
+            .unwrap();
+        // Whatever it did not deliver is still safe in the spool.
+        assert_eq!(delivered(tmp.path()) + spool.live().len(), 46);
+    }
+}

@@ -114,7 +114,7 @@ mod spare;
 mod writer;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 #[cfg(test)]
 mod tests_faults;
 #[cfg(test)]
