@@ -474,6 +474,7 @@ mod tests {
 mod run_tests {
     //! The queue manager end to end over a real spool and Maildir.
     use super::*;
+    use crate::spool::tests::wait_until;
     use crate::spool::{Recipient, SpoolConfig};
 
     fn local_envelope() -> Envelope {
@@ -501,17 +502,6 @@ mod run_tests {
         std::fs::read_dir(dir.join("mail/alice/Maildir/new")).map_or(0, |d| d.count())
     }
 
-    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !cond() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: not before the deadline"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn delivers_bursts_and_stops_promptly_when_told() {
         let tmp = tempfile::tempdir().unwrap();
@@ -528,16 +518,16 @@ mod run_tests {
         // One message at a quiet queue, then a burst (which lingers).
         let first = commit(&spool, b"Subject: one\r\n\r\n1\r\n").await;
         queue.notify(first);
-        until("first delivery", || delivered(tmp.path()) == 1).await;
+        wait_until(|| delivered(tmp.path()) == 1).await;
         let mut burst = Vec::new();
         for i in 0..40 {
             let id = commit(&spool, format!("Subject: {i}\r\n\r\nx\r\n").as_bytes()).await;
             queue.notify(id);
             burst.push(id);
         }
-        until("burst delivered", || delivered(tmp.path()) == 41).await;
+        wait_until(|| delivered(tmp.path()) == 41).await;
         // Delivered messages are finished in the spool (DONE written).
-        until("all done", || spool.live().is_empty()).await;
+        wait_until(|| spool.live().is_empty()).await;
         // More mail arrives and shutdown comes while the queue lingers.
         for _ in 0..5 {
             let id = commit(&spool, b"Subject: late\r\n\r\nx\r\n").await;

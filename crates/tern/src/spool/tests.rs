@@ -416,20 +416,31 @@ async fn record_many_answers_each_outcome_in_order_and_survives_restart() {
     assert_eq!(spool.get(b).unwrap().recipients[0].status, st);
 }
 
-#[tokio::test]
-async fn a_recently_closed_segment_is_not_compacted_but_dead_ones_go() {
-    let tmp = tempfile::tempdir().unwrap();
+/// Small segments, 12 messages, all finished but the first: its segment is
+/// mostly dead, the rest entirely. Returns the ids and that first segment.
+async fn one_live_in_first_segment(
+    dir: &Path,
+    compact_after: Duration,
+) -> (Spool, Vec<MsgId>, u32) {
     let cfg = SpoolConfig {
         segment_size: 4096,
-        compact_after: Duration::from_secs(3600),
-        ..config(tmp.path())
+        compact_after,
+        ..config(dir)
     };
     let (spool, _) = Spool::open(cfg).unwrap();
     let ids = commit_many(&spool, 12, 1).await;
-    let first = list_segments(tmp.path()).unwrap()[0];
+    let first = list_segments(dir).unwrap()[0];
     for id in &ids[1..] {
         spool.finish(*id).await.unwrap();
     }
+    (spool, ids, first)
+}
+
+#[tokio::test]
+async fn a_recently_closed_segment_is_not_compacted_but_dead_ones_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (spool, ids, first) =
+        one_live_in_first_segment(tmp.path(), Duration::from_secs(3600)).await;
     // Segments holding only finished messages are deleted...
     let dir = tmp.path().to_path_buf();
     wait_until(|| list_segments(&dir).unwrap().len() <= 2).await;
@@ -449,17 +460,7 @@ async fn a_recently_closed_segment_is_not_compacted_but_dead_ones_go() {
 #[tokio::test]
 async fn a_settled_segment_is_compacted_while_no_mail_flows() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = SpoolConfig {
-        segment_size: 4096,
-        compact_after: Duration::from_secs(1),
-        ..config(tmp.path())
-    };
-    let (spool, _) = Spool::open(cfg).unwrap();
-    let ids = commit_many(&spool, 12, 1).await;
-    let first = list_segments(tmp.path()).unwrap()[0];
-    for id in &ids[1..] {
-        spool.finish(*id).await.unwrap();
-    }
+    let (spool, ids, first) = one_live_in_first_segment(tmp.path(), Duration::from_secs(1)).await;
     // No request follows: only the reclaim ticker can compact the first
     // segment once it has been closed for a second.
     let dir = tmp.path().to_path_buf();
