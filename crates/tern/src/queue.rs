@@ -20,6 +20,7 @@
 
 use crate::config::Runtime;
 use crate::deliver::maildir::{LocalCopy, MaildirNamer, deliver_batch};
+use crate::deliver::worker::{DELIVERY_NICE, DeliveryThread};
 use crate::spool::{Envelope, MsgId, Outcome, RcptStatus, Route, Spool};
 use rand::Rng;
 use std::cmp::Reverse;
@@ -107,31 +108,34 @@ pub struct Queue {
     runtime: Arc<Runtime>,
     spool: Spool,
     namer: Arc<MaildirNamer>,
+    worker: DeliveryThread,
     rx: mpsc::UnboundedReceiver<MsgId>,
     schedule: Schedule,
     ready: VecDeque<MsgId>,
 }
 
 /// Starts the queue manager; it runs until `shutdown` is cancelled, then
-/// finishes the batch in hand.
+/// finishes the batch in hand. Fails only if the delivery thread cannot be
+/// started.
 pub fn start(
     runtime: Arc<Runtime>,
     spool: Spool,
     shutdown: CancellationToken,
-) -> (QueueHandle, tokio::task::JoinHandle<()>) {
+) -> std::io::Result<(QueueHandle, tokio::task::JoinHandle<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let namer = Arc::new(MaildirNamer::new(&runtime.hostname));
     let mut queue = Queue {
         runtime,
         spool,
         namer,
+        worker: DeliveryThread::start(DELIVERY_NICE)?,
         rx,
         schedule: Schedule::default(),
         ready: VecDeque::new(),
     };
     queue.load_spool();
     let handle = tokio::spawn(async move { queue.run(shutdown).await });
-    (QueueHandle { tx }, handle)
+    Ok((QueueHandle { tx }, handle))
 }
 
 fn now() -> i64 {
@@ -259,9 +263,10 @@ impl Queue {
         self.record(jobs, results, at).await;
     }
 
-    /// One blocking call for the whole batch: read every body from the
-    /// spool, then write every copy (a thread hand-off per message was the
-    /// largest cost of delivery). One result per due recipient, in order.
+    /// One job on the delivery thread for the whole batch: read every body
+    /// from the spool, then write every copy (a thread hand-off per message
+    /// was the largest cost of delivery). One result per due recipient, in
+    /// order.
     async fn write_maildirs(&self, jobs: &[LocalJob]) -> Vec<Result<(), String>> {
         // Per due recipient: its job and its mailbox. A user removed from the
         // config since acceptance is deferred right here (kept until an
@@ -290,41 +295,43 @@ impl Queue {
         let ids: Vec<MsgId> = jobs.iter().map(|j| j.id).collect();
         let (spool, namer) = (self.spool.clone(), self.namer.clone());
         let total = plan.len();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let bodies: Vec<Result<Vec<u8>, String>> = spool
-                .read_bodies_blocking(&ids)
-                .into_iter()
-                .zip(&ids)
-                .map(|(body, id)| {
-                    body.map_err(|e| {
-                        warn!(event = "delivery.body_unreadable", queue_id = %id, error = %e);
-                        format!("message unreadable in the spool: {e}")
+        let outcome = self
+            .worker
+            .run(move || {
+                let bodies: Vec<Result<Vec<u8>, String>> = spool
+                    .read_bodies_blocking(&ids)
+                    .into_iter()
+                    .zip(&ids)
+                    .map(|(body, id)| {
+                        body.map_err(|e| {
+                            warn!(event = "delivery.body_unreadable", queue_id = %id, error = %e);
+                            format!("message unreadable in the spool: {e}")
+                        })
                     })
-                })
-                .collect();
-            let copies: Vec<LocalCopy<'_>> = plan
-                .iter()
-                .filter_map(|(j, target)| match (target, &bodies[*j]) {
-                    (Ok((maildir, prefix)), Ok(body)) => Some(LocalCopy {
-                        maildir,
-                        prefix: prefix.clone(),
-                        body,
-                    }),
-                    _ => None,
-                })
-                .collect();
-            let mut written = deliver_batch(&namer, &copies).into_iter();
-            plan.iter()
-                .map(|(j, target)| match (target, &bodies[*j]) {
-                    (Ok(_), Ok(_)) => written
-                        .next()
-                        .unwrap_or_else(|| Err(std::io::Error::other("no result")))
-                        .map_err(|e| e.to_string()),
-                    (Err(e), _) | (_, Err(e)) => Err(e.clone()),
-                })
-                .collect::<Vec<_>>()
-        })
-        .await;
+                    .collect();
+                let copies: Vec<LocalCopy<'_>> = plan
+                    .iter()
+                    .filter_map(|(j, target)| match (target, &bodies[*j]) {
+                        (Ok((maildir, prefix)), Ok(body)) => Some(LocalCopy {
+                            maildir,
+                            prefix: prefix.clone(),
+                            body,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                let mut written = deliver_batch(&namer, &copies).into_iter();
+                plan.iter()
+                    .map(|(j, target)| match (target, &bodies[*j]) {
+                        (Ok(_), Ok(_)) => written
+                            .next()
+                            .unwrap_or_else(|| Err(std::io::Error::other("no result")))
+                            .map_err(|e| e.to_string()),
+                        (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
         outcome.unwrap_or_else(|e| vec![Err(format!("maildir writer failed: {e}")); total])
     }
 
@@ -514,7 +521,7 @@ mod run_tests {
         let runtime = Arc::new(crate::config::parse(&toml, tmp.path()).unwrap());
         let (spool, _) = Spool::open(SpoolConfig::new(runtime.spool.dir.clone())).unwrap();
         let shutdown = CancellationToken::new();
-        let (queue, task) = start(runtime, spool.clone(), shutdown.clone());
+        let (queue, task) = start(runtime, spool.clone(), shutdown.clone()).unwrap();
         // One message at a quiet queue, then a burst (which lingers).
         let first = commit(&spool, b"Subject: one\r\n\r\n1\r\n").await;
         queue.notify(first);

@@ -64,7 +64,8 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
     }
 
     let shutdown = CancellationToken::new();
-    let (queue_handle, queue_task) = queue::start(runtime.clone(), spool.clone(), shutdown.clone());
+    let (queue_handle, queue_task) = queue::start(runtime.clone(), spool.clone(), shutdown.clone())
+        .map_err(|e| format!("cannot start the delivery thread: {e}"))?;
     let ctx = Arc::new(Context {
         runtime: runtime.clone(),
         spool: spool.clone(),

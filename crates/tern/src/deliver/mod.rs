@@ -2,6 +2,7 @@
 //! remote SMTP come with the delivery issue, behind the same outcome type.
 
 pub mod maildir;
+pub mod worker;
 
 /// What one delivery attempt did for one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
