@@ -204,6 +204,26 @@ def test_dsn_parameters_accepted_and_shown_in_queue(tern):
     assert "dsn body" in show, show
 
 
+def test_orcpt_spellings_of_one_utf8_address_are_stored_alike(tern):
+    """RFC 6533 §3: raw UTF-8 (with SMTPUTF8) and \\x{HEX} escapes (without)
+    name the same original recipient; the queue holds it decoded both times."""
+    srv = tern({"relay": {"trusted_networks": ["127.0.0.0/8"]}})
+    shows = []
+    for mail_params, orcpt in [(" SMTPUTF8", "utf-8;j\xc3\xb6rg@remote.test"),
+                               ("", "utf-8;j\\x{F6}rg@remote.test")]:
+        with srv.connect() as c:
+            c.ehlo()
+            assert c.cmd(f"MAIL FROM:<s@remote.test>{mail_params}").code == 250
+            r = c.cmd(b"RCPT TO:<dave@remote.test> ORCPT=" + orcpt.encode("latin-1"))
+            assert r.code == 250, r
+            assert c.cmd("DATA").code == 354
+            qid = queued_id(c.cmd(b"Subject: orcpt\r\n\r\nbody\r\n."))
+        shows.append(srv.queue_show(qid))
+    for show in shows:
+        assert "utf-8;j\u00f6rg@remote.test" in show, show
+        assert "\\x{" not in show, show
+
+
 @pytest.mark.parametrize("line", [
     "MAIL FROM:<s@remote.test> RET=BOGUS",
     "MAIL FROM:<s@remote.test> NOTIFY=SUCCESS",  # NOTIFY belongs to RCPT
@@ -478,6 +498,8 @@ def test_lf_terminated_command_is_answered_at_once(tern):
 @pytest.mark.parametrize("mail_params, orcpt, code", [
     ("", "rfc822;j\xc3\xb6rg@remote.test", 501),
     ("", "utf-8;j\xc3\xb6rg@remote.test", 501),
+    ("", "utf-8;j\\x{F6}rg@remote.test", 250),  # utf-8-addr-xtext: 7-bit, no SMTPUTF8 needed
+    ("", "utf-8;j\\x{D800}rg@remote.test", 501),  # a surrogate is no code point
     (" SMTPUTF8", "utf-8;j\xc3\xb6rg@remote.test", 250),
     (" SMTPUTF8", "rfc822;j\xc3\xb6rg@remote.test", 501),
 ])

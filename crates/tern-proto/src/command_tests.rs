@@ -163,7 +163,8 @@ fn mail_and_rcpt() {
         params.orcpt,
         Some(Orcpt {
             addr_type: "rfc822".into(),
-            address: "a@b".into()
+            address: "a@b".into(),
+            raw_utf8: false,
         })
     );
     assert_eq!(
@@ -198,6 +199,24 @@ fn parameter_errors() {
     assert!(bad("RCPT TO:<a@b> ORCPT=rfc822"));
     assert!(bad("RCPT TO:<a@b> ORCPT=;a@b"));
     assert!(bad("RCPT TO:<a@b> ORCPT=rfc822;jörg@b"));
+    // utf-8-addr-xtext escapes: only whole, valid code points.
+    for value in [
+        r"j\xF6rg@b",
+        r"j\x{F6rg@b",
+        r"j\x{}rg@b",
+        r"j\x{F}rg@b",
+        r"j\x{D800}rg@b",
+        r"j\x{110000}rg@b",
+        r"j\x{0000F6}rg@b",
+        r"j\x{00F6}rg@b",
+        r"j\x{0A}rg@b",
+        r"j\rg@b",
+    ] {
+        assert!(
+            bad(&format!("RCPT TO:<a@b> ORCPT=utf-8;{value}")),
+            "{value}"
+        );
+    }
     assert!(bad("MAIL FROM:<a@b> ENVID=é"));
     assert!(bad("RCPT TO:<a@b> NOTIFY=NEVER NOTIFY=NEVER"));
     assert_eq!(
@@ -337,7 +356,7 @@ proptest! {
         if let Some(o) = &orcpt {
             line += &format!(" ORCPT=rfc822;{}", xtext_encode(o));
         }
-        let orcpt = orcpt.map(|address| Orcpt { addr_type: "rfc822".into(), address });
+        let orcpt = orcpt.map(|address| Orcpt { addr_type: "rfc822".into(), address, raw_utf8: false });
         let cmd = parse_command(line.as_bytes());
         prop_assert_eq!(cmd, Ok(Command::Rcpt(ForwardPath::Mailbox(to), RcptParams { notify, orcpt })), "{}", line);
     }
@@ -349,4 +368,34 @@ proptest! {
             prop_assert!(Reply::parse(&r.to_bytes()).is_ok());
         }
     }
+}
+
+/// RFC 6533 §3: the three spellings of one UTF-8 original recipient are
+/// stored alike; only the raw one is marked as needing SMTPUTF8.
+#[test]
+fn utf8_orcpt_forms_decode_to_one_address() {
+    let orcpt = |value: &str| match parse_command(format!("RCPT TO:<a@b> ORCPT={value}").as_bytes())
+    {
+        Ok(Command::Rcpt(_, params)) => params.orcpt.unwrap(),
+        other => panic!("{value}: {other:?}"),
+    };
+    for (value, raw) in [
+        ("utf-8;jörg@bücher.example", true),
+        (r"utf-8;j\x{F6}rg@b\x{FC}cher.example", false),
+        (r"UTF-8;j\x{f6}rg@b\x{fc}cher.example", false),
+        ("utf-8;j\\x{F6}rg@bücher.example", true),
+    ] {
+        let o = orcpt(value);
+        assert_eq!(o.address, "jörg@bücher.example", "{value}");
+        assert_eq!(o.raw_utf8, raw, "{value}");
+        assert_eq!(o.needs_smtputf8(), raw, "{value}");
+    }
+    // An emoji beyond the BMP, five hex digits.
+    assert_eq!(orcpt(r"utf-8;\x{1F600}@b").address, "\u{1F600}@b");
+    // xtext of another type that decodes to non-ASCII still needs SMTPUTF8.
+    let o = orcpt("rfc822;j+C3+B6rg@b");
+    assert_eq!(
+        (o.address.as_str(), o.raw_utf8, o.needs_smtputf8()),
+        ("jörg@b", false, true)
+    );
 }

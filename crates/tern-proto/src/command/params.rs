@@ -41,11 +41,25 @@ pub struct Notify {
     pub delay: bool,
 }
 
-/// `ORCPT=addr-type;xtext` (RFC 3461 §4.2); `address` is xtext-decoded.
+/// `ORCPT=addr-type;xtext` (RFC 3461 §4.2). `address` is decoded: xtext
+/// `+XX` octets, and for the `utf-8` type (RFC 6533 §3) raw UTF-8 and
+/// `\x{HEX}` escapes, so it is stored in one form whichever way it came.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Orcpt {
     pub addr_type: String,
     pub address: String,
+    /// The value carried raw UTF-8 octets (utf-8-addr-unitext).
+    pub raw_utf8: bool,
+}
+
+impl Orcpt {
+    /// Whether only an SMTPUTF8 transaction may carry this ORCPT: raw
+    /// UTF-8 needs it (RFC 6533 §3), and so does a non-ASCII address of any
+    /// type but `utf-8`, whose escaped form is the one meant for 7-bit
+    /// transactions.
+    pub fn needs_smtputf8(&self) -> bool {
+        self.raw_utf8 || (!self.address.is_ascii() && !self.addr_type.eq_ignore_ascii_case("utf-8"))
+    }
 }
 
 /// Parameters of `MAIL FROM`.
@@ -234,14 +248,15 @@ fn parse_orcpt(v: &str) -> Result<Orcpt, CommandError> {
     // RFC 6533 §3: only the "utf-8" address type may carry raw UTF-8
     // (utf-8-addr-unitext); every other type is plain xtext (RFC 3461 §4).
     // Whether SMTPUTF8 is in use is the session's check.
-    let raw_utf8 = t.eq_ignore_ascii_case("utf-8");
-    let address = decode(a, raw_utf8).ok_or(BAD)?;
+    let utf8_type = t.eq_ignore_ascii_case("utf-8");
+    let address = decode(a, utf8_type).ok_or(BAD)?;
     if address.is_empty() || address.chars().any(char::is_control) {
         return Err(BAD);
     }
     Ok(Orcpt {
         addr_type: t.to_string(),
         address,
+        raw_utf8: !a.is_ascii(),
     })
 }
 
@@ -253,13 +268,21 @@ pub fn xtext_decode(s: &str) -> Option<String> {
     decode(s, false)
 }
 
-/// xtext, plus raw UTF-8 when `raw_utf8` (RFC 6533 §3 unitext).
-fn decode(s: &str, raw_utf8: bool) -> Option<String> {
+/// xtext; for the `utf-8` address type (RFC 6533 §3) also raw UTF-8
+/// (utf-8-addr-unitext) and `\x{HEX}` code points (EmbeddedUnicodeChar),
+/// where a `\` that starts no such escape is malformed.
+fn decode(s: &str, utf8_type: bool) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         match b[i] {
+            b'\\' if utf8_type => {
+                let (c, len) = embedded_unicode_char(&b[i..])?;
+                let mut utf8 = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+                i += len;
+            }
             b'+' => {
                 let hex = |c: u8| match c {
                     b'0'..=b'9' => Some(c - b'0'),
@@ -276,7 +299,7 @@ fn decode(s: &str, raw_utf8: bool) -> Option<String> {
                 out.push(c);
                 i += 1;
             }
-            c if c >= 0x80 && raw_utf8 => {
+            c if c >= 0x80 && utf8_type => {
                 out.push(c);
                 i += 1;
             }
@@ -284,6 +307,23 @@ fn decode(s: &str, raw_utf8: bool) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// `\x{HEXPOINT}` at the start of `b` (RFC 6533 §3): the code point and
+/// the escape's length. HEXPOINT is 2 to 6 hex digits without leading
+/// zeros beyond two, naming a Unicode scalar value.
+fn embedded_unicode_char(b: &[u8]) -> Option<(char, usize)> {
+    let rest = b.strip_prefix(b"\\x{")?;
+    let end = rest.iter().position(|&c| c == b'}')?;
+    let hex = &rest[..end];
+    let canonical = (2..=6).contains(&hex.len())
+        && hex.iter().all(u8::is_ascii_hexdigit)
+        && (hex.len() == 2 || hex[0] != b'0');
+    if !canonical {
+        return None;
+    }
+    let value = u32::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+    Some((char::from_u32(value)?, 3 + end + 1))
 }
 
 /// Encodes text as xtext (RFC 3461 §4): the inverse of `xtext_decode`.

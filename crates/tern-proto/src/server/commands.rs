@@ -16,7 +16,7 @@
 
 use super::{Mode, Pending, Query, Session, Transaction};
 use crate::address::{ForwardPath, ReversePath};
-use crate::command::{Command, MailParams, RcptParams, parse_command};
+use crate::command::{Command, MailParams, Orcpt, RcptParams, parse_command};
 use crate::reply::Reply;
 
 impl Session {
@@ -221,7 +221,7 @@ impl Session {
             // transaction; otherwise it must be sent as utf-8-addr-xtext.
             Some(tx)
                 if !tx.params.smtputf8
-                    && params.orcpt.as_ref().is_some_and(|o| !o.address.is_ascii()) =>
+                    && params.orcpt.as_ref().is_some_and(Orcpt::needs_smtputf8) =>
             {
                 Some(Reply::enhanced(
                     501,

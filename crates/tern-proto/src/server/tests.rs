@@ -501,6 +501,7 @@ fn utf8_orcpt_needs_smtputf8_and_the_utf8_type() {
                 .as_bytes(),
             "RSET\r\nMAIL FROM:<a@b> SMTPUTF8\r\nRCPT TO:<x@b> ORCPT=utf-8;jörg@x.test\r\n".as_bytes(),
             "RCPT TO:<y@b> ORCPT=rfc822;jörg@x.test\r\n".as_bytes(),
+            "RSET\r\nMAIL FROM:<a@b>\r\nRCPT TO:<z@b> ORCPT=utf-8;j\\x{F6}rg@x.test\r\n".as_bytes(),
         ],
         accept,
     );
@@ -516,6 +517,9 @@ fn utf8_orcpt_needs_smtputf8_and_the_utf8_type() {
             "250 2.1.0",
             "250 2.1.5",
             "501 5.5.4", // rfc822 stays xtext even under SMTPUTF8
+            "250 2.0.0", // RSET
+            "250 2.1.0",
+            "250 2.1.5", // utf-8-addr-xtext needs no SMTPUTF8
         ],
         "{out}"
     );
