@@ -60,18 +60,7 @@ impl Log {
 
     fn delete_dead(&mut self) {
         loop {
-            let victims: Vec<u32> = {
-                let idx = self.shared.index();
-                idx.segs
-                    .iter()
-                    .filter(|(no, s)| {
-                        **no != self.active.no
-                            && s.live == 0
-                            && s.refs.iter().all(|r| !idx.segs.contains_key(r))
-                    })
-                    .map(|(no, _)| *no)
-                    .collect()
-            };
+            let victims = self.shared.index().dead_segments(self.active.no);
             if victims.is_empty() {
                 return;
             }

@@ -101,6 +101,18 @@ impl Index {
         true
     }
 
+    /// Segments that can be deleted now, `active` aside: no live message,
+    /// and every segment they must outlive already gone.
+    pub fn dead_segments(&self, active: u32) -> Vec<u32> {
+        self.segs
+            .iter()
+            .filter(|(no, s)| {
+                **no != active && s.live == 0 && s.refs.iter().all(|r| !self.segs.contains_key(r))
+            })
+            .map(|(no, _)| *no)
+            .collect()
+    }
+
     /// Live messages, oldest (lowest id) first.
     pub fn live(&self) -> Vec<(MsgId, Envelope)> {
         let mut v: Vec<_> = self.msgs.iter().map(|(k, e)| (*k, e.env.clone())).collect();

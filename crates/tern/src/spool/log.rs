@@ -336,6 +336,42 @@ impl Spool {
         self.inner.shared.index().segs.keys().copied().collect()
     }
 
+    /// Segments the next reclaim will delete. The active segment is always
+    /// the newest: segments are numbered in the order they are opened.
+    #[cfg(test)]
+    pub(crate) fn dead_segments(&self) -> Vec<u32> {
+        let idx = self.inner.shared.index();
+        let active = idx.segs.keys().next_back().copied().unwrap_or(0);
+        idx.dead_segments(active)
+    }
+
+    /// Dead closed segments kept only because they must outlive `seg`,
+    /// directly or through another such segment.
+    #[cfg(test)]
+    pub(crate) fn segments_outliving(&self, seg: u32) -> Vec<u32> {
+        let idx = self.inner.shared.index();
+        let active = idx.segs.keys().next_back().copied().unwrap_or(0);
+        let mut held = std::collections::BTreeSet::from([seg]);
+        loop {
+            let more: Vec<u32> = idx
+                .segs
+                .iter()
+                .filter(|(no, s)| {
+                    **no != active
+                        && !held.contains(*no)
+                        && s.live == 0
+                        && s.refs.iter().any(|r| held.contains(r))
+                })
+                .map(|(no, _)| *no)
+                .collect();
+            if more.is_empty() {
+                held.remove(&seg);
+                return held.into_iter().collect();
+            }
+            held.extend(more);
+        }
+    }
+
     /// (segment, logical size) as the index sees them.
     #[cfg(test)]
     pub(crate) fn segment_sizes(&self) -> Vec<(u32, u64)> {

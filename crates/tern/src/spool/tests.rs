@@ -277,32 +277,28 @@ async fn segments_roll_get_deleted_and_compacted() {
     let ids = commit_many(&spool, 12, 2).await;
     let segs = list_segments(tmp.path()).unwrap();
     assert!(segs.len() >= 4, "rolled into several segments: {segs:?}");
-    let first = segs[0];
-    let keep = ids[0];
+    let (k, first) = lone_survivor(&spool, &ids);
+    let keep = ids[k];
     let st = RcptStatus::Failed {
         reply: "550 no".into(),
         at: 7,
     };
     spool.update(keep, vec![(1, st.clone())]).await.unwrap();
-    for id in &ids[1..] {
+    for id in ids.iter().filter(|id| **id != keep) {
         spool.finish(*id).await.unwrap();
     }
-    // Dead segments go, and the first one (one live message in ~4 KiB) is
+    // Dead segments go, and `first` (one live message in ~4 KiB) is
     // compacted: its message is copied forward, then it is deleted.
     let dir = tmp.path().to_path_buf();
-    wait_until(|| {
-        let now = list_segments(&dir).unwrap();
-        !now.contains(&first) && now.len() <= 2
-    })
-    .await;
-    assert!(!spool.segment_numbers().contains(&first));
-    assert_eq!(spool.read_body(keep).await.unwrap(), body(0, 1000));
+    wait_until(|| reclaimed(&spool, &dir) && !spool.segment_numbers().contains(&first)).await;
+    assert!(!list_segments(&dir).unwrap().contains(&first));
+    assert_eq!(spool.read_body(keep).await.unwrap(), body(k as u8, 1000));
     assert_eq!(spool.get(keep).unwrap().recipients[1].status, st);
     let (spool, rep) = reopen(spool, cfg).await;
     assert_eq!(rep.messages, 1);
     assert_eq!(spool.live().len(), 1);
     assert_eq!(spool.get(keep).unwrap().recipients[1].status, st);
-    assert_eq!(spool.read_body(keep).await.unwrap(), body(0, 1000));
+    assert_eq!(spool.read_body(keep).await.unwrap(), body(k as u8, 1000));
     spool.finish(keep).await.unwrap();
     let (spool, rep) = reopen(spool, config(tmp.path())).await;
     assert_eq!(rep.messages, 0);
@@ -416,12 +412,33 @@ async fn record_many_answers_each_outcome_in_order_and_survives_restart() {
     assert_eq!(spool.get(b).unwrap().recipients[0].status, st);
 }
 
-/// Small segments, 12 messages, all finished but the first: its segment is
-/// mostly dead, the rest entirely. Returns the ids and that first segment.
+/// Which of `ids` to keep so that, once all others are finished, it is alone
+/// in a closed segment it fills less than half of: the first message of the
+/// oldest closed segment holding two or more. Returns its index in `ids` and
+/// that segment. Looked up, not assumed: a growing segment ends early when
+/// the preallocated spare becomes ready, so where segments end depends on
+/// timing.
+fn lone_survivor(spool: &Spool, ids: &[MsgId]) -> (usize, u32) {
+    let active = *spool.segment_numbers().last().unwrap();
+    let mut by_segment: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (i, id) in ids.iter().enumerate() {
+        let (seg, _) = spool.location(*id).unwrap();
+        by_segment.entry(seg).or_default().push(i);
+    }
+    by_segment
+        .into_iter()
+        .find(|(seg, held)| *seg != active && held.len() >= 2)
+        .map(|(seg, held)| (held[0], seg))
+        .expect("a closed segment of two messages or more")
+}
+
+/// Small segments, 12 messages, all finished but one, alone in a closed
+/// segment that is otherwise dead; the other segments are entirely dead.
+/// Returns the ids, the index of the one kept, and its segment.
 async fn one_live_in_first_segment(
     dir: &Path,
     compact_after: Duration,
-) -> (Spool, Vec<MsgId>, u32) {
+) -> (Spool, Vec<MsgId>, usize, u32) {
     let cfg = SpoolConfig {
         segment_size: 4096,
         compact_after,
@@ -429,43 +446,67 @@ async fn one_live_in_first_segment(
     };
     let (spool, _) = Spool::open(cfg).unwrap();
     let ids = commit_many(&spool, 12, 1).await;
-    let first = list_segments(dir).unwrap()[0];
-    for id in &ids[1..] {
-        spool.finish(*id).await.unwrap();
+    let (k, first) = lone_survivor(&spool, &ids);
+    for (i, id) in ids.iter().enumerate() {
+        if i != k {
+            spool.finish(*id).await.unwrap();
+        }
     }
-    (spool, ids, first)
+    (spool, ids, k, first)
+}
+
+/// The spool has reclaimed all it can for now: nothing deletable is left in
+/// the index, and the files on disk are the index's segments.
+fn reclaimed(spool: &Spool, dir: &Path) -> bool {
+    spool.dead_segments().is_empty() && list_segments(dir).unwrap() == spool.segment_numbers()
 }
 
 #[tokio::test]
 async fn a_recently_closed_segment_is_not_compacted_but_dead_ones_go() {
     let tmp = tempfile::tempdir().unwrap();
-    let (spool, ids, first) =
+    let (spool, ids, k, first) =
         one_live_in_first_segment(tmp.path(), Duration::from_secs(3600)).await;
-    // Segments holding only finished messages are deleted...
     let dir = tmp.path().to_path_buf();
-    wait_until(|| list_segments(&dir).unwrap().len() <= 2).await;
-    // A request after that reclaim returns only once the reclaim is over.
+    wait_until(|| reclaimed(&spool, &dir)).await;
+    // A request after that reclaim returns only once a later reclaim is over.
     let probe = commit_body(&spool, envelope(1), b"p").await.unwrap();
     spool.finish(probe).await.unwrap();
-    // ...but the first one, still holding a message in flight, is left whole
-    // for it to finish rather than copied forward.
-    assert!(list_segments(tmp.path()).unwrap().contains(&first));
-    assert_eq!(spool.read_body(ids[0]).await.unwrap(), body(0, 1000));
-    spool.finish(ids[0]).await.unwrap();
-    // The next batch's reclaim deletes it.
+    // The first segment, still holding a message in flight, is left whole
+    // for it to finish rather than copied forward...
+    let kept = spool.segment_numbers();
+    assert!(kept.contains(&first), "{kept:?}");
+    assert!(list_segments(&dir).unwrap().contains(&first));
+    assert_eq!(spool.read_body(ids[k]).await.unwrap(), body(k as u8, 1000));
+    // ...and every other closed segment is gone, except those holding the
+    // DONE records of its finished messages, which must outlive it (when
+    // the spare segment is ready decides where those records land).
+    let active = *kept.last().unwrap();
+    let outliving = spool.segments_outliving(first);
+    for no in &kept {
+        assert!(
+            *no == first || *no == active || outliving.contains(no),
+            "segment {no} kept for no reason: {kept:?}, outliving {outliving:?}"
+        );
+    }
+    spool.finish(ids[k]).await.unwrap();
+    // The next batch's reclaim deletes it, then those that outlived it.
     commit_body(&spool, envelope(1), b"x").await.unwrap();
-    wait_until(|| !list_segments(&dir).unwrap().contains(&first)).await;
+    wait_until(|| reclaimed(&spool, &dir)).await;
+    let left = spool.segment_numbers();
+    assert!(!left.contains(&first), "{left:?}");
+    assert!(left.iter().all(|no| !outliving.contains(no)), "{left:?}");
 }
 
 #[tokio::test]
 async fn a_settled_segment_is_compacted_while_no_mail_flows() {
     let tmp = tempfile::tempdir().unwrap();
-    let (spool, ids, first) = one_live_in_first_segment(tmp.path(), Duration::from_secs(1)).await;
+    let (spool, ids, k, first) =
+        one_live_in_first_segment(tmp.path(), Duration::from_secs(1)).await;
     // No request follows: only the reclaim ticker can compact the first
     // segment once it has been closed for a second.
     let dir = tmp.path().to_path_buf();
     wait_until(|| !list_segments(&dir).unwrap().contains(&first)).await;
-    assert_eq!(spool.read_body(ids[0]).await.unwrap(), body(0, 1000));
+    assert_eq!(spool.read_body(ids[k]).await.unwrap(), body(k as u8, 1000));
 }
 
 #[tokio::test]
