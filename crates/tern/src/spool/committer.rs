@@ -99,6 +99,11 @@ pub(crate) struct Log {
     pub closed_at: HashMap<u32, Instant>,
     pub started: Instant,
     pub compact_after: Duration,
+    /// The buffer a batch is encoded into, kept from batch to batch: a
+    /// fresh one per batch cost a page fault per touched page (and, where
+    /// the allocator asks for huge pages, zeroing 2 MiB: measured 1% of all
+    /// CPU at 4 KiB messages).
+    pub batch_buf: Vec<u8>,
 }
 
 /// Per-record results of a committed batch, in record order.
@@ -186,7 +191,13 @@ impl Log {
             Injection::Armed => &self.shared.faults,
             Injection::Off => &NO_FAULTS,
         };
-        append_batch(&mut self.active, recs, faults, &self.shared.syncs)?;
+        append_batch(
+            &mut self.active,
+            recs,
+            faults,
+            &self.shared.syncs,
+            &mut self.batch_buf,
+        )?;
         let mut idx = self.shared.index();
         let mut outcomes = Vec::with_capacity(recs.len());
         for r in recs.drain(..) {

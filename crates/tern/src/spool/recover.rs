@@ -291,6 +291,7 @@ pub(crate) fn repair(
         closed_at: HashMap::new(),
         started: Instant::now(),
         compact_after: config.compact_after,
+        batch_buf: Vec::new(),
     };
     for s in corrupt {
         quarantine(&mut log, &s, report);

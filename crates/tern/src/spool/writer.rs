@@ -29,6 +29,8 @@ use super::{Envelope, MsgId, RcptStatus};
 /// Flush the batch buffer to the file once it holds this much (large bodies
 /// streamed from scratch files are written in pieces of about this size).
 const FLUSH_AT: usize = 4 << 20;
+/// The committer keeps its batch buffer up to this size between batches.
+const KEEP_BATCH_BUF: usize = 1 << 20;
 
 /// Test and fault-drill hook: make the next N segment writes or syncs fail.
 /// Failed writes first write half of their bytes, like a disk that fills up
@@ -236,9 +238,10 @@ pub(crate) fn append_batch(
     recs: &mut [OutRec],
     faults: &Faults,
     syncs: &AtomicU64,
+    buf: &mut Vec<u8>,
 ) -> io::Result<()> {
     let start = w.end;
-    let res = write_records(w, recs, faults).and_then(|(end, written)| {
+    let res = write_records(w, recs, faults, buf).and_then(|(end, written)| {
         // Nothing reached the file (every record failed on its own before
         // any flush): there is nothing to make durable.
         if written > start {
@@ -332,6 +335,7 @@ fn write_records(
     w: &SegmentWriter,
     recs: &mut [OutRec],
     faults: &Faults,
+    buf: &mut Vec<u8>,
 ) -> io::Result<(u64, u64)> {
     let cap = recs
         .iter()
@@ -341,14 +345,26 @@ fn write_records(
     let mut c = Cursor {
         w,
         faults,
-        buf: Vec::with_capacity(usize::try_from(cap).unwrap_or(FLUSH_AT)),
+        buf: std::mem::take(buf),
         off: w.end,
         high: w.end,
     };
+    c.buf.clear();
+    c.buf.reserve(usize::try_from(cap).unwrap_or(FLUSH_AT));
+    let res = write_all_records(&mut c, recs);
+    // Kept for the next batch, but not the few MiB one huge batch needed.
+    c.buf.clear();
+    c.buf.shrink_to(KEEP_BATCH_BUF);
+    *buf = c.buf;
+    res
+}
+
+fn write_all_records(c: &mut Cursor<'_>, recs: &mut [OutRec]) -> io::Result<(u64, u64)> {
+    let w = c.w;
     let seed = crc_seed(w.nonce);
     for r in recs.iter_mut() {
         let rec_off = c.pos();
-        match put_record(&mut c, r, seed) {
+        match put_record(c, r, seed) {
             Ok(()) => {
                 r.loc = Loc {
                     seg: w.no,
@@ -370,7 +386,7 @@ fn write_records(
     c.flush()?;
     let (end, high) = (c.off, c.high);
     if high > end {
-        clear_stale(w, end, high, faults)?;
+        clear_stale(w, end, high, c.faults)?;
     }
     Ok((end, high))
 }
