@@ -24,6 +24,7 @@ use crate::queue::QueueHandle;
 use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
 use std::collections::HashSet;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -497,7 +498,9 @@ impl Driver {
 /// Clearing is race-free: tokio only clears the readiness observed before
 /// the `recv`, and data arriving later raises a new edge.
 fn read_available(stream: &TcpStream, session: &mut Session) -> io::Result<usize> {
-    let mut buf = [0u8; 16 * 1024];
+    // Not zeroed first: recv(2) writes what it returns, and zeroing 16 KiB
+    // before every read was 1% of a session thread's time.
+    let mut buf = [MaybeUninit::<u8>::uninit(); 16 * 1024];
     let mut received = 0;
     let res = stream.try_io(Interest::READABLE, || {
         // SAFETY: recv(2) into a buffer we own, of the length we pass, on the
@@ -516,7 +519,10 @@ fn read_available(stream: &TcpStream, session: &mut Session) -> io::Result<usize
         _ => {}
     }
     if received > 0 {
-        session.receive(&buf[..received]);
+        // SAFETY: recv(2) initialised the first `received` bytes (it returned
+        // that count, which is at most the buffer's length).
+        let data = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), received) };
+        session.receive(data);
     }
     Ok(received)
 }
