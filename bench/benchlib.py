@@ -242,6 +242,28 @@ def median(xs):
     return None if n == 0 else (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2)
 
 
+def outlier_warnings(vals):
+    """Rounds in which a server ran at under half (or over twice) its own median rate. A run
+    that slow usually means the machine stalled during it (smtp-sink once fell from 12,610 to
+    1,672 msg/s between rounds of one run), and the ratios of that round say little."""
+    out = []
+    for label, key, higher in ROWS:
+        if not higher:
+            continue
+        for srv, name in (("sink", "smtp-sink"), ("postfix", "Postfix"), ("tern", "Tern")):
+            xs = vals.get(f"{srv}.{key}", [])
+            m = median(xs)
+            if len(xs) < 3 or not m:
+                continue
+            for i, x in enumerate(xs, 1):
+                if x < m / 2 or x > m * 2:
+                    out.append(f"WARNING: round {i}: {name}, {label}: {x:,.0f}/s against a median "
+                               f"of {m:,.0f}/s; that round's ratios say little.")
+    if out:
+        out.append("")
+    return out
+
+
 def cmd_table(args):
     """Medians over rounds (a key repeats once per round). A ratio is the median of the
     per-round ratios when both servers have one value per round (each pair was measured minutes
@@ -297,6 +319,8 @@ def cmd_table(args):
                 if per_round:
                     print(f"  {label}, Tern/{name}: " + " ".join(fmt_ratio(r) for r in per_round))
         print()
+        for line in outlier_warnings(vals):
+            print(line)
     n = median(vals.get("postfix.idle.after.smtpd_procs", []))
     kib = median(vals.get("postfix.idle.after.smtpd_pss_kib", []))
     if n and kib:
