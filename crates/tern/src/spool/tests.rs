@@ -534,3 +534,72 @@ async fn reserved_ids_commit_in_any_order_and_stay_unique_after_restart() {
     let (spool, _) = reopen(spool, cfg).await;
     assert!(spool.reserve_id() > second);
 }
+
+/// A message kept live, and the body it must always read back as.
+type KeptBody = (MsgId, Vec<u8>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_reads_racing_compaction_always_return_the_whole_body() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Small segments, compaction at once. Each round commits a small kept
+    // message together with large fillers that finish at once, so the
+    // segments it lands in are soon mostly dead and compacted: the kept
+    // messages are copied forward and their old segments deleted while a
+    // reader keeps reading them.
+    let cfg = SpoolConfig {
+        segment_size: 4096,
+        ..config(tmp.path())
+    };
+    let (spool, _) = Spool::open(cfg).unwrap();
+    let kept: std::sync::Arc<std::sync::Mutex<Vec<KeptBody>>> = Default::default();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (spool, stop, kept) = (spool.clone(), stop.clone(), kept.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = kept.lock().unwrap().clone();
+                for (id, want) in now {
+                    assert_eq!(spool.read_body_blocking(id).unwrap(), want, "{id}");
+                    reads += 1;
+                }
+            }
+            reads
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last_seen: std::collections::HashMap<MsgId, Option<(u32, u64)>> = Default::default();
+    let mut moves = 0;
+    let mut seed = 0u8;
+    while moves < 20 {
+        assert!(Instant::now() < deadline, "moved only {moves} times");
+        let (small, large) = (body(seed, 200), body(seed, 1000));
+        let (k, f1, f2, f3) = tokio::join!(
+            commit_body(&spool, envelope(1), &small),
+            commit_body(&spool, envelope(1), &large),
+            commit_body(&spool, envelope(1), &large),
+            commit_body(&spool, envelope(1), &large),
+        );
+        for f in [f1, f2, f3] {
+            spool.finish(f.unwrap()).await.unwrap();
+        }
+        let k = k.unwrap();
+        kept.lock().unwrap().push((k, small));
+        last_seen.insert(k, spool.location(k));
+        seed = seed.wrapping_add(1);
+        for (id, at) in last_seen.iter_mut() {
+            let now = spool.location(*id);
+            if now != *at {
+                moves += 1;
+                *at = now;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().expect("every read returned the whole body");
+    assert!(reads > 0);
+    let all = kept.lock().unwrap().clone();
+    for (id, want) in all {
+        assert_eq!(spool.read_body(id).await.unwrap(), want);
+    }
+}
