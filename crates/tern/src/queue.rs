@@ -85,8 +85,12 @@ pub fn backoff(initial: Duration, max: Duration, attempts: u32, jitter: f64) -> 
 }
 
 /// Longest wait for a fuller batch while mail keeps arriving (see
-/// `Queue::linger`).
-const LINGER: Duration = Duration::from_millis(10);
+/// `Queue::linger`). A batch's two syncs are cache flushes, and on a disk
+/// that flushes one at a time (this machine's) they delay the spool's
+/// commits: at 4 KiB under load, 40 ms instead of 10 cut delivery's flushes
+/// from 61 to 19 per second, the commit fdatasync's p50 from 607 to 483 µs,
+/// and raised the accepted rate by about 10%.
+const LINGER: Duration = Duration::from_millis(40);
 
 /// Most message bytes one delivery batch holds in memory (a single larger
 /// message still goes alone).

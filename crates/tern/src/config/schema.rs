@@ -149,7 +149,7 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         // Postfix's minimal_backoff_time / maximal_backoff_time.
         DeliveryConfig {
-            batch_size: 256,
+            batch_size: 1024,
             retry_initial: "5m".into(),
             retry_max: "67m".into(),
         }
