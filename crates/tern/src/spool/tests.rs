@@ -54,6 +54,15 @@ pub(crate) fn config(dir: &Path) -> SpoolConfig {
     }
 }
 
+/// [`config`] with 4 KiB segments: a few 1000-byte messages each, so a
+/// dozen messages roll through several segments.
+fn small_segments(dir: &Path) -> SpoolConfig {
+    SpoolConfig {
+        segment_size: 4096,
+        ..config(dir)
+    }
+}
+
 pub(crate) async fn commit_body(
     spool: &Spool,
     env: Envelope,
@@ -269,10 +278,7 @@ pub(crate) async fn wait_until(mut cond: impl FnMut() -> bool) {
 #[tokio::test]
 async fn segments_roll_get_deleted_and_compacted() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = SpoolConfig {
-        segment_size: 4096,
-        ..config(tmp.path())
-    };
+    let cfg = small_segments(tmp.path());
     let (spool, _) = Spool::open(cfg.clone()).unwrap();
     let ids = commit_many(&spool, 12, 2).await;
     let segs = list_segments(tmp.path()).unwrap();
@@ -358,10 +364,7 @@ async fn two_copies_newest_wins_and_done_anywhere_wins() {
 #[tokio::test]
 async fn batched_body_reads_span_segments_in_request_order() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = SpoolConfig {
-        segment_size: 4096,
-        ..config(tmp.path())
-    };
+    let cfg = small_segments(tmp.path());
     let (spool, _) = Spool::open(cfg).unwrap();
     let ids = commit_many(&spool, 8, 1).await;
     assert!(list_segments(tmp.path()).unwrap().len() >= 2);
@@ -440,9 +443,8 @@ async fn one_live_in_first_segment(
     compact_after: Duration,
 ) -> (Spool, Vec<MsgId>, usize, u32) {
     let cfg = SpoolConfig {
-        segment_size: 4096,
         compact_after,
-        ..config(dir)
+        ..small_segments(dir)
     };
     let (spool, _) = Spool::open(cfg).unwrap();
     let ids = commit_many(&spool, 12, 1).await;
@@ -546,10 +548,7 @@ async fn body_reads_racing_compaction_always_return_the_whole_body() {
     // segments it lands in are soon mostly dead and compacted: the kept
     // messages are copied forward and their old segments deleted while a
     // reader keeps reading them.
-    let cfg = SpoolConfig {
-        segment_size: 4096,
-        ..config(tmp.path())
-    };
+    let cfg = small_segments(tmp.path());
     let (spool, _) = Spool::open(cfg).unwrap();
     let kept: std::sync::Arc<std::sync::Mutex<Vec<KeptBody>>> = Default::default();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
