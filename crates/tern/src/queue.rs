@@ -318,7 +318,7 @@ impl Queue {
                     .filter_map(|(j, target)| match (target, &bodies[*j]) {
                         (Ok((maildir, prefix)), Ok(body)) => Some(LocalCopy {
                             maildir,
-                            prefix: prefix.clone(),
+                            prefix,
                             body,
                         }),
                         _ => None,

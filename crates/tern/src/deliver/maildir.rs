@@ -35,7 +35,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub struct LocalCopy<'a> {
     pub maildir: &'a Path,
     /// Header lines added for this copy (`Return-Path:`, `Delivered-To:`).
-    pub prefix: Vec<u8>,
+    pub prefix: &'a [u8],
     pub body: &'a [u8],
 }
 
@@ -152,7 +152,7 @@ fn write_tmp(namer: &MaildirNamer, copy: &LocalCopy<'_>) -> io::Result<Written> 
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        write_both(&mut file, &copy.prefix, copy.body)?;
+        write_both(&mut file, copy.prefix, copy.body)?;
         Ok(file)
     })();
     match file {
@@ -262,17 +262,17 @@ mod tests {
         let copies = vec![
             LocalCopy {
                 maildir: &a,
-                prefix: b"Delivered-To: a@x\r\n".to_vec(),
+                prefix: b"Delivered-To: a@x\r\n",
                 body: b"body1\r\n",
             },
             LocalCopy {
                 maildir: &b,
-                prefix: b"Delivered-To: b@x\r\n".to_vec(),
+                prefix: b"Delivered-To: b@x\r\n",
                 body: b"body2\r\n",
             },
             LocalCopy {
                 maildir: &a,
-                prefix: Vec::new(),
+                prefix: &[],
                 body: b"body3\r\n",
             },
         ];
@@ -312,12 +312,12 @@ mod tests {
         let copies = vec![
             LocalCopy {
                 maildir: &bad,
-                prefix: Vec::new(),
+                prefix: &[],
                 body: b"x",
             },
             LocalCopy {
                 maildir: &good,
-                prefix: Vec::new(),
+                prefix: &[],
                 body: b"y",
             },
         ];
