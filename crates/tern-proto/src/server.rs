@@ -14,7 +14,8 @@
 //! - Only CRLF ends a command line or a content line; a command line is
 //!   never longer than `max_command_line` in memory.
 //! - After `Close` nothing else is emitted and input is ignored.
-//! - Every 4xx/5xx reply counts towards `max_errors`.
+//! - Every 4xx/5xx reply counts towards `max_errors`; an accepted message
+//!   starts the count again.
 //!
 //! Not done: I/O, timers (the driver calls [`Session::timeout`]), TLS,
 //! AUTH, policy (all via queries), trace headers.

@@ -107,6 +107,10 @@ impl Session {
                 // The driver owns the content now: no MessageAborted.
                 self.msg = None;
                 self.tx = None;
+                // The error limit is for clients that get nowhere (Postfix:
+                // "errors without delivering mail"): a list server that meets
+                // a few stale addresses in every message must not be cut off.
+                self.errors = 0;
                 self.reply(custom.unwrap_or_else(|| Reply::enhanced(250, (2, 0, 0), "Ok")));
             }
         }
