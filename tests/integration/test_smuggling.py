@@ -102,3 +102,42 @@ def test_bare_lf_in_headers_rejected_by_default(tern):
         c.send(b"Subject: bare\nX-Other: y\r\n\r\nbody\r\n.\r\n")
         c.expect(550, "5.5.2")
         assert c.cmd("NOOP").code == 250
+
+
+@pytest.mark.parametrize("bdat", [b"BDAT {n} FOO", b"BDAT {n} LAST LAST", b"BDAT {n} \xff"])
+def test_a_malformed_bdat_still_frames_its_chunk(tern, bdat):
+    """RFC 3030 §2: the chunk follows a BDAT whatever the reply. A BDAT
+    refused for its syntax must swallow its chunk: a transaction hidden in
+    the chunk never runs."""
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<sender@remote.test>").code == 250
+        assert c.cmd("RCPT TO:<alice@example.test>").code == 250
+        chunk = SMUGGLED + b".\r\n"
+        c.send(bdat.replace(b"{n}", str(len(chunk)).encode()) + b"\r\n" + chunk)
+        r = c.reply()
+        assert r.code in (500, 501), r
+        # Exactly one reply for BDAT and its chunk, and the transaction is gone.
+        assert c.cmd("RCPT TO:<bob@example.test>").code == 503
+        assert c.no_pending_reply()
+        send_clean(c, "bob@example.test", b"sentinel")
+    bob = srv.wait_for_mail("bob", 1)
+    assert len(bob) == 1 and b"sentinel" in bob[0] and b"smuggled" not in bob[0], bob
+    assert srv.mails("alice") == []
+
+
+def test_a_bdat_without_a_readable_size_ends_the_session(tern):
+    srv = tern()
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<sender@remote.test>").code == 250
+        assert c.cmd("RCPT TO:<alice@example.test>").code == 250
+        c.send(b"BDAT 0x40\r\n" + SMUGGLED + b".\r\n")
+        c.expect(554, "5.5.4")
+        assert c.is_closed()
+    with srv.connect() as c:
+        c.ehlo()
+        send_clean(c, "bob@example.test", b"sentinel")
+    bob = srv.wait_for_mail("bob", 1)
+    assert len(bob) == 1 and b"smuggled" not in bob[0], bob

@@ -279,7 +279,7 @@ fn parse_rcpt(args: &str) -> Result<Command, CommandError> {
 /// `"BDAT" SP chunk-size [SP end-marker]` (RFC 3030 §2).
 fn parse_bdat(args: &str) -> Result<Command, CommandError> {
     const USAGE: &str = "BDAT size [LAST]";
-    let mut it = args.split(' ');
+    let mut it = args.split(' ').filter(|a| !a.is_empty());
     let size = it.next().unwrap_or("");
     if size.is_empty() || size.len() > 20 || !size.bytes().all(|b| b.is_ascii_digit()) {
         return Err(CommandError::Syntax(USAGE));
@@ -294,6 +294,33 @@ fn parse_bdat(args: &str) -> Result<Command, CommandError> {
         return Err(CommandError::Syntax(USAGE));
     }
     Ok(Command::Bdat { size, last })
+}
+
+/// The chunk size a BDAT line announces, read as far as the line allows:
+/// `None` if it is not a BDAT line, `Some(None)` if it is one whose size
+/// cannot be read. RFC 3030 §2: the chunk's octets follow a BDAT whatever
+/// the reply, so a BDAT line refused for any reason still tells where the
+/// next command starts, or that nobody can know.
+pub fn announced_chunk_size(line: &[u8]) -> Option<Option<u64>> {
+    let verb = line.get(..4)?;
+    if !verb.eq_ignore_ascii_case(b"BDAT") {
+        return None;
+    }
+    let rest = &line[4..];
+    if rest.first().is_some_and(|&b| b != b' ') {
+        // BDATX: another (unknown) verb.
+        return None;
+    }
+    let rest = &rest[rest.iter().take_while(|&&b| b == b' ').count()..];
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || rest.get(digits).is_some_and(|&b| b != b' ') {
+        return Some(None);
+    }
+    Some(
+        std::str::from_utf8(&rest[..digits])
+            .ok()
+            .and_then(|d| d.parse().ok()),
+    )
 }
 
 #[cfg(test)]

@@ -399,3 +399,22 @@ fn utf8_orcpt_forms_decode_to_one_address() {
         ("jörg@b", false, true)
     );
 }
+
+#[test]
+fn a_refused_bdat_line_still_announces_its_chunk_size() {
+    assert_eq!(announced_chunk_size(b"BDAT 12 FOO"), Some(Some(12)));
+    assert_eq!(announced_chunk_size(b"bdat  7 LAST x"), Some(Some(7)));
+    assert_eq!(announced_chunk_size(b"BDAT 0"), Some(Some(0)));
+    assert_eq!(announced_chunk_size(b"BDAT 5 \xff"), Some(Some(5)));
+    assert_eq!(announced_chunk_size(b"BDAT"), Some(None));
+    assert_eq!(announced_chunk_size(b"BDAT x"), Some(None));
+    assert_eq!(announced_chunk_size(b"BDAT 5x"), Some(None));
+    assert_eq!(announced_chunk_size(b"BDAT -5"), Some(None));
+    assert_eq!(
+        announced_chunk_size(b"BDAT 99999999999999999999999"),
+        Some(None)
+    );
+    assert_eq!(announced_chunk_size(b"BDATX 5"), None);
+    assert_eq!(announced_chunk_size(b"DATA"), None);
+    assert_eq!(announced_chunk_size(b"BDA"), None);
+}

@@ -16,7 +16,7 @@
 
 use super::{Mode, Pending, Query, Session, Transaction};
 use crate::address::{ForwardPath, ReversePath};
-use crate::command::{Command, MailParams, Orcpt, RcptParams, parse_command};
+use crate::command::{Command, MailParams, Orcpt, RcptParams, announced_chunk_size, parse_command};
 use crate::reply::Reply;
 
 impl Session {
@@ -65,19 +65,43 @@ impl Session {
         self.consume(i + 2);
         if line.contains(&b'\r') {
             // §2.3.8: CR and LF only occur together as a line end.
-            self.reply(Reply::enhanced(
-                500,
-                (5, 5, 2),
-                "Error: bare <CR> in command",
-            ));
+            self.refuse_line(
+                &line,
+                Reply::enhanced(500, (5, 5, 2), "Error: bare <CR> in command"),
+            );
             return true;
         }
         match parse_command(&line) {
             Ok(cmd) => self.command(cmd),
             Err(e) if e.closes_connection() => self.close_with(e.reply()),
-            Err(e) => self.reply(e.reply()),
+            Err(e) => self.refuse_line(&line, e.reply()),
         }
         true
+    }
+
+    /// Answers a command line that could not be parsed. A refused BDAT
+    /// line is still followed by its chunk (RFC 3030 §2): the chunk is
+    /// swallowed before the reply, as for any refused BDAT, so its octets
+    /// are never read as commands; if the size cannot be read, the next
+    /// command's start is unknowable and the session ends.
+    fn refuse_line(&mut self, line: &[u8], reply: Reply) {
+        match announced_chunk_size(line) {
+            None => self.reply(reply),
+            Some(Some(size)) => {
+                self.mode = Mode::Discard {
+                    remaining: size,
+                    reply,
+                }
+            }
+            Some(None) => {
+                self.reset_transaction();
+                self.close_with(Reply::enhanced(
+                    554,
+                    (5, 5, 4),
+                    "Error: BDAT chunk size unreadable, closing connection",
+                ));
+            }
+        }
     }
 
     /// Discards input up to and including the CRLF ending an over-long line.

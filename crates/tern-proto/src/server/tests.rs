@@ -858,3 +858,90 @@ fn an_over_long_tainted_line_ends_its_taint() {
         "{out}"
     );
 }
+
+#[test]
+fn errors_count_again_after_an_accepted_message() {
+    let cfg = ServerConfig {
+        max_errors: 3,
+        ..config()
+    };
+    let rcpt_policy = |q: &Query| match q {
+        Query::Rcpt { to, .. } if to.to_string().starts_with("<gone") => {
+            Decision::Reject(Reply::new(550, Some(EnhancedCode(5, 1, 1)), "no"))
+        }
+        other => queued(other),
+    };
+    let tx =
+        b"MAIL FROM:<a@b>\r\nRCPT TO:<gone1@b>\r\nRCPT TO:<gone2@b>\r\nRCPT TO:<x@b>\r\nDATA\r\n";
+    let ev = run_events_with(
+        cfg,
+        &[
+            b"EHLO c\r\n",
+            tx,
+            b"hi\r\n.\r\n",
+            tx,
+            b"hi\r\n.\r\n",
+            b"NOOP\r\n",
+        ],
+        rcpt_policy,
+    );
+    let r = replies(&ev);
+    assert_eq!(r.matches("250 2.0.0 Ok: queued as Q1").count(), 2, "{r}");
+    assert!(!r.contains("too many errors"), "{r}");
+    assert!(r.ends_with("250 2.0.0 Ok\r\n"), "{r}");
+}
+
+#[test]
+fn a_bdat_line_refused_for_its_syntax_still_swallows_its_chunk() {
+    // The 12 octets are the chunk, not two NOOPs.
+    let ev = run_events_with(
+        config(),
+        &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\nBDAT 12 FOO\r\nNOOP\r\nNOOP\r\nRCPT TO:<y@b>\r\n"],
+        accept,
+    );
+    let r = replies(&ev);
+    assert!(
+        r.ends_with("250 2.1.5 Ok\r\n501 5.5.4 Syntax: BDAT size [LAST]\r\n503 5.5.1 Error: need MAIL command\r\n"),
+        "{r}"
+    );
+    // Bytes that are not UTF-8 after a readable size: refused, chunk swallowed.
+    let ev = run_events_with(
+        config(),
+        &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\nBDAT 6 \xff\r\nQUIT\r\nNOOP\r\n"],
+        accept,
+    );
+    let r = replies(&ev);
+    assert!(
+        r.ends_with("500 5.5.2 Error: bad characters in command\r\n250 2.0.0 Ok\r\n"),
+        "{r}"
+    );
+    // Extra spaces are tolerated, as in the other commands.
+    let ev = run_events_with(
+        config(),
+        &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\nBDAT 4  LAST\r\nabcd"],
+        queued,
+    );
+    assert!(replies(&ev).ends_with("250 2.0.0 Ok: queued as Q1\r\n"));
+    assert_eq!(body(&ev), b"abcd");
+}
+
+#[test]
+fn a_bdat_line_without_a_readable_size_ends_the_session() {
+    for line in [
+        &b"BDAT x12\r\n"[..],
+        b"BDAT 12x\r\n",
+        b"BDAT\r\n",
+        b"BDAT 99999999999999999999999\r\n",
+    ] {
+        let mut input = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\n".to_vec();
+        input.extend_from_slice(line);
+        input.extend_from_slice(b"RSET\r\nNOOP\r\n");
+        let ev = run_events_with(config(), &[&input], accept);
+        let r = replies(&ev);
+        assert!(
+            r.ends_with("250 2.1.5 Ok\r\n554 5.5.4 Error: BDAT chunk size unreadable, closing connection\r\n"),
+            "{r}"
+        );
+        assert_eq!(ev.last(), Some(&Event::Close));
+    }
+}
