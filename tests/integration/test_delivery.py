@@ -128,7 +128,8 @@ def test_catch_all(tern):
 
 
 @pytest.mark.parametrize("rcpt", ["postmaster", "postmaster@example.test", "postmaster@localhost",
-                                  "PostMaster@example.test"])
+                                  "PostMaster@example.test", "postmaster@[127.0.0.1]",
+                                  "postmaster@[IPv6:::ffff:127.0.0.1]"])
 def test_postmaster(tern, rcpt):
     # RFC 5321 §4.5.1: <postmaster> and postmaster@domain must be accepted;
     # the local part "postmaster" is case-insensitive.
@@ -142,6 +143,19 @@ def test_postmaster(tern, rcpt):
         assert code == 250, text
     (mail,) = srv.wait_for_mail("alice", 1)
     assert ends_with_original(mail, msg)
+
+
+def test_our_address_literal_holds_only_postmaster(tern):
+    # Our own literal names this host: other local parts there are unknown,
+    # never relayed (that would loop back to us); another host's literal is
+    # a relay like any other domain.
+    srv = tern()
+    with smtp(srv) as s:
+        s.mail("sender@remote.test")
+        code, text = s.rcpt("alice@[127.0.0.1]")
+        assert code == 550 and text.startswith(b"5.1.1"), text
+        code, text = s.rcpt("postmaster@[127.0.0.2]")
+        assert code == 550 and text.startswith(b"5.7.1"), text
 
 
 def test_postmaster_accepted_from_null_sender(tern):

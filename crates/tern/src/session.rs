@@ -19,13 +19,13 @@
 //! Errors: socket errors end the session silently (logged); spool errors turn
 //! into `452 4.3.1` for the message concerned and the session goes on.
 
-use crate::config::{Resolution, Runtime};
+use crate::config::{Resolution, Runtime, canonical_ip};
 use crate::queue::QueueHandle;
 use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
 use std::collections::HashSet;
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,6 +98,8 @@ struct Driver {
     ctx: Arc<Context>,
     session: Session,
     peer: SocketAddr,
+    /// Our end of the connection: mail to its address literal is ours.
+    local_ip: Option<IpAddr>,
     session_id: u64,
     out: Vec<u8>,
     tx: Option<Transaction>,
@@ -124,10 +126,12 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     info!(event = "session.connect", session_id, client = %peer);
     let session = Session::new(ctx.runtime.server_config());
     let deadline = Instant::now() + ctx.runtime.limits.command_timeout;
+    let local_ip = stream.local_addr().ok().map(|a| canonical_ip(a.ip()));
     let mut driver = Driver {
         ctx,
         session,
         peer,
+        local_ip,
         session_id,
         out: Vec::new(),
         tx: None,
@@ -308,7 +312,7 @@ impl Driver {
         let runtime = &self.ctx.runtime;
         let (given, resolution) = match &to {
             ForwardPath::Postmaster => ("Postmaster".to_string(), runtime.resolve_postmaster()),
-            ForwardPath::Mailbox(m) => (m.to_string(), resolve_mailbox(runtime, m)),
+            ForwardPath::Mailbox(m) => (m.to_string(), resolve_mailbox(runtime, m, self.local_ip)),
         };
         let Some(tx) = self.tx.as_mut() else {
             return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
@@ -527,13 +531,37 @@ fn read_available(stream: &TcpStream, session: &mut Session) -> io::Result<usize
     Ok(received)
 }
 
-fn resolve_mailbox(runtime: &Runtime, mailbox: &Mailbox) -> Resolution {
+fn resolve_mailbox(runtime: &Runtime, mailbox: &Mailbox, local_ip: Option<IpAddr>) -> Resolution {
     match &mailbox.domain {
         tern_proto::Domain::Name(domain) => runtime.resolve(&mailbox.local_part, domain),
-        // Address literals are never one of our domains (RFC 5321 §4.1.3 lets
-        // us refuse them); relaying to them needs trust like any other relay.
+        // Our own address literal names this host (RFC 1123 §5.2.17), and
+        // postmaster must always be reachable (RFC 5321 §4.5.1); no other
+        // mailbox lives there. Relaying it would send the mail back to us.
+        tern_proto::Domain::AddressLiteral(literal)
+            if local_ip.is_some() && literal_ip(literal) == local_ip =>
+        {
+            if mailbox.local_part.eq_ignore_ascii_case("postmaster") {
+                runtime.resolve_postmaster()
+            } else {
+                Resolution::Unknown
+            }
+        }
+        // Other address literals are never one of our domains (RFC 5321
+        // §4.1.3 lets us refuse them); relaying to them needs trust like any
+        // other relay.
         tern_proto::Domain::AddressLiteral(_) => Resolution::Relay,
     }
+}
+
+/// The IP of an address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`),
+/// IPv4-mapped IPv6 as IPv4; None for a general (tagged) literal.
+fn literal_ip(literal: &str) -> Option<IpAddr> {
+    let inner = literal.strip_prefix('[')?.strip_suffix(']')?;
+    let ip = match inner.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => IpAddr::V6(inner[5..].parse().ok()?),
+        _ => IpAddr::V4(inner.parse().ok()?),
+    };
+    Some(canonical_ip(ip))
 }
 
 fn notify_string(n: &tern_proto::Notify) -> String {
@@ -591,6 +619,17 @@ pub fn received_header(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn literal_ip_reads_both_literal_forms() {
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(literal_ip("[192.0.2.1]"), Some(v4));
+        assert_eq!(literal_ip("[IPv6:::ffff:192.0.2.1]"), Some(v4));
+        assert_eq!(literal_ip("[ipv6:2001:db8::1]"), "2001:db8::1".parse().ok());
+        assert_eq!(literal_ip("[tag:whatever]"), None);
+        assert_eq!(literal_ip("192.0.2.1"), None);
+        assert_eq!(literal_ip("[IPv6:192.0.2.1]"), None);
+    }
 
     #[test]
     fn received_header_follows_rfc5321_4_4() {
