@@ -145,6 +145,29 @@ def test_max_errors_421_and_close(tern):
         assert c.is_closed()
 
 
+def test_errors_are_forgiven_after_a_message_but_refused_recipients_are_not(tern):
+    # A sender with stale addresses in every message of a long session keeps
+    # going (the error count restarts at each accepted message); a prober
+    # slipping a message to postmaster between guesses is cut off.
+    srv = tern({"limits": {"max_errors": 3, "max_rejected_recipients": 5}})
+    with srv.connect() as c:
+        c.ehlo()
+        for round_no in range(2):
+            assert c.cmd("MAIL FROM:<sender@remote.test>").code == 250
+            for i in range(2):
+                r = c.cmd(f"RCPT TO:<gone{round_no}{i}@example.test>")
+                assert r.code == 550 and r.enhanced == "5.1.1", r
+            assert c.cmd("RCPT TO:<postmaster>").code == 250
+            assert c.cmd("DATA").code == 354
+            queued_id(c.cmd(b"Subject: round\r\n\r\nbody\r\n."))
+        assert c.cmd("MAIL FROM:<sender@remote.test>").code == 250
+        r = c.cmd("RCPT TO:<gone-again@example.test>")
+        assert r.code == 550, r
+        r = c.reply()
+        assert r.code == 421 and r.enhanced == "4.7.0" and "rejected recipients" in r.text, r
+        assert c.is_closed()
+
+
 def test_command_timeout_421_and_close(tern):
     srv = tern({"limits": {"command_timeout": "1s"}})
     with srv.connect() as c:

@@ -15,7 +15,8 @@
 //!   never longer than `max_command_line` in memory.
 //! - After `Close` nothing else is emitted and input is ignored.
 //! - Every 4xx/5xx reply counts towards `max_errors`; an accepted message
-//!   starts the count again.
+//!   starts the count again. Refused recipients also count towards
+//!   `max_rejected_recipients`, which nothing resets (address probing).
 //!
 //! Not done: I/O, timers (the driver calls [`Session::timeout`]), TLS,
 //! AUTH, policy (all via queries), trace headers.
@@ -62,8 +63,13 @@ pub struct ServerConfig {
     pub max_message_size: u64,
     /// Accepted recipients per transaction (§4.5.3.1.8 requires ≥ 100).
     pub max_recipients: usize,
-    /// 4xx/5xx replies before the session gives up; 0 = unlimited.
+    /// 4xx/5xx replies before the session gives up, counted since the
+    /// last accepted message; 0 = unlimited.
     pub max_errors: usize,
+    /// Refused recipients in the whole session before it is closed, never
+    /// forgiven: an accepted message (to postmaster, say) between probes
+    /// resets `max_errors` but not this; 0 = unlimited.
+    pub max_rejected_recipients: usize,
     /// `Received:` fields allowed in a message (loop detection, §6.3).
     pub max_received_headers: usize,
     pub bare_lf: BareLfPolicy,
@@ -79,6 +85,7 @@ impl Default for ServerConfig {
             max_message_size: 25 * 1024 * 1024,
             max_recipients: 100,
             max_errors: 20,
+            max_rejected_recipients: 100,
             max_received_headers: 50,
             bare_lf: BareLfPolicy::Reject,
         }
@@ -205,6 +212,8 @@ pub struct Session {
     /// Content state once Query(Data) was accepted, until the message ends.
     msg: Option<ContentDecoder>,
     errors: usize,
+    /// Recipients the driver refused in this session.
+    rejected_recipients: usize,
     /// Discarding an over-long command line up to its CRLF.
     skipping_line: bool,
     /// While skipping: the last discarded byte was CR.
@@ -235,6 +244,7 @@ impl Session {
             tx: None,
             msg: None,
             errors: 0,
+            rejected_recipients: 0,
             skipping_line: false,
             skip_prev_cr: false,
             line_tainted: false,

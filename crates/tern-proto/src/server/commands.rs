@@ -30,6 +30,10 @@ impl Session {
             // The CR of a CRLF may already be here: don't count it.
             let content = self.input.len() - usize::from(self.input.last() == Some(&b'\r'));
             if content + 2 > max {
+                if !self.line_tainted && announced_chunk_size(&self.input).is_some() {
+                    self.bdat_unframable();
+                    return true;
+                }
                 self.skipping_line = true;
                 // The skip discards through the CRLF, which ends a tainted line.
                 self.line_tainted = false;
@@ -41,6 +45,10 @@ impl Session {
             return false;
         };
         let bare = lf == 0 || self.input[lf - 1] != b'\r';
+        if bare && !self.line_tainted && announced_chunk_size(&self.input[..lf]).is_some() {
+            self.bdat_unframable();
+            return true;
+        }
         if bare || self.line_tainted {
             // §2.3.8: a bare LF never ends a command. Each piece up to it is
             // answered at once rather than held for a CRLF that an LF-only
@@ -57,6 +65,10 @@ impl Session {
         }
         let i = lf - 1;
         if i + 2 > max {
+            if announced_chunk_size(&self.input[..i]).is_some() {
+                self.bdat_unframable();
+                return true;
+            }
             self.consume(i + 2);
             self.reply(Reply::enhanced(500, (5, 5, 2), "Error: line too long"));
             return true;
@@ -83,7 +95,9 @@ impl Session {
     /// line is still followed by its chunk (RFC 3030 §2): the chunk is
     /// swallowed before the reply, as for any refused BDAT, so its octets
     /// are never read as commands; if the size cannot be read, the next
-    /// command's start is unknowable and the session ends.
+    /// command's start is unknowable and the session ends. (Postfix instead
+    /// answers 501 and reads the chunk as commands: a proxy modelled on it
+    /// would frame such input differently, which is why we never guess.)
     fn refuse_line(&mut self, line: &[u8], reply: Reply) {
         match announced_chunk_size(line) {
             None => self.reply(reply),
@@ -93,15 +107,21 @@ impl Session {
                     reply,
                 }
             }
-            Some(None) => {
-                self.reset_transaction();
-                self.close_with(Reply::enhanced(
-                    554,
-                    (5, 5, 4),
-                    "Error: BDAT chunk size unreadable, closing connection",
-                ));
-            }
+            Some(None) => self.bdat_unframable(),
         }
+    }
+
+    /// A BDAT command whose chunk cannot be delimited (size unreadable, or
+    /// the line itself over-long or cut by a bare LF): whatever follows may
+    /// be chunk data, so nothing more is read as a command.
+    fn bdat_unframable(&mut self) {
+        self.input = Vec::new();
+        self.reset_transaction();
+        self.close_with(Reply::enhanced(
+            554,
+            (5, 5, 4),
+            "Error: BDAT chunk cannot be delimited, closing connection",
+        ));
     }
 
     /// Discards input up to and including the CRLF ending an over-long line.

@@ -119,7 +119,19 @@ impl Session {
     fn reject(&mut self, pending: Pending, r: Reply) {
         match pending {
             Pending::Connect => self.close_with(r),
-            Pending::Helo { .. } | Pending::Mail(..) | Pending::Rcpt(..) => self.reply(r),
+            Pending::Helo { .. } | Pending::Mail(..) => self.reply(r),
+            Pending::Rcpt(..) => {
+                self.reply(r);
+                self.rejected_recipients += 1;
+                let max = self.config.max_rejected_recipients;
+                if max != 0 && self.rejected_recipients >= max {
+                    let text = format!(
+                        "{} Error: too many rejected recipients",
+                        self.config.hostname
+                    );
+                    self.close_with(Reply::new(421, Some(EnhancedCode(4, 7, 0)), text));
+                }
+            }
             Pending::Data => {
                 self.reset_transaction();
                 self.reply(r);

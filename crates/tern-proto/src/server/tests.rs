@@ -926,12 +926,18 @@ fn a_bdat_line_refused_for_its_syntax_still_swallows_its_chunk() {
 }
 
 #[test]
-fn a_bdat_line_without_a_readable_size_ends_the_session() {
+fn a_bdat_line_that_cannot_be_delimited_ends_the_session() {
+    // Over-long, or cut by a bare LF: what follows may be chunk data.
+    let long = [b"BDAT 13 ".as_slice(), &[b'x'; 5000], b"\r\n"].concat();
+    let long_unfinished = [b"BDAT 13 ".as_slice(), &[b'x'; 5000]].concat();
     for line in [
         &b"BDAT x12\r\n"[..],
         b"BDAT 12x\r\n",
         b"BDAT\r\n",
         b"BDAT 99999999999999999999999\r\n",
+        b"BDAT 14\n",
+        &long,
+        &long_unfinished,
     ] {
         let mut input = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\n".to_vec();
         input.extend_from_slice(line);
@@ -939,9 +945,55 @@ fn a_bdat_line_without_a_readable_size_ends_the_session() {
         let ev = run_events_with(config(), &[&input], accept);
         let r = replies(&ev);
         assert!(
-            r.ends_with("250 2.1.5 Ok\r\n554 5.5.4 Error: BDAT chunk size unreadable, closing connection\r\n"),
+            r.ends_with("250 2.1.5 Ok\r\n554 5.5.4 Error: BDAT chunk cannot be delimited, closing connection\r\n"),
             "{r}"
         );
         assert_eq!(ev.last(), Some(&Event::Close));
     }
+    // The over-long line arriving before any line end.
+    let ev = run_events_with(
+        config(),
+        &[
+            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\n",
+            &long_unfinished,
+            b"\r\nRSET\r\n",
+        ],
+        accept,
+    );
+    assert!(
+        replies(&ev).ends_with("250 2.1.5 Ok\r\n554 5.5.4 Error: BDAT chunk cannot be delimited, closing connection\r\n"),
+        "{}",
+        replies(&ev)
+    );
+    assert_eq!(ev.last(), Some(&Event::Close));
+}
+
+#[test]
+fn refused_recipients_are_never_forgiven() {
+    // A prober slipping an accepted message to postmaster between probes:
+    // the error count starts again, the refused-recipient count does not.
+    let cfg = ServerConfig {
+        max_errors: 3,
+        max_rejected_recipients: 4,
+        ..config()
+    };
+    let policy = |q: &Query| match q {
+        Query::Rcpt { to, .. } if to.to_string().starts_with("<guess") => {
+            Decision::Reject(Reply::new(550, Some(EnhancedCode(5, 1, 1)), "no"))
+        }
+        other => queued(other),
+    };
+    let round = b"MAIL FROM:<a@b>\r\nRCPT TO:<guess1@b>\r\nRCPT TO:<guess2@b>\r\nRCPT TO:<Postmaster>\r\nDATA\r\n";
+    let ev = run_events_with(
+        cfg,
+        &[b"EHLO c\r\n", round, b"x\r\n.\r\n", round, b"x\r\n.\r\n"],
+        policy,
+    );
+    let r = replies(&ev);
+    assert_eq!(r.matches("250 2.0.0 Ok: queued as Q1").count(), 1, "{r}");
+    assert!(
+        r.ends_with("550 5.1.1 no\r\n550 5.1.1 no\r\n421 4.7.0 mx.test Error: too many rejected recipients\r\n"),
+        "{r}"
+    );
+    assert_eq!(ev.last(), Some(&Event::Close));
 }

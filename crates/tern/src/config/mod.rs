@@ -79,6 +79,7 @@ pub struct Limits {
     pub max_message_size: u64,
     pub max_recipients: usize,
     pub max_errors: usize,
+    pub max_rejected_recipients: usize,
     pub max_received_headers: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
@@ -152,6 +153,7 @@ impl Runtime {
             max_message_size: self.limits.max_message_size,
             max_recipients: self.limits.max_recipients,
             max_errors: self.limits.max_errors,
+            max_rejected_recipients: self.limits.max_rejected_recipients,
             max_received_headers: self.limits.max_received_headers,
             bare_lf: self.limits.bare_lf,
         }

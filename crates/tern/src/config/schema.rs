@@ -87,6 +87,7 @@ pub struct LimitsConfig {
     pub max_message_size: u64,
     pub max_recipients: usize,
     pub max_errors: usize,
+    pub max_rejected_recipients: usize,
     pub max_received_headers: usize,
     pub command_timeout: String,
     pub data_timeout: String,
@@ -105,6 +106,7 @@ impl Default for LimitsConfig {
             max_message_size: 25 * 1024 * 1024,
             max_recipients: 100,
             max_errors: 20,
+            max_rejected_recipients: 100,
             max_received_headers: 50,
             // RFC 5321 §4.5.3.2.7: the server timeout should be at least 5 minutes.
             command_timeout: "5m".into(),

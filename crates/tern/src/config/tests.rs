@@ -175,6 +175,7 @@ fn example_config_is_valid_and_complete() {
         "max_message_size",
         "max_recipients",
         "max_errors",
+        "max_rejected_recipients",
         "max_received_headers",
         "command_timeout",
         "data_timeout",
@@ -238,4 +239,21 @@ fn sizes_and_durations_are_bounded() {
     ] {
         assert!(keys.contains(&key), "missing {key}: {errors:?}");
     }
+}
+
+#[test]
+fn session_limits_must_allow_at_least_one() {
+    let errors = parse(
+        "[limits]\nmax_errors = 0\nmax_rejected_recipients = 0\n",
+        Path::new("/"),
+    )
+    .expect_err("a limit of 0 would close every session at its first error");
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    assert!(keys.contains(&"limits.max_errors"), "{errors:?}");
+    assert!(
+        keys.contains(&"limits.max_rejected_recipients"),
+        "{errors:?}"
+    );
+    let rt = parse("[limits]\nmax_rejected_recipients = 7\n", Path::new("/")).expect("valid");
+    assert_eq!(rt.server_config().max_rejected_recipients, 7);
 }

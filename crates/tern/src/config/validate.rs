@@ -351,6 +351,9 @@ pub(super) fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
     if l.max_errors < 1 {
         errors.push("limits.max_errors", "must be at least 1");
     }
+    if l.max_rejected_recipients < 1 {
+        errors.push("limits.max_rejected_recipients", "must be at least 1");
+    }
     if l.max_connections < 1 {
         errors.push("limits.max_connections", "must be at least 1");
     }
@@ -398,6 +401,7 @@ pub(super) fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
         max_message_size: l.max_message_size,
         max_recipients: l.max_recipients,
         max_errors: l.max_errors,
+        max_rejected_recipients: l.max_rejected_recipients,
         max_received_headers: l.max_received_headers,
         command_timeout,
         data_timeout,
