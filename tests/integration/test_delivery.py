@@ -156,6 +156,15 @@ def test_our_address_literal_holds_only_postmaster(tern):
         assert code == 550 and text.startswith(b"5.1.1"), text
         code, text = s.rcpt("postmaster@[127.0.0.2]")
         assert code == 550 and text.startswith(b"5.7.1"), text
+    # Even a trusted client cannot relay to our own literal: it would come
+    # straight back.
+    srv = tern({"relay": {"trusted_networks": ["127.0.0.0/8"]}})
+    with smtp(srv) as s:
+        s.mail("sender@remote.test")
+        code, text = s.rcpt("alice@[127.0.0.1]")
+        assert code == 550 and text.startswith(b"5.1.1"), text
+        code, text = s.rcpt("someone@[127.0.0.2]")
+        assert code == 250, text
 
 
 def test_postmaster_accepted_from_null_sender(tern):

@@ -50,8 +50,8 @@ impl Runtime {
         }
     }
 
-    /// Resolves `local_part@domain` (domain without brackets for names;
-    /// address literals are never local).
+    /// Resolves `local_part@domain`, `domain` a name (the session decides
+    /// about address literals: only postmaster at our own one is local).
     pub fn resolve(&self, local_part: &str, domain: &str) -> Resolution {
         if !self.is_local_domain(domain) {
             return Resolution::Relay;

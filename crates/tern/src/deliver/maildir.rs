@@ -24,10 +24,10 @@
 use crate::fsutil::create_dir_durable;
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -77,49 +77,55 @@ impl MaildirNamer {
 /// rename and removal is relative to them, so the kernel walks each
 /// mailbox's path once per batch instead of three times per copy (the walks
 /// were a tenth of the delivery thread's time in the kernel).
-struct Mailbox {
+struct MaildirDirs {
     tmp: File,
     new: File,
     /// The file system holding the mailbox: copies on one share a `syncfs`.
     dev: u64,
 }
 
-impl Mailbox {
+impl MaildirDirs {
     /// Creates the mailbox if needed, then opens its directories.
-    fn open(maildir: &Path) -> io::Result<Mailbox> {
+    fn open(maildir: &Path) -> io::Result<MaildirDirs> {
         ensure_maildir(maildir)?;
         let open_dir = |sub: &str| {
             let dir = maildir.join(sub);
-            File::open(&dir)
+            // O_DIRECTORY: something else put in its place (a FIFO) must
+            // fail here, not block the delivery thread.
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+                .open(&dir)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
         };
         let tmp = open_dir("tmp")?;
         let new = open_dir("new")?;
         let dev = tmp.metadata()?.dev();
-        Ok(Mailbox { tmp, new, dev })
+        Ok(MaildirDirs { tmp, new, dev })
     }
 }
 
-/// A copy written to `tmp/`, not yet durable nor visible.
+/// A copy written (and closed) in `tmp/`, not yet durable nor visible.
+/// Closed at once, so a batch holds two descriptors per mailbox, not one
+/// per copy: the `syncfs` on the mailbox's `tmp/`, opened before any copy
+/// was written, reports every write-back error since (Linux 5.8+).
 struct Written {
     /// The same name in `tmp/` and, once renamed, in `new/`.
     name: CString,
-    /// Kept open until the file system sync, so a failed write-back is
-    /// reported to this batch.
-    file: File,
 }
 
 /// Delivers every copy; blocking (run it on a blocking thread). The result
 /// at index i belongs to `copies[i]`.
 pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::Result<()>> {
     // Each mailbox is checked (and created) once per batch, not once per copy.
-    let mut mailboxes: BTreeMap<&Path, Result<Mailbox, (io::ErrorKind, String)>> = BTreeMap::new();
+    let mut mailboxes: BTreeMap<&Path, Result<MaildirDirs, (io::ErrorKind, String)>> =
+        BTreeMap::new();
     for copy in copies {
-        mailboxes
-            .entry(copy.maildir)
-            .or_insert_with(|| Mailbox::open(copy.maildir).map_err(|e| (e.kind(), e.to_string())));
+        mailboxes.entry(copy.maildir).or_insert_with(|| {
+            MaildirDirs::open(copy.maildir).map_err(|e| (e.kind(), e.to_string()))
+        });
     }
-    let mailbox_of = |copy: &LocalCopy<'_>| -> io::Result<&Mailbox> {
+    let mailbox_of = |copy: &LocalCopy<'_>| -> io::Result<&MaildirDirs> {
         match mailboxes.get(copy.maildir) {
             Some(Ok(mailbox)) => Ok(mailbox),
             Some(Err((kind, text))) => Err(io::Error::new(
@@ -140,7 +146,6 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
         .map(|(copy, w)| {
             let w = w?;
             let mailbox = mailbox_of(copy)?;
-            drop(w.file);
             match renameat(&mailbox.tmp, &w.name, &mailbox.new, &w.name) {
                 Ok(()) => Ok(w.name),
                 Err(e) => {
@@ -180,7 +185,11 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
     outcomes.into_iter().map(|o| o.map(|_| ())).collect()
 }
 
-fn write_tmp(namer: &MaildirNamer, copy: &LocalCopy<'_>, mailbox: &Mailbox) -> io::Result<Written> {
+fn write_tmp(
+    namer: &MaildirNamer,
+    copy: &LocalCopy<'_>,
+    mailbox: &MaildirDirs,
+) -> io::Result<Written> {
     let name = namer.next(copy.prefix.len() + copy.body.len());
     let failed = |e: io::Error| {
         io::Error::new(
@@ -191,7 +200,7 @@ fn write_tmp(namer: &MaildirNamer, copy: &LocalCopy<'_>, mailbox: &Mailbox) -> i
     let name = CString::new(name.clone()).map_err(|e| failed(io::Error::other(e)))?;
     let mut file = create_new_at(&mailbox.tmp, &name).map_err(&failed)?;
     match write_both(&mut file, copy.prefix, copy.body) {
-        Ok(()) => Ok(Written { name, file }),
+        Ok(()) => Ok(Written { name }),
         Err(e) => {
             let _ = unlinkat(&mailbox.tmp, &name);
             Err(failed(e))
@@ -222,7 +231,7 @@ fn write_both(file: &mut File, head: &[u8], tail: &[u8]) -> io::Result<()> {
 /// (and removes) every copy on that file system.
 fn sync_file_systems(
     copies: &[LocalCopy<'_>],
-    mailboxes: &BTreeMap<&Path, Result<Mailbox, (io::ErrorKind, String)>>,
+    mailboxes: &BTreeMap<&Path, Result<MaildirDirs, (io::ErrorKind, String)>>,
     written: &mut [io::Result<Written>],
 ) {
     let mut by_fs: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
@@ -232,9 +241,9 @@ fn sync_file_systems(
         }
     }
     for members in by_fs.into_values() {
-        let synced = match &written[members[0]] {
-            Ok(w) => syncfs(&w.file),
-            Err(_) => continue,
+        let synced = match mailboxes.get(copies[members[0]].maildir) {
+            Some(Ok(mailbox)) => syncfs(&mailbox.tmp),
+            _ => continue,
         };
         if let Err(e) = synced {
             for i in members {
@@ -249,7 +258,8 @@ fn sync_file_systems(
 }
 
 /// `syncfs(2)`: every dirty page and inode of the file system `file` is on,
-/// durable when it returns; since Linux 5.8 it also reports writeback errors.
+/// durable when it returns; since Linux 5.8 it also reports every write-back
+/// error on that file system since `file` was opened.
 fn syncfs(file: &File) -> io::Result<()> {
     // SAFETY: plain syscall on an fd we own for the duration of the call.
     if unsafe { libc::syncfs(file.as_raw_fd()) } == 0 {
