@@ -22,7 +22,10 @@
 # TERN_BIN (skip the cargo build and use this binary), BENCH_OUT (results dir), BENCH_KEEP=1 (keep
 # the temp dir with spools, logs and Maildirs), BENCH_SETTLE_SECS (pause before a server that
 # writes to disk, 65), BENCH_ROUNDS (1: rounds of the load runs, servers alternating; the
-# machine's speed drifts by minutes, so 3 rounds give ratios of runs measured close together).
+# machine's speed drifts by minutes, so 3 rounds give ratios of runs measured close together),
+# BENCH_SLOW_FLUSH_US (0: off; N: every fsync/fdatasync/syncfs of Postfix and Tern also holds one
+# machine-wide lock for N us, as on a disk whose flush takes that long, one at a time; see
+# slowflush.c: a model of a slower disk than this one, for both servers alike).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -43,6 +46,7 @@ ROUND=1
 # creation of the next one, and its writeback competes with the next one's. Measured here:
 # Tern's 4 KiB end-to-end rate moved from 2,822/s (right after Postfix) to 3,441/s (before it).
 : "${BENCH_SETTLE_SECS:=65}"
+: "${BENCH_SLOW_FLUSH_US:=0}"
 : "${BENCH_OUT:=/tmp/tern-bench-results-$(date +%Y%m%d-%H%M%S)}"
 SESSIONS=20
 
@@ -94,6 +98,19 @@ mkdir -p "$BENCH_OUT"
 RESULTS="$BENCH_OUT/results.txt"
 : >"$RESULTS"
 log "temp dir $TMP, results in $BENCH_OUT"
+
+# The slow-disk model (BENCH_SLOW_FLUSH_US): a preload for both servers, built here.
+SLOW_ENV=()
+if [ "$BENCH_SLOW_FLUSH_US" != 0 ]; then
+    cc -O2 -shared -fPIC -o "$TMP/slowflush.so" "$HERE/slowflush.c" -ldl \
+        || die "cannot build $HERE/slowflush.c"
+    : >"$TMP/slowflush.lock"
+    chmod 644 "$TMP/slowflush.so"
+    chmod 666 "$TMP/slowflush.lock"
+    SLOW_ENV=(LD_PRELOAD="$TMP/slowflush.so" SLOW_FLUSH_US="$BENCH_SLOW_FLUSH_US"
+        SLOW_FLUSH_LOCK="$TMP/slowflush.lock")
+    log "slow-disk model: every flush holds the disk for ${BENCH_SLOW_FLUSH_US} us"
+fi
 
 # PIDs of everything started; the trap stops each one by its PID.
 SINK_PID="" PF_MASTER="" PF_CONF="" TERN_PID="" STRACE_PID="" IDLE_PID=""
@@ -291,6 +308,10 @@ default_process_limit = $((BENCH_PF_IDLE_SESSIONS + 200))
 smtpd_client_connection_count_limit = 0
 smtpd_client_event_limit_exceptions = 127.0.0.0/8
 EOF
+    # The slow-disk model reaches Postfix's processes through master's environment.
+    if [ ${#SLOW_ENV[@]} -gt 0 ]; then
+        echo "import_environment = $(postconf -d -h import_environment) ${SLOW_ENV[*]}" >>"$d/etc/main.cf"
+    fi
     # chroot "n" everywhere: a private instance has no chroot jail prepared.
     cat >"$d/etc/master.cf" <<EOF
 127.0.0.1:$port inet n - n - - smtpd
@@ -404,7 +425,7 @@ level = "warn"
 EOF
     "$TERN_BIN" check-config "$cfg" >"$BENCH_OUT/tern.check" 2>&1 \
         || { log "tern check-config failed: $(cat "$BENCH_OUT/tern.check")"; return 0; }
-    "$TERN_BIN" serve --config "$cfg" >"$BENCH_OUT/tern.out" 2>"$BENCH_OUT/tern.err" &
+    env "${SLOW_ENV[@]}" "$TERN_BIN" serve --config "$cfg" >"$BENCH_OUT/tern.out" 2>"$BENCH_OUT/tern.err" &
     TERN_PID=$!
     for ((i = 0; i < 300; i++)); do
         grep -qx 'ready' "$BENCH_OUT/tern.out" 2>/dev/null && break
@@ -432,6 +453,7 @@ EOF
 {
     echo "# $(date -u +%FT%TZ) $(uname -r) $(nproc) cores; $(postconf -d mail_version 2>/dev/null)"
     echo "# target ${BENCH_TARGET_SECS}s per batch, $SESSIONS sessions, fsync batch $BENCH_FSYNC_MSGS"
+    [ "$BENCH_SLOW_FLUSH_US" = 0 ] || echo "# slow-disk model: ${BENCH_SLOW_FLUSH_US} us per flush, one at a time"
 } >>"$RESULTS"
 START=$SECONDS
 first=1
