@@ -4,7 +4,9 @@ Each test checks the exact reply (code + RFC 3463 enhanced code), whether the
 session survives or is closed, and that nothing over the limit is delivered.
 """
 
+import resource
 import time
+from pathlib import Path
 
 from ternlib import Raw, queued_id, wait_until
 
@@ -331,3 +333,23 @@ def test_slow_but_steady_message_data_is_not_cut(tern):
         assert r.code == 250, r
         assert time.monotonic() - t0 > 1.5  # longer than one data_timeout in total
     srv.wait_for_mail("alice", 1)
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit(tern):
+    # Each session is a descriptor: a soft limit of 1024 (the usual default)
+    # would cap a server configured for more connections.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        srv = tern({"limits": {"max_connections": 10_000_000}})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = Path(f"/proc/{srv.proc.pid}/limits").read_text()
+    line = next(l for l in limits.splitlines() if l.startswith("Max open files"))
+    in_force = line.split()[3]
+    want = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    if want != "unlimited":
+        assert in_force == want, line
+    # Still short of max_connections: said once, at start-up.
+    wait_until(lambda: "server.fd_limit" in srv.stderr(), 5, what="fd-limit warning")

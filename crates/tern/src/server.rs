@@ -52,6 +52,21 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         warn!(event = "spool.quarantined", path = %path.display(), "corrupt segment moved aside; its valid messages were recovered");
     }
 
+    match raise_open_file_limit() {
+        Ok(limit) => {
+            let needed = runtime.limits.max_connections as u64 + FD_HEADROOM;
+            if limit < needed {
+                warn!(
+                    event = "server.fd_limit",
+                    limit,
+                    max_connections = runtime.limits.max_connections,
+                    "the open-file limit is below max_connections plus the spool's and delivery's own descriptors: connections past it cannot be accepted until others end"
+                );
+            }
+        }
+        Err(e) => warn!(event = "server.fd_limit", error = %e, "cannot read the open-file limit"),
+    }
+
     let mut bound = Vec::new();
     for l in &runtime.listeners {
         let listener = TcpListener::bind(l.address).await.map_err(|e| {
@@ -120,6 +135,38 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
     spool.close().await;
     info!(event = "server.stopped");
     Ok(())
+}
+
+/// Descriptors the server needs besides one per session: listeners, spool
+/// segments, Maildir directories and copies of a delivery batch, logs.
+const FD_HEADROOM: u64 = 256;
+
+/// Raises the soft limit on open files to the hard one and returns the
+/// limit in force. Every session holds a descriptor, and the usual soft
+/// default (1024 from systemd and most shells) is below the default
+/// `max_connections` plus what the spool and delivery need; the hard limit
+/// is what the administrator allowed.
+fn raise_open_file_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we own. It fails (EPERM) when
+        // the hard limit is above fs.nr_open: then the soft one stays.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Ok(limit.rlim_max);
+        }
+    }
+    Ok(limit.rlim_cur)
 }
 
 /// Takes an exclusive `flock` on `<spool>/lock` for the life of the server:
