@@ -105,15 +105,6 @@ impl MaildirDirs {
     }
 }
 
-/// A copy written (and closed) in `tmp/`, not yet durable nor visible.
-/// Closed at once, so a batch holds two descriptors per mailbox, not one
-/// per copy: the `syncfs` on the mailbox's `tmp/`, opened before any copy
-/// was written, reports every write-back error since (Linux 5.8+).
-struct Written {
-    /// The same name in `tmp/` and, once renamed, in `new/`.
-    name: CString,
-}
-
 /// Delivers every copy; blocking (run it on a blocking thread). The result
 /// at index i belongs to `copies[i]`.
 pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::Result<()>> {
@@ -128,14 +119,13 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
     let mailbox_of = |copy: &LocalCopy<'_>| -> io::Result<&MaildirDirs> {
         match mailboxes.get(copy.maildir) {
             Some(Ok(mailbox)) => Ok(mailbox),
-            Some(Err((kind, text))) => Err(io::Error::new(
-                *kind,
-                format!("{}: {text}", copy.maildir.display()),
-            )),
+            // The text names the path that failed.
+            Some(Err((kind, text))) => Err(io::Error::new(*kind, text.clone())),
             None => Err(io::Error::other("mailbox not prepared")),
         }
     };
-    let mut written: Vec<io::Result<Written>> = copies
+    // Each copy's name, the same in tmp/ and, once renamed, in new/.
+    let mut written: Vec<io::Result<CString>> = copies
         .iter()
         .map(|c| write_tmp(namer, c, mailbox_of(c)?))
         .collect();
@@ -143,13 +133,13 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
     let mut outcomes: Vec<io::Result<CString>> = copies
         .iter()
         .zip(written)
-        .map(|(copy, w)| {
-            let w = w?;
+        .map(|(copy, name)| {
+            let name = name?;
             let mailbox = mailbox_of(copy)?;
-            match renameat(&mailbox.tmp, &w.name, &mailbox.new, &w.name) {
-                Ok(()) => Ok(w.name),
+            match renameat(&mailbox.tmp, &name, &mailbox.new, &name) {
+                Ok(()) => Ok(name),
                 Err(e) => {
-                    let _ = unlinkat(&mailbox.tmp, &w.name);
+                    let _ = unlinkat(&mailbox.tmp, &name);
                     Err(io::Error::new(
                         e.kind(),
                         format!("rename into {}/new: {e}", copy.maildir.display()),
@@ -185,22 +175,28 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
     outcomes.into_iter().map(|o| o.map(|_| ())).collect()
 }
 
+/// Writes one copy into `tmp/` under a fresh name, which it returns. The
+/// file is closed at once, so a batch holds two descriptors per mailbox,
+/// not one per copy: the later `syncfs` through the mailbox's `tmp/`,
+/// opened before any copy was written, still reports every write-back
+/// error since (Linux 5.8+).
 fn write_tmp(
     namer: &MaildirNamer,
     copy: &LocalCopy<'_>,
     mailbox: &MaildirDirs,
-) -> io::Result<Written> {
-    let name = namer.next(copy.prefix.len() + copy.body.len());
+) -> io::Result<CString> {
+    let text_name = namer.next(copy.prefix.len() + copy.body.len());
     let failed = |e: io::Error| {
         io::Error::new(
             e.kind(),
-            format!("{}/tmp/{name}: {e}", copy.maildir.display()),
+            format!("{}/tmp/{text_name}: {e}", copy.maildir.display()),
         )
     };
-    let name = CString::new(name.clone()).map_err(|e| failed(io::Error::other(e)))?;
+    // Our names never hold a NUL (time, numbers, the escaped host name).
+    let name = CString::new(text_name.as_bytes()).map_err(|e| failed(io::Error::other(e)))?;
     let mut file = create_new_at(&mailbox.tmp, &name).map_err(&failed)?;
     match write_both(&mut file, copy.prefix, copy.body) {
-        Ok(()) => Ok(Written { name }),
+        Ok(()) => Ok(name),
         Err(e) => {
             let _ = unlinkat(&mailbox.tmp, &name);
             Err(failed(e))
@@ -232,7 +228,7 @@ fn write_both(file: &mut File, head: &[u8], tail: &[u8]) -> io::Result<()> {
 fn sync_file_systems(
     copies: &[LocalCopy<'_>],
     mailboxes: &BTreeMap<&Path, Result<MaildirDirs, (io::ErrorKind, String)>>,
-    written: &mut [io::Result<Written>],
+    written: &mut [io::Result<CString>],
 ) {
     let mut by_fs: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     for (i, w) in written.iter().enumerate() {
@@ -247,9 +243,10 @@ fn sync_file_systems(
         };
         if let Err(e) = synced {
             for i in members {
-                if let (Ok(w), Some(Ok(mailbox))) = (&written[i], mailboxes.get(copies[i].maildir))
+                if let (Ok(name), Some(Ok(mailbox))) =
+                    (&written[i], mailboxes.get(copies[i].maildir))
                 {
-                    let _ = unlinkat(&mailbox.tmp, &w.name);
+                    let _ = unlinkat(&mailbox.tmp, name);
                 }
                 written[i] = Err(io::Error::new(e.kind(), format!("syncfs: {e}")));
             }
