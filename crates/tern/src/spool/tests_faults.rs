@@ -350,3 +350,30 @@ async fn unreadable_scratch_fails_only_its_own_commit() {
     assert_eq!(spool.read_body(a).await.unwrap(), b"before");
     assert_eq!(spool.read_body(b).await.unwrap(), b"after");
 }
+
+#[test]
+fn a_segment_left_by_a_failed_roll_does_not_block_the_next_one() {
+    use super::writer::SegmentWriter;
+    use std::sync::atomic::AtomicU64;
+    let dir = tempfile::tempdir().unwrap();
+    let syncs = AtomicU64::new(0);
+    // What a roll that hit a full disk could leave: an empty file, or a
+    // header alone. Neither can hold a committed record: it is replaced.
+    std::fs::write(segment_path(dir.path(), 2), b"").unwrap();
+    let w = SegmentWriter::create(dir.path(), 2, &syncs).expect("an empty leftover is replaced");
+    assert_eq!(w.no, 2);
+    drop(w);
+    let header_only = std::fs::read(segment_path(dir.path(), 2)).unwrap();
+    assert_eq!(header_only.len() as u64, record::SEG_HDR_LEN);
+    std::fs::write(segment_path(dir.path(), 3), &header_only).unwrap();
+    SegmentWriter::create(dir.path(), 3, &syncs).expect("a header-only leftover is replaced");
+    // A segment with anything past its header is never replaced.
+    let mut longer = header_only.clone();
+    longer.push(b'T');
+    std::fs::write(segment_path(dir.path(), 4), &longer).unwrap();
+    let e = SegmentWriter::create(dir.path(), 4, &syncs)
+        .err()
+        .expect("a segment with data is kept");
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+    assert_eq!(std::fs::read(segment_path(dir.path(), 4)).unwrap(), longer);
+}

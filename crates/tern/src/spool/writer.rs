@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::draft::Body;
 use super::index::Loc;
-use super::record::{Kind, REC_HDR_LEN, REC_OVERHEAD, crc_seed, record_header, segment_header};
+use super::record::{
+    Kind, REC_HDR_LEN, REC_OVERHEAD, SEG_HDR_LEN, crc_seed, record_header, segment_header,
+};
 use super::{Envelope, MsgId, RcptStatus};
 
 /// Flush the batch buffer to the file once it holds this much (large bodies
@@ -88,19 +90,34 @@ impl SegmentWriter {
     /// Create segment `no` with its header synced, then sync the directory
     /// so the new name survives a crash. The fallback when no prepared
     /// segment is ready (`spare.rs`): this file grows with every batch.
+    ///
+    /// A failed attempt (a full disk, say) removes its file, so the next
+    /// batch can try the same number again. If even that removal failed,
+    /// the next attempt finds a file too short to hold any record (at most
+    /// a header, never a commit) and replaces it: without that, every later
+    /// batch would fail with "file exists" until a restart.
     pub fn create(dir: &Path, no: u32, syncs: &AtomicU64) -> io::Result<SegmentWriter> {
         let nonce: u64 = rand::random();
         let path = segment_path(dir, no);
+        if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() <= SEG_HDR_LEN) {
+            std::fs::remove_file(&path)?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&path)?;
         let hdr = segment_header(nonce);
-        file.write_all_at(&hdr, 0)?;
-        syncs.fetch_add(1, Ordering::Relaxed);
-        file.sync_data()?;
-        sync_dir(dir)?;
+        let prepared = (|| {
+            file.write_all_at(&hdr, 0)?;
+            syncs.fetch_add(1, Ordering::Relaxed);
+            file.sync_data()?;
+            sync_dir(dir)
+        })();
+        if let Err(e) = prepared {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         Ok(SegmentWriter {
             no,
             nonce,
