@@ -371,9 +371,7 @@ fn a_segment_left_by_a_failed_roll_does_not_block_the_next_one() {
     let mut longer = header_only.clone();
     longer.push(b'T');
     std::fs::write(segment_path(dir.path(), 4), &longer).unwrap();
-    let e = SegmentWriter::create(dir.path(), 4, &syncs)
-        .err()
-        .expect("a segment with data is kept");
+    let e = SegmentWriter::create(dir.path(), 4, &syncs).expect_err("a segment with data is kept");
     assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
     assert_eq!(std::fs::read(segment_path(dir.path(), 4)).unwrap(), longer);
 }
