@@ -9,6 +9,7 @@ as waiting for outbound delivery.
 
 import re
 import smtplib
+import time
 import uuid
 
 import pytest
@@ -281,3 +282,30 @@ def test_mail_for_a_removed_user_stays_queued_and_is_written_nowhere(tern):
     assert qid in srv.queue_list()
     for name in ("new", "tmp", "cur"):
         assert not (srv.workdir / name).exists(), f"{name}/ created in the working directory"
+
+
+def test_a_deferred_delivery_waits_for_its_retry(tern):
+    # retry 1s/1s: the delay minus jitter is under a second, and must not be
+    # rounded down to "now" (that retried thousands of times a second).
+    srv = tern({"user": [{"name": "alice", "addresses": ["alice@example.test"]},
+                         {"name": "bob", "addresses": ["bob@example.test"], "maildir": "/proc/no-such-maildir"}],
+                "aliases": None,
+                "delivery": {"retry_initial": "1s", "retry_max": "1s"}})
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<s@remote.test>").code == 250
+        assert c.cmd("RCPT TO:<bob@example.test>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: for bob\r\n\r\nbody\r\n.\r\n")
+        queued_id(c.expect(250, "2.0.0"))
+
+    def deferrals():
+        return srv.stderr().count('"deferred"') + srv.stderr().count("status=deferred")
+
+    wait_until(lambda: deferrals() >= 1, 15, what="bob's first deferral")
+    first = deferrals()
+    # An observation window, not a wait for a condition: at one retry a
+    # second, 3 s hold at most 4 more attempts.
+    time.sleep(3)
+    assert deferrals() - first <= 4, f"{deferrals() - first} retries in 3 s"
+    assert deferrals() - first >= 1, "no retry at all in 3 s"

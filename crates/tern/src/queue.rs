@@ -377,7 +377,7 @@ impl Queue {
                         RcptStatus::Deferred {
                             reply: format!("451 4.3.0 {e}"),
                             attempts,
-                            next_attempt: at + delay.as_secs() as i64,
+                            next_attempt: at + whole_seconds_after(delay),
                         }
                     }
                 };
@@ -404,7 +404,7 @@ impl Queue {
                 Ok(()) => next_local_attempt(&envelope),
                 Err(e) => {
                     warn!(event = "queue.record_failed", queue_id = %id, error = %e);
-                    Some(at + delivery.retry_initial.as_secs() as i64)
+                    Some(at + whole_seconds_after(delivery.retry_initial))
                 }
             };
             if let Some(next) = next {
@@ -420,6 +420,14 @@ impl Queue {
             warn!(event = "queue.finish_failed", queue_id = %id, error = %e);
         }
     }
+}
+
+/// A retry delay in the whole seconds the schedule keeps, rounded up and
+/// at least one: truncating 0.95 s (1 s minus jitter) to 0 made a deferred
+/// delivery retry at once, thousands of times a second.
+fn whole_seconds_after(delay: Duration) -> i64 {
+    let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
 }
 
 fn is_local_due(route: &Route, status: &RcptStatus, now: i64) -> bool {
@@ -447,6 +455,18 @@ fn next_local_attempt(envelope: &Envelope) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_retry_delay_is_never_rounded_down_to_now() {
+        assert_eq!(whole_seconds_after(Duration::from_millis(950)), 1);
+        assert_eq!(whole_seconds_after(Duration::ZERO), 1);
+        assert_eq!(whole_seconds_after(Duration::from_secs(2)), 2);
+        assert_eq!(whole_seconds_after(Duration::from_millis(2001)), 3);
+        // 1 s with the most jitter still waits.
+        let d = backoff(Duration::from_secs(1), Duration::from_secs(1), 1, 1.0);
+        assert!(d < Duration::from_secs(1));
+        assert_eq!(whole_seconds_after(d), 1);
+    }
+
     use super::*;
 
     #[test]
