@@ -169,6 +169,21 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A tracing filter whose every directive names a level: `info`,
+/// `tern=debug`, `warn,tern::queue=trace`. A bare word that is not a level
+/// (`warning`, a typo) is a valid filter to tracing, meaning "everything
+/// from a module of that name": it would silently turn all logging off.
+fn is_log_filter(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |s: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s.trim()));
+    !filter.trim().is_empty()
+        && filter.split(',').all(|directive| match directive.rsplit_once('=') {
+            Some((target, level)) => !target.trim().is_empty() && is_level(level),
+            None => is_level(directive),
+        })
+        && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
+}
+
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Runtime, Vec<ConfigError>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -357,7 +372,7 @@ impl Runtime {
         if !matches!(file.log.format.as_str(), "text" | "json") {
             errors.push("log.format", "must be \"text\" or \"json\"");
         }
-        if tracing_subscriber::EnvFilter::try_new(&file.log.level).is_err() {
+        if !is_log_filter(&file.log.level) {
             errors.push(
                 "log.level",
                 format!(

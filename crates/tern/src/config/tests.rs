@@ -257,3 +257,16 @@ fn session_limits_must_allow_at_least_one() {
     let rt = parse("[limits]\nmax_rejected_recipients = 7\n", Path::new("/")).expect("valid");
     assert_eq!(rt.server_config().max_rejected_recipients, 7);
 }
+
+#[test]
+fn a_log_level_that_would_silence_every_log_is_refused() {
+    for bad in ["warning", "debg", "", "tern=verbose", "=info", "info,loud"] {
+        let text = format!("[log]\nlevel = {bad:?}\n");
+        let errors = parse(&text, Path::new("/")).expect_err(bad);
+        assert!(errors.iter().any(|e| e.key == "log.level"), "{bad}: {errors:?}");
+    }
+    for good in ["info", "WARN", "tern=debug", "warn,tern::queue=trace", "off"] {
+        let text = format!("[log]\nlevel = {good:?}\n");
+        parse(&text, Path::new("/")).unwrap_or_else(|e| panic!("{good}: {e:?}"));
+    }
+}
