@@ -230,7 +230,7 @@ def test_max_connections_421(tern):
 def test_mail_loop_554(tern):
     srv = tern()
     hops = b"".join(f"Received: from hop{i}.test by hop{i + 1}.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n".encode()
-                    for i in range(51))
+                    for i in range(101))
     with srv.connect() as c:
         start_data(c)
         c.send(hops + b"Subject: loop\r\n\r\nround and round\r\n.\r\n")

@@ -180,7 +180,8 @@ impl ContentDecoder {
         if self.error.is_none() {
             // 1-based index within the run of the byte that crosses each limit.
             let line_cross = (self.limits.max_line != 0).then(|| {
-                (self.limits.max_line + usize::from(self.dot_line) + 1)
+                (self.limits.max_line)
+                    .saturating_add(usize::from(self.dot_line) + 1)
                     .saturating_sub(self.line_len)
             });
             let size_cross = (self.limits.max_size != 0).then(|| {

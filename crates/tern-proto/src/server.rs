@@ -86,7 +86,7 @@ impl Default for ServerConfig {
             max_recipients: 100,
             max_errors: 20,
             max_rejected_recipients: 100,
-            max_received_headers: 50,
+            max_received_headers: 100,
             bare_lf: BareLfPolicy::Reject,
         }
     }

@@ -54,7 +54,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
 
     match raise_open_file_limit() {
         Ok(limit) => {
-            let needed = runtime.limits.max_connections as u64 + FD_HEADROOM;
+            let needed = (runtime.limits.max_connections as u64).saturating_add(FD_HEADROOM);
             if limit < needed {
                 warn!(
                     event = "server.fd_limit",

@@ -177,10 +177,12 @@ fn is_log_filter(filter: &str) -> bool {
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     let is_level = |s: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s.trim()));
     !filter.trim().is_empty()
-        && filter.split(',').all(|directive| match directive.rsplit_once('=') {
-            Some((target, level)) => !target.trim().is_empty() && is_level(level),
-            None => is_level(directive),
-        })
+        && filter
+            .split(',')
+            .all(|directive| match directive.rsplit_once('=') {
+                Some((target, level)) => !target.trim().is_empty() && is_level(level),
+                None => is_level(directive),
+            })
         && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
 }
 
@@ -363,6 +365,18 @@ impl Runtime {
         if file.spool.segment_size < 1024 * 1024 {
             errors.push("spool.segment_size", "must be at least 1048576 (1 MiB)");
         }
+        validate::at_most(
+            &mut errors,
+            "spool.segment_size",
+            file.spool.segment_size,
+            4 << 30,
+        );
+        validate::at_most(
+            &mut errors,
+            "spool.draft_memory_limit",
+            u64::try_from(file.spool.draft_memory_limit).unwrap_or(u64::MAX),
+            1 << 30,
+        );
         let spool = SpoolSettings {
             dir: spool_dir,
             segment_size: file.spool.segment_size,

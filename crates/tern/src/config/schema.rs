@@ -107,7 +107,7 @@ impl Default for LimitsConfig {
             max_recipients: 100,
             max_errors: 20,
             max_rejected_recipients: 100,
-            max_received_headers: 50,
+            max_received_headers: 100,
             // RFC 5321 §4.5.3.2.7: the server timeout should be at least 5 minutes.
             command_timeout: "5m".into(),
             // §4.5.3.2.5/6: 3 min per data block, 10 min for the terminating dot.

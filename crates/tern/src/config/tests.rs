@@ -263,10 +263,36 @@ fn a_log_level_that_would_silence_every_log_is_refused() {
     for bad in ["warning", "debg", "", "tern=verbose", "=info", "info,loud"] {
         let text = format!("[log]\nlevel = {bad:?}\n");
         let errors = parse(&text, Path::new("/")).expect_err(bad);
-        assert!(errors.iter().any(|e| e.key == "log.level"), "{bad}: {errors:?}");
+        assert!(
+            errors.iter().any(|e| e.key == "log.level"),
+            "{bad}: {errors:?}"
+        );
     }
-    for good in ["info", "WARN", "tern=debug", "warn,tern::queue=trace", "off"] {
+    for good in [
+        "info",
+        "WARN",
+        "tern=debug",
+        "warn,tern::queue=trace",
+        "off",
+    ] {
         let text = format!("[log]\nlevel = {good:?}\n");
         parse(&text, Path::new("/")).unwrap_or_else(|e| panic!("{good}: {e:?}"));
+    }
+}
+
+#[test]
+fn numbers_far_past_anything_useful_are_refused_with_their_key() {
+    let text = "[limits]\nmax_connections = 18446744073709551615\nmax_text_line = 18446744073709551615\n\
+                max_received_headers = 0\n[spool]\nsegment_size = 1099511627776\n[delivery]\nbatch_size = 100000000\n";
+    let errors = parse(text, Path::new("/")).expect_err("absurd values");
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    for key in [
+        "limits.max_connections",
+        "limits.max_text_line",
+        "limits.max_received_headers",
+        "spool.segment_size",
+        "delivery.batch_size",
+    ] {
+        assert!(keys.contains(&key), "{key} not reported: {errors:?}");
     }
 }

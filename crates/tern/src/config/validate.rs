@@ -328,7 +328,54 @@ pub(super) fn check_separator(file: &FileConfig, errors: &mut Errors) -> Option<
     }
 }
 
+/// Upper bounds: a value far past anything useful is a typo (or a test of
+/// the checker), and unchecked it overflows the arithmetic built on it.
+const MIB: u64 = 1024 * 1024;
+
+/// Reports `key` when `value` is above `max`.
+pub(super) fn at_most(errors: &mut Errors, key: &str, value: u64, max: u64) {
+    if value > max {
+        errors.push(key, format!("must be at most {max}"));
+    }
+}
+
 pub(super) fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
+    let as_u64 = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+    for (key, value, max) in [
+        ("limits.max_command_line", as_u64(l.max_command_line), MIB),
+        ("limits.max_text_line", as_u64(l.max_text_line), MIB),
+        ("limits.max_message_size", l.max_message_size, 1 << 40),
+        ("limits.max_recipients", as_u64(l.max_recipients), 100_000),
+        ("limits.max_errors", as_u64(l.max_errors), 1_000_000),
+        (
+            "limits.max_rejected_recipients",
+            as_u64(l.max_rejected_recipients),
+            1_000_000,
+        ),
+        (
+            "limits.max_received_headers",
+            as_u64(l.max_received_headers),
+            1_000,
+        ),
+        (
+            "limits.max_connections",
+            as_u64(l.max_connections),
+            1_000_000,
+        ),
+        (
+            "limits.max_connections_per_ip",
+            as_u64(l.max_connections_per_ip),
+            1_000_000,
+        ),
+    ] {
+        at_most(errors, key, value, max);
+    }
+    if l.max_received_headers < 1 {
+        errors.push(
+            "limits.max_received_headers",
+            "must be at least 1 (RFC 5321 §6.3 asks for at least 100)",
+        );
+    }
     if l.max_command_line < 512 {
         // RFC 5321 §4.5.3.1.4: a command line may be 512 octets.
         errors.push(
@@ -418,6 +465,12 @@ pub(super) fn check_delivery(file: &FileConfig, errors: &mut Errors) -> Delivery
     if d.batch_size < 1 {
         errors.push("delivery.batch_size", "must be at least 1");
     }
+    at_most(
+        errors,
+        "delivery.batch_size",
+        u64::try_from(d.batch_size).unwrap_or(u64::MAX),
+        100_000,
+    );
     let retry_initial = duration(
         errors,
         "delivery.retry_initial",
