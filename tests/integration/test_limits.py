@@ -342,7 +342,7 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit(tern):
     low = min(256, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
     try:
-        srv = tern({"limits": {"max_connections": 10_000_000}})
+        srv = tern({"limits": {"max_connections": 1_000_000}})
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     limits = Path(f"/proc/{srv.proc.pid}/limits").read_text()
@@ -351,5 +351,6 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit(tern):
     want = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
     if want != "unlimited":
         assert in_force == want, line
-    # Still short of max_connections: said once, at start-up.
-    wait_until(lambda: "server.fd_limit" in srv.stderr(), 5, what="fd-limit warning")
+    # Still short of max_connections (plus 256 of headroom): said at start-up.
+    if hard != resource.RLIM_INFINITY and hard < 1_000_256:
+        wait_until(lambda: "server.fd_limit" in srv.stderr(), 5, what="fd-limit warning")
