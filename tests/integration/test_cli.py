@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from ternlib import TERN_BIN, Tern, queued_id, to_toml, wait_until
+from ternlib import TERN_BIN, Tern, TernStartError, queued_id, to_toml, wait_until
 
 
 def run(*args, timeout=30):
@@ -172,3 +172,16 @@ def test_second_server_on_the_same_spool_refuses_to_start(tern):
     # The first one is unharmed.
     with first.connect() as c:
         assert c.cmd("NOOP").code == 250
+
+
+def test_an_unreadable_spool_segment_is_named_at_start_up(tern):
+    srv = tern(start=False)
+    spool = srv.data_dir / "spool"
+    spool.mkdir(parents=True)
+    # Not a file at all: it cannot be read, and that is not "damage" to set
+    # aside (a permission or a disk error may hide intact records).
+    (spool / "00000009.log").mkdir()
+    with pytest.raises(TernStartError) as failed:
+        srv.start()
+    assert "00000009.log" in str(failed.value), failed.value
+    assert "panicked" not in str(failed.value)

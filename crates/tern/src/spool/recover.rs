@@ -125,7 +125,13 @@ impl Scanner {
 pub(crate) fn scan(dir: &Path) -> Result<ScanOutcome, SpoolError> {
     let mut scanner = Scanner::default();
     for no in list_segments(dir)? {
-        let buf = std::fs::read(segment_path(dir, no))?;
+        // Unreadable is not the same as damaged (a permission, a disk
+        // error): refuse to start, naming the file, rather than set aside
+        // a segment whose records may be intact.
+        let path = segment_path(dir, no);
+        let buf = std::fs::read(&path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
+        })?;
         scanner.segment(no, &buf);
     }
     Ok(scanner.finish())
