@@ -49,6 +49,9 @@
 //!   when the segment is preallocated (its bytes overwritten with zeros and
 //!   synced, the file keeps its size); the writer resumes at its start. A
 //!   growing segment (shorter than `segment_size`) is truncated as before.
+//! - A segment whose header is damaged but whose nonce bytes still verify
+//!   the first record's checksum is read with that nonce: it counts as
+//!   damaged (rewritten, then moved to `corrupt/`), its records are kept.
 //! - `*.prep` files never hold records: scans ignore them and
 //!   [`Spool::open`] deletes them. A crash mid-preparation leaves only such a
 //!   file; a crash mid-activation leaves either it or a segment made of a

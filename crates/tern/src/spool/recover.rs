@@ -145,14 +145,20 @@ fn scan_segment(
     max_id: &mut u64,
 ) -> SegScan {
     let data_end = data_end(buf);
+    let header = parse_segment_header(buf);
     let mut s = SegScan {
         no,
         len: buf.len() as u64,
         data_end: data_end as u64,
-        nonce: parse_segment_header(buf),
+        nonce: header.or_else(|| nonce_vouched_by_first_record(buf)),
         ..SegScan::default()
     };
     let Some(nonce) = s.nonce else { return s };
+    if header.is_none() {
+        // The records are intact but the header is not: damage, so the
+        // segment is rewritten and set aside, its messages kept.
+        s.bad.push((0, SEG_HDR_LEN));
+    }
     let mut off = SEG_HDR_LEN as usize;
     // Past `data_end` there are only zeros: the normal end of a
     // preallocated segment (no record starts with a zero byte), so the
@@ -188,6 +194,16 @@ fn scan_segment(
     // Space accounting uses the logical end, never the preallocated size.
     info.size = s.end;
     s
+}
+
+/// The nonce of a segment whose header is damaged elsewhere (magic,
+/// version or checksum), if its nonce bytes are intact: the first record's
+/// checksum, which is seeded with the nonce, must verify with them. A wrong
+/// guess passes a 32-bit checksum once in four billion.
+fn nonce_vouched_by_first_record(buf: &[u8]) -> Option<u64> {
+    let hdr = SEG_HDR_LEN as usize;
+    let candidate = u64::from_le_bytes(buf.get(12..20)?.try_into().ok()?);
+    parse_record(buf.get(hdr..)?, candidate).map(|_| candidate)
 }
 
 fn apply_scanned(
