@@ -15,6 +15,7 @@ mod recipients;
 mod schema;
 mod validate;
 
+use recipients::MAX_ALIAS_DEPTH;
 pub use recipients::{Destination, Resolution};
 pub use schema::{FileConfig, LimitsConfig, ListenerConfig, LogConfig};
 use validate::*;
@@ -399,7 +400,7 @@ impl Runtime {
         if !errors.0.is_empty() {
             return Err(errors.0);
         }
-        Ok(Runtime {
+        let runtime = Runtime {
             hostname,
             data_dir,
             listeners,
@@ -415,7 +416,20 @@ impl Runtime {
             spool,
             delivery,
             log: file.log,
-        })
+        };
+        // Each target must lead somewhere: a loop, a chain deeper than the
+        // expansion allows or a local address nobody owns would otherwise
+        // show only at RCPT time, as "User unknown".
+        for (alias, target) in runtime.dead_alias_targets() {
+            errors.push(
+                format!("aliases.{alias:?}"),
+                format!("target {target:?} reaches no mailbox (an alias loop, a chain deeper than {MAX_ALIAS_DEPTH} aliases, or a local address no user has)"),
+            );
+        }
+        if !errors.0.is_empty() {
+            return Err(errors.0);
+        }
+        Ok(runtime)
     }
 }
 

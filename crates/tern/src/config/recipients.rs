@@ -16,7 +16,7 @@
 use super::Runtime;
 use std::collections::HashSet;
 
-const MAX_ALIAS_DEPTH: usize = 10;
+pub(super) const MAX_ALIAS_DEPTH: usize = 10;
 
 /// Where one copy of the message goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -77,6 +77,22 @@ impl Runtime {
         } else {
             Resolution::Local(out)
         }
+    }
+
+    /// Alias targets that lead to no mailbox, as (alias, target), sorted:
+    /// for the config check.
+    pub(super) fn dead_alias_targets(&self) -> Vec<(String, String)> {
+        let mut dead = Vec::new();
+        for (alias, targets) in &self.aliases {
+            for target in targets {
+                let mut seen = HashSet::from([alias.clone()]);
+                if !self.expand_target(target, 0, &mut seen, &mut Vec::new()) {
+                    dead.push((alias.clone(), target.clone()));
+                }
+            }
+        }
+        dead.sort();
+        dead
     }
 
     /// Adds the destinations of a local `address` to `out`; false if the

@@ -17,8 +17,6 @@ name = "bob"
 addresses = ["bob@example.test"]
 [aliases]
 "team@example.test" = ["alice", "bob@example.test", "carol@remote.test", "alice@example.test"]
-"loop1@example.test" = ["loop2@example.test"]
-"loop2@example.test" = ["loop1@example.test"]
 "keep@example.test" = ["bob@example.test"]
 "bob@example.test" = ["bob@example.test", "bob@elsewhere.test"]
 "#;
@@ -90,7 +88,32 @@ fn users_aliases_subaddress_postmaster_catch_all() {
             },
         ])
     );
-    assert_eq!(rt.resolve("loop1", "example.test"), Resolution::Unknown);
+}
+
+#[test]
+fn alias_targets_that_reach_no_mailbox_are_config_errors() {
+    let text = BASE.to_string()
+        + r#""loop1@example.test" = ["loop2@example.test"]
+"loop2@example.test" = ["loop1@example.test"]
+"self@example.test" = ["self@example.test"]
+"ghost@example.test" = ["alice", "nobody@example.test"]
+"#;
+    let errors = parse(&text, Path::new("/")).expect_err("dead aliases");
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "aliases.\"ghost@example.test\"",
+            "aliases.\"loop1@example.test\"",
+            "aliases.\"loop2@example.test\"",
+            "aliases.\"self@example.test\""
+        ],
+        "{errors:?}"
+    );
+    assert!(
+        errors[0].message.contains("\"nobody@example.test\""),
+        "{errors:?}"
+    );
 }
 
 #[test]
