@@ -185,3 +185,13 @@ def test_an_unreadable_spool_segment_is_named_at_start_up(tern):
         srv.start()
     assert "00000009.log" in str(failed.value), failed.value
     assert "panicked" not in str(failed.value)
+
+
+def test_sighup_does_not_stop_the_server(tern):
+    srv = tern()
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "server.sighup" in srv.stderr(), 5, what="the SIGHUP notice")
+    assert srv.proc.poll() is None, "SIGHUP stopped the server"
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd("NOOP").code == 250

@@ -231,8 +231,16 @@ async fn wait_for_signal() {
         std::future::pending::<()>().await;
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    // SIGHUP asks a daemon to reload; by default it would kill us without
+    // a 421 to anyone. There is no reload yet: say so and keep serving.
+    let mut hup = signal(SignalKind::hangup()).ok();
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            Some(()) = async { hup.as_mut()?.recv().await } => {
+                warn!(event = "server.sighup", "configuration reload is not supported: restart tern to apply a changed config");
+            }
+        }
     }
 }
