@@ -328,11 +328,11 @@ pub(super) fn check_separator(file: &FileConfig, errors: &mut Errors) -> Option<
     }
 }
 
-/// Upper bounds: a value far past anything useful is a typo (or a test of
-/// the checker), and unchecked it overflows the arithmetic built on it.
 const MIB: u64 = 1024 * 1024;
 
-/// Reports `key` when `value` is above `max`.
+/// Reports `key` when `value` is above `max`. Every count and size has an
+/// upper bound: a value far past anything useful is a typo, and unchecked
+/// it overflows the arithmetic built on it.
 pub(super) fn at_most(errors: &mut Errors, key: &str, value: u64, max: u64) {
     if value > max {
         errors.push(key, format!("must be at most {max}"));
