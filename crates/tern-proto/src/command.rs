@@ -13,8 +13,10 @@
 //! UTF-8 addresses need SMTPUTF8, and the rule that ESMTP parameters need
 //! EHLO: all of those are in `server`.
 //!
-//! Errors: [`CommandError`]: unknown verb 500 5.5.2, bad characters 500
-//! 5.5.2, known-but-unimplemented verb 502 5.5.1, HTTP request 554 5.5.1 (and
+//! Errors: [`CommandError`]: unknown verb 500 5.5.2, a forbidden octet
+//! (NUL, bare CR, another control character, invalid UTF-8) 501 with the
+//! enhanced code of the part it spoils (5.5.2 command, 5.1.7 sender, 5.1.3
+//! recipient, 5.5.4 parameters), known-but-unimplemented verb 502 5.5.1, HTTP request 554 5.5.1 (and
 //! close), argument syntax 501 5.5.4 (RFC 3463: "invalid command
 //! arguments"), bad sender 501 5.1.7, bad recipient 501 5.1.3 (also for an
 //! over-long address, §4.5.3.1.10), unknown or unadvertised parameter 555 5.5.4 (§4.1.1.11),
@@ -54,9 +56,9 @@ pub enum Command {
 /// Why a command line was refused; see the module header for the replies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandError {
-    /// NUL, CR, LF or another control character outside an argument, or
-    /// bytes that are not UTF-8.
-    BadCharacters,
+    /// NUL, CR, LF or another control character, or bytes that are not
+    /// UTF-8, at `place` in the line.
+    ForbiddenOctet { octet: BadOctet, place: OctetPlace },
     /// Not an SMTP verb.
     UnknownVerb,
     /// A verb we recognise but do not implement (AUTH, STARTTLS, EXPN...).
@@ -82,8 +84,16 @@ impl CommandError {
     pub fn reply(&self) -> Reply {
         let e = |c, s, d| Some(EnhancedCode(c, s, d));
         match self {
-            CommandError::BadCharacters => {
-                Reply::new(500, e(5, 5, 2), "Error: bad characters in command")
+            // 501, not 500: the verb may be fine, the line's octets are not;
+            // the enhanced code names what they spoil (RFC 3463).
+            CommandError::ForbiddenOctet { octet, place } => {
+                let (detail, what) = match place {
+                    OctetPlace::Command => (e(5, 5, 2), "command"),
+                    OctetPlace::Sender => (e(5, 1, 7), "sender address"),
+                    OctetPlace::Recipient => (e(5, 1, 3), "recipient address"),
+                    OctetPlace::Parameters => (e(5, 5, 4), "parameters"),
+                };
+                Reply::new(501, detail, format!("Error: {} in {what}", octet.name()))
             }
             CommandError::UnknownVerb => {
                 Reply::new(500, e(5, 5, 2), "Error: command not recognized")
@@ -114,6 +124,97 @@ impl CommandError {
     }
 }
 
+/// A kind of octet that never belongs in a command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadOctet {
+    Nul,
+    /// A CR that is not part of the CRLF ending the line (§2.3.8).
+    BareCr,
+    /// Another control character (TAB is allowed).
+    Control,
+    /// Bytes that are not UTF-8.
+    NotUtf8,
+}
+
+impl BadOctet {
+    fn name(self) -> &'static str {
+        match self {
+            BadOctet::Nul => "NUL",
+            BadOctet::BareCr => "bare <CR>",
+            BadOctet::Control => "control character",
+            BadOctet::NotUtf8 => "invalid UTF-8",
+        }
+    }
+
+    /// The octet class of `b`, if it may not appear in a command line.
+    fn classify(b: u8) -> Option<BadOctet> {
+        match b {
+            0 => Some(BadOctet::Nul),
+            b'\r' => Some(BadOctet::BareCr),
+            b'\t' => None,
+            b if b < 32 || b == 127 => Some(BadOctet::Control),
+            _ => None,
+        }
+    }
+}
+
+/// Which part of a command line holds a forbidden octet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OctetPlace {
+    /// The verb, or the argument of a verb without a path.
+    Command,
+    /// The reverse-path of MAIL.
+    Sender,
+    /// The forward-path of RCPT.
+    Recipient,
+    /// ESMTP parameters after a path.
+    Parameters,
+}
+
+/// Where the octet at `at` sits in `line`: in the path of a MAIL or RCPT
+/// (up to its closing `>`), in that command's parameters, or elsewhere.
+fn octet_place(line: &[u8], at: usize) -> OctetPlace {
+    let verb_end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
+    let verb = &line[..verb_end];
+    let place = if verb.eq_ignore_ascii_case(b"MAIL") {
+        OctetPlace::Sender
+    } else if verb.eq_ignore_ascii_case(b"RCPT") {
+        OctetPlace::Recipient
+    } else {
+        return OctetPlace::Command;
+    };
+    if at < verb_end {
+        return OctetPlace::Command;
+    }
+    let path_end = line[verb_end..]
+        .iter()
+        .position(|&b| b == b'>')
+        .map(|i| verb_end + i);
+    match path_end {
+        Some(end) if at > end => OctetPlace::Parameters,
+        _ => place,
+    }
+}
+
+/// The first forbidden octet of a command line (without its CRLF), as an error.
+pub fn forbidden_octet(line: &[u8]) -> Option<CommandError> {
+    let (at, octet) = match line
+        .iter()
+        .enumerate()
+        .find_map(|(i, &b)| BadOctet::classify(b).map(|o| (i, o)))
+    {
+        Some(found) => found,
+        None => {
+            let e = std::str::from_utf8(line).err()?;
+            (e.valid_up_to(), BadOctet::NotUtf8)
+        }
+    };
+    Some(CommandError::ForbiddenOctet {
+        octet,
+        place: octet_place(line, at),
+    })
+}
+
 /// RFC 3463: X.1.7 bad sender syntax, X.1.3 bad destination syntax. An
 /// over-long path is a syntax error too: RFC 5321 §4.5.3.1.10 names
 /// "501 Path too long".
@@ -129,6 +230,8 @@ fn address_reply(a: &AddressError, detail: u16, who: &str) -> Reply {
 /// request smuggling, e.g. "HTTP POST to port 25").
 const HTTP_VERBS: &[&str] = &[
     "GET", "POST", "CONNECT", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE",
+    // The HTTP/2 connection preface: `PRI * HTTP/2.0`.
+    "PRI",
 ];
 
 /// Known verbs we do not implement (RFC 5321 §4.2.4: 502).
@@ -140,34 +243,31 @@ const UNIMPLEMENTED: &[&str] = &[
 /// Parses one command line (without CRLF).
 pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
     // NUL, CR and LF are never valid in a command line (§2.3.8, §4.1.1);
-    // other control characters except TAB are refused too.
-    if line.iter().any(|&b| (b < 32 && b != b'\t') || b == 127) {
-        return Err(CommandError::BadCharacters);
+    // other control characters except TAB are refused too, and so are
+    // bytes that are not UTF-8.
+    if let Some(e) = forbidden_octet(line) {
+        return Err(e);
     }
+    let Ok(line) = std::str::from_utf8(line) else {
+        // Unreachable: `forbidden_octet` refuses what is not UTF-8.
+        return Err(CommandError::UnknownVerb);
+    };
     // Trailing blanks are common from hand-typed sessions and harmless.
-    let end = line
-        .iter()
-        .rposition(|&b| b != b' ' && b != b'\t')
-        .map_or(0, |i| i + 1);
-    let line = &line[..end];
-    let (verb, args) = match line.iter().position(|&b| b == b' ') {
-        Some(i) => (&line[..i], Some(&line[i + 1..])),
+    let line = line.trim_end_matches([' ', '\t']);
+    let (verb, args) = match line.split_once(' ') {
+        Some((verb, args)) => (verb, Some(args)),
         None => (line, None),
     };
-    if !verb.iter().all(u8::is_ascii_alphabetic) || verb.is_empty() {
+    if !verb.bytes().all(|b| b.is_ascii_alphabetic()) || verb.is_empty() {
         return Err(CommandError::UnknownVerb);
     }
-    let verb = String::from_utf8_lossy(verb).to_ascii_uppercase();
+    let verb = verb.to_ascii_uppercase();
     if args.is_some() && HTTP_VERBS.contains(&verb.as_str()) {
         return Err(CommandError::CrossProtocol);
     }
     if let Some(v) = UNIMPLEMENTED.iter().find(|v| **v == verb) {
         return Err(CommandError::NotImplemented(v));
     }
-    let args = match args {
-        Some(a) => Some(std::str::from_utf8(a).map_err(|_| CommandError::BadCharacters)?),
-        None => None,
-    };
     // So are extra spaces after the verb (`MAIL  FROM:`), which Postfix
     // and Exim accept too.
     let args = args
@@ -241,14 +341,17 @@ fn strip_prefix_ci<'a>(args: &'a str, prefix: &str) -> Option<&'a str> {
     Some(rest.strip_prefix(' ').unwrap_or(rest))
 }
 
+const JUNK_AFTER_PATH: &str = "junk after the address";
+
+/// Text right after a path's `>` (`<a@b>>`): the path itself is malformed.
+struct JunkAfterPath;
+
 /// The ESMTP parameters after a path: nothing, or SP-separated keywords.
-fn split_params(rest: &str) -> Result<Vec<&str>, CommandError> {
+fn split_params(rest: &str) -> Result<Vec<&str>, JunkAfterPath> {
     if rest.is_empty() {
         return Ok(Vec::new());
     }
-    let rest = rest
-        .strip_prefix(' ')
-        .ok_or(CommandError::Syntax("junk after the address"))?;
+    let rest = rest.strip_prefix(' ').ok_or(JunkAfterPath)?;
     Ok(rest.split(' ').filter(|p| !p.is_empty()).collect())
 }
 
@@ -260,7 +363,9 @@ fn parse_mail(args: &str) -> Result<Command, CommandError> {
         return Err(CommandError::Syntax(USAGE));
     }
     let (path, n) = address::parse_reverse_path(rest).map_err(CommandError::BadSender)?;
-    let params = MailParams::parse(&split_params(&rest[n..])?)?;
+    let params = split_params(&rest[n..])
+        .map_err(|_| CommandError::BadSender(AddressError::Syntax(JUNK_AFTER_PATH)))?;
+    let params = MailParams::parse(&params)?;
     Ok(Command::Mail(path, params))
 }
 
@@ -272,7 +377,9 @@ fn parse_rcpt(args: &str) -> Result<Command, CommandError> {
         return Err(CommandError::Syntax(USAGE));
     }
     let (path, n) = address::parse_forward_path(rest).map_err(CommandError::BadRecipient)?;
-    let params = RcptParams::parse(&split_params(&rest[n..])?)?;
+    let params = split_params(&rest[n..])
+        .map_err(|_| CommandError::BadRecipient(AddressError::Syntax(JUNK_AFTER_PATH)))?;
+    let params = RcptParams::parse(&params)?;
     Ok(Command::Rcpt(path, params))
 }
 

@@ -91,19 +91,44 @@ fn argument_errors() {
     ));
     assert!(matches!(
         p("MAIL FROM:<a@b>x"),
-        Err(CommandError::Syntax(_))
+        Err(CommandError::BadSender(_))
     ));
     assert_eq!(p("EHLO"), Err(CommandError::HeloSyntax("EHLO domain")));
     assert_eq!(p("EHLO x").map(|_| ()), Ok(()));
     assert!(p("EHLO").unwrap_err().reply().enhanced.is_none());
 }
 
+/// A forbidden octet gets 501 with the enhanced code of the part it spoils.
+#[test]
+fn forbidden_octets_are_501_with_the_code_of_their_place() {
+    let code = |line: &[u8]| {
+        let r = parse_command(line).unwrap_err().reply();
+        let e = r.enhanced.unwrap();
+        format!("{} {}.{}.{}", r.code, e.0, e.1, e.2)
+    };
+    assert_eq!(code(b"NOOP\0"), "501 5.5.2");
+    assert_eq!(code(b"EH\rLO x"), "501 5.5.2");
+    assert_eq!(code(b"EHLO a\0b"), "501 5.5.2");
+    assert_eq!(code(b"MAIL FROM:<a\0@b>"), "501 5.1.7");
+    assert_eq!(code(b"mail FROM:<a@b\r>"), "501 5.1.7");
+    assert_eq!(code(b"RCPT TO:<a\0@b>"), "501 5.1.3");
+    assert_eq!(code(b"RCPT TO:<\xff@b>"), "501 5.1.3");
+    assert_eq!(code(b"RCPT TO:<a@b> NOTIFY=\0"), "501 5.5.4");
+    assert_eq!(code(b"RC\0PT TO:<a@b>"), "501 5.5.2");
+    // Junk glued to the path spoils the path, not the parameters.
+    assert_eq!(code(b"RCPT TO:<a@b>>"), "501 5.1.3");
+    assert_eq!(code(b"MAIL FROM:<a@b>x"), "501 5.1.7");
+    let r = parse_command(b"RCPT TO:<a\0@b>").unwrap_err().reply();
+    assert_eq!(r.lines, ["Error: NUL in recipient address"]);
+}
+
 #[test]
 fn bad_lines() {
-    assert_eq!(p("NO\0OP"), Err(CommandError::BadCharacters));
+    let bad = |octet, place| Err(CommandError::ForbiddenOctet { octet, place });
+    assert_eq!(p("NO\0OP"), bad(BadOctet::Nul, OctetPlace::Command));
     assert_eq!(
         parse_command(b"VRFY \xff"),
-        Err(CommandError::BadCharacters)
+        bad(BadOctet::NotUtf8, OctetPlace::Command)
     );
     assert_eq!(p("XYZZY"), Err(CommandError::UnknownVerb));
     assert_eq!(p(""), Err(CommandError::UnknownVerb));

@@ -12,6 +12,9 @@
 //! - Under [`BareLfPolicy::Reject`] a bare CR/LF marks the message bad (it is
 //!   read to its real end, then refused); under `Normalize` each bare CR or
 //!   LF is emitted as CRLF, which still never ends the content.
+//! - A NUL octet is never emitted: under [`NulPolicy::Reject`] it marks the
+//!   message bad, under `Strip` it is dropped. A NUL is content like any
+//!   other octet for framing: `<CRLF>NUL.<CRLF>` does not end DATA.
 //! - Once a problem is found, no more output is produced; the first problem
 //!   found is the one reported.
 //! - Memory is constant: a few counters and a 16-byte header prefix.
@@ -27,15 +30,18 @@
 //! Errors: [`ContentError`], each with its reply.
 
 use crate::reply::{EnhancedCode, Reply};
-use crate::server::BareLfPolicy;
+use crate::server::{BareLfPolicy, NulPolicy};
 
 /// What was wrong with a message's content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentError {
     /// A bare CR or LF under `BareLfPolicy::Reject`: 550 5.5.2.
     BareLineEnding,
-    /// A line longer than the limit: 500 5.5.2 (§4.5.3.1.6).
+    /// A line longer than the limit (§4.5.3.1.6): 554 5.6.0, a content
+    /// error, not a command syntax error.
     LineTooLong,
+    /// A NUL octet under `NulPolicy::Reject`: 550 5.6.0.
+    Nul,
     /// More octets than the size limit: 552 5.3.4 (RFC 1870, RFC 3463).
     TooLarge,
     /// Too many `Received:` fields, a mail loop: 554 5.4.6 (§6.3).
@@ -52,9 +58,14 @@ impl ContentError {
                 "Error: bare <LF> or <CR> in message",
             ),
             ContentError::LineTooLong => Reply::new(
-                500,
-                Some(EnhancedCode(5, 5, 2)),
+                554,
+                Some(EnhancedCode(5, 6, 0)),
                 "Error: message line too long",
+            ),
+            ContentError::Nul => Reply::new(
+                550,
+                Some(EnhancedCode(5, 6, 0)),
+                "Error: NUL octet in message",
             ),
             ContentError::TooLarge => {
                 Reply::new(552, Some(EnhancedCode(5, 3, 4)), "Error: message too large")
@@ -76,6 +87,7 @@ pub struct ContentLimits {
     /// Maximum `Received:` fields in the header section.
     pub max_received: usize,
     pub bare_lf: BareLfPolicy,
+    pub nul: NulPolicy,
 }
 
 /// Incremental decoder for one message's content.
@@ -151,10 +163,11 @@ impl ContentDecoder {
         let mut i = 0;
         while i < input.len() {
             if !self.cr_pending && !self.line_start {
-                // Mid-line, everything up to the next CR or LF is ordinary
-                // content: take it in one step instead of byte by byte (the
-                // per-byte path was the top user-space cost under load).
-                let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
+                // Mid-line, everything up to the next CR, LF or NUL is
+                // ordinary content: take it in one step instead of byte by
+                // byte (the per-byte path was the top user-space cost under
+                // load).
+                let run = memchr::memchr3(b'\r', b'\n', 0, &input[i..]).unwrap_or(input.len() - i);
                 if run > 0 {
                     self.plain_run(&input[i..i + run], out);
                     i += run;
@@ -247,6 +260,16 @@ impl ContentDecoder {
             b'\n' => {
                 self.count_line_byte();
                 self.bare(out);
+            }
+            0 => {
+                self.count_line_byte();
+                self.line_start = false;
+                match self.limits.nul {
+                    NulPolicy::Reject => self.fail(ContentError::Nul),
+                    // Counted in the line (the sender sent it) but not
+                    // emitted, so not in the size either.
+                    NulPolicy::Strip => {}
+                }
             }
             _ => {
                 self.count_line_byte();

@@ -8,6 +8,7 @@ fn limits(bare_lf: BareLfPolicy) -> ContentLimits {
         max_line: 1000,
         max_received: 50,
         bare_lf,
+        nul: NulPolicy::Reject,
     }
 }
 
@@ -157,8 +158,61 @@ fn error_replies() {
     );
     assert_eq!(
         ContentError::LineTooLong.reply().to_string(),
-        "500 5.5.2 Error: message line too long"
+        "554 5.6.0 Error: message line too long"
     );
+    assert_eq!(
+        ContentError::Nul.reply().to_string(),
+        "550 5.6.0 Error: NUL octet in message"
+    );
+}
+
+/// The inputs that become an end of data once a downstream server drops
+/// NULs: each stays content here, and the message is refused (or, under
+/// `Strip`, delivered without its NULs, still as one message).
+const NUL_SMUGGLING: &[&[u8]] = &[
+    b"a\r\n\0.\r\nMAIL FROM:<x@y>\r\n.\r\n",
+    b"a\r\n.\0\r\nMAIL FROM:<x@y>\r\n.\r\n",
+    b"a\r\n\0.\0\r\nb\r\n.\r\n",
+    b"\0\r\n.\r\n",
+];
+
+#[test]
+fn nul_is_refused_at_the_real_end_of_data() {
+    for input in NUL_SMUGGLING {
+        for step in [1, 3, input.len()] {
+            let mut d = ContentDecoder::dot(limits(BareLfPolicy::Reject));
+            let (_, used, done) = decode(&mut d, input, step);
+            assert!(done, "{input:?}");
+            assert_eq!(used, input.len(), "ends only at the real terminator");
+            assert_eq!(d.error(), Some(ContentError::Nul), "{input:?}");
+        }
+    }
+}
+
+#[test]
+fn nul_is_dropped_under_strip() {
+    let lim = ContentLimits {
+        nul: NulPolicy::Strip,
+        ..limits(BareLfPolicy::Reject)
+    };
+    let mut d = ContentDecoder::dot(lim);
+    let input = b"a\0b\r\n\0.\r\n.\0\r\n..\r\n.\r\n";
+    let (out, used, done) = decode(&mut d, input, 1);
+    assert!(done);
+    assert_eq!(used, input.len());
+    assert_eq!(d.error(), None);
+    assert_eq!(out, b"ab\r\n.\r\n\r\n.\r\n");
+    assert_eq!(d.size(), out.len() as u64);
+}
+
+#[test]
+fn nul_in_bdat_chunks_is_refused() {
+    let mut d = ContentDecoder::chunked(limits(BareLfPolicy::Reject));
+    let mut out = Vec::new();
+    d.feed(b"Subject: x\r\n\r\nbody\0\r\n", &mut out);
+    d.finish(&mut out);
+    assert_eq!(d.error(), Some(ContentError::Nul));
+    assert!(!out.contains(&0));
 }
 
 mod split_equivalence {
@@ -176,6 +230,7 @@ mod split_equivalence {
                 Just(b".".to_vec()),
                 Just(b"Received: x".to_vec()),
                 Just(b"\r\n\r\n".to_vec()),
+                Just(b"\0".to_vec()),
                 proptest::collection::vec(b'a'..=b'z', 1..40),
             ],
             0..60,
@@ -204,17 +259,41 @@ mod split_equivalence {
             max_received in 0usize..3,
             dot in any::<bool>(),
             normalize in any::<bool>(),
+            strip in any::<bool>(),
         ) {
             let limits = ContentLimits {
                 max_size,
                 max_line,
                 max_received,
                 bare_lf: if normalize { BareLfPolicy::Normalize } else { BareLfPolicy::Reject },
+                nul: if strip { NulPolicy::Strip } else { NulPolicy::Reject },
             };
             let make = || if dot { ContentDecoder::dot(limits) } else { ContentDecoder::chunked(limits) };
             let whole = run(&mut make(), &input, input.len().max(1));
             let bytewise = run(&mut make(), &input, 1);
             prop_assert_eq!(whole, bytewise);
+        }
+
+        /// Whatever the policy and however the input is split, no NUL is
+        /// ever emitted, and a NUL under `Reject` always refuses the message.
+        #[test]
+        fn no_nul_is_ever_emitted(
+            input in content(),
+            step in 1usize..50,
+            dot in any::<bool>(),
+            strip in any::<bool>(),
+        ) {
+            let limits = ContentLimits {
+                nul: if strip { NulPolicy::Strip } else { NulPolicy::Reject },
+                ..limits(BareLfPolicy::Normalize)
+            };
+            let mut dec = if dot { ContentDecoder::dot(limits) } else { ContentDecoder::chunked(limits) };
+            let (out, used, _, error, _) = run(&mut dec, &input, step);
+            prop_assert!(!out.contains(&0));
+            if !strip && input[..used].contains(&0) {
+                // The first problem is reported: a long line may come first.
+                prop_assert!(error.is_some());
+            }
         }
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! Modules: [`address`] (paths and mailboxes), [`command`] (command lines and
 //! ESMTP parameters), [`reply`] (reply codec), [`data`] (DATA/BDAT content
-//! framing and checks), [`ehlo`] (capabilities), [`server`] (the session
+//! framing and checks), [`ehlo`] (capabilities), [`headers`] (header-section
+//! filtering: forged `Authentication-Results:`), [`server`] (the session
 //! state machine).
 //!
 //! Errors: each parser returns a small error enum that maps one-to-one to
@@ -18,6 +19,7 @@ pub mod address;
 pub mod command;
 pub mod data;
 pub mod ehlo;
+pub mod headers;
 pub mod reply;
 pub mod server;
 

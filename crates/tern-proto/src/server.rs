@@ -14,8 +14,9 @@
 //! - Only CRLF ends a command line or a content line; a command line is
 //!   never longer than `max_command_line` in memory.
 //! - After `Close` nothing else is emitted and input is ignored.
-//! - Every 4xx/5xx reply counts towards `max_errors`; an accepted message
-//!   starts the count again. Refused recipients also count towards
+//! - Every 4xx/5xx reply counts towards `max_errors`, and every command that
+//!   makes no progress towards `max_junk_commands`; an accepted message
+//!   starts both counts again. Refused recipients also count towards
 //!   `max_rejected_recipients`, which nothing resets (address probing).
 //!
 //! Not done: I/O, timers (the driver calls [`Session::timeout`]), TLS,
@@ -48,6 +49,19 @@ pub enum BareLfPolicy {
     Normalize,
 }
 
+/// What to do with a NUL octet inside message content. RFC 5322 text and
+/// RFC 6152 8BITMIME exclude it, and a downstream server that drops NULs
+/// would read `<CRLF>NUL.<CRLF>` as the end of data: relaying NULs is a
+/// smuggling risk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NulPolicy {
+    /// Read the message to its real end, then refuse it with 550 5.6.0.
+    #[default]
+    Reject,
+    /// Remove every NUL from the emitted body.
+    Strip,
+}
+
 /// Session configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
@@ -70,9 +84,14 @@ pub struct ServerConfig {
     /// forgiven: an accepted message (to postmaster, say) between probes
     /// resets `max_errors` but not this; 0 = unlimited.
     pub max_rejected_recipients: usize,
+    /// Commands that make no progress (NOOP, RSET, VRFY, HELP, a repeated
+    /// HELO/EHLO, unknown verbs) allowed since the last accepted message;
+    /// one more gets 421 4.7.0 and Close. 0 = unlimited.
+    pub max_junk_commands: usize,
     /// `Received:` fields allowed in a message (loop detection, §6.3).
     pub max_received_headers: usize,
     pub bare_lf: BareLfPolicy,
+    pub nul: NulPolicy,
 }
 
 impl Default for ServerConfig {
@@ -86,8 +105,10 @@ impl Default for ServerConfig {
             max_recipients: 100,
             max_errors: 20,
             max_rejected_recipients: 100,
+            max_junk_commands: 100,
             max_received_headers: 100,
             bare_lf: BareLfPolicy::Reject,
+            nul: NulPolicy::Reject,
         }
     }
 }
@@ -214,6 +235,10 @@ pub struct Session {
     errors: usize,
     /// Recipients the driver refused in this session.
     rejected_recipients: usize,
+    /// Commands that made no progress since the last accepted message.
+    junk_commands: usize,
+    /// The first command line has started (its first octet was not binary).
+    seen_command: bool,
     /// Discarding an over-long command line up to its CRLF.
     skipping_line: bool,
     /// While skipping: the last discarded byte was CR.
@@ -245,6 +270,8 @@ impl Session {
             msg: None,
             errors: 0,
             rejected_recipients: 0,
+            junk_commands: 0,
+            seen_command: false,
             skipping_line: false,
             skip_prev_cr: false,
             line_tainted: false,
@@ -333,6 +360,7 @@ impl Session {
             max_line: self.config.max_text_line,
             max_received: self.config.max_received_headers,
             bare_lf: self.config.bare_lf,
+            nul: self.config.nul,
         }
     }
 
@@ -529,3 +557,5 @@ impl Session {
 mod tests;
 #[cfg(test)]
 mod tests_content;
+#[cfg(test)]
+mod tests_hardening;

@@ -10,6 +10,8 @@
 //!   commands one at a time, so policy sees them in order too.
 //! - Nothing is read from the socket while a query is being decided (OpenSMTPD
 //!   pauses input during filter phases): input cannot race past a decision.
+//! - No `Authentication-Results:` field under our host name reaches the
+//!   spool (RFC 8601 §5): the header section is filtered as it streams in.
 //! - An idle session holds no read buffer: bytes are read into a stack buffer
 //!   only once the socket is readable (memory per idle session is measured).
 //!
@@ -29,6 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tern_proto::headers::ForgedResultsFilter;
 use tern_proto::{
     BodyType, Decision, Event, ForwardPath, MailParams, Mailbox, Phase, Query, RcptParams, Reply,
     Ret, ReversePath, Session,
@@ -89,6 +92,10 @@ struct Transaction {
     destinations: HashSet<(bool, String)>,
     draft: Option<Draft>,
     draft_error: Option<io::Error>,
+    /// Removes forged results under our name from the header section.
+    forged_results: ForgedResultsFilter,
+    /// The header section's filtered octets, before they go to the draft.
+    filtered: Vec<u8>,
     /// Reserved when the content starts, so the `Received:` header can
     /// name the ID the 250 reply and the logs will use.
     queue_id: Option<MsgId>,
@@ -303,6 +310,8 @@ impl Driver {
             destinations: HashSet::new(),
             draft: None,
             draft_error: None,
+            forged_results: ForgedResultsFilter::new(&self.ctx.runtime.hostname),
+            filtered: Vec::new(),
             queue_id: None,
         });
         Decision::Accept
@@ -414,6 +423,7 @@ impl Driver {
         if tx.draft_error.is_some() {
             return;
         }
+        let chunk = tx.forged_results.feed(chunk, &mut tx.filtered);
         if let Some(draft) = tx.draft.as_mut()
             && let Err(e) = draft.write(chunk).await
         {
@@ -445,9 +455,19 @@ impl Driver {
                 "Error: insufficient system storage, try again later",
             ))
         };
-        let (Some(draft), None) = (tx.draft, tx.draft_error) else {
+        let (Some(mut draft), None) = (tx.draft, tx.draft_error) else {
             return temp_fail();
         };
+        // A message that is all header section ends inside it.
+        let mut rest = Vec::new();
+        let mut forged_results = tx.forged_results;
+        forged_results.finish(&mut rest);
+        if !rest.is_empty()
+            && let Err(e) = draft.write(&rest).await
+        {
+            warn!(event = "draft.error", session_id = self.session_id, error = %e);
+            return temp_fail();
+        }
         let params = tx.params;
         let envelope = Envelope {
             sender: tx.sender,

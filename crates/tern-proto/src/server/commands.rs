@@ -16,7 +16,9 @@
 
 use super::{Mode, Pending, Query, Session, Transaction};
 use crate::address::{ForwardPath, ReversePath};
-use crate::command::{Command, MailParams, Orcpt, RcptParams, announced_chunk_size, parse_command};
+use crate::command::{
+    Command, CommandError, MailParams, Orcpt, RcptParams, announced_chunk_size, parse_command,
+};
 use crate::reply::Reply;
 
 impl Session {
@@ -24,6 +26,20 @@ impl Session {
     pub(super) fn step_command(&mut self) -> bool {
         if self.skipping_line {
             return self.skip_long_line();
+        }
+        if !self.seen_command {
+            let Some(&first) = self.input.first() else {
+                return false;
+            };
+            if is_binary(first) {
+                // A TLS ClientHello, an SSLv2 hello or other binary junk: no
+                // SMTP client starts so. One reply and close, rather than a
+                // reply per fragment until the command timeout.
+                self.input = Vec::new();
+                self.close_with(CommandError::CrossProtocol.reply());
+                return true;
+            }
+            self.seen_command = true;
         }
         let max = self.config.max_command_line.max(3);
         let Some(lf) = self.input.iter().position(|&b| b == b'\n') else {
@@ -75,17 +91,12 @@ impl Session {
         }
         let line = self.input[..i].to_vec();
         self.consume(i + 2);
-        if line.contains(&b'\r') {
-            // §2.3.8: CR and LF only occur together as a line end.
-            self.refuse_line(
-                &line,
-                Reply::enhanced(500, (5, 5, 2), "Error: bare <CR> in command"),
-            );
-            return true;
-        }
+        // A bare CR (§2.3.8: CR and LF only occur together as a line end) is
+        // refused by the parser like any other forbidden octet.
         match parse_command(&line) {
             Ok(cmd) => self.command(cmd),
             Err(e) if e.closes_connection() => self.close_with(e.reply()),
+            Err(CommandError::UnknownVerb | CommandError::NotImplemented(_)) if self.junk() => {}
             Err(e) => self.refuse_line(&line, e.reply()),
         }
         true
@@ -101,6 +112,7 @@ impl Session {
     fn refuse_line(&mut self, line: &[u8], reply: Reply) {
         match announced_chunk_size(line) {
             None => self.reply(reply),
+            Some(Some(size)) if self.chunk_exceeds_limit(size) => self.chunk_too_large(),
             Some(Some(size)) => {
                 self.mode = Mode::Discard {
                     remaining: size,
@@ -118,10 +130,48 @@ impl Session {
         self.input = Vec::new();
         self.reset_transaction();
         self.close_with(Reply::enhanced(
-            554,
+            501,
             (5, 5, 4),
             "Error: BDAT chunk cannot be delimited, closing connection",
         ));
+    }
+
+    /// True when one BDAT chunk alone is over the message size limit.
+    fn chunk_exceeds_limit(&self, size: u64) -> bool {
+        let max = self.config.max_message_size;
+        max != 0 && size > max
+    }
+
+    /// A chunk bigger than any message we take: swallowing it would keep the
+    /// client (and us) busy for gigabytes before it learns the answer, so it
+    /// gets the answer at once and the session ends, since what follows on
+    /// the wire is that chunk.
+    fn chunk_too_large(&mut self) {
+        self.input = Vec::new();
+        self.reset_transaction();
+        self.close_with(Reply::enhanced(
+            552,
+            (5, 3, 4),
+            "Error: BDAT chunk exceeds the message size limit, closing connection",
+        ));
+    }
+
+    /// Counts a command that makes no progress towards a message (NOOP,
+    /// RSET, VRFY, HELP, a repeated HELO/EHLO, unknown or unimplemented
+    /// verbs), as Postfix's `smtpd_junk_command_limit` does; true when the
+    /// session was closed for too many since the last accepted message.
+    fn junk(&mut self) -> bool {
+        self.junk_commands += 1;
+        let max = self.config.max_junk_commands;
+        if max == 0 || self.junk_commands <= max {
+            return false;
+        }
+        let text = format!(
+            "{} Error: too many commands without mail",
+            self.config.hostname
+        );
+        self.close_with(Reply::enhanced(421, (4, 7, 0), &text));
+        true
     }
 
     /// Discards input up to and including the CRLF ending an over-long line.
@@ -149,6 +199,14 @@ impl Session {
     }
 
     fn command(&mut self, cmd: Command) {
+        let junk = match &cmd {
+            Command::Rset | Command::Noop | Command::Vrfy(_) | Command::Help(_) => true,
+            Command::Helo(_) | Command::Ehlo(_) => self.helo.is_some(),
+            _ => false,
+        };
+        if junk && self.junk() {
+            return;
+        }
         match cmd {
             Command::Helo(domain) => self.cmd_helo(domain, false),
             Command::Ehlo(domain) => self.cmd_helo(domain, true),
@@ -334,6 +392,10 @@ impl Session {
     /// RFC 3030 §2: the chunk's octets always follow the command, so even
     /// a refused BDAT must swallow them (or they would be read as commands).
     fn cmd_bdat(&mut self, size: u64, last: bool) {
+        if self.chunk_exceeds_limit(size) {
+            self.chunk_too_large();
+            return;
+        }
         let refusal = match &self.tx {
             // RFC 3030 §2: BDAT exists only after an EHLO that advertised CHUNKING.
             _ if !self.esmtp => Some(Reply::enhanced(503, (5, 5, 1), "Error: BDAT needs EHLO")),
@@ -368,6 +430,12 @@ impl Session {
             rcpts: Vec::new(),
         });
     }
+}
+
+/// An octet no SMTP command starts with: a control character other than
+/// the blanks and line ends a sloppy client may send first, DEL, or 8-bit.
+fn is_binary(b: u8) -> bool {
+    (b < 32 && !matches!(b, b'\t' | b'\r' | b'\n' | b' ')) || b >= 127
 }
 
 fn find_crlf(b: &[u8]) -> Option<usize> {

@@ -111,6 +111,7 @@ impl Session {
                 // "errors without delivering mail"): a list server that meets
                 // a few stale addresses in every message must not be cut off.
                 self.errors = 0;
+                self.junk_commands = 0;
                 self.reply(custom.unwrap_or_else(|| Reply::enhanced(250, (2, 0, 0), "Ok")));
             }
         }

@@ -64,7 +64,7 @@ pub(super) fn accept(_: &Query) -> Decision {
     Decision::Accept
 }
 
-fn queued(q: &Query) -> Decision {
+pub(super) fn queued(q: &Query) -> Decision {
     match q {
         Query::EndOfData => Decision::Queued {
             queue_id: "Q1".into(),
@@ -354,8 +354,8 @@ fn bare_lf_and_cr_never_end_a_valid_command() {
     let lf = "500 5.5.2 Error: bare <LF> in command\r\n";
     assert!(
         out.ends_with(&format!(
-            "250 DSN\r\n{lf}{lf}{lf}{lf}{lf}500 5.5.2 Error: bare <CR> in command\r\n\
-500 5.5.2 Error: bad characters in command\r\n250 2.1.0 Ok\r\n"
+            "250 DSN\r\n{lf}{lf}{lf}{lf}{lf}501 5.5.2 Error: bare <CR> in command\r\n\
+501 5.5.2 Error: NUL in command\r\n250 2.1.0 Ok\r\n"
         )),
         "{out}"
     );
@@ -629,7 +629,7 @@ fn data_limits() {
 
     let long = vec![b'x'; 2000];
     let ev = run_events_with(config(), &[head, &long, b"\r\n.\r\n"], accept);
-    assert!(replies(&ev).ends_with("500 5.5.2 Error: message line too long\r\n"));
+    assert!(replies(&ev).ends_with("554 5.6.0 Error: message line too long\r\n"));
     assert_eq!(count(&ev, |e| *e == Event::MessageAborted), 1);
 
     let cfg = ServerConfig {
@@ -912,7 +912,7 @@ fn a_bdat_line_refused_for_its_syntax_still_swallows_its_chunk() {
     );
     let r = replies(&ev);
     assert!(
-        r.ends_with("500 5.5.2 Error: bad characters in command\r\n250 2.0.0 Ok\r\n"),
+        r.ends_with("501 5.5.2 Error: invalid UTF-8 in command\r\n250 2.0.0 Ok\r\n"),
         "{r}"
     );
     // Extra spaces are tolerated, as in the other commands.
@@ -945,7 +945,7 @@ fn a_bdat_line_that_cannot_be_delimited_ends_the_session() {
         let ev = run_events_with(config(), &[&input], accept);
         let r = replies(&ev);
         assert!(
-            r.ends_with("250 2.1.5 Ok\r\n554 5.5.4 Error: BDAT chunk cannot be delimited, closing connection\r\n"),
+            r.ends_with("250 2.1.5 Ok\r\n501 5.5.4 Error: BDAT chunk cannot be delimited, closing connection\r\n"),
             "{r}"
         );
         assert_eq!(ev.last(), Some(&Event::Close));
@@ -961,7 +961,7 @@ fn a_bdat_line_that_cannot_be_delimited_ends_the_session() {
         accept,
     );
     assert!(
-        replies(&ev).ends_with("250 2.1.5 Ok\r\n554 5.5.4 Error: BDAT chunk cannot be delimited, closing connection\r\n"),
+        replies(&ev).ends_with("250 2.1.5 Ok\r\n501 5.5.4 Error: BDAT chunk cannot be delimited, closing connection\r\n"),
         "{}",
         replies(&ev)
     );

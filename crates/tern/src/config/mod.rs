@@ -26,7 +26,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tern_proto::BareLfPolicy;
+use tern_proto::{BareLfPolicy, NulPolicy};
 
 /// The listener's job. Only `mx` (port 25 style: anyone may send to our
 /// domains, nobody may relay unless trusted) exists so far.
@@ -81,6 +81,7 @@ pub struct Limits {
     pub max_recipients: usize,
     pub max_errors: usize,
     pub max_rejected_recipients: usize,
+    pub max_junk_commands: usize,
     pub max_received_headers: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
@@ -89,6 +90,7 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     pub min_free_space: u64,
     pub bare_lf: BareLfPolicy,
+    pub nul: NulPolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -155,8 +157,10 @@ impl Runtime {
             max_recipients: self.limits.max_recipients,
             max_errors: self.limits.max_errors,
             max_rejected_recipients: self.limits.max_rejected_recipients,
+            max_junk_commands: self.limits.max_junk_commands,
             max_received_headers: self.limits.max_received_headers,
             bare_lf: self.limits.bare_lf,
+            nul: self.limits.nul,
         }
     }
 }

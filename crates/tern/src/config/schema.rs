@@ -88,6 +88,7 @@ pub struct LimitsConfig {
     pub max_recipients: usize,
     pub max_errors: usize,
     pub max_rejected_recipients: usize,
+    pub max_junk_commands: usize,
     pub max_received_headers: usize,
     pub command_timeout: String,
     pub data_timeout: String,
@@ -96,6 +97,7 @@ pub struct LimitsConfig {
     pub max_connections_per_ip: usize,
     pub min_free_space: Option<u64>,
     pub bare_lf: String,
+    pub nul: String,
 }
 
 impl Default for LimitsConfig {
@@ -107,6 +109,8 @@ impl Default for LimitsConfig {
             max_recipients: 100,
             max_errors: 20,
             max_rejected_recipients: 100,
+            // Postfix's smtpd_junk_command_limit.
+            max_junk_commands: 100,
             max_received_headers: 100,
             // RFC 5321 §4.5.3.2.7: the server timeout should be at least 5 minutes.
             command_timeout: "5m".into(),
@@ -117,6 +121,7 @@ impl Default for LimitsConfig {
             max_connections_per_ip: 50,
             min_free_space: None,
             bare_lf: "reject".into(),
+            nul: "reject".into(),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tern_proto::BareLfPolicy;
+use tern_proto::{BareLfPolicy, NulPolicy};
 
 pub(super) struct Errors(pub(super) Vec<ConfigError>);
 
@@ -353,6 +353,11 @@ pub(super) fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
             1_000_000,
         ),
         (
+            "limits.max_junk_commands",
+            as_u64(l.max_junk_commands),
+            1_000_000,
+        ),
+        (
             "limits.max_received_headers",
             as_u64(l.max_received_headers),
             1_000,
@@ -401,6 +406,9 @@ pub(super) fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
     if l.max_rejected_recipients < 1 {
         errors.push("limits.max_rejected_recipients", "must be at least 1");
     }
+    if l.max_junk_commands < 1 {
+        errors.push("limits.max_junk_commands", "must be at least 1");
+    }
     if l.max_connections < 1 {
         errors.push("limits.max_connections", "must be at least 1");
     }
@@ -413,6 +421,14 @@ pub(super) fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
         _ => {
             errors.push("limits.bare_lf", "must be \"reject\" or \"normalize\"");
             BareLfPolicy::Reject
+        }
+    };
+    let nul = match l.nul.as_str() {
+        "reject" => NulPolicy::Reject,
+        "strip" => NulPolicy::Strip,
+        _ => {
+            errors.push("limits.nul", "must be \"reject\" or \"strip\"");
+            NulPolicy::Reject
         }
     };
     if !(1..=MAX_MESSAGE_SIZE).contains(&l.max_message_size) {
@@ -449,6 +465,7 @@ pub(super) fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
         max_recipients: l.max_recipients,
         max_errors: l.max_errors,
         max_rejected_recipients: l.max_rejected_recipients,
+        max_junk_commands: l.max_junk_commands,
         max_received_headers: l.max_received_headers,
         command_timeout,
         data_timeout,
@@ -457,6 +474,7 @@ pub(super) fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
         max_connections_per_ip: l.max_connections_per_ip,
         min_free_space,
         bare_lf,
+        nul,
     }
 }
 
