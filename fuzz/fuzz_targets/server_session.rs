@@ -7,18 +7,24 @@
 //! Invariants checked: no panic; every reply is well-formed (parses back to
 //! the same code, 200..=599); nothing follows Close; a query is the only
 //! way the session waits; `eof()` always ends in Close; no EndOfData
-//! without a Data query before it.
+//! without a Data query before it; no message content carries a NUL; the
+//! forged-results filter the driver runs over content never adds octets.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use tern_proto::headers::ForgedResultsFilter;
 use tern_proto::{
-    BareLfPolicy, Decision, EnhancedCode, Event, Query, Reply, ServerConfig, Session,
+    BareLfPolicy, Decision, EnhancedCode, Event, NulPolicy, Query, Reply, ServerConfig, Session,
 };
 
 struct Checker {
     closed: bool,
     data_queries: usize,
     end_queries: usize,
+    /// The current message's content through the driver's header filter.
+    filter: ForgedResultsFilter,
+    content_in: usize,
+    content_out: usize,
 }
 
 impl Checker {
@@ -37,10 +43,28 @@ impl Checker {
             Event::Query(Query::EndOfData) => {
                 self.end_queries += 1;
                 assert!(self.end_queries <= self.data_queries);
+                let mut rest = Vec::new();
+                self.filter.finish(&mut rest);
+                self.content_out += rest.len();
+                assert!(self.content_out <= self.content_in, "the filter added octets");
+                self.new_message();
             }
+            Event::Body(b) => {
+                assert!(!b.contains(&0), "NUL in content");
+                let mut scratch = Vec::new();
+                self.content_in += b.len();
+                self.content_out += self.filter.feed(b, &mut scratch).len();
+            }
+            Event::MessageAborted => self.new_message(),
             Event::Close => self.closed = true,
             _ => {}
         }
+    }
+
+    fn new_message(&mut self) {
+        self.filter = ForgedResultsFilter::new("mx.fuzz");
+        self.content_in = 0;
+        self.content_out = 0;
     }
 }
 
@@ -92,6 +116,12 @@ fuzz_target!(|data: &[u8]| {
         max_recipients: if small { 2 } else { 100 },
         max_errors: if flags & 4 != 0 { 0 } else { 20 },
         max_received_headers: if small { 1 } else { 50 },
+        max_junk_commands: if small { 3 } else { 100 },
+        nul: if flags & 16 != 0 {
+            NulPolicy::Strip
+        } else {
+            NulPolicy::Reject
+        },
         ..ServerConfig::default()
     };
     let mut s = Session::new(cfg);
@@ -99,6 +129,9 @@ fuzz_target!(|data: &[u8]| {
         closed: false,
         data_queries: 0,
         end_queries: 0,
+        filter: ForgedResultsFilter::new("mx.fuzz"),
+        content_in: 0,
+        content_out: 0,
     };
     let mut turn = 0;
     drain(&mut s, &mut c, seeds, &mut turn);
