@@ -99,6 +99,13 @@ def test_a_bdat_chunk_over_the_size_limit_is_refused_at_once(tern):
         c.expect(552, "5.3.4", timeout=5)
         assert c.is_closed()
         assert time.monotonic() - start < 5
+    # A client that sends its chunk without waiting still reads the answer:
+    # the server drains what follows its reply instead of resetting.
+    with srv.connect() as c:
+        open_transaction(c)
+        c.send(b"BDAT 4294967296 LAST\r\n" + b"x" * (256 * 1024))
+        c.expect(552, "5.3.4", timeout=5)
+        assert c.is_closed()
     # The limit itself is fine, and the server goes on.
     with srv.connect() as c:
         open_transaction(c)

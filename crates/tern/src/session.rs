@@ -31,6 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tern_proto::headers::ForgedResultsFilter;
 use tern_proto::{
     BodyType, Decision, Event, ForwardPath, MailParams, Mailbox, Phase, Query, RcptParams, Reply,
@@ -150,7 +151,40 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         Ok(()) => debug!(event = "session.close", session_id),
         Err(e) => debug!(event = "session.close", session_id, error = %e),
     }
-    let _ = stream.shutdown().await;
+    if stream.shutdown().await.is_ok() {
+        let shutdown = driver.ctx.shutdown.clone();
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = linger(&stream) => {}
+        }
+    }
+}
+
+/// How long, and how many octets, a closing session keeps reading.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_OCTETS: usize = 1024 * 1024;
+
+/// Reads and drops what the client still sends after our last reply and
+/// FIN. A socket closed with unread input answers with a reset, and a
+/// reset can make the client's stack discard our last reply before the
+/// client reads it: the 552 to an oversized BDAT whose chunk is still
+/// coming, the 554 to an early talker. A client that closes after our
+/// reply (QUIT) ends this at once.
+async fn linger(stream: &TcpStream) {
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut buf = [0u8; 4096];
+    let mut dropped = 0;
+    while dropped < LINGER_OCTETS {
+        match timeout_at(deadline, stream.readable()).await {
+            Ok(Ok(())) => match stream.try_read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => dropped += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            },
+            _ => return,
+        }
+    }
 }
 
 impl Driver {
