@@ -17,14 +17,16 @@
 //! and arrival time, the recipient's index in the envelope), never from the
 //! clock or the process: every attempt at one copy uses the same name, in
 //! `tmp/` and in `new/`. The move into `new/` refuses to replace an existing
-//! name, and finding one means an earlier attempt delivered this copy: it
+//! name. For a copy an earlier attempt may have delivered (the caller knows:
+//! the message was recovered at start-up or is being retried), a file found
+//! under its name that holds exactly this copy is that earlier delivery: it
 //! counts as delivered and no second one is written. A copy the user has
 //! read since was moved to `cur/` under its name plus an info suffix
-//! (`:2,S`), so for a copy an earlier attempt may have delivered (the caller
-//! knows: the message was recovered at start-up or is being retried) `cur/`
-//! is read as well, once per mailbox per batch. A first attempt never reads
-//! `cur/`, and a name already in `new/` is then a stranger's (a queue ID
-//! reused after the clock went back): that copy gets a unique name instead.
+//! (`:2,S`), so for such a copy `cur/` is read as well, once per mailbox per
+//! batch. A first attempt never reads `cur/` nor compares, and any file
+//! under its name is a stranger's (a queue ID reused after the clock went
+//! back), as is one with other content: the copy then goes under a unique
+//! name beside it, never lost.
 //!
 //! Invariants: a reader never sees a partial file in `new/` (the data is
 //! durable before the move, and the move is atomic); a failed copy leaves
@@ -173,10 +175,21 @@ fn open_dir(maildir: &Path, sub: &str) -> io::Result<File> {
 
 type Mailboxes<'a> = BTreeMap<&'a Path, Result<MaildirDirs, (io::ErrorKind, String)>>;
 
+/// What `cur/` holds under a redelivered copy's name.
+enum InCur {
+    Nothing,
+    /// This copy, from an earlier attempt.
+    Earlier,
+    /// A different message under the same name (a queue ID reused after
+    /// the clock went back): the copy must go under a unique name.
+    Stranger,
+}
+
 /// Where a copy stands once its file is written.
 enum Staged {
-    /// In `tmp/` under the copy's name.
-    InTmp(CString),
+    /// In `tmp/` under the copy's name; the bool says the name is taken
+    /// by a stranger.
+    InTmp(CString, bool),
     /// An earlier attempt's copy is in `cur/`: nothing to write.
     InCur,
 }
@@ -221,13 +234,17 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
         .zip(in_cur)
         .map(|((copy, name), in_cur)| {
             let (name, mailbox) = (name?, mailbox_of(copy)?);
-            if in_cur? {
-                // An interrupted attempt's leftover, if any.
-                let _ = unlinkat(&mailbox.tmp, &name);
-                return Ok(Staged::InCur);
-            }
+            let taken = match in_cur? {
+                InCur::Earlier => {
+                    // An interrupted attempt's leftover, if any.
+                    let _ = unlinkat(&mailbox.tmp, &name);
+                    return Ok(Staged::InCur);
+                }
+                InCur::Stranger => true,
+                InCur::Nothing => false,
+            };
             write_tmp(copy, mailbox, &name)?;
-            Ok(Staged::InTmp(name))
+            Ok(Staged::InTmp(name, taken))
         })
         .collect();
     sync_file_systems(copies, &mailboxes, &mut staged);
@@ -236,7 +253,9 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
         .zip(staged)
         .map(|(copy, staged)| match staged? {
             Staged::InCur => Ok(Placed::InCur),
-            Staged::InTmp(name) => move_into_new(namer, copy, mailbox_of(copy)?, name),
+            Staged::InTmp(name, taken) => {
+                move_into_new(namer, copy, mailbox_of(copy)?, name, taken)
+            }
         })
         .collect();
     // The moves (and an earlier attempt's move, which the crash may have
@@ -276,14 +295,16 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
         .collect()
 }
 
-/// Moves a copy from `tmp/` into `new/` under its name; if that name is
-/// taken, it is this copy's earlier delivery on a redelivery, and a
-/// stranger's on a first attempt (which then moves under a unique name).
+/// Moves a copy from `tmp/` into `new/` under its name. If that name is
+/// taken in `new/`, it is this copy's earlier delivery on a redelivery (if
+/// the file holds this very copy), or else a stranger's; a copy whose name
+/// a stranger took (there or, `taken`, in `cur/`) moves under a unique name.
 fn move_into_new(
     namer: &MaildirNamer,
     copy: &LocalCopy<'_>,
     mailbox: &MaildirDirs,
     name: CString,
+    taken: bool,
 ) -> io::Result<Placed> {
     let failed = |e: io::Error| {
         let _ = unlinkat(&mailbox.tmp, &name);
@@ -292,38 +313,71 @@ fn move_into_new(
             format!("rename into {}/new: {e}", copy.maildir.display()),
         )
     };
-    match move_unless_taken(&mailbox.tmp, &name, &mailbox.new, &name) {
-        Ok(true) => Ok(Placed::InNew(name, Delivered::Written)),
-        Ok(false) if copy.redelivery => {
+    if !taken {
+        if move_unless_taken(&mailbox.tmp, &name, &mailbox.new, &name).map_err(failed)? {
+            return Ok(Placed::InNew(name, Delivered::Written));
+        }
+        if copy.redelivery && holds_copy(open_at(&mailbox.new, &name), copy).map_err(failed)? {
             let _ = unlinkat(&mailbox.tmp, &name);
-            Ok(Placed::InNew(name, Delivered::EarlierInNew))
+            return Ok(Placed::InNew(name, Delivered::EarlierInNew));
         }
-        Ok(false) => {
-            let size = copy.prefix.len() + copy.body.len();
-            let unique = CString::new(namer.unique(&copy.key, size))
-                .map_err(|e| failed(io::Error::other(e)))?;
-            warn!(event = "delivery.name_taken", maildir = %copy.maildir.display(), name = %name.to_string_lossy(), instead = %unique.to_string_lossy());
-            match move_unless_taken(&mailbox.tmp, &name, &mailbox.new, &unique) {
-                Ok(true) => Ok(Placed::InNew(unique, Delivered::Written)),
-                Ok(false) => Err(failed(io::ErrorKind::AlreadyExists.into())),
-                Err(e) => Err(failed(e)),
-            }
-        }
+    }
+    let size = copy.prefix.len() + copy.body.len();
+    let unique =
+        CString::new(namer.unique(&copy.key, size)).map_err(|e| failed(io::Error::other(e)))?;
+    warn!(event = "delivery.name_taken", maildir = %copy.maildir.display(), name = %name.to_string_lossy(), instead = %unique.to_string_lossy());
+    match move_unless_taken(&mailbox.tmp, &name, &mailbox.new, &unique) {
+        Ok(true) => Ok(Placed::InNew(unique, Delivered::Written)),
+        Ok(false) => Err(failed(io::ErrorKind::AlreadyExists.into())),
         Err(e) => Err(failed(e)),
     }
 }
 
-/// For each copy, whether an earlier attempt's copy is in its mailbox's
-/// `cur/`: one `readdir` per mailbox holding a redelivered copy (a first
-/// attempt never pays for one), and one `fsync` of `cur/` where one was
+/// Whether `file` holds exactly this copy: only then is a file under the
+/// copy's name its earlier delivery (a stranger keeps its file, and ours
+/// goes beside it). A file gone meanwhile was moved on by a mail reader
+/// (to `cur/`, or to another flag there): its name is all there is to go
+/// by, and it was ours.
+fn holds_copy(file: io::Result<File>, copy: &LocalCopy<'_>) -> io::Result<bool> {
+    let mut file = match file {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    let (head, tail) = (copy.prefix, copy.body);
+    if file.metadata()?.len() != (head.len() + tail.len()) as u64 {
+        return Ok(false);
+    }
+    let mut text = Vec::with_capacity(head.len() + tail.len());
+    io::Read::read_to_end(&mut file, &mut text)?;
+    Ok(text.len() == head.len() + tail.len()
+        && text[..head.len()] == *head
+        && text[head.len()..] == *tail)
+}
+
+/// `openat(dir, name)` for reading, never through a symlink.
+fn open_at(dir: &File, name: &CStr) -> io::Result<File> {
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name` is NUL-terminated; the fd we get back is ours alone.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// For each copy, what its mailbox's `cur/` holds under its name: one
+/// `readdir` per mailbox holding a redelivered copy (a first attempt never
+/// pays for one), and one `fsync` of `cur/` where an earlier copy was
 /// found, since the reader's move into `cur/` may not be durable yet (nor
 /// was the earlier attempt's into `new/`, if the crash came first).
 fn find_earlier_in_cur(
     copies: &[LocalCopy<'_>],
     names: &[io::Result<CString>],
     mailboxes: &Mailboxes<'_>,
-) -> Vec<io::Result<bool>> {
-    let mut found: Vec<io::Result<bool>> = copies.iter().map(|_| Ok(false)).collect();
+) -> Vec<io::Result<InCur>> {
+    let mut found: Vec<io::Result<InCur>> = copies.iter().map(|_| Ok(InCur::Nothing)).collect();
     let mut wanted: BTreeMap<&Path, HashMap<&[u8], Vec<usize>>> = BTreeMap::new();
     for (i, copy) in copies.iter().enumerate() {
         if let (true, Ok(name), Some(Ok(_))) =
@@ -339,30 +393,44 @@ fn find_earlier_in_cur(
     }
     for (maildir, wanted) in wanted {
         let cur = maildir.join("cur");
-        let hits = scan_cur(&cur, &wanted).and_then(|hits| {
-            if !hits.is_empty() {
-                crate::fsutil::sync_dir(&cur)?;
-            }
-            Ok(hits)
-        });
-        match hits {
-            Ok(hits) => {
-                for i in hits {
-                    found[i] = Ok(true);
-                }
-            }
+        let hits = match scan_cur(&cur, &wanted) {
+            Ok(hits) => hits,
             Err(e) => {
                 for i in wanted.into_values().flatten() {
                     found[i] = Err(io::Error::new(e.kind(), e.to_string()));
                 }
+                continue;
+            }
+        };
+        let mut earlier = Vec::new();
+        for (i, path) in hits {
+            found[i] = match holds_copy(File::open(&path), &copies[i]) {
+                Ok(true) => {
+                    earlier.push(i);
+                    Ok(InCur::Earlier)
+                }
+                Ok(false) => Ok(InCur::Stranger),
+                Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+            };
+        }
+        if earlier.is_empty() {
+            continue;
+        }
+        if let Err(e) = crate::fsutil::sync_dir(&cur) {
+            for i in earlier {
+                found[i] = Err(io::Error::new(e.kind(), e.to_string()));
             }
         }
     }
     found
 }
 
-/// The copies among `wanted` (by name) that `cur/` holds.
-fn scan_cur(cur: &Path, wanted: &HashMap<&[u8], Vec<usize>>) -> io::Result<Vec<usize>> {
+/// The copies among `wanted` (by name) that `cur/` holds a file for, with
+/// that file.
+fn scan_cur(
+    cur: &Path,
+    wanted: &HashMap<&[u8], Vec<usize>>,
+) -> io::Result<Vec<(usize, std::path::PathBuf)>> {
     let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", cur.display()));
     let entries = match std::fs::read_dir(cur) {
         Ok(entries) => entries,
@@ -374,7 +442,7 @@ fn scan_cur(cur: &Path, wanted: &HashMap<&[u8], Vec<usize>>) -> io::Result<Vec<u
     for entry in entries {
         let entry = entry.map_err(with_path)?;
         if let Some(copies) = earlier_copy_of(entry.file_name().as_bytes(), wanted) {
-            hits.extend_from_slice(copies);
+            hits.extend(copies.iter().map(|&i| (i, entry.path())));
         }
     }
     Ok(hits)
@@ -460,7 +528,7 @@ fn sync_file_systems(
 ) {
     let mut by_fs: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     for (i, w) in written.iter().enumerate() {
-        if let (Ok(Staged::InTmp(_)), Some(Ok(mailbox))) = (w, mailboxes.get(copies[i].maildir)) {
+        if let (Ok(Staged::InTmp(..)), Some(Ok(mailbox))) = (w, mailboxes.get(copies[i].maildir)) {
             by_fs.entry(mailbox.dev).or_default().push(i);
         }
     }
@@ -473,7 +541,7 @@ fn sync_file_systems(
             // Only copies written now: a copy found in cur/ is not ours to
             // fail (its own sync was done).
             for i in members {
-                if let (Ok(Staged::InTmp(name)), Some(Ok(mailbox))) =
+                if let (Ok(Staged::InTmp(name, _)), Some(Ok(mailbox))) =
                     (&written[i], mailboxes.get(copies[i].maildir))
                 {
                     let _ = unlinkat(&mailbox.tmp, name);
@@ -812,7 +880,8 @@ mod tests {
         // A leftover next to a copy the user already read: removed too.
         let c = redelivery(copy(&maildir, b"body\r\n", 1));
         let name = namer.name(&c.key, c.prefix.len() + c.body.len());
-        fs::write(maildir.join("cur").join(format!("{name}:2,S")), b"x").unwrap();
+        let read = maildir.join("cur").join(format!("{name}:2,S"));
+        fs::write(read, b"Delivered-To: a@x\r\nbody\r\n").unwrap();
         fs::write(maildir.join("tmp").join(&name), b"Deliv").unwrap();
         let results = deliver_batch(&namer, &[c]);
         assert_eq!(delivered(results), vec![Delivered::EarlierInCur]);
@@ -883,6 +952,39 @@ mod tests {
             b"Delivered-To: a@x\r\nbody\r\n"
         );
         assert!(names(&maildir, "tmp").is_empty());
+    }
+
+    #[test]
+    fn a_redelivery_never_takes_a_strangers_file_for_its_copy() {
+        // Same name, other content (a queue ID reused after the clock went
+        // back), in new/ and in cur/: the copy goes beside it.
+        for sub in ["new", "cur"] {
+            let (_root, maildir) = mailbox();
+            let namer = MaildirNamer::new("h");
+            let c = redelivery(copy(&maildir, b"body\r\n", 0));
+            let size = c.prefix.len() + c.body.len();
+            let name = namer.name(&c.key, size);
+            for sub in ["tmp", "new", "cur"] {
+                fs::create_dir_all(maildir.join(sub)).unwrap();
+            }
+            let info = if sub == "cur" { ":2,S" } else { "" };
+            let stranger = maildir.join(sub).join(format!("{name}{info}"));
+            // Even the size in the name matches.
+            fs::write(&stranger, vec![b'x'; size]).unwrap();
+            let results = deliver_batch(&namer, &[c]);
+            assert_eq!(delivered(results), vec![Delivered::Written], "{sub}");
+            let ours: Vec<String> = names(&maildir, "new")
+                .into_iter()
+                .filter(|n| *n != name)
+                .collect();
+            assert_eq!(ours.len(), 1, "{sub}");
+            assert_eq!(
+                fs::read(maildir.join("new").join(&ours[0])).unwrap(),
+                b"Delivered-To: a@x\r\nbody\r\n"
+            );
+            assert_eq!(fs::read(&stranger).unwrap(), vec![b'x'; size]);
+            assert!(names(&maildir, "tmp").is_empty());
+        }
     }
 
     #[test]
