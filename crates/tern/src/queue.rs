@@ -595,7 +595,7 @@ mod run_tests {
         let toml = format!(
             "hostname = \"mx.test\"\ndata_dir = \"{}\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
              [local]\ndomains = [\"example.test\"]\n[[user]]\nname = \"alice\"\n\
-             addresses = [\"alice@example.test\"]\n",
+             addresses = [\"alice@example.test\"]\n[delivery]\nretry_initial = \"1s\"\n",
             dir.display()
         );
         Arc::new(crate::config::parse(&toml, dir).unwrap())
@@ -684,5 +684,23 @@ mod run_tests {
             );
             assert_eq!(std::fs::read(&earlier).unwrap(), copy);
         }
+    }
+
+    /// The spool cannot record a delivered copy (a failed write): the retry
+    /// finds the copy instead of writing a second one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_whose_delivery_was_not_recorded_is_not_written_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let runtime = runtime(tmp.path());
+        let (spool, _) = Spool::open(SpoolConfig::new(runtime.spool.dir.clone())).unwrap();
+        let shutdown = CancellationToken::new();
+        let (queue, task) = start(runtime.clone(), spool.clone(), shutdown.clone()).unwrap();
+        let id = commit(&spool, b"Subject: once\r\n\r\nx\r\n").await;
+        spool.faults().fail_writes(1);
+        queue.notify(id);
+        wait_until(|| spool.live().is_empty()).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        assert_eq!(delivered(tmp.path()), 1);
     }
 }

@@ -187,9 +187,12 @@ enum InCur {
 
 /// Where a copy stands once its file is written.
 enum Staged {
-    /// In `tmp/` under the copy's name; the bool says the name is taken
-    /// by a stranger.
-    InTmp(CString, bool),
+    /// In `tmp/` under the copy's name.
+    InTmp {
+        name: CString,
+        /// A stranger's file in `cur/` has the name.
+        taken: bool,
+    },
     /// An earlier attempt's copy is in `cur/`: nothing to write.
     InCur,
 }
@@ -244,7 +247,7 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
                 InCur::Nothing => false,
             };
             write_tmp(copy, mailbox, &name)?;
-            Ok(Staged::InTmp(name, taken))
+            Ok(Staged::InTmp { name, taken })
         })
         .collect();
     sync_file_systems(copies, &mailboxes, &mut staged);
@@ -253,7 +256,7 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
         .zip(staged)
         .map(|(copy, staged)| match staged? {
             Staged::InCur => Ok(Placed::InCur),
-            Staged::InTmp(name, taken) => {
+            Staged::InTmp { name, taken } => {
                 move_into_new(namer, copy, mailbox_of(copy)?, name, taken)
             }
         })
@@ -528,7 +531,8 @@ fn sync_file_systems(
 ) {
     let mut by_fs: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     for (i, w) in written.iter().enumerate() {
-        if let (Ok(Staged::InTmp(..)), Some(Ok(mailbox))) = (w, mailboxes.get(copies[i].maildir)) {
+        if let (Ok(Staged::InTmp { .. }), Some(Ok(mailbox))) = (w, mailboxes.get(copies[i].maildir))
+        {
             by_fs.entry(mailbox.dev).or_default().push(i);
         }
     }
@@ -541,7 +545,7 @@ fn sync_file_systems(
             // Only copies written now: a copy found in cur/ is not ours to
             // fail (its own sync was done).
             for i in members {
-                if let (Ok(Staged::InTmp(name, _)), Some(Ok(mailbox))) =
+                if let (Ok(Staged::InTmp { name, .. }), Some(Ok(mailbox))) =
                     (&written[i], mailboxes.get(copies[i].maildir))
                 {
                     let _ = unlinkat(&mailbox.tmp, name);
