@@ -13,10 +13,12 @@
 //! Invariants: a recipient's state changes only after its delivery result is
 //! known; a message is finished (`DONE`) only once every recipient is final.
 //! Remote recipients stay pending: outbound delivery comes with its own issue.
-//! A local copy is delivered exactly once, across crashes too: every attempt
-//! but a message's first in this process is marked a redelivery, so the
-//! Maildir side finds a copy an earlier attempt wrote before its outcome
-//! could be recorded (see `deliver::maildir`).
+//! A local copy is delivered exactly once, across crashes too: an attempt
+//! that may follow an earlier one (a message recovered at start-up, a
+//! retry, an outcome the spool could not record) is marked a redelivery, so
+//! the Maildir side finds a copy an earlier attempt wrote before its outcome
+//! was recorded (see `deliver::maildir`); only a message's first attempt
+//! after its 250 is not.
 //!
 //! Errors: a Maildir error defers that recipient (never bounces, never loses);
 //! a spool error while recording leaves the recipient pending, so it is
