@@ -13,18 +13,24 @@
 //! Invariants: a recipient's state changes only after its delivery result is
 //! known; a message is finished (`DONE`) only once every recipient is final.
 //! Remote recipients stay pending: outbound delivery comes with its own issue.
+//! A local copy is delivered exactly once, across crashes too: an attempt
+//! that may follow an earlier one (a message recovered at start-up, a
+//! retry, an outcome the spool could not record) is marked a redelivery, so
+//! the Maildir side finds a copy an earlier attempt wrote before its outcome
+//! was recorded (see `deliver::maildir`); only a message's first attempt
+//! after its 250 is not.
 //!
 //! Errors: a Maildir error defers that recipient (never bounces, never loses);
 //! a spool error while recording leaves the recipient pending, so it is
-//! delivered again later (at-least-once).
+//! attempted again later, as a redelivery.
 
 use crate::config::Runtime;
-use crate::deliver::maildir::{LocalCopy, MaildirNamer, deliver_batch};
+use crate::deliver::maildir::{CopyKey, Delivered, LocalCopy, MaildirNamer, deliver_batch};
 use crate::deliver::worker::{DELIVERY_NICE, DeliveryThread};
 use crate::spool::{Envelope, MsgId, Outcome, RcptStatus, Route, Spool};
 use rand::Rng;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,6 +112,9 @@ struct LocalJob {
     envelope: Envelope,
     /// Indexes into `envelope.recipients`.
     due: Vec<usize>,
+    /// An earlier attempt may have delivered copies the spool does not
+    /// record (see `Queue::unrecorded`).
+    redelivery: bool,
 }
 
 pub struct Queue {
@@ -116,6 +125,11 @@ pub struct Queue {
     rx: mpsc::UnboundedReceiver<MsgId>,
     schedule: Schedule,
     ready: VecDeque<MsgId>,
+    /// Messages whose spool state may lag their mailboxes: recovered at
+    /// start-up (the crash may have come between a copy and its record) or
+    /// whose last outcome could not be recorded. Their next attempt is a
+    /// redelivery; so is any retry of a deferred recipient.
+    unrecorded: HashSet<MsgId>,
 }
 
 /// Starts the queue manager; it runs until `shutdown` is cancelled, then
@@ -136,6 +150,7 @@ pub fn start(
         rx,
         schedule: Schedule::default(),
         ready: VecDeque::new(),
+        unrecorded: HashSet::new(),
     };
     queue.load_spool();
     let handle = tokio::spawn(async move { queue.run(shutdown).await });
@@ -153,6 +168,7 @@ impl Queue {
         for (id, envelope) in self.spool.live() {
             if let Some(at) = next_local_attempt(&envelope) {
                 self.schedule.insert(at, id);
+                self.unrecorded.insert(id);
             }
         }
     }
@@ -232,8 +248,14 @@ impl Queue {
         let at = now();
         let mut jobs: Vec<LocalJob> = Vec::new();
         let mut bytes = 0u64;
+        // One job per message: two in one batch would write the same copy
+        // under the same name twice.
+        let mut taken = HashSet::with_capacity(batch.len());
         let mut ids = batch.into_iter();
         while let Some(id) = ids.next() {
+            if !taken.insert(id) {
+                continue;
+            }
             let Some(envelope) = self.spool.get(id) else {
                 continue;
             };
@@ -258,7 +280,13 @@ impl Queue {
                 continue;
             }
             bytes += envelope.size;
-            jobs.push(LocalJob { id, envelope, due });
+            let redelivery = self.unrecorded.contains(&id);
+            jobs.push(LocalJob {
+                id,
+                envelope,
+                due,
+                redelivery,
+            });
         }
         if jobs.is_empty() {
             return;
@@ -271,12 +299,15 @@ impl Queue {
     /// from the spool, then write every copy (a thread hand-off per message
     /// was the largest cost of delivery). One result per due recipient, in
     /// order.
-    async fn write_maildirs(&self, jobs: &[LocalJob]) -> Vec<Result<(), String>> {
-        // Per due recipient: its job and its mailbox. A user removed from the
-        // config since acceptance is deferred right here (kept until an
-        // administrator decides), never written anywhere.
-        let mut plan: Vec<(usize, CopyTarget)> = Vec::new();
-        for (j, LocalJob { envelope, due, .. }) in jobs.iter().enumerate() {
+    async fn write_maildirs(&self, jobs: &[LocalJob]) -> Vec<Result<Delivered, String>> {
+        // Per due recipient: its job, its copy and its mailbox. A user
+        // removed from the config since acceptance is deferred right here
+        // (kept until an administrator decides), never written anywhere.
+        let mut plan: Vec<(usize, CopyKey, bool, CopyTarget)> = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
+            let LocalJob {
+                id, envelope, due, ..
+            } = job;
             for &i in due {
                 let rcpt = &envelope.recipients[i];
                 let user = match &rcpt.route {
@@ -293,7 +324,16 @@ impl Queue {
                     }
                     None => Err("mailbox no longer configured".to_string()),
                 };
-                plan.push((j, target));
+                let key = CopyKey {
+                    queue_id: *id,
+                    received_at: envelope.received_at,
+                    rcpt: i,
+                };
+                // A deferral may have come after the copy was in place (a
+                // failed sync of new/ keeps an earlier attempt's copy).
+                let redelivery =
+                    job.redelivery || matches!(rcpt.status, RcptStatus::Deferred { .. });
+                plan.push((j, key, redelivery, target));
             }
         }
         let ids: Vec<MsgId> = jobs.iter().map(|j| j.id).collect();
@@ -315,18 +355,20 @@ impl Queue {
                     .collect();
                 let copies: Vec<LocalCopy<'_>> = plan
                     .iter()
-                    .filter_map(|(j, target)| match (target, &bodies[*j]) {
+                    .filter_map(|(j, key, redelivery, target)| match (target, &bodies[*j]) {
                         (Ok((maildir, prefix)), Ok(body)) => Some(LocalCopy {
                             maildir,
                             prefix,
                             body,
+                            key: *key,
+                            redelivery: *redelivery,
                         }),
                         _ => None,
                     })
                     .collect();
                 let mut written = deliver_batch(&namer, &copies).into_iter();
                 plan.iter()
-                    .map(|(j, target)| match (target, &bodies[*j]) {
+                    .map(|(j, _, _, target)| match (target, &bodies[*j]) {
                         (Ok(_), Ok(_)) => written
                             .next()
                             .unwrap_or_else(|| Err(std::io::Error::other("no result")))
@@ -341,7 +383,12 @@ impl Queue {
 
     /// Writes every outcome (all in one group commit), reschedules
     /// deferrals and finishes completed messages.
-    async fn record(&mut self, jobs: Vec<LocalJob>, results: Vec<Result<(), String>>, at: i64) {
+    async fn record(
+        &mut self,
+        jobs: Vec<LocalJob>,
+        results: Vec<Result<Delivered, String>>,
+        at: i64,
+    ) {
         let delivery = self.runtime.delivery.clone();
         let mut results = results.into_iter();
         let mut outcomes = Vec::with_capacity(jobs.len());
@@ -358,8 +405,13 @@ impl Queue {
                 let result = results.next().unwrap_or_else(|| Err("no result".into()));
                 let rcpt = &envelope.recipients[i];
                 let status = match result {
-                    Ok(()) => {
-                        info!(event = "delivery.result", queue_id = %id, rcpt = %rcpt.address, route = "maildir", status = "delivered");
+                    Ok(delivered) => {
+                        let copy = match delivered {
+                            Delivered::Written => "written",
+                            Delivered::EarlierInNew => "earlier copy in new/",
+                            Delivered::EarlierInCur => "earlier copy in cur/",
+                        };
+                        info!(event = "delivery.result", queue_id = %id, rcpt = %rcpt.address, route = "maildir", status = "delivered", copy);
                         RcptStatus::Delivered {
                             reply: "250 2.0.0 delivered to maildir".into(),
                             at,
@@ -399,11 +451,16 @@ impl Queue {
             let next = match recorded {
                 Ok(()) if done => {
                     info!(event = "queue.done", queue_id = %id);
+                    self.unrecorded.remove(&id);
                     None
                 }
-                Ok(()) => next_local_attempt(&envelope),
+                Ok(()) => {
+                    self.unrecorded.remove(&id);
+                    next_local_attempt(&envelope)
+                }
                 Err(e) => {
                     warn!(event = "queue.record_failed", queue_id = %id, error = %e);
+                    self.unrecorded.insert(id);
                     Some(at + whole_seconds_after(delivery.retry_initial))
                 }
             };
@@ -413,11 +470,14 @@ impl Queue {
         }
     }
 
-    async fn maybe_finish(&self, id: MsgId, envelope: &Envelope) {
-        if envelope.recipients.iter().all(|r| r.status.is_final())
-            && let Err(e) = self.spool.finish(id).await
-        {
-            warn!(event = "queue.finish_failed", queue_id = %id, error = %e);
+    async fn maybe_finish(&mut self, id: MsgId, envelope: &Envelope) {
+        if envelope.recipients.iter().all(|r| r.status.is_final()) {
+            match self.spool.finish(id).await {
+                Ok(()) => {
+                    self.unrecorded.remove(&id);
+                }
+                Err(e) => warn!(event = "queue.finish_failed", queue_id = %id, error = %e),
+            }
         }
     }
 }
@@ -533,16 +593,20 @@ mod run_tests {
         std::fs::read_dir(dir.join("mail/alice/Maildir/new")).map_or(0, |d| d.count())
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn delivers_bursts_and_stops_promptly_when_told() {
-        let tmp = tempfile::tempdir().unwrap();
+    fn runtime(dir: &std::path::Path) -> Arc<Runtime> {
         let toml = format!(
             "hostname = \"mx.test\"\ndata_dir = \"{}\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
              [local]\ndomains = [\"example.test\"]\n[[user]]\nname = \"alice\"\n\
-             addresses = [\"alice@example.test\"]\n",
-            tmp.path().display()
+             addresses = [\"alice@example.test\"]\n[delivery]\nretry_initial = \"1s\"\n",
+            dir.display()
         );
-        let runtime = Arc::new(crate::config::parse(&toml, tmp.path()).unwrap());
+        Arc::new(crate::config::parse(&toml, dir).unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delivers_bursts_and_stops_promptly_when_told() {
+        let tmp = tempfile::tempdir().unwrap();
+        let runtime = runtime(tmp.path());
         let (spool, _) = Spool::open(SpoolConfig::new(runtime.spool.dir.clone())).unwrap();
         let shutdown = CancellationToken::new();
         let (queue, task) = start(runtime, spool.clone(), shutdown.clone()).unwrap();
@@ -571,5 +635,74 @@ mod run_tests {
             .unwrap();
         // Whatever it did not deliver is still safe in the spool.
         assert_eq!(delivered(tmp.path()) + spool.live().len(), 46);
+    }
+
+    /// A crash came between a copy's move into new/ and the spool's record
+    /// of it: the restarted queue finds that copy (still in new/, or in cur/
+    /// once read) and finishes the message without writing a second one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_delivered_before_a_crash_is_not_written_again() {
+        for read in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let runtime = runtime(tmp.path());
+            let (spool, _) = Spool::open(SpoolConfig::new(runtime.spool.dir.clone())).unwrap();
+            let body = b"Subject: once\r\n\r\nx\r\n";
+            let id = commit(&spool, body).await;
+            let envelope = spool.get(id).unwrap();
+            let copy = [
+                format!(
+                    "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+                    envelope.sender, envelope.recipients[0].address
+                )
+                .as_bytes(),
+                body,
+            ]
+            .concat();
+            let key = CopyKey {
+                queue_id: id,
+                received_at: envelope.received_at,
+                rcpt: 0,
+            };
+            let name = MaildirNamer::new(&runtime.hostname).name(&key, copy.len());
+            let maildir = runtime.users.get("alice").unwrap().maildir.clone();
+            for sub in ["tmp", "new", "cur"] {
+                std::fs::create_dir_all(maildir.join(sub)).unwrap();
+            }
+            let earlier = match read {
+                false => maildir.join("new").join(&name),
+                true => maildir.join("cur").join(format!("{name}:2,S")),
+            };
+            std::fs::write(&earlier, &copy).unwrap();
+            // The start-up after the crash.
+            let shutdown = CancellationToken::new();
+            let (_queue, task) = start(runtime.clone(), spool.clone(), shutdown.clone()).unwrap();
+            wait_until(|| spool.live().is_empty()).await;
+            shutdown.cancel();
+            task.await.unwrap();
+            let count = |sub: &str| std::fs::read_dir(maildir.join(sub)).unwrap().count();
+            assert_eq!(
+                (count("new"), count("cur"), count("tmp")),
+                (usize::from(!read), usize::from(read), 0)
+            );
+            assert_eq!(std::fs::read(&earlier).unwrap(), copy);
+        }
+    }
+
+    /// The spool cannot record a delivered copy (a failed write): the retry
+    /// finds the copy instead of writing a second one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_whose_delivery_was_not_recorded_is_not_written_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let runtime = runtime(tmp.path());
+        let (spool, _) = Spool::open(SpoolConfig::new(runtime.spool.dir.clone())).unwrap();
+        let shutdown = CancellationToken::new();
+        let (queue, task) = start(runtime.clone(), spool.clone(), shutdown.clone()).unwrap();
+        let id = commit(&spool, b"Subject: once\r\n\r\nx\r\n").await;
+        spool.faults().fail_writes(1);
+        queue.notify(id);
+        wait_until(|| spool.live().is_empty()).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        assert_eq!(delivered(tmp.path()), 1);
     }
 }

@@ -1,36 +1,72 @@
 //! Local delivery into Maildir (https://cr.yp.to/proto/maildir.html).
 //!
-//! Each copy is written to `tmp/` under a unique name, made durable, and
-//! renamed into `new/`; the copy counts as delivered only after `new/` itself
-//! was synced. A batch shares that cost: all its files are written first,
-//! then one `syncfs(2)` per file system makes every one of them durable at
-//! once, then they are renamed, then each distinct `new/` directory is synced
-//! once. Per message that is a create, a write and a rename, and no fsync of
-//! its own: on ext4 a per-file fsync writes that file's inode block, and a
-//! batch's inodes share blocks (measured: the per-file fsyncs, their inode
-//! block writes and the threads contending on the directory lock were most
-//! of the delivery cost).
+//! Each copy is written to `tmp/`, made durable, and moved into `new/`; the
+//! copy counts as delivered only after `new/` itself was synced. A batch
+//! shares that cost: all its files are written first, then one `syncfs(2)`
+//! per file system makes every one of them durable at once, then they are
+//! moved, then each distinct `new/` directory is synced once. Per message
+//! that is a create, a write and a rename, and no fsync of its own: on ext4
+//! a per-file fsync writes that file's inode block, and a batch's inodes
+//! share blocks (measured: the per-file fsyncs, their inode block writes and
+//! the threads contending on the directory lock were most of the delivery
+//! cost).
+//!
+//! Exactly once across crashes. A crash between a copy's move into `new/`
+//! and the spool's record of it makes the queue deliver that copy again. So
+//! a copy's name is derived from what identifies it (the message's queue ID
+//! and arrival time, the recipient's index in the envelope), never from the
+//! clock or the process: every attempt at one copy uses the same name, in
+//! `tmp/` and in `new/`. The move into `new/` refuses to replace an existing
+//! name. For a copy an earlier attempt may have delivered (the caller knows:
+//! the message was recovered at start-up or is being retried), a file found
+//! under its name that holds exactly this copy is that earlier delivery: it
+//! counts as delivered and no second one is written. A copy the user has
+//! read since was moved to `cur/` under its name plus an info suffix
+//! (`:2,S`), so for such a copy `cur/` is read as well, once per mailbox per
+//! batch. A first attempt never reads `cur/` nor compares, and any file
+//! under its name is a stranger's (a queue ID reused after the clock went
+//! back), as is one with other content: the copy then goes under a unique
+//! name beside it, never lost.
 //!
 //! Invariants: a reader never sees a partial file in `new/` (the data is
-//! durable before the rename, and the rename is atomic); a failed copy
-//! leaves no file behind in `tmp/` or `new/`.
+//! durable before the move, and the move is atomic); a failed copy leaves
+//! no file of its own attempt behind in `tmp/` or `new/` (an earlier
+//! attempt's copy stays where it is); the `tmp/` file an interrupted attempt
+//! left is replaced or removed by the next attempt at that copy; a copy is
+//! reported delivered only once its name is durable in `new/` or `cur/`.
 //!
-//! Not here: the decision what to deliver where (the queue), headers other
-//! than the prefix the caller passes.
+//! Not here: the decision what to deliver where, and whether an earlier
+//! attempt may have delivered a copy (the queue); headers other than the
+//! prefix the caller passes.
 //!
 //! Errors: per copy, as `io::Error`; the queue turns every one into a
 //! deferral (a full mailbox disk must never bounce or lose mail).
 
 use crate::fsutil::create_dir_durable;
-use std::collections::BTreeMap;
+use crate::spool::MsgId;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+use tracing::warn;
+
+/// What identifies one copy on every attempt to deliver it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyKey {
+    pub queue_id: MsgId,
+    /// Unix seconds at acceptance, from the stored envelope: the time part
+    /// of the Maildir name, the same on a redelivery days later.
+    pub received_at: i64,
+    /// The recipient's index in the envelope: two recipients of one message
+    /// in one mailbox are two copies with two names.
+    pub rcpt: usize,
+}
 
 /// One copy of a message for one mailbox.
 pub struct LocalCopy<'a> {
@@ -38,11 +74,28 @@ pub struct LocalCopy<'a> {
     /// Header lines added for this copy (`Return-Path:`, `Delivered-To:`).
     pub prefix: &'a [u8],
     pub body: &'a [u8],
+    pub key: CopyKey,
+    /// An earlier attempt may have delivered this copy (a crash or a failed
+    /// spool record came after it): look for it in `cur/` too, and take a
+    /// copy found in `new/` for it.
+    pub redelivery: bool,
 }
 
-/// Source of unique file names: time, pid, a per-process sequence and the host.
+/// How a delivered copy got into the mailbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// Written by this attempt.
+    Written,
+    /// An earlier attempt's copy, still in `new/`.
+    EarlierInNew,
+    /// An earlier attempt's copy that the user has seen (moved to `cur/`).
+    EarlierInCur,
+}
+
+/// Maildir file names: derived from the copy, plus the host.
 pub struct MaildirNamer {
     host: String,
+    /// For the unique names of clashing copies only.
     sequence: AtomicU64,
 }
 
@@ -56,14 +109,28 @@ impl MaildirNamer {
         }
     }
 
-    fn next(&self, size: usize) -> String {
+    /// `<arrival>.Q<queue ID>R<recipient index>.<host>,S=<size>`: the same
+    /// on every attempt at this copy, and unique as long as queue IDs are.
+    pub fn name(&self, key: &CopyKey, size: usize) -> String {
+        format!(
+            "{}.Q{}R{}.{},S={}",
+            key.received_at, key.queue_id, key.rcpt, self.host, size
+        )
+    }
+
+    /// A name no other copy has (the time, the process and a per-process
+    /// sequence, as in classic Maildir names), for a first attempt whose
+    /// own name is taken by a stranger.
+    fn unique(&self, key: &CopyKey, size: usize) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
         format!(
-            "{}.M{}P{}Q{}.{},S={}",
+            "{}.Q{}R{}M{}P{}N{}.{},S={}",
             now.as_secs(),
+            key.queue_id,
+            key.rcpt,
             now.subsec_micros(),
             std::process::id(),
             seq,
@@ -88,29 +155,60 @@ impl MaildirDirs {
     /// Creates the mailbox if needed, then opens its directories.
     fn open(maildir: &Path) -> io::Result<MaildirDirs> {
         ensure_maildir(maildir)?;
-        let open_dir = |sub: &str| {
-            let dir = maildir.join(sub);
-            // O_DIRECTORY: something else put in its place (a FIFO) must
-            // fail here, not block the delivery thread.
-            OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-                .open(&dir)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
-        };
-        let tmp = open_dir("tmp")?;
-        let new = open_dir("new")?;
+        let tmp = open_dir(maildir, "tmp")?;
+        let new = open_dir(maildir, "new")?;
         let dev = tmp.metadata()?.dev();
         Ok(MaildirDirs { tmp, new, dev })
     }
 }
 
+fn open_dir(maildir: &Path, sub: &str) -> io::Result<File> {
+    let dir = maildir.join(sub);
+    // O_DIRECTORY: something else put in its place (a FIFO) must fail
+    // here, not block the delivery thread.
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(&dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
+}
+
+type Mailboxes<'a> = BTreeMap<&'a Path, Result<MaildirDirs, (io::ErrorKind, String)>>;
+
+/// What `cur/` holds under a redelivered copy's name.
+enum InCur {
+    Nothing,
+    /// This copy, from an earlier attempt.
+    Earlier,
+    /// A different message under the same name (a queue ID reused after
+    /// the clock went back): the copy must go under a unique name.
+    Stranger,
+}
+
+/// Where a copy stands once its file is written.
+enum Staged {
+    /// In `tmp/` under the copy's name.
+    InTmp {
+        name: CString,
+        /// A stranger's file in `cur/` has the name.
+        taken: bool,
+    },
+    /// An earlier attempt's copy is in `cur/`: nothing to write.
+    InCur,
+}
+
+/// Where a copy stands once it is in the mailbox (not yet synced).
+enum Placed {
+    /// In `new/` under this name.
+    InNew(CString, Delivered),
+    InCur,
+}
+
 /// Delivers every copy; blocking (run it on a blocking thread). The result
 /// at index i belongs to `copies[i]`.
-pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::Result<()>> {
+pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::Result<Delivered>> {
     // Each mailbox is checked (and created) once per batch, not once per copy.
-    let mut mailboxes: BTreeMap<&Path, Result<MaildirDirs, (io::ErrorKind, String)>> =
-        BTreeMap::new();
+    let mut mailboxes: Mailboxes<'_> = BTreeMap::new();
     for copy in copies {
         mailboxes.entry(copy.maildir).or_insert_with(|| {
             MaildirDirs::open(copy.maildir).map_err(|e| (e.kind(), e.to_string()))
@@ -124,34 +222,50 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
             None => Err(io::Error::other("mailbox not prepared")),
         }
     };
-    // Each copy's name, the same in tmp/ and, once renamed, in new/.
-    let mut written: Vec<io::Result<CString>> = copies
+    let names: Vec<io::Result<CString>> = copies
         .iter()
-        .map(|c| write_tmp(namer, c, mailbox_of(c)?))
+        .map(|c| {
+            let name = namer.name(&c.key, c.prefix.len() + c.body.len());
+            // Only a NUL in the configured host name could fail this.
+            CString::new(name).map_err(io::Error::other)
+        })
         .collect();
-    sync_file_systems(copies, &mailboxes, &mut written);
-    let mut outcomes: Vec<io::Result<CString>> = copies
+    let in_cur = find_earlier_in_cur(copies, &names, &mailboxes);
+    let mut staged: Vec<io::Result<Staged>> = copies
         .iter()
-        .zip(written)
-        .map(|(copy, name)| {
-            let name = name?;
-            let mailbox = mailbox_of(copy)?;
-            match renameat(&mailbox.tmp, &name, &mailbox.new, &name) {
-                Ok(()) => Ok(name),
-                Err(e) => {
+        .zip(names)
+        .zip(in_cur)
+        .map(|((copy, name), in_cur)| {
+            let (name, mailbox) = (name?, mailbox_of(copy)?);
+            let taken = match in_cur? {
+                InCur::Earlier => {
+                    // An interrupted attempt's leftover, if any.
                     let _ = unlinkat(&mailbox.tmp, &name);
-                    Err(io::Error::new(
-                        e.kind(),
-                        format!("rename into {}/new: {e}", copy.maildir.display()),
-                    ))
+                    return Ok(Staged::InCur);
                 }
+                InCur::Stranger => true,
+                InCur::Nothing => false,
+            };
+            write_tmp(copy, mailbox, &name)?;
+            Ok(Staged::InTmp { name, taken })
+        })
+        .collect();
+    sync_file_systems(copies, &mailboxes, &mut staged);
+    let mut placed: Vec<io::Result<Placed>> = copies
+        .iter()
+        .zip(staged)
+        .map(|(copy, staged)| match staged? {
+            Staged::InCur => Ok(Placed::InCur),
+            Staged::InTmp { name, taken } => {
+                move_into_new(namer, copy, mailbox_of(copy)?, name, taken)
             }
         })
         .collect();
-    // The renames are durable only once each new/ directory is synced.
+    // The moves (and an earlier attempt's move, which the crash may have
+    // caught before its sync) are durable only once each new/ is synced.
     let mut dirs: BTreeMap<&Path, Vec<usize>> = BTreeMap::new();
-    for (i, o) in outcomes.iter().enumerate() {
-        if o.is_ok() {
+    for (i, p) in placed.iter().enumerate() {
+        if let Ok(Placed::InNew(..)) = p {
             dirs.entry(copies[i].maildir).or_default().push(i);
         }
     }
@@ -161,47 +275,232 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
         };
         if let Err(e) = mailbox.new.sync_all() {
             for i in members {
-                if let Ok(name) = &outcomes[i] {
-                    // Not durable: take it back so a retry does not leave two copies.
+                if let Ok(Placed::InNew(name, Delivered::Written)) = &placed[i] {
+                    // Not durable: take it back, so the invariant holds (the
+                    // retry would also find and keep it).
                     let _ = unlinkat(&mailbox.new, name);
                 }
-                outcomes[i] = Err(io::Error::new(
+                placed[i] = Err(io::Error::new(
                     e.kind(),
                     format!("fsync {}/new: {e}", maildir.display()),
                 ));
             }
         }
     }
-    outcomes.into_iter().map(|o| o.map(|_| ())).collect()
+    placed
+        .into_iter()
+        .map(|p| {
+            p.map(|p| match p {
+                Placed::InNew(_, delivered) => delivered,
+                Placed::InCur => Delivered::EarlierInCur,
+            })
+        })
+        .collect()
 }
 
-/// Writes one copy into `tmp/` under a fresh name, which it returns. The
-/// file is closed at once, so a batch holds two descriptors per mailbox,
-/// not one per copy: the later `syncfs` through the mailbox's `tmp/`,
-/// opened before any copy was written, still reports every write-back
-/// error since (Linux 5.8+).
-fn write_tmp(
+/// Moves a copy from `tmp/` into `new/` under its name. If that name is
+/// taken in `new/`, it is this copy's earlier delivery on a redelivery (if
+/// the file holds this very copy), or else a stranger's; a copy whose name
+/// a stranger took (there or, `taken`, in `cur/`) moves under a unique name.
+fn move_into_new(
     namer: &MaildirNamer,
     copy: &LocalCopy<'_>,
     mailbox: &MaildirDirs,
-) -> io::Result<CString> {
-    let text_name = namer.next(copy.prefix.len() + copy.body.len());
+    name: CString,
+    taken: bool,
+) -> io::Result<Placed> {
+    let failed = |e: io::Error| {
+        let _ = unlinkat(&mailbox.tmp, &name);
+        io::Error::new(
+            e.kind(),
+            format!("rename into {}/new: {e}", copy.maildir.display()),
+        )
+    };
+    if !taken {
+        if move_unless_taken(&mailbox.tmp, &name, &mailbox.new, &name).map_err(failed)? {
+            return Ok(Placed::InNew(name, Delivered::Written));
+        }
+        if copy.redelivery && holds_copy(open_at(&mailbox.new, &name), copy).map_err(failed)? {
+            let _ = unlinkat(&mailbox.tmp, &name);
+            return Ok(Placed::InNew(name, Delivered::EarlierInNew));
+        }
+    }
+    let size = copy.prefix.len() + copy.body.len();
+    let unique =
+        CString::new(namer.unique(&copy.key, size)).map_err(|e| failed(io::Error::other(e)))?;
+    warn!(event = "delivery.name_taken", maildir = %copy.maildir.display(), name = %name.to_string_lossy(), instead = %unique.to_string_lossy());
+    match move_unless_taken(&mailbox.tmp, &name, &mailbox.new, &unique) {
+        Ok(true) => Ok(Placed::InNew(unique, Delivered::Written)),
+        Ok(false) => Err(failed(io::ErrorKind::AlreadyExists.into())),
+        Err(e) => Err(failed(e)),
+    }
+}
+
+/// Whether `file` holds exactly this copy: only then is a file under the
+/// copy's name its earlier delivery (a stranger keeps its file, and ours
+/// goes beside it). A file gone meanwhile was moved on by a mail reader
+/// (to `cur/`, or to another flag there): its name is all there is to go
+/// by, and it was ours.
+fn holds_copy(file: io::Result<File>, copy: &LocalCopy<'_>) -> io::Result<bool> {
+    let mut file = match file {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    let (head, tail) = (copy.prefix, copy.body);
+    if file.metadata()?.len() != (head.len() + tail.len()) as u64 {
+        return Ok(false);
+    }
+    let mut text = Vec::with_capacity(head.len() + tail.len());
+    io::Read::read_to_end(&mut file, &mut text)?;
+    Ok(text.len() == head.len() + tail.len()
+        && text[..head.len()] == *head
+        && text[head.len()..] == *tail)
+}
+
+/// `openat(dir, name)` for reading, never through a symlink.
+fn open_at(dir: &File, name: &CStr) -> io::Result<File> {
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name` is NUL-terminated; the fd we get back is ours alone.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// For each copy, what its mailbox's `cur/` holds under its name: one
+/// `readdir` per mailbox holding a redelivered copy (a first attempt never
+/// pays for one), and one `fsync` of `cur/` where an earlier copy was
+/// found, since the reader's move into `cur/` may not be durable yet (nor
+/// was the earlier attempt's into `new/`, if the crash came first).
+fn find_earlier_in_cur(
+    copies: &[LocalCopy<'_>],
+    names: &[io::Result<CString>],
+    mailboxes: &Mailboxes<'_>,
+) -> Vec<io::Result<InCur>> {
+    let mut found: Vec<io::Result<InCur>> = copies.iter().map(|_| Ok(InCur::Nothing)).collect();
+    let mut wanted: BTreeMap<&Path, HashMap<&[u8], Vec<usize>>> = BTreeMap::new();
+    for (i, copy) in copies.iter().enumerate() {
+        if let (true, Ok(name), Some(Ok(_))) =
+            (copy.redelivery, &names[i], mailboxes.get(copy.maildir))
+        {
+            wanted
+                .entry(copy.maildir)
+                .or_default()
+                .entry(name.as_bytes())
+                .or_default()
+                .push(i);
+        }
+    }
+    for (maildir, wanted) in wanted {
+        let cur = maildir.join("cur");
+        let hits = match scan_cur(&cur, &wanted) {
+            Ok(hits) => hits,
+            Err(e) => {
+                for i in wanted.into_values().flatten() {
+                    found[i] = Err(io::Error::new(e.kind(), e.to_string()));
+                }
+                continue;
+            }
+        };
+        let mut earlier = Vec::new();
+        for (i, path) in hits {
+            found[i] = match holds_copy(File::open(&path), &copies[i]) {
+                Ok(true) => {
+                    earlier.push(i);
+                    Ok(InCur::Earlier)
+                }
+                Ok(false) => Ok(InCur::Stranger),
+                Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+            };
+        }
+        if earlier.is_empty() {
+            continue;
+        }
+        if let Err(e) = crate::fsutil::sync_dir(&cur) {
+            for i in earlier {
+                found[i] = Err(io::Error::new(e.kind(), e.to_string()));
+            }
+        }
+    }
+    found
+}
+
+/// The copies among `wanted` (by name) that `cur/` holds a file for, with
+/// that file.
+fn scan_cur(
+    cur: &Path,
+    wanted: &HashMap<&[u8], Vec<usize>>,
+) -> io::Result<Vec<(usize, std::path::PathBuf)>> {
+    let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", cur.display()));
+    let entries = match std::fs::read_dir(cur) {
+        Ok(entries) => entries,
+        // A mailbox nobody has read yet may have none.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(with_path(e)),
+    };
+    let mut hits = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(with_path)?;
+        if let Some(copies) = earlier_copy_of(entry.file_name().as_bytes(), wanted) {
+            hits.extend(copies.iter().map(|&i| (i, entry.path())));
+        }
+    }
+    Ok(hits)
+}
+
+/// Which wanted name the `cur/` entry `entry` carries: its unique part is
+/// the name up to the info (`:2,S`; `;` or `!` on readers whose file
+/// systems forbid `:`), possibly followed by fields a reader appended
+/// (Dovecot's `,W=<size>`).
+fn earlier_copy_of<'w>(
+    entry: &[u8],
+    wanted: &'w HashMap<&[u8], Vec<usize>>,
+) -> Option<&'w Vec<usize>> {
+    for (at, byte) in entry.iter().enumerate() {
+        if matches!(byte, b':' | b';' | b'!' | b',') {
+            if let Some(copies) = wanted.get(&entry[..at]) {
+                return Some(copies);
+            }
+            if *byte == b':' {
+                return None;
+            }
+        }
+    }
+    wanted.get(entry)
+}
+
+/// Writes one copy into `tmp/` under its name. The file is closed at once,
+/// so a batch holds two descriptors per mailbox, not one per copy: the
+/// later `syncfs` through the mailbox's `tmp/`, opened before any copy was
+/// written, still reports every write-back error since (Linux 5.8+).
+fn write_tmp(copy: &LocalCopy<'_>, mailbox: &MaildirDirs, name: &CStr) -> io::Result<()> {
     let failed = |e: io::Error| {
         io::Error::new(
             e.kind(),
-            format!("{}/tmp/{text_name}: {e}", copy.maildir.display()),
+            format!(
+                "{}/tmp/{}: {e}",
+                copy.maildir.display(),
+                name.to_string_lossy()
+            ),
         )
     };
-    // Our names never hold a NUL (time, numbers, the escaped host name).
-    let name = CString::new(text_name.as_bytes()).map_err(|e| failed(io::Error::other(e)))?;
-    let mut file = create_new_at(&mailbox.tmp, &name).map_err(&failed)?;
-    match write_both(&mut file, copy.prefix, copy.body) {
-        Ok(()) => Ok(name),
-        Err(e) => {
-            let _ = unlinkat(&mailbox.tmp, &name);
-            Err(failed(e))
+    let mut file = match create_new_at(&mailbox.tmp, name) {
+        // An interrupted attempt at this copy left its file (the name is
+        // the copy's own), perhaps cut short: write it anew.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            unlinkat(&mailbox.tmp, name).map_err(failed)?;
+            create_new_at(&mailbox.tmp, name)
         }
+        created => created,
     }
+    .map_err(failed)?;
+    write_both(&mut file, copy.prefix, copy.body).map_err(|e| {
+        let _ = unlinkat(&mailbox.tmp, name);
+        failed(e)
+    })
 }
 
 /// Writes `head` then `tail` with as few system calls as the kernel allows
@@ -227,12 +526,13 @@ fn write_both(file: &mut File, head: &[u8], tail: &[u8]) -> io::Result<()> {
 /// (and removes) every copy on that file system.
 fn sync_file_systems(
     copies: &[LocalCopy<'_>],
-    mailboxes: &BTreeMap<&Path, Result<MaildirDirs, (io::ErrorKind, String)>>,
-    written: &mut [io::Result<CString>],
+    mailboxes: &Mailboxes<'_>,
+    written: &mut [io::Result<Staged>],
 ) {
     let mut by_fs: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     for (i, w) in written.iter().enumerate() {
-        if let (Ok(_), Some(Ok(mailbox))) = (w, mailboxes.get(copies[i].maildir)) {
+        if let (Ok(Staged::InTmp { .. }), Some(Ok(mailbox))) = (w, mailboxes.get(copies[i].maildir))
+        {
             by_fs.entry(mailbox.dev).or_default().push(i);
         }
     }
@@ -242,8 +542,10 @@ fn sync_file_systems(
             _ => continue,
         };
         if let Err(e) = synced {
+            // Only copies written now: a copy found in cur/ is not ours to
+            // fail (its own sync was done).
             for i in members {
-                if let (Ok(name), Some(Ok(mailbox))) =
+                if let (Ok(Staged::InTmp { name, .. }), Some(Ok(mailbox))) =
                     (&written[i], mailboxes.get(copies[i].maildir))
                 {
                     let _ = unlinkat(&mailbox.tmp, name);
@@ -277,6 +579,67 @@ fn create_new_at(dir: &File, name: &CStr) -> io::Result<File> {
     }
     // SAFETY: `fd` was just opened and is owned by nobody else.
     Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Moves `from_dir/from` to `to_dir/to` unless `to_dir/to` exists:
+/// `Ok(false)` then, and `from` stays where it is.
+fn move_unless_taken(from_dir: &File, from: &CStr, to_dir: &File, to: &CStr) -> io::Result<bool> {
+    // SAFETY: both names are NUL-terminated; both fds are open directories.
+    let rc = unsafe {
+        libc::renameat2(
+            from_dir.as_raw_fd(),
+            from.as_ptr(),
+            to_dir.as_raw_fd(),
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EEXIST) => Ok(false),
+        // A file system without RENAME_NOREPLACE (NFS, some FUSE ones).
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+            move_unless_present(from_dir, from, to_dir, to)
+        }
+        _ => Err(e),
+    }
+}
+
+/// [`move_unless_taken`] as a look, then a plain rename: no other copy can
+/// slip in between, since names carry our queue IDs and only the delivery
+/// thread creates them (mail readers only take names out of `new/`).
+fn move_unless_present(from_dir: &File, from: &CStr, to_dir: &File, to: &CStr) -> io::Result<bool> {
+    if exists_at(to_dir, to)? {
+        return Ok(false);
+    }
+    renameat(from_dir, from, to_dir, to).map(|()| true)
+}
+
+/// Whether `dir/name` exists (a symlink counts, whatever it points to).
+fn exists_at(dir: &File, name: &CStr) -> io::Result<bool> {
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `name` is NUL-terminated, `dir` an open directory, and
+    // `stat` is only read by the kernel's write into it.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            stat.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::NotFound {
+        Ok(false)
+    } else {
+        Err(e)
+    }
 }
 
 fn renameat(from_dir: &File, from: &CStr, to_dir: &File, to: &CStr) -> io::Result<()> {
@@ -321,6 +684,52 @@ fn ensure_maildir(maildir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::fs;
+    use std::path::PathBuf;
+
+    fn key(rcpt: usize) -> CopyKey {
+        CopyKey {
+            queue_id: MsgId(0x032E_9D2C_2F50_0001),
+            received_at: 1_796_508_070,
+            rcpt,
+        }
+    }
+
+    fn copy<'a>(maildir: &'a Path, body: &'a [u8], rcpt: usize) -> LocalCopy<'a> {
+        LocalCopy {
+            maildir,
+            prefix: b"Delivered-To: a@x\r\n",
+            body,
+            key: key(rcpt),
+            redelivery: false,
+        }
+    }
+
+    fn redelivery(copy: LocalCopy<'_>) -> LocalCopy<'_> {
+        LocalCopy {
+            redelivery: true,
+            ..copy
+        }
+    }
+
+    /// Sorted names in `maildir/sub`.
+    fn names(maildir: &Path, sub: &str) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(maildir.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn delivered(results: Vec<io::Result<Delivered>>) -> Vec<Delivered> {
+        results.into_iter().map(|r| r.unwrap()).collect()
+    }
+
+    fn mailbox() -> (tempfile::TempDir, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        let maildir = root.path().join("a/Maildir");
+        (root, maildir)
+    }
 
     #[test]
     fn batch_writes_every_copy_into_new() {
@@ -330,19 +739,16 @@ mod tests {
         let namer = MaildirNamer::new("host/x:y");
         let copies = vec![
             LocalCopy {
-                maildir: &a,
                 prefix: b"Delivered-To: a@x\r\n",
-                body: b"body1\r\n",
+                ..copy(&a, b"body1\r\n", 0)
             },
             LocalCopy {
-                maildir: &b,
                 prefix: b"Delivered-To: b@x\r\n",
-                body: b"body2\r\n",
+                ..copy(&b, b"body2\r\n", 1)
             },
             LocalCopy {
-                maildir: &a,
                 prefix: &[],
-                body: b"body3\r\n",
+                ..copy(&a, b"body3\r\n", 2)
             },
         ];
         let results = deliver_batch(&namer, &copies);
@@ -359,14 +765,8 @@ mod tests {
                 b"body3\r\n".to_vec()
             ]
         );
-        assert_eq!(fs::read_dir(a.join("tmp")).unwrap().count(), 0);
-        let name = fs::read_dir(b.join("new"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .file_name();
-        let name = name.to_string_lossy();
+        assert!(names(&a, "tmp").is_empty());
+        let name = &names(&b, "new")[0];
         assert!(name.contains("host\\057x\\072y,S=26"), "{name}");
     }
 
@@ -378,20 +778,253 @@ mod tests {
         fs::write(&blocker, b"not a directory").unwrap();
         let bad = blocker.join("Maildir");
         let namer = MaildirNamer::new("h");
-        let copies = vec![
-            LocalCopy {
-                maildir: &bad,
-                prefix: &[],
-                body: b"x",
-            },
-            LocalCopy {
-                maildir: &good,
-                prefix: &[],
-                body: b"y",
-            },
-        ];
+        let copies = vec![copy(&bad, b"x", 0), copy(&good, b"y", 1)];
         let results = deliver_batch(&namer, &copies);
         assert!(results[0].is_err());
         assert!(results[1].is_ok());
+    }
+
+    #[test]
+    fn a_copy_is_named_after_its_message_and_recipient_not_the_clock() {
+        let namer = MaildirNamer::new("mx.test");
+        let name = namer.name(&key(2), 455);
+        assert_eq!(name, "1796508070.Q032E9D2C2F500001R2.mx.test,S=455");
+        // Another process (a restart), later: the same name.
+        assert_eq!(MaildirNamer::new("mx.test").name(&key(2), 455), name);
+        assert_ne!(namer.name(&key(3), 455), name);
+        let (_root, maildir) = mailbox();
+        let results = deliver_batch(&namer, &[copy(&maildir, b"body\r\n", 2)]);
+        assert_eq!(delivered(results), vec![Delivered::Written]);
+        let size = b"Delivered-To: a@x\r\nbody\r\n".len();
+        assert_eq!(names(&maildir, "new"), vec![namer.name(&key(2), size)]);
+    }
+
+    #[test]
+    fn a_redelivery_finds_the_copy_in_new_and_writes_no_second_one() {
+        let (_root, maildir) = mailbox();
+        let namer = MaildirNamer::new("h");
+        let first = deliver_batch(&namer, &[copy(&maildir, b"body\r\n", 0)]);
+        assert_eq!(delivered(first), vec![Delivered::Written]);
+        let before = names(&maildir, "new");
+        // The crash came before the spool recorded it: delivered again.
+        let again = deliver_batch(&namer, &[redelivery(copy(&maildir, b"body\r\n", 0))]);
+        assert_eq!(delivered(again), vec![Delivered::EarlierInNew]);
+        assert_eq!(names(&maildir, "new"), before);
+        assert!(names(&maildir, "tmp").is_empty());
+        let text = fs::read(maildir.join("new").join(&before[0])).unwrap();
+        assert_eq!(text, b"Delivered-To: a@x\r\nbody\r\n");
+    }
+
+    #[test]
+    fn a_redelivery_finds_a_copy_the_user_has_read_in_cur() {
+        let (_root, maildir) = mailbox();
+        let namer = MaildirNamer::new("h");
+        let copies = [copy(&maildir, b"one\r\n", 0), copy(&maildir, b"two\r\n", 1)];
+        assert!(deliver_batch(&namer, &copies).iter().all(|r| r.is_ok()));
+        // A mail reader moves both to cur/: one with the standard info,
+        // one with a field of its own before it (Dovecot's W=).
+        let new = names(&maildir, "new");
+        let read = [format!("{}:2,S", new[0]), format!("{},W=30:2,RS", new[1])];
+        for (name, read) in new.iter().zip(&read) {
+            fs::rename(
+                maildir.join("new").join(name),
+                maildir.join("cur").join(read),
+            )
+            .unwrap();
+        }
+        let again = deliver_batch(&namer, &copies.map(redelivery));
+        assert_eq!(
+            delivered(again),
+            vec![Delivered::EarlierInCur, Delivered::EarlierInCur]
+        );
+        assert!(names(&maildir, "new").is_empty());
+        assert!(names(&maildir, "tmp").is_empty());
+        let mut read = read.to_vec();
+        read.sort();
+        assert_eq!(names(&maildir, "cur"), read);
+    }
+
+    #[test]
+    fn a_longer_name_in_cur_is_not_taken_for_the_copy() {
+        let (_root, maildir) = mailbox();
+        let namer = MaildirNamer::new("h");
+        let c = redelivery(copy(&maildir, b"body\r\n", 1));
+        let name = namer.name(&c.key, c.prefix.len() + c.body.len());
+        fs::create_dir_all(maildir.join("cur")).unwrap();
+        // Another copy whose name starts like ours (recipient 1 vs 12, a
+        // size with one more digit).
+        fs::write(maildir.join("cur").join(format!("{name}0:2,S")), b"x").unwrap();
+        let other = namer.name(&key(12), c.prefix.len() + c.body.len());
+        fs::write(maildir.join("cur").join(format!("{other}:2,")), b"x").unwrap();
+        let results = deliver_batch(&namer, &[c]);
+        assert_eq!(delivered(results), vec![Delivered::Written]);
+        assert_eq!(names(&maildir, "new"), vec![name]);
+    }
+
+    #[test]
+    fn a_leftover_tmp_file_of_an_interrupted_attempt_is_replaced_or_removed() {
+        let (_root, maildir) = mailbox();
+        let namer = MaildirNamer::new("h");
+        let c = redelivery(copy(&maildir, b"the whole body\r\n", 0));
+        let name = namer.name(&c.key, c.prefix.len() + c.body.len());
+        for sub in ["tmp", "new", "cur"] {
+            fs::create_dir_all(maildir.join(sub)).unwrap();
+        }
+        fs::write(
+            maildir.join("tmp").join(&name),
+            b"Delivered-To: a@x\r\nthe wh",
+        )
+        .unwrap();
+        let results = deliver_batch(&namer, &[c]);
+        assert_eq!(delivered(results), vec![Delivered::Written]);
+        assert!(names(&maildir, "tmp").is_empty());
+        let text = fs::read(maildir.join("new").join(&name)).unwrap();
+        assert_eq!(text, b"Delivered-To: a@x\r\nthe whole body\r\n");
+
+        // A leftover next to a copy the user already read: removed too.
+        let c = redelivery(copy(&maildir, b"body\r\n", 1));
+        let name = namer.name(&c.key, c.prefix.len() + c.body.len());
+        let read = maildir.join("cur").join(format!("{name}:2,S"));
+        fs::write(read, b"Delivered-To: a@x\r\nbody\r\n").unwrap();
+        fs::write(maildir.join("tmp").join(&name), b"Deliv").unwrap();
+        let results = deliver_batch(&namer, &[c]);
+        assert_eq!(delivered(results), vec![Delivered::EarlierInCur]);
+        assert!(names(&maildir, "tmp").is_empty());
+        assert_eq!(names(&maildir, "new").len(), 1);
+
+        // A first attempt meeting a leftover of its own name replaces it too.
+        let c = copy(&maildir, b"fresh\r\n", 2);
+        let name = namer.name(&c.key, c.prefix.len() + c.body.len());
+        fs::write(maildir.join("tmp").join(&name), b"junk").unwrap();
+        let results = deliver_batch(&namer, &[c]);
+        assert_eq!(delivered(results), vec![Delivered::Written]);
+        assert!(names(&maildir, "tmp").is_empty());
+        let text = fs::read(maildir.join("new").join(&name)).unwrap();
+        assert_eq!(text, b"Delivered-To: a@x\r\nfresh\r\n");
+    }
+
+    #[test]
+    fn two_recipients_in_one_mailbox_get_a_copy_each() {
+        let (_root, maildir) = mailbox();
+        let namer = MaildirNamer::new("h");
+        let copies = [
+            copy(&maildir, b"body\r\n", 0),
+            copy(&maildir, b"body\r\n", 3),
+        ];
+        let results = deliver_batch(&namer, &copies);
+        assert_eq!(
+            delivered(results),
+            vec![Delivered::Written, Delivered::Written]
+        );
+        assert_eq!(names(&maildir, "new").len(), 2);
+        // One of them delivered before a crash: the redelivery writes only
+        // the other.
+        let (_root, maildir) = mailbox();
+        let first = deliver_batch(&namer, &[copy(&maildir, b"body\r\n", 0)]);
+        assert!(first[0].is_ok());
+        let copies = [
+            copy(&maildir, b"body\r\n", 0),
+            copy(&maildir, b"body\r\n", 3),
+        ];
+        let again = deliver_batch(&namer, &copies.map(redelivery));
+        assert_eq!(
+            delivered(again),
+            vec![Delivered::EarlierInNew, Delivered::Written]
+        );
+        assert_eq!(names(&maildir, "new").len(), 2);
+    }
+
+    #[test]
+    fn a_first_attempt_whose_name_is_taken_gets_a_unique_one() {
+        // A stranger's file under our name (a queue ID reused after the
+        // clock went back): a first attempt must not take it for its copy.
+        let (_root, maildir) = mailbox();
+        let namer = MaildirNamer::new("h");
+        let c = copy(&maildir, b"body\r\n", 0);
+        let name = namer.name(&c.key, c.prefix.len() + c.body.len());
+        fs::create_dir_all(maildir.join("new")).unwrap();
+        fs::create_dir_all(maildir.join("tmp")).unwrap();
+        fs::write(maildir.join("new").join(&name), b"an older message").unwrap();
+        let results = deliver_batch(&namer, &[c]);
+        assert_eq!(delivered(results), vec![Delivered::Written]);
+        let new = names(&maildir, "new");
+        assert_eq!(new.len(), 2);
+        let ours = new.iter().find(|n| **n != name).unwrap();
+        assert!(ours.contains(".Q032E9D2C2F500001R0M"), "{ours}");
+        assert_eq!(
+            fs::read(maildir.join("new").join(ours)).unwrap(),
+            b"Delivered-To: a@x\r\nbody\r\n"
+        );
+        assert!(names(&maildir, "tmp").is_empty());
+    }
+
+    #[test]
+    fn a_redelivery_never_takes_a_strangers_file_for_its_copy() {
+        // Same name, other content (a queue ID reused after the clock went
+        // back), in new/ and in cur/: the copy goes beside it.
+        for sub in ["new", "cur"] {
+            let (_root, maildir) = mailbox();
+            let namer = MaildirNamer::new("h");
+            let c = redelivery(copy(&maildir, b"body\r\n", 0));
+            let size = c.prefix.len() + c.body.len();
+            let name = namer.name(&c.key, size);
+            for sub in ["tmp", "new", "cur"] {
+                fs::create_dir_all(maildir.join(sub)).unwrap();
+            }
+            let info = if sub == "cur" { ":2,S" } else { "" };
+            let stranger = maildir.join(sub).join(format!("{name}{info}"));
+            // Even the size in the name matches.
+            fs::write(&stranger, vec![b'x'; size]).unwrap();
+            let results = deliver_batch(&namer, &[c]);
+            assert_eq!(delivered(results), vec![Delivered::Written], "{sub}");
+            let ours: Vec<String> = names(&maildir, "new")
+                .into_iter()
+                .filter(|n| *n != name)
+                .collect();
+            assert_eq!(ours.len(), 1, "{sub}");
+            assert_eq!(
+                fs::read(maildir.join("new").join(&ours[0])).unwrap(),
+                b"Delivered-To: a@x\r\nbody\r\n"
+            );
+            assert_eq!(fs::read(&stranger).unwrap(), vec![b'x'; size]);
+            assert!(names(&maildir, "tmp").is_empty());
+        }
+    }
+
+    #[test]
+    fn only_a_redelivery_reads_cur() {
+        // cur/ unreadable (a file in its place): a first attempt does not
+        // notice; a redelivery cannot tell, so it fails (a deferral).
+        let (_root, maildir) = mailbox();
+        fs::create_dir_all(maildir.join("tmp")).unwrap();
+        fs::create_dir_all(maildir.join("new")).unwrap();
+        fs::write(maildir.join("cur"), b"not a directory").unwrap();
+        let namer = MaildirNamer::new("h");
+        let results = deliver_batch(&namer, &[copy(&maildir, b"1\r\n", 0)]);
+        assert_eq!(delivered(results), vec![Delivered::Written]);
+        let results = deliver_batch(&namer, &[redelivery(copy(&maildir, b"2\r\n", 1))]);
+        assert!(results[0].is_err(), "{results:?}");
+        assert_eq!(names(&maildir, "new").len(), 1);
+        assert!(names(&maildir, "tmp").is_empty());
+    }
+
+    #[test]
+    fn without_rename_noreplace_a_taken_name_is_still_never_replaced() {
+        let root = tempfile::tempdir().unwrap();
+        for sub in ["from", "to"] {
+            fs::create_dir(root.path().join(sub)).unwrap();
+        }
+        let from = open_dir(root.path(), "from").unwrap();
+        let to = open_dir(root.path(), "to").unwrap();
+        let name = CString::new("m").unwrap();
+        fs::write(root.path().join("from/m"), b"new").unwrap();
+        fs::write(root.path().join("to/m"), b"earlier").unwrap();
+        assert!(!move_unless_present(&from, &name, &to, &name).unwrap());
+        assert_eq!(fs::read(root.path().join("to/m")).unwrap(), b"earlier");
+        assert!(root.path().join("from/m").exists());
+        fs::remove_file(root.path().join("to/m")).unwrap();
+        assert!(move_unless_present(&from, &name, &to, &name).unwrap());
+        assert_eq!(fs::read(root.path().join("to/m")).unwrap(), b"new");
+        assert!(!root.path().join("from/m").exists());
     }
 }
