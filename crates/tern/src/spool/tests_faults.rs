@@ -262,8 +262,15 @@ async fn read_only_scan_ignores_vanished_segments_and_spares() {
     // A segment listed but gone when read (deleted by compaction).
     std::os::unix::fs::symlink("nowhere", segment_path(tmp.path(), seg + 5)).unwrap();
     // Spares never hold records, even when they look like segments.
-    let other = tempfile::tempdir().unwrap();
-    let (x, xseg) = one_message(other.path(), b"not in this spool").await;
+    // Another spool, whose message must have another id: two fresh spools
+    // can hand out the same one within a millisecond.
+    let (other, x, xseg) = loop {
+        let other = tempfile::tempdir().unwrap();
+        let (x, xseg) = one_message(other.path(), b"not in this spool").await;
+        if x != m {
+            break (other, x, xseg);
+        }
+    };
     let bytes = std::fs::read(segment_path(other.path(), xseg)).unwrap();
     std::fs::write(tmp.path().join(SPARE_NAME), &bytes).unwrap();
     std::fs::write(tmp.path().join("00000009.log.prep"), &bytes).unwrap();
