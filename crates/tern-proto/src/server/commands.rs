@@ -127,13 +127,19 @@ impl Session {
     /// the line itself over-long or cut by a bare LF): whatever follows may
     /// be chunk data, so nothing more is read as a command.
     fn bdat_unframable(&mut self) {
-        self.input = Vec::new();
-        self.reset_transaction();
-        self.close_with(Reply::enhanced(
+        self.refuse_chunk_and_close(Reply::enhanced(
             501,
             (5, 5, 4),
             "Error: BDAT chunk cannot be delimited, closing connection",
         ));
+    }
+
+    /// Ends the session over a BDAT whose chunk will not be read: whatever
+    /// arrived after the command line is that chunk, never commands.
+    fn refuse_chunk_and_close(&mut self, reply: Reply) {
+        self.input = Vec::new();
+        self.reset_transaction();
+        self.close_with(reply);
     }
 
     /// True when one BDAT chunk alone is over the message size limit.
@@ -147,9 +153,7 @@ impl Session {
     /// gets the answer at once and the session ends, since what follows on
     /// the wire is that chunk.
     fn chunk_too_large(&mut self) {
-        self.input = Vec::new();
-        self.reset_transaction();
-        self.close_with(Reply::enhanced(
+        self.refuse_chunk_and_close(Reply::enhanced(
             552,
             (5, 3, 4),
             "Error: BDAT chunk exceeds the message size limit, closing connection",
