@@ -93,10 +93,10 @@ struct Transaction {
     destinations: HashSet<(bool, String)>,
     draft: Option<Draft>,
     draft_error: Option<io::Error>,
-    /// Removes forged results under our name from the header section.
-    forged_results: ForgedResultsFilter,
-    /// The header section's filtered octets, before they go to the draft.
-    filtered: Vec<u8>,
+    /// Removes forged results under our name from the header section, with
+    /// the buffer its output goes through; boxed, as a transaction is part
+    /// of every session's state, idle ones included.
+    forged_results: Box<(ForgedResultsFilter, Vec<u8>)>,
     /// Reserved when the content starts, so the `Received:` header can
     /// name the ID the 250 reply and the logs will use.
     queue_id: Option<MsgId>,
@@ -121,6 +121,8 @@ struct Driver {
     deadline_phase: Phase,
     /// Bytes read since the deadline was last set.
     progress: usize,
+    /// The code of the last reply queued: whether the session ends over an error.
+    last_reply_code: u16,
 }
 
 /// Message data that counts as progress and earns a new `data_timeout`
@@ -146,17 +148,19 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         deadline,
         deadline_phase: Phase::Command,
         progress: 0,
+        last_reply_code: 0,
     };
     match driver.drive(&mut stream).await {
         Ok(()) => debug!(event = "session.close", session_id),
         Err(e) => debug!(event = "session.close", session_id, error = %e),
     }
-    if stream.shutdown().await.is_ok() {
-        let shutdown = driver.ctx.shutdown.clone();
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = linger(&stream) => {}
-        }
+    // Only a session we end over an error lingers: after a 221 the client
+    // has nothing left to send, and its close is all that would be read.
+    // A task of its own, so its state is not part of every session's.
+    if driver.last_reply_code >= 400 {
+        tokio::spawn(linger(stream, driver.ctx.shutdown.clone()));
+    } else {
+        let _ = stream.shutdown().await;
     }
 }
 
@@ -170,13 +174,22 @@ const LINGER_OCTETS: usize = 1024 * 1024;
 /// client reads it: the 552 to an oversized BDAT whose chunk is still
 /// coming, the 554 to an early talker. A client that closes after our
 /// reply (QUIT) ends this at once.
-async fn linger(stream: &TcpStream) {
+async fn linger(mut stream: TcpStream, shutdown: CancellationToken) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = drain_until_closed(&stream) => {}
+    }
+}
+
+async fn drain_until_closed(stream: &TcpStream) {
     let deadline = Instant::now() + LINGER_TIME;
-    let mut buf = [0u8; 4096];
     let mut dropped = 0;
     while dropped < LINGER_OCTETS {
         match timeout_at(deadline, stream.readable()).await {
-            Ok(Ok(())) => match stream.try_read(&mut buf) {
+            Ok(Ok(())) => match drop_available(stream) {
                 Ok(0) => return,
                 Ok(n) => dropped += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -187,13 +200,23 @@ async fn linger(stream: &TcpStream) {
     }
 }
 
+/// One read into a buffer on this (synchronous) frame's stack, not held
+/// across the awaits of the lingering task.
+fn drop_available(stream: &TcpStream) -> io::Result<usize> {
+    let mut buf = [0u8; 4096];
+    stream.try_read(&mut buf)
+}
+
 impl Driver {
     async fn drive(&mut self, stream: &mut TcpStream) -> io::Result<()> {
         self.greeting_delay(stream).await?;
         loop {
             while let Some(event) = self.session.next_event() {
                 match event {
-                    Event::Reply(reply) => self.out.extend_from_slice(&reply.to_bytes()),
+                    Event::Reply(reply) => {
+                        self.last_reply_code = reply.code;
+                        self.out.extend_from_slice(&reply.to_bytes());
+                    }
                     Event::Query(query) => {
                         let decision = self.decide(query).await;
                         self.session.decide(decision);
@@ -344,8 +367,10 @@ impl Driver {
             destinations: HashSet::new(),
             draft: None,
             draft_error: None,
-            forged_results: ForgedResultsFilter::new(&self.ctx.runtime.hostname),
-            filtered: Vec::new(),
+            forged_results: Box::new((
+                ForgedResultsFilter::new(&self.ctx.runtime.hostname),
+                Vec::new(),
+            )),
             queue_id: None,
         });
         Decision::Accept
@@ -457,7 +482,8 @@ impl Driver {
         if tx.draft_error.is_some() {
             return;
         }
-        let chunk = tx.forged_results.feed(chunk, &mut tx.filtered);
+        let (filter, filtered) = &mut *tx.forged_results;
+        let chunk = filter.feed(chunk, filtered);
         if let Some(draft) = tx.draft.as_mut()
             && let Err(e) = draft.write(chunk).await
         {
@@ -495,7 +521,7 @@ impl Driver {
         // A message that is all header section ends inside it.
         let mut rest = Vec::new();
         let mut forged_results = tx.forged_results;
-        forged_results.finish(&mut rest);
+        forged_results.0.finish(&mut rest);
         if !rest.is_empty()
             && let Err(e) = draft.write(&rest).await
         {
