@@ -58,6 +58,7 @@
 mod encode;
 mod local;
 mod reader;
+mod setup;
 mod transaction;
 
 use std::collections::VecDeque;
@@ -566,146 +567,6 @@ impl Client {
         }
     }
 
-    fn on_greeting(&mut self, reply: Reply) {
-        match reply.code / 100 {
-            2 => self.send_hello(),
-            4 | 5 => self.fail_server(reply.clone(), status_of(&reply), true),
-            _ => self.fail_local(LocalFailure::OutOfSequence, false),
-        }
-    }
-
-    fn send_hello(&mut self) {
-        if !command_safe(&self.config.helo_name) || self.config.helo_name.is_empty() {
-            self.fail_local(LocalFailure::BadHeloName, true);
-            return;
-        }
-        let verb = match self.config.protocol {
-            Protocol::Smtp => "EHLO",
-            Protocol::Lmtp => "LHLO",
-        };
-        self.write_command(format!("{verb} {}", self.config.helo_name), Expect::Ehlo);
-    }
-
-    fn on_ehlo(&mut self, reply: Reply) {
-        match reply.code / 100 {
-            2 => {
-                self.caps = Capabilities::from_reply(&reply);
-                self.esmtp = true;
-                self.after_hello();
-            }
-            // An old server that does not know EHLO (§4.1.4): 500, 502...
-            5 if self.config.protocol == Protocol::Smtp => {
-                self.write_command(format!("HELO {}", self.config.helo_name), Expect::Helo);
-            }
-            4 | 5 => self.fail_server(reply.clone(), status_of(&reply), true),
-            _ => self.fail_local(LocalFailure::OutOfSequence, false),
-        }
-    }
-
-    fn on_helo(&mut self, reply: Reply) {
-        match reply.code / 100 {
-            2 => {
-                self.caps = Capabilities::default();
-                self.esmtp = false;
-                self.after_hello();
-            }
-            4 | 5 => self.fail_server(reply.clone(), status_of(&reply), true),
-            _ => self.fail_local(LocalFailure::OutOfSequence, false),
-        }
-    }
-
-    fn after_hello(&mut self) {
-        if !self.tls && self.config.tls != TlsPolicy::None {
-            if self.caps.has("STARTTLS") {
-                self.write_command("STARTTLS".into(), Expect::StartTls);
-                return;
-            }
-            if self.config.tls == TlsPolicy::Require {
-                self.fail_local(LocalFailure::TlsNotOffered, true);
-                return;
-            }
-        }
-        self.start_auth();
-    }
-
-    fn on_starttls(&mut self, reply: Reply) {
-        match reply.code / 100 {
-            2 => {
-                if !self.reader.is_empty() {
-                    self.fail_local(LocalFailure::DataBeforeTls, false);
-                    return;
-                }
-                // `receive` refuses any octet that follows in this phase,
-                // and only then announces the handshake.
-                self.phase = Phase::Handshake;
-                self.announce_tls = true;
-            }
-            4 | 5 if self.config.tls == TlsPolicy::Require => {
-                self.fail_local(LocalFailure::TlsRefused, true)
-            }
-            4 | 5 => {
-                self.events.push_back(Event::TlsDeclined(sanitize(&reply)));
-                self.start_auth();
-            }
-            _ => self.fail_local(LocalFailure::OutOfSequence, false),
-        }
-    }
-
-    fn start_auth(&mut self) {
-        let Some(creds) = self.config.credentials.clone() else {
-            self.ready();
-            return;
-        };
-        if self.authenticated {
-            self.ready();
-            return;
-        }
-        if !self.tls && !self.config.auth_without_tls {
-            self.fail_local(LocalFailure::AuthNeedsTls, true);
-            return;
-        }
-        let mechanisms = auth_mechanisms(&self.caps);
-        let has = |m: &str| mechanisms.iter().any(|x| x == m);
-        let printable = |s: &str| !s.chars().any(char::is_control);
-        if !printable(&creds.username) || !printable(&creds.password) {
-            self.fail_local(LocalFailure::BadCredentials, true);
-        } else if has("PLAIN") {
-            let mut token = vec![0u8];
-            token.extend_from_slice(creds.username.as_bytes());
-            token.push(0);
-            token.extend_from_slice(creds.password.as_bytes());
-            let line = format!("AUTH PLAIN {}", local::base64(&token));
-            self.write_command(line, Expect::AuthDone);
-        } else if has("LOGIN") {
-            self.write_command("AUTH LOGIN".into(), Expect::AuthUser);
-        } else {
-            self.fail_local(LocalFailure::AuthNotOffered, true);
-        }
-    }
-
-    fn on_auth(&mut self, expect: Expect, reply: Reply) {
-        let Some(creds) = self.config.credentials.clone() else {
-            self.fail_local(LocalFailure::OutOfSequence, false);
-            return;
-        };
-        match (expect, reply.code / 100) {
-            (Expect::AuthUser, 3) => {
-                let line = local::base64(creds.username.as_bytes());
-                self.write_command(line, Expect::AuthPassword);
-            }
-            (Expect::AuthPassword, 3) => {
-                let line = local::base64(creds.password.as_bytes());
-                self.write_command(line, Expect::AuthDone);
-            }
-            (Expect::AuthDone, 2) => {
-                self.authenticated = true;
-                self.ready();
-            }
-            (_, 4 | 5) => self.fail_server(reply, Status::Temporary, true),
-            _ => self.fail_local(LocalFailure::OutOfSequence, false),
-        }
-    }
-
     fn on_rset(&mut self, reply: Reply) {
         if reply.code / 100 == 2 {
             self.next_transaction();
@@ -796,21 +657,6 @@ fn status_of(reply: &Reply) -> Status {
 /// LF would end the command and start another: command injection).
 fn command_safe(s: &str) -> bool {
     !s.chars().any(char::is_control)
-}
-
-/// The SASL mechanisms in the EHLO reply, upper-cased; also the old
-/// `AUTH=LOGIN` form some servers still send.
-fn auth_mechanisms(caps: &Capabilities) -> Vec<String> {
-    let mut out = Vec::new();
-    for (keyword, params) in &caps.extensions {
-        if keyword == "AUTH" {
-            out.extend(params.iter().map(|p| p.to_ascii_uppercase()));
-        } else if let Some(m) = keyword.strip_prefix("AUTH=") {
-            out.push(m.to_string());
-            out.extend(params.iter().map(|p| p.to_ascii_uppercase()));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
