@@ -40,6 +40,11 @@
 //!   SMTPUTF8 and the DSN parameters only with their extension. A message
 //!   the server cannot take as it is (too big, UTF-8 envelope without
 //!   SMTPUTF8, 8-bit content without 8BITMIME) is failed before sending.
+//!   What counts is the content, not the label: a message received with
+//!   BODY=8BITMIME whose octets are all 7-bit goes to a 7-bit server as it
+//!   is (its conversion to 7 bits is itself, RFC 6152 §3), and SMTPUTF8 is
+//!   needed for a UTF-8 envelope, or for a message received with SMTPUTF8
+//!   whose header section holds non-ASCII (as Postfix decides).
 //! - No bare CR or LF and no line over 998 octets is sent ([`ContentEncoder`]).
 //! - A reply 421 to anything, or any reply out of sequence, malformed or
 //!   unsolicited, ends the connection; recipients without a final outcome
@@ -663,5 +668,7 @@ fn command_safe(s: &str) -> bool {
 mod tests;
 #[cfg(test)]
 mod tests_hostile;
+#[cfg(test)]
+mod tests_roundtrip;
 #[cfg(test)]
 mod tests_tx;

@@ -641,3 +641,20 @@ fn busy_while_a_message_is_in_progress() {
     assert_eq!(h.outcomes()[0].recipients, vec![]);
     assert_eq!(h.written(), "");
 }
+
+#[test]
+fn a_million_octet_line_arrives_folded_not_cut() {
+    let line = "x".repeat(1_000_000);
+    let content = format!("Subject: big\r\n\r\n{line}\r\n");
+    let mut h = ready_with(config(), EHLO_PIPE);
+    h.send(message("a@b.test", &["x@d.test"], &content));
+    h.server("250 ok\r\n250 ok\r\n");
+    h.written();
+    h.server("354 go\r\n");
+    let wire = h.written();
+    assert!(wire.split("\r\n").all(|l| l.len() <= MAX_TEXT_LINE));
+    assert_eq!(wire.matches('x').count(), 1_000_000);
+    assert!(wire.ends_with("\r\n.\r\n"));
+    h.server("250 ok\r\n");
+    assert_eq!(statuses(&h.outcomes()[0]), vec![Status::Delivered]);
+}
