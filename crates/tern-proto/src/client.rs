@@ -423,7 +423,10 @@ impl Client {
         }
     }
 
-    /// The timeout for [`Client::stage`] expired (or a write timed out).
+    /// The timeout for [`Client::stage`] expired (or a write took longer
+    /// than `Stage::DataBlock`): what is open fails temporarily, naming the
+    /// stage, and the connection closes without QUIT. An idle connection
+    /// (no stage) is ended with `quit` instead.
     pub fn timeout(&mut self) {
         match self.phase {
             Phase::Closed => {}
