@@ -10,7 +10,8 @@
 #   4. test     cargo test --workspace
 #   5. build    cargo build -p tern  (debug; the binary the pytest suite runs)
 #   6. pytest   python3 -m pytest -q tests/integration   (TERN_BIN=target/debug/tern)
-#   7. fuzz     cargo +nightly fuzz run server_session (60 s) and command (20 s)
+#   7. fuzz     cargo +nightly fuzz run server_session (60 s), command (20 s) and
+#               client_session (20 s)
 #               (TERN_SKIP_FUZZ=1 skips; skipped with a message while fuzz/ is absent)
 # It ends with a plain summary line "N passed, N failed" (counting steps).
 #
@@ -176,6 +177,8 @@ step_fuzz() {
     cargo +nightly fuzz run server_session -- -max_total_time=60
     log "fuzz target command for 20s"
     cargo +nightly fuzz run command -- -max_total_time=20
+    log "fuzz target client_session for 20s"
+    cargo +nightly fuzz run client_session -- -max_total_time=20
 }
 
 # ---------------------------------------------------------------- main

@@ -1,0 +1,193 @@
+//! Outgoing message content: the client-side counterpart of
+//! [`crate::data::ContentDecoder`].
+//!
+//! [`ContentEncoder`] takes the message as the spool stores it (unstuffed,
+//! CRLF line ends), in pieces of any size, and produces what goes on the
+//! wire: dot-stuffed with the final `.` CRLF for DATA (RFC 5321 §4.5.2), or
+//! the same text without stuffing or terminator for BDAT chunks (RFC 3030).
+//!
+//! Invariants (checked by property tests in `encode_tests.rs`):
+//! - No bare CR or LF leaves: each bare CR, bare LF is sent as CRLF (so the
+//!   next server cannot read `<LF>.<LF>` or similar as an end of data, and
+//!   nobody smuggles a message through us). A NUL octet is dropped: it is
+//!   not text (RFC 5322, RFC 6152), and a server that strips NULs would read
+//!   `<CRLF>NUL.<CRLF>` as the end of data.
+//! - No line is longer than 998 octets before its CRLF (RFC 5321
+//!   §4.5.3.1.6, RFC 5322 §2.1.1), not counting a stuffing dot. A longer
+//!   line is folded, never cut:
+//!   - in the header section, CRLF is inserted before the last space or tab
+//!     that leaves some text on the line (RFC 5322 §2.2.3 folding: unfolding
+//!     gives the field back exactly);
+//!   - in the body, and in a header line with no such whitespace, CRLF is
+//!     inserted after 998 octets (in a header followed by one space, so the
+//!     rest stays part of the same field). **This hard break changes the
+//!     message content**: the receiver sees two lines where there was one.
+//!     It only happens to lines beyond the RFC 5321 limit, which no server
+//!     has to accept and which many would cut or refuse instead.
+//! - In DATA mode every line starting with `.` gets one more `.` (also the
+//!   second half of a folded line), and `.` CRLF appears only at the end.
+//! - Content that does not end with CRLF gets one, so the terminator is
+//!   always on a line of its own.
+//! - Memory is bounded: at most one line (998 octets) is held back.
+//!
+//! Input with CRLF line ends only, no NUL and no line over 998 octets comes
+//! out unchanged apart from stuffing: decoding it with `ContentDecoder`
+//! gives the input back.
+//!
+//! Not done: MIME conversion (8BITMIME to 7-bit, RFC 6152 §3): a message the
+//! server cannot take is refused by the client before it is sent.
+//!
+//! Errors: none; every input is encodable.
+
+/// Longest line of text before its CRLF (RFC 5321 §4.5.3.1.6: 1000 with CRLF).
+pub const MAX_TEXT_LINE: usize = 998;
+
+/// Incremental encoder for one message's content. See the module header.
+#[derive(Debug, Clone)]
+pub struct ContentEncoder {
+    /// DATA (stuffed, terminated) rather than BDAT.
+    dot: bool,
+    /// The current line's octets not yet written; at most `MAX_TEXT_LINE`.
+    line: Vec<u8>,
+    /// The previous input octet was a CR whose meaning the next one decides.
+    cr_pending: bool,
+    /// Still in the header section (before the first empty line).
+    in_headers: bool,
+    finished: bool,
+}
+
+impl ContentEncoder {
+    /// Encoder for DATA: dot-stuffing and the final `.` CRLF.
+    pub fn dot() -> ContentEncoder {
+        ContentEncoder::new(true)
+    }
+
+    /// Encoder for BDAT chunks: no stuffing, no terminator.
+    pub fn chunked() -> ContentEncoder {
+        ContentEncoder::new(false)
+    }
+
+    fn new(dot: bool) -> ContentEncoder {
+        ContentEncoder {
+            dot,
+            line: Vec::with_capacity(128),
+            cr_pending: false,
+            in_headers: true,
+            finished: false,
+        }
+    }
+
+    /// Encodes the next piece of the message, appending to `out`. Octets of
+    /// an unfinished line are held back until its end (or `finish`).
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        if self.finished {
+            return;
+        }
+        let mut i = 0;
+        while i < input.len() {
+            if self.cr_pending {
+                self.cr_pending = false;
+                self.end_line(out);
+                if input[i] == b'\n' {
+                    i += 1;
+                    continue;
+                }
+            }
+            match input[i] {
+                b'\r' => {
+                    self.cr_pending = true;
+                    i += 1;
+                }
+                b'\n' => {
+                    self.end_line(out);
+                    i += 1;
+                }
+                0 => i += 1,
+                _ => {
+                    let run =
+                        memchr::memchr3(b'\r', b'\n', 0, &input[i..]).unwrap_or(input.len() - i);
+                    self.push_text(&input[i..i + run], out);
+                    i += run;
+                }
+            }
+        }
+    }
+
+    /// Ends the content: a pending line gets its CRLF, and in DATA mode the
+    /// terminator follows. Later calls do nothing.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.finished {
+            return;
+        }
+        if self.cr_pending || !self.line.is_empty() {
+            self.cr_pending = false;
+            self.end_line(out);
+        }
+        if self.dot {
+            out.extend_from_slice(b".\r\n");
+        }
+        self.finished = true;
+    }
+
+    /// Text octets (no CR, LF or NUL) of the current line.
+    fn push_text(&mut self, mut run: &[u8], out: &mut Vec<u8>) {
+        while !run.is_empty() {
+            let room = MAX_TEXT_LINE - self.line.len();
+            if run.len() <= room {
+                self.line.extend_from_slice(run);
+                return;
+            }
+            self.line.extend_from_slice(&run[..room]);
+            run = &run[room..];
+            // The line is full and more text follows on it.
+            self.fold(out);
+        }
+    }
+
+    /// Breaks the full current line; what stays in `line` is shorter.
+    fn fold(&mut self, out: &mut Vec<u8>) {
+        if self.in_headers {
+            if let Some(at) = fold_point(&self.line) {
+                emit_line(self.dot, &self.line[..at], out);
+                // The continuation starts with the whitespace itself.
+                self.line.drain(..at);
+                return;
+            }
+            emit_line(self.dot, &self.line, out);
+            self.line.clear();
+            // A continuation line must start with whitespace, or the rest
+            // would read as a new header field.
+            self.line.push(b' ');
+            return;
+        }
+        emit_line(self.dot, &self.line, out);
+        self.line.clear();
+    }
+
+    fn end_line(&mut self, out: &mut Vec<u8>) {
+        if self.in_headers && self.line.is_empty() {
+            self.in_headers = false;
+        }
+        emit_line(self.dot, &self.line, out);
+        self.line.clear();
+    }
+}
+
+/// The last space or tab in `line` with some other octet before it.
+fn fold_point(line: &[u8]) -> Option<usize> {
+    let first_text = line.iter().position(|&b| b != b' ' && b != b'\t')?;
+    let at = line.iter().rposition(|&b| b == b' ' || b == b'\t')?;
+    (at > first_text).then_some(at)
+}
+
+fn emit_line(dot: bool, line: &[u8], out: &mut Vec<u8>) {
+    if dot && line.first() == Some(&b'.') {
+        out.push(b'.');
+    }
+    out.extend_from_slice(line);
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+#[path = "encode_tests.rs"]
+mod tests;
