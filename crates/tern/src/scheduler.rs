@@ -748,8 +748,12 @@ pub struct Scheduler {
     /// When a destination may become able to start a job. Entries can be
     /// stale (early): popping one only re-examines the destination.
     timers: BinaryHeap<Reverse<(Millis, usize)>>,
-    /// Give-up times of messages; stale entries are skipped.
-    expiries: BinaryHeap<Reverse<(Millis, MsgId)>>,
+    /// Give-up times of the messages not on hold. An entry leaves with its
+    /// message: a queue that delivers in seconds must not keep five days of
+    /// entries.
+    expiries: BTreeSet<(Millis, MsgId)>,
+    /// Slots in `dests` of destinations forgotten (see `forget_if_idle`).
+    free: Vec<usize>,
 }
 
 impl Scheduler {
@@ -767,7 +771,8 @@ impl Scheduler {
             in_flight: 0,
             ring: VecDeque::new(),
             timers: BinaryHeap::new(),
-            expiries: BinaryHeap::new(),
+            expiries: BTreeSet::new(),
+            free: Vec::new(),
         }
     }
 
@@ -778,7 +783,7 @@ impl Scheduler {
 
     /// Pending recipients (waiting, held or in flight).
     pub fn pending(&self) -> usize {
-        self.msgs.values().map(|m| m.rcpts.len()).sum()
+        self.dests.iter().map(|d| d.queued).sum()
     }
 
     /// Jobs in flight.
@@ -810,7 +815,7 @@ impl Scheduler {
         // A new message, or one whose expiry may already have been swept
         // (while its other recipients were in flight).
         if m.rcpts.is_empty() || m.expires_at <= now {
-            self.expiries.push(Reverse((m.expires_at, msg)));
+            self.expiries.insert((m.expires_at, msg));
         }
         let mut touched = Vec::new();
         for r in recipients {
@@ -820,6 +825,7 @@ impl Scheduler {
             };
             if let Some(old) = m.rcpts.get(&r.rcpt) {
                 if old.job.is_some() {
+                    touched.push(dest);
                     continue;
                 }
                 let old_dest = old.dest;
@@ -845,9 +851,35 @@ impl Scheduler {
         }
         for d in touched {
             self.refresh(d, now);
+            self.forget_if_idle(d);
         }
-        if self.msgs.get(&msg).is_some_and(|m| m.rcpts.is_empty()) {
+        self.remove_if_empty(msg);
+    }
+
+    /// Drops a message once none of its recipients is pending.
+    fn remove_if_empty(&mut self, msg: MsgId) {
+        if let Some(m) = self.msgs.get(&msg)
+            && m.rcpts.is_empty()
+        {
+            self.expiries.remove(&(m.expires_at, msg));
             self.msgs.remove(&msg);
+        }
+    }
+
+    /// Forgets a destination with nothing pending and nothing learned that
+    /// the next message to it needs (it is not dead, has no rate limit and no
+    /// failures): the set of destinations ever seen grows without bound, the
+    /// set of those with mail does not. A window grown past the initial one
+    /// is forgotten too, as Postfix forgets an empty queue's.
+    fn forget_if_idle(&mut self, d: usize) {
+        let dest = &self.dests[d];
+        let idle = dest.queued == 0 && dest.in_flight == 0 && dest.dead.is_none();
+        if idle
+            && dest.rate.is_none()
+            && dest.failures == 0
+            && self.dest_ids.remove(&dest.name).is_some()
+        {
+            self.free.push(d);
         }
     }
 
@@ -855,9 +887,24 @@ impl Scheduler {
         if let Some(&d) = self.dest_ids.get(&name) {
             return d;
         }
-        let d = self.dests.len();
-        self.dests
-            .push(Dest::new(name.clone(), self.cfg.window.initial));
+        let fresh = Dest::new(name.clone(), self.cfg.window.initial);
+        let d = match self.free.pop() {
+            Some(d) => {
+                // The slot's ring and timer entries stay valid: they name the
+                // slot, and an entry for a slot only makes poll look at it.
+                let (in_ring, timer) = (self.dests[d].in_ring, self.dests[d].timer);
+                self.dests[d] = Dest {
+                    in_ring,
+                    timer,
+                    ..fresh
+                };
+                d
+            }
+            None => {
+                self.dests.push(fresh);
+                self.dests.len() - 1
+            }
+        };
         self.dest_ids.insert(name, d);
         d
     }
@@ -885,16 +932,7 @@ impl Scheduler {
     pub fn poll(&mut self, now: Millis) -> Poll {
         let mut out = Poll::default();
         self.sweep_expired(now, &mut out.expired);
-        while let Some(&Reverse((at, d))) = self.timers.peek() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
-            if self.dests[d].timer == Some(at) {
-                self.dests[d].timer = None;
-            }
-            self.refresh(d, now);
-        }
+        self.fire_timers(now);
         while self.in_flight < self.cfg.max_in_flight {
             let Some(d) = self.ring.pop_front() else {
                 break;
@@ -906,6 +944,44 @@ impl Scheduler {
             self.refresh(d, now);
         }
         out
+    }
+
+    /// Re-examines every destination whose timer is due.
+    fn fire_timers(&mut self, now: Millis) {
+        while let Some(&Reverse((at, d))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if self.dests[d].timer == Some(at) {
+                self.dests[d].timer = None;
+            }
+            self.refresh(d, now);
+        }
+    }
+
+    /// The next job for `destination` on a connection the driver already has
+    /// open to it (connection reuse: call it after completing that
+    /// connection's job), if one may start at `now` within the destination's
+    /// window and rate and the global limit. Reuse yields while other
+    /// destinations wait for a slot: it takes one only if enough remain for
+    /// every destination ready in the ring, so a busy destination holding
+    /// its connections open never starves a quiet one.
+    pub fn next_job_for(&mut self, destination: &Destination, now: Millis) -> Option<Job> {
+        let &d = self.dest_ids.get(destination)?;
+        self.fire_timers(now);
+        let dest = &self.dests[d];
+        let others = self.ring.len() - usize::from(dest.in_ring);
+        // A dead destination has no open connection; its probe comes from poll.
+        if dest.dead.is_some() || self.in_flight + others >= self.cfg.max_in_flight {
+            return None;
+        }
+        if !matches!(dest.wake(), Wake::At(at) if at <= now) {
+            return None;
+        }
+        let job = self.start_job(d, now);
+        self.refresh(d, now);
+        Some(job)
     }
 
     fn start_job(&mut self, d: usize, now: Millis) -> Job {
@@ -973,23 +1049,21 @@ impl Scheduler {
     }
 
     fn sweep_expired(&mut self, now: Millis, out: &mut Vec<Expired>) {
-        while let Some(&Reverse((at, msg))) = self.expiries.peek() {
+        while let Some(&(at, msg)) = self.expiries.first() {
             if at > now {
                 break;
             }
-            self.expiries.pop();
+            self.expiries.pop_first();
             let Some(m) = self.msgs.get_mut(&msg) else {
                 continue;
             };
-            if m.held {
-                continue;
-            }
             let waiting: Vec<usize> = m
                 .rcpts
                 .iter()
                 .filter(|(_, r)| r.job.is_none())
                 .map(|(&i, _)| i)
                 .collect();
+            let mut touched = Vec::new();
             for i in waiting {
                 if let Some(r) = m.rcpts.remove(&i) {
                     let dest = &mut self.dests[r.dest];
@@ -1001,10 +1075,14 @@ impl Scheduler {
                         attempts: r.attempts,
                         last_reply: r.last_reply,
                     });
+                    touched.push(r.dest);
                 }
             }
             if m.rcpts.is_empty() {
                 self.msgs.remove(&msg);
+            }
+            for d in touched {
+                self.forget_if_idle(d);
             }
         }
     }
@@ -1038,6 +1116,12 @@ impl Scheduler {
                 )
             });
         let delivered = results.values().any(|r| matches!(r, RcptResult::Delivered));
+        // A final reply (250 or 550) shows the destination keeping up: both
+        // count for the window, as completed deliveries do for Postfix's.
+        let answered = delivered
+            || results
+                .values()
+                .any(|r| matches!(r, RcptResult::Failed { .. }));
         let probe_jitter = self.rng.random::<f64>();
         let cfg = &self.cfg;
         let dest = &mut self.dests[d];
@@ -1074,7 +1158,7 @@ impl Scheduler {
         }
         if throttled {
             dest.throttle(rec.start, &cfg.rate, now);
-        } else if delivered {
+        } else if answered {
             dest.succeed(&cfg.window, &cfg.rate);
         }
         if delivered {
@@ -1159,10 +1243,9 @@ impl Scheduler {
                 fate: Fate::Retry { at, attempts },
             });
         }
-        if self.msgs.get(&rec.msg).is_some_and(|m| m.rcpts.is_empty()) {
-            self.msgs.remove(&rec.msg);
-        }
+        self.remove_if_empty(rec.msg);
         self.refresh(d, now);
+        self.forget_if_idle(d);
         Ok(settled)
     }
 
@@ -1175,6 +1258,7 @@ impl Scheduler {
         };
         if !m.held {
             m.held = true;
+            self.expiries.remove(&(m.expires_at, msg));
             for (&i, r) in &m.rcpts {
                 if r.job.is_none() {
                     self.dests[r.dest].dequeue(msg, i);
@@ -1199,7 +1283,7 @@ impl Scheduler {
                     touched.push(r.dest);
                 }
             }
-            self.expiries.push(Reverse((m.expires_at, msg)));
+            self.expiries.insert((m.expires_at, msg));
             for d in touched {
                 self.refresh(d, now);
             }
@@ -1214,10 +1298,12 @@ impl Scheduler {
         let Some(m) = self.msgs.remove(&msg) else {
             return false;
         };
+        self.expiries.remove(&(m.expires_at, msg));
         for (i, r) in m.rcpts {
             let dest = &mut self.dests[r.dest];
             dest.dequeue(msg, i);
             dest.queued -= 1;
+            self.forget_if_idle(r.dest);
         }
         true
     }
@@ -1266,7 +1352,7 @@ impl Scheduler {
         let ready = (!self.ring.is_empty() && self.in_flight < self.cfg.max_in_flight)
             .then_some(Millis::MIN);
         let timer = self.timers.peek().map(|Reverse((at, _))| *at);
-        let expiry = self.expiries.peek().map(|Reverse((at, _))| *at);
+        let expiry = self.expiries.first().map(|(at, _)| *at);
         [ready, timer, expiry].into_iter().flatten().min()
     }
 
@@ -1415,7 +1501,38 @@ impl Scheduler {
                 assert!(rate < self.cfg.rate.unlimited_above);
             }
             assert_eq!(dest.in_ring, self.ring.contains(&d));
+            if self.free.contains(&d) {
+                assert!(
+                    dest.queued == 0 && dest.in_flight == 0,
+                    "{}: forgotten busy",
+                    dest.name
+                );
+                assert_ne!(
+                    self.dest_ids.get(&dest.name),
+                    Some(&d),
+                    "{}: forgotten",
+                    dest.name
+                );
+            } else {
+                assert_eq!(
+                    self.dest_ids.get(&dest.name),
+                    Some(&d),
+                    "{}: lost",
+                    dest.name
+                );
+            }
         }
+        assert_eq!(self.dest_ids.len() + self.free.len(), self.dests.len());
+        let expiries: BTreeSet<(Millis, MsgId)> = self
+            .msgs
+            .iter()
+            .filter(|(_, m)| !m.held)
+            .map(|(&id, m)| (m.expires_at, id))
+            .collect();
+        assert!(
+            self.expiries.is_subset(&expiries),
+            "expiry of a message gone"
+        );
     }
 }
 
