@@ -32,7 +32,15 @@
 //! goes to the back of the ring, so one with ten thousand due messages delays
 //! one with a single due message by at most one job per other ready
 //! destination. The global limit ([`SchedulerConfig::max_in_flight`]) caps
-//! jobs in flight across all destinations.
+//! jobs in flight across all destinations. A driver that keeps a connection
+//! open asks [`Scheduler::next_job_for`] for that destination's next message;
+//! it gets one only while no other destination waits for a slot.
+//!
+//! A recipient deferred by a throttling reply waits its ordinary backoff, like
+//! any deferral: the slowdown is the destination's, not the recipient's.
+//! A destination with nothing pending is forgotten unless it holds something
+//! the next message needs (dead, rate-limited, failing), so memory follows
+//! the queue, not the number of domains ever mailed.
 //!
 //! Replies are sorted by [`classify`] into success, throttling, temporary and
 //! permanent failure from the code, the enhanced code and a few lower-cased
@@ -53,15 +61,16 @@
 //!   would fall after it expires the recipient at once, and a recipient still
 //!   waiting then (a dead destination, a full window) expires in `poll`. Held
 //!   messages do not expire while held; on release they expire if due to.
-//! - Every operation is O(log n) in the pending recipients (per recipient it
-//!   touches); `poll` does work only for destinations that can dispatch.
+//! - Adding, dispatching and completing cost O(log n) per recipient touched
+//!   (n pending recipients); `poll` looks only at destinations that can
+//!   start a job or whose timer is due. `flush` and `explain` walk the queue.
 //!
 //! # Not done here
-//! Routing (MX lookup, the choice of destination: the caller's), connection
-//! reuse and per-server RCPT limits (the SMTP driver's), durability (the
-//! caller records [`Settled`] in the spool), delay notices and bounces,
-//! forgetting destinations that stay idle (their learned window, rate and
-//! dead state are kept, which is what the next message to them wants).
+//! Routing (MX lookup, the choice of destination: the caller's), keeping
+//! connections and per-server RCPT limits (the SMTP driver's), durability
+//! (the caller records [`Settled`] in the spool; after a restart the
+//! learned windows, rates and dead states start afresh), delay notices and
+//! bounces, config reload (a new [`Scheduler`] would lose the learned state).
 //!
 //! # Errors
 //! [`SchedulerError::UnknownJob`] when `complete` is given a job that is not
@@ -813,8 +822,9 @@ impl Scheduler {
             rcpts: BTreeMap::new(),
         });
         // A new message, or one whose expiry may already have been swept
-        // (while its other recipients were in flight).
-        if m.rcpts.is_empty() || m.expires_at <= now {
+        // (while its other recipients were in flight). A held message gets
+        // its entry back on release.
+        if !m.held && (m.rcpts.is_empty() || m.expires_at <= now) {
             self.expiries.insert((m.expires_at, msg));
         }
         let mut touched = Vec::new();
@@ -877,8 +887,9 @@ impl Scheduler {
         if idle
             && dest.rate.is_none()
             && dest.failures == 0
-            && self.dest_ids.remove(&dest.name).is_some()
+            && self.dest_ids.get(&dest.name) == Some(&d)
         {
+            self.dest_ids.remove(&dest.name);
             self.free.push(d);
         }
     }
@@ -1167,13 +1178,12 @@ impl Scheduler {
         if let Connection::Throttled { reply } = &report.connection {
             dest.last_error = Some((now, reply.clone()));
         }
+        // A recipient the driver did not report on (its session never got
+        // that far) is deferred with the session's reason.
         let fallback = match &report.connection {
-            Connection::Failed { reason } => (ReplyClass::ConnectFail, reason.clone()),
-            Connection::Throttled { reply } => (ReplyClass::Throttled, reply.clone()),
-            Connection::Established => (
-                ReplyClass::TempFail,
-                "no result reported for this recipient".to_string(),
-            ),
+            Connection::Failed { reason } => reason,
+            Connection::Throttled { reply } => reply,
+            Connection::Established => "no result reported for this recipient",
         };
         let mut settled = Vec::with_capacity(rec.rcpts.len());
         for &i in &rec.rcpts {
@@ -1212,7 +1222,7 @@ impl Scheduler {
                     self.dests[d].last_error = Some((now, reply.clone()));
                     reply.clone()
                 }
-                None => fallback.1.clone(),
+                None => fallback.to_string(),
             };
             let jitter = self.rng.random::<f64>();
             let Some(r) = m.rcpts.get_mut(&i) else {

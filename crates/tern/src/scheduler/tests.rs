@@ -593,6 +593,46 @@ fn held_messages_are_not_dispatched_until_released() {
 const HOUR: Millis = 60 * MIN;
 
 #[test]
+fn a_held_message_does_not_expire_until_released() {
+    let give_up = millis(RetryPolicy::default().give_up);
+    let mut s = Scheduler::new(SchedulerConfig::default(), 1);
+    s.add(MsgId(1), T0, [rcpt(0, "d", T0 + MIN)], T0);
+    s.hold(MsgId(1));
+    let late = T0 + give_up + HOUR;
+    // A recipient added to it meanwhile (a re-route) does not expire either.
+    s.add(MsgId(1), T0, [rcpt(1, "e", late)], late);
+    let poll = s.poll(late);
+    assert!(poll.jobs.is_empty() && poll.expired.is_empty());
+    s.check_invariants();
+    s.release(MsgId(1), late);
+    let mut expired: Vec<usize> = s.poll(late).expired.iter().map(|e| e.key.rcpt).collect();
+    expired.sort();
+    assert_eq!(expired, vec![0, 1]);
+    assert_eq!(s.pending(), 0);
+    s.check_invariants();
+}
+
+#[test]
+fn a_flush_lets_a_dead_destination_probe_at_once() {
+    let cfg = SchedulerConfig {
+        dead_after: 1,
+        ..SchedulerConfig::default()
+    };
+    let mut s = Scheduler::new(cfg, 1);
+    add_many(&mut s, 1, 3, "d", T0);
+    let jobs = s.poll(T0).jobs;
+    for job in &jobs {
+        s.complete(job.id, &connect_failed(), T0).unwrap();
+    }
+    assert!(dest(&s, "d").dead.is_some_and(|p| p > T0 + MIN));
+    s.flush(T0 + MIN);
+    let jobs = s.poll(T0 + 2 * MIN).jobs;
+    assert_eq!(jobs.len(), 1);
+    assert!(jobs[0].probe);
+    s.check_invariants();
+}
+
+#[test]
 fn a_message_held_during_its_attempt_waits_after_a_deferral() {
     let mut s = Scheduler::new(SchedulerConfig::default(), 1);
     s.add(MsgId(1), T0, [rcpt(0, "d", T0)], T0);
