@@ -1324,7 +1324,10 @@ impl Scheduler {
     /// still apply), and lets each dead destination probe now.
     pub fn flush(&mut self, now: Millis) {
         let spread = millis(self.cfg.flush_spread).max(0);
-        let ids: Vec<MsgId> = self.msgs.keys().copied().collect();
+        // In queue-id order: the draws from the RNG must not depend on a
+        // HashMap's iteration order, or a seed would not replay a run.
+        let mut ids: Vec<MsgId> = self.msgs.keys().copied().collect();
+        ids.sort_unstable();
         for msg in ids {
             let rng = &mut self.rng;
             let due = |_| now.saturating_add(rng.random_range(0..=spread));
