@@ -162,8 +162,9 @@ pub fn backoff(initial: Duration, max: Duration, attempts: u32, jitter: f64) -> 
 }
 
 /// When to try a deferred recipient again, and when to give up. The defaults
-/// are Postfix's (`minimal_backoff_time` 300 s, `maximal_backoff_time`
-/// 4000 s, `maximal_queue_lifetime` 5 d).
+/// are `[delivery]`'s (`retry_initial` 5 min, `retry_max` 67 min), close to
+/// Postfix's (`minimal_backoff_time` 300 s, `maximal_backoff_time` 4000 s),
+/// and Postfix's `maximal_queue_lifetime` (5 d).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RetryPolicy {
     /// Wait after the first failed attempt; doubles with each further one.
@@ -179,7 +180,7 @@ impl Default for RetryPolicy {
     fn default() -> RetryPolicy {
         RetryPolicy {
             first_retry: Duration::from_secs(300),
-            max_retry: Duration::from_secs(4000),
+            max_retry: Duration::from_secs(67 * 60),
             give_up: Duration::from_secs(5 * 24 * 3600),
         }
     }
