@@ -6,6 +6,7 @@ pub mod deliver;
 pub mod fsutil;
 pub mod listener;
 pub mod queue;
+pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod spool;

@@ -27,6 +27,7 @@
 use crate::config::Runtime;
 use crate::deliver::maildir::{CopyKey, Delivered, LocalCopy, MaildirNamer, deliver_batch};
 use crate::deliver::worker::{DELIVERY_NICE, DeliveryThread};
+use crate::scheduler::backoff;
 use crate::spool::{Envelope, MsgId, Outcome, RcptStatus, Route, Spool};
 use rand::Rng;
 use std::cmp::Reverse;
@@ -79,15 +80,6 @@ impl Schedule {
     pub fn next_due(&self) -> Option<i64> {
         self.due.peek().map(|Reverse((at, _))| *at)
     }
-}
-
-/// Delay before attempt `attempts + 1`: doubling from `initial`, capped at
-/// `max`, minus up to 10% jitter so that deferred mail does not retry in
-/// lockstep after a restart (chasquid `nextDelay`); never above `max`.
-pub fn backoff(initial: Duration, max: Duration, attempts: u32, jitter: f64) -> Duration {
-    let exp = initial.saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
-    let base = exp.min(max);
-    base - base.mul_f64(jitter.clamp(0.0, 1.0) * 0.1)
 }
 
 /// Longest wait for a fuller batch while mail keeps arriving (see
@@ -528,19 +520,6 @@ mod tests {
     }
 
     use super::*;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let min = Duration::from_secs(300);
-        let max = Duration::from_secs(4000);
-        assert_eq!(backoff(min, max, 1, 0.0), min);
-        assert_eq!(backoff(min, max, 2, 0.0), Duration::from_secs(600));
-        assert_eq!(backoff(min, max, 4, 0.0), Duration::from_secs(2400));
-        assert_eq!(backoff(min, max, 9, 0.0), max);
-        assert_eq!(backoff(min, max, 99, 0.0), max);
-        assert_eq!(backoff(min, max, 1, 1.0), Duration::from_secs(270));
-        assert!(backoff(min, max, 99, 0.5) < max);
-    }
 
     #[test]
     fn schedule_releases_only_due_messages_in_time_order() {
