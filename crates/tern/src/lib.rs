@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod deliver;
+pub mod dns;
 pub mod fsutil;
 pub mod listener;
 pub mod queue;
