@@ -7,6 +7,7 @@ pub mod dns;
 pub mod fsutil;
 pub mod listener;
 pub mod queue;
+pub mod route;
 pub mod server;
 pub mod session;
 pub mod spool;
