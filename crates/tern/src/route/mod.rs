@@ -13,7 +13,8 @@
 //! MX, it and every less preferred MX are dropped (§5.1, so we never relay
 //! to ourselves or our backups), and if that leaves nothing we are the best
 //! MX without a route: permanent 5.4.6. MX hosts without addresses are
-//! skipped; if none has one, the failure is temporary.
+//! skipped; if none has one, the failure is temporary. An address-literal
+//! domain (`user@[192.0.2.1]`) is that address, with no DNS.
 //!
 //! Invariants: every [`Delivery`] has at least one host, every TCP host at
 //! least one address; addresses of one host alternate between the families
@@ -406,14 +407,46 @@ impl Router {
         rng: &mut R,
     ) -> Result<Delivery, RouteError> {
         let domain = domain.strip_suffix('.').unwrap_or(domain).to_lowercase();
-        match self.routes.configured(&domain) {
-            Some(spec) => self.resolve_spec(spec, rng).await,
-            None => Ok(Delivery {
-                destination: self.routes.destination(&domain),
-                transport: Transport::Smtp,
-                hosts: self.resolve_mx(&domain, self.mx_port, rng).await?,
-            }),
+        if let Some(spec) = self.routes.configured(&domain) {
+            return self.resolve_spec(spec, rng).await;
         }
+        // RFC 5321 §4.1.3: `user@[192.0.2.1]` names the host itself: no DNS.
+        if let Some(inside) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+            return self.address_literal(&domain, inside);
+        }
+        Ok(Delivery {
+            destination: self.routes.destination(&domain),
+            transport: Transport::Smtp,
+            hosts: self.resolve_mx(&domain, self.mx_port, rng).await?,
+        })
+    }
+
+    fn address_literal(&self, domain: &str, inside: &str) -> Result<Delivery, RouteError> {
+        let Some(ip) = spec::address_literal(inside) else {
+            return Err(RouteError::NoSuchDomain {
+                domain: domain.to_string(),
+                detail: "not an IPv4 or IPv6 address literal".into(),
+            });
+        };
+        let enabled = match ip {
+            IpAddr::V4(_) => self.families.wants_ipv4(),
+            IpAddr::V6(_) => self.families.wants_ipv6(),
+        };
+        if !enabled {
+            return Err(RouteError::NoReachableHost {
+                domain: domain.to_string(),
+                detail: format!("{ip}: address family disabled by configuration"),
+            });
+        }
+        Ok(Delivery {
+            destination: self.routes.destination(domain),
+            transport: Transport::Smtp,
+            hosts: vec![Host {
+                name: domain.to_string(),
+                preference: None,
+                target: Target::Tcp(vec![SocketAddr::new(ip, self.mx_port)]),
+            }],
+        })
     }
 
     /// The fallback relay for `domain`, when one is configured and the

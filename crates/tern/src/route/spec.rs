@@ -154,7 +154,7 @@ fn split_bracketed(item: &str, default_port: u16) -> Result<(&str, u16), String>
     Ok((inside, port))
 }
 
-fn address_literal(inside: &str) -> Option<IpAddr> {
+pub(super) fn address_literal(inside: &str) -> Option<IpAddr> {
     // RFC 5321 §4.1.3 writes IPv6 literals as "IPv6:…"; accept it too.
     let bare = match inside.get(..5) {
         Some(tag) if tag.eq_ignore_ascii_case("ipv6:") => &inside[5..],

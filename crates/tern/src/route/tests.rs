@@ -235,6 +235,25 @@ async fn mx_hosts_without_addresses_are_skipped() {
 }
 
 #[tokio::test]
+async fn an_address_literal_domain_needs_no_dns() {
+    let server = start().await;
+    let router = router(&server);
+    let delivery = router.resolve("[127.0.0.7]", &mut rng(1)).await.unwrap();
+    assert_eq!(delivery.destination.as_str(), "mx:[127.0.0.7]");
+    assert_eq!(addrs(&delivery.hosts[0]), ["127.0.0.7:2525"]);
+    let v6 = router.resolve("[IPv6:::1]", &mut rng(1)).await.unwrap();
+    assert_eq!(addrs(&v6.hosts[0]), ["[::1]:2525"]);
+    let err = router
+        .resolve("[300.1.1.1]", &mut rng(1))
+        .await
+        .unwrap_err();
+    assert!(err.is_permanent(), "{err:?}");
+    let v4only = router_with(&server, Routes::default(), AddressFamilies::Ipv4Only);
+    let err = v4only.resolve("[::1]", &mut rng(1)).await.unwrap_err();
+    assert!(!err.is_permanent(), "{err:?}");
+}
+
+#[tokio::test]
 async fn an_mx_host_that_is_a_cname_is_followed() {
     let server = start().await;
     let delivery = router(&server)
