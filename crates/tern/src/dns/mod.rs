@@ -17,13 +17,15 @@
 //!
 //! Errors: [`DnsError`]; only [`DnsError::NxDomain`] and
 //! [`DnsError::InvalidName`] are permanent. [`Dns::new`] fails only when
-//! the system resolver configuration cannot be read.
+//! the system resolver configuration cannot be read;
+//! [`DnsSettings::from_config`] returns [`ConfigError`]s naming the key.
 
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 pub(crate) mod testserver;
 
+use crate::config::ConfigError;
 use hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };
@@ -60,6 +62,71 @@ impl Default for DnsSettings {
             attempts: 2,
             cache_size: 4096,
         }
+    }
+}
+
+/// Proposed configuration keys, named in errors so `check-config` points
+/// at the line.
+pub const NAMESERVERS_KEY: &str = "dns.nameservers";
+pub const TIMEOUT_KEY: &str = "dns.timeout";
+pub const ATTEMPTS_KEY: &str = "dns.attempts";
+
+impl DnsSettings {
+    /// Validates the `[dns]` values as written in the configuration file;
+    /// every problem is reported with its key.
+    pub fn from_config(
+        nameservers: &[String],
+        timeout: &str,
+        attempts: usize,
+    ) -> Result<DnsSettings, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let mut servers = Vec::new();
+        for (i, text) in nameservers.iter().enumerate() {
+            match parse_nameserver(text) {
+                Ok(addr) => servers.push(addr),
+                Err(message) => errors.push(ConfigError {
+                    key: format!("{NAMESERVERS_KEY}[{i}]"),
+                    message,
+                }),
+            }
+        }
+        // Below 100 ms a healthy but distant server looks dead; above a
+        // minute a dead one holds a delivery slot for no benefit.
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(60));
+        let timeout = match humantime::parse_duration(timeout) {
+            Ok(d) if (min..=max).contains(&d) => d,
+            Ok(_) => {
+                errors.push(ConfigError {
+                    key: TIMEOUT_KEY.into(),
+                    message: "must be between 100ms and 1m".into(),
+                });
+                min
+            }
+            Err(e) => {
+                errors.push(ConfigError {
+                    key: TIMEOUT_KEY.into(),
+                    message: format!(
+                        "invalid duration {timeout:?}: {e} (examples: \"2s\", \"500ms\")"
+                    ),
+                });
+                min
+            }
+        };
+        if !(1..=10).contains(&attempts) {
+            errors.push(ConfigError {
+                key: ATTEMPTS_KEY.into(),
+                message: "must be between 1 and 10".into(),
+            });
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(DnsSettings {
+            nameservers: servers,
+            timeout,
+            attempts,
+            ..DnsSettings::default()
+        })
     }
 }
 

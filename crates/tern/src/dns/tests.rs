@@ -134,3 +134,19 @@ fn zone_text_errors_name_the_line() {
     let err = Zone::parse("a.example A 127.0.0.1\nb.example MX ten c.example\n").unwrap_err();
     assert!(err.starts_with("line 2:"), "{err}");
 }
+
+#[test]
+fn settings_from_config_name_each_bad_key() {
+    let settings =
+        DnsSettings::from_config(&["127.0.0.1:5353".into(), "::1".into()], "2s", 3).unwrap();
+    assert_eq!(settings.nameservers.len(), 2);
+    assert_eq!(settings.timeout, Duration::from_secs(2));
+    assert_eq!(settings.attempts, 3);
+
+    let errors =
+        DnsSettings::from_config(&["::1".into(), "ns.example".into()], "forever", 0).unwrap_err();
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["dns.nameservers[1]", TIMEOUT_KEY, ATTEMPTS_KEY]);
+    let errors = DnsSettings::from_config(&[], "10m", 2).unwrap_err();
+    assert_eq!(errors[0].key, TIMEOUT_KEY);
+}
