@@ -370,7 +370,7 @@ pub struct Router {
     mx_port: u16,
 }
 
-/// Where looking up one host's addresses got.
+/// The outcome of looking up one host's addresses.
 enum Addresses {
     Found(Vec<IpAddr>),
     /// NXDOMAIN or no record of an enabled family: a dead end, not a retry.

@@ -594,3 +594,14 @@ fn config_errors_name_their_key() {
     );
     assert!(errors[0].message.contains("SMTP"), "{}", errors[0]);
 }
+
+#[tokio::test]
+async fn resolving_can_run_on_any_worker_thread() {
+    fn assert_send<T: Send>(_: &T) {}
+    let server = start().await;
+    let router = router(&server);
+    let mut rng = rng(1);
+    let resolving = router.resolve("pref.example", &mut rng);
+    assert_send(&resolving);
+    assert!(resolving.await.is_ok());
+}
