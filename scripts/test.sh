@@ -8,7 +8,7 @@
 #   2. fmt      cargo fmt --all -- --check                    (TERN_SKIP_LINT=1 skips)
 #   3. clippy   cargo clippy --workspace --all-targets -D warnings (TERN_SKIP_LINT=1 skips)
 #   4. test     cargo test --workspace
-#   5. build    cargo build -p tern  (debug; the binary the pytest suite runs)
+#   5. build    cargo build -p tern --bins --example test-dns (debug; what the pytest suite runs)
 #   6. pytest   python3 -m pytest -q tests/integration   (TERN_BIN=target/debug/tern)
 #   7. fuzz     cargo +nightly fuzz run server_session (60 s), command (20 s) and
 #               client_session (20 s)
@@ -153,7 +153,9 @@ step_fmt() { cargo fmt --all -- --check; }
 step_clippy() { cargo clippy --workspace --all-targets -- -D warnings; }
 # --no-fail-fast: one failing test binary must not hide the others' results.
 step_test() { cargo test --workspace --no-fail-fast; }
-step_build() { cargo build -p tern; }
+# The test DNS server (an example, built on the dev-only hickory-server) is
+# run by the integration tests that deliver by MX.
+step_build() { cargo build -p tern --bins --example test-dns; }
 
 # ---------------------------------------------------------------- pytest
 

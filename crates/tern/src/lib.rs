@@ -3,9 +3,11 @@
 
 pub mod config;
 pub mod deliver;
+pub mod dns;
 pub mod fsutil;
 pub mod listener;
 pub mod queue;
+pub mod route;
 pub mod scheduler;
 pub mod server;
 pub mod session;

@@ -18,6 +18,8 @@ mod validate;
 use recipients::MAX_ALIAS_DEPTH;
 pub use recipients::{Destination, Resolution};
 pub use schema::{FileConfig, LimitsConfig, ListenerConfig, LogConfig};
+/// Shared with route parsing, so a route names hosts by the same rules.
+pub(crate) use validate::valid_domain;
 use validate::*;
 
 use ipnet::IpNet;

@@ -63,7 +63,7 @@ pub(super) const DAY: Duration = Duration::from_secs(24 * 3600);
 pub(super) const MAX_MESSAGE_SIZE: u64 = 1024 * 1024 * 1024;
 
 /// Checks `domain` is a plausible DNS name (RFC 1035 letters-digits-hyphen labels).
-pub(super) fn valid_domain(domain: &str) -> bool {
+pub(crate) fn valid_domain(domain: &str) -> bool {
     !domain.is_empty()
         && domain.len() <= 253
         && domain.split('.').all(|label| {
