@@ -639,7 +639,9 @@ impl Dest {
             return Wake::Idle;
         };
         match self.dead {
-            Some(_) if self.probing => Wake::Completion,
+            // Jobs started before it died may still be in flight: a probe
+            // waits for the window like any job.
+            Some(_) if self.probing || self.in_flight >= self.window => Wake::Completion,
             Some(probe) => Wake::At(due.max(probe)),
             None if self.in_flight >= self.window => Wake::Completion,
             None => Wake::At(due.max(self.next_start)),
