@@ -481,29 +481,46 @@ backup.mx.example  A 127.0.0.3
 /// drop.
 struct Sink {
     _process: tokio::process::Child,
+    /// The TCP address, when it listens on TCP.
     addr: SocketAddr,
     dumps: tempfile::TempDir,
 }
 
 async fn smtp_sink() -> Sink {
+    smtp_sink_with(&[], "127.0.0.1").await
+}
+
+/// Starts smtp-sink with `flags` on `listen`: an IP address (a free port is
+/// picked) or `unix:PATH`.
+async fn smtp_sink_with(flags: &[&str], listen: &str) -> Sink {
     let dumps = tempfile::tempdir().unwrap();
     let template = format!("{}/msg.", dumps.path().display());
     let deadline = Instant::now() + Duration::from_secs(20);
+    let unix = listen.strip_prefix("unix:").map(PathBuf::from);
     loop {
         // A port just released is almost always still free; retry if not.
         let addr = refused_address();
+        let endpoint = match unix {
+            Some(_) => listen.to_string(),
+            None => format!("{listen}:{}", addr.port()),
+        };
         let mut command = tokio::process::Command::new("/usr/sbin/smtp-sink");
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } == 0 {
             command.args(["-u", "root"]);
         }
         let mut process = command
-            .args(["-d", &template, &addr.to_string(), "16"])
+            .args(flags)
+            .args(["-d", &template, &endpoint, "16"])
             .kill_on_drop(true)
             .spawn()
             .expect("smtp-sink (installed by scripts/test.sh)");
         while Instant::now() < deadline {
-            if TcpStream::connect(addr).await.is_ok() {
+            let up = match &unix {
+                Some(path) => UnixStream::connect(path).await.is_ok(),
+                None => TcpStream::connect(addr).await.is_ok(),
+            };
+            if up {
                 return Sink {
                     _process: process,
                     addr,
@@ -587,4 +604,98 @@ async fn smtp_sink_takes_three_messages_over_one_connection() {
         .unwrap();
     assert!(folded.lines().all(|l| l.len() <= 998));
     assert_eq!(folded.bytes().filter(|&b| b == b'x').count(), 1_000_000);
+}
+
+#[tokio::test]
+async fn a_hostile_server_flooding_one_endless_line_fails_temporarily_and_the_next_host_is_used() {
+    let hostile = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hostile_addr = hostile.local_addr().unwrap();
+    let flood = tokio::spawn(async move {
+        let (mut stream, _) = hostile.accept().await.unwrap();
+        let chunk = vec![b'2'; 64 * 1024];
+        // 16 MiB and no line end; the client must give up long before.
+        for _ in 0..256 {
+            if stream.write_all(&chunk).await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let garbage = Script {
+        greeting: "hello there\r\n",
+        ..Script::default()
+    };
+    let (garbage_addr, _garbage_task) = scripted(garbage, 1).await;
+    let (good, task) = scripted(Script::default(), 1).await;
+    let d = delivery(
+        Transport::Smtp,
+        vec![
+            tcp_host("flood.mx.test", &[hostile_addr]),
+            tcp_host("garbage.mx.test", &[garbage_addr]),
+            tcp_host("good.mx.test", &[good]),
+        ],
+    );
+    let report = deliver(&d, &[message(&["a@example.test"], "x\r\n")], &settings()).await;
+
+    assert_eq!(statuses(&report.messages[0]), [Status::Delivered]);
+    assert_eq!(answered_by(&report.messages[0]), [Some("good.mx.test")]);
+    let failures: Vec<(u16, bool)> = report
+        .connections
+        .iter()
+        .filter_map(|c| c.failure.as_ref())
+        .map(|f| (f.reply.code, f.local))
+        .collect();
+    assert_eq!(failures, [(451, true), (451, true)]);
+    assert!(flood.await.unwrap(), "the client read the whole flood");
+    assert_eq!(task.await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn smtp_sink_refusing_every_recipient_fails_them_permanently_on_a_clean_connection() {
+    let sink = smtp_sink_with(&["-f", "rcpt"], "127.0.0.1").await;
+    let d = delivery(Transport::Smtp, vec![tcp_host("sink", &[sink.addr])]);
+    let messages = [
+        message(&["a@example.test", "b@example.test"], "one\r\n"),
+        message(&["c@example.test"], "two\r\n"),
+    ];
+    let report = deliver(&d, &messages, &settings()).await;
+
+    assert_eq!(statuses(&report.messages[0]), [Status::Permanent; 2]);
+    assert_eq!(statuses(&report.messages[1]), [Status::Permanent]);
+    assert_eq!(report.messages[1].recipients[0].reply.code / 100, 5);
+    assert_eq!(answered_by(&report.messages[1]), [Some("sink")]);
+    assert_eq!(report.connections.len(), 1);
+    assert_eq!(report.connections[0].failure, None);
+}
+
+#[tokio::test]
+async fn lmtp_to_smtp_sink_over_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lmtp");
+    let sink = smtp_sink_with(&["-L"], &format!("unix:{}", path.display())).await;
+    let d = delivery(
+        Transport::Lmtp,
+        vec![Host {
+            name: "lmtp-sink".into(),
+            preference: None,
+            target: Target::Unix(path.clone()),
+        }],
+    );
+    let messages = [
+        message(
+            &["a@example.test", "b@example.test"],
+            "Subject: 1\r\n\r\none\r\n",
+        ),
+        message(&["c@example.test"], "Subject: 2\r\n\r\n.two\r\n"),
+    ];
+    let report = deliver(&d, &messages, &settings()).await;
+
+    assert_eq!(statuses(&report.messages[0]), [Status::Delivered; 2]);
+    assert_eq!(statuses(&report.messages[1]), [Status::Delivered]);
+    assert_eq!(report.connections.len(), 1);
+    let bodies = dumped(&sink, 2).await;
+    assert!(
+        bodies.contains(&"Subject: 2\n\n.two\n".to_string()),
+        "{bodies:?}"
+    );
 }
