@@ -280,6 +280,7 @@ fn log_attempt(delivery: &Delivery, report: &ConnectionReport) {
         None => info!(
             event = "delivery.attempt",
             destination = delivery.destination.as_str(),
+            transport = %delivery.transport,
             host = %report.peer.host,
             address = %report.peer.address,
             outcome = "ok",
@@ -289,6 +290,7 @@ fn log_attempt(delivery: &Delivery, report: &ConnectionReport) {
         Some(failure) => warn!(
             event = "delivery.attempt",
             destination = delivery.destination.as_str(),
+            transport = %delivery.transport,
             host = %report.peer.host,
             address = %report.peer.address,
             outcome = "failed",

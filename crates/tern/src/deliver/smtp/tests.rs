@@ -699,3 +699,28 @@ async fn lmtp_to_smtp_sink_over_a_unix_socket() {
         "{bodies:?}"
     );
 }
+
+#[tokio::test]
+async fn nothing_to_send_or_nowhere_to_send_it() {
+    let d = delivery(
+        Transport::Smtp,
+        vec![tcp_host("mx.test", &[refused_address()])],
+    );
+    let report = deliver(&d, &[], &settings()).await;
+    assert!(report.messages.is_empty());
+    assert!(
+        report.connections.is_empty(),
+        "no connection for no message"
+    );
+
+    let nowhere = delivery(Transport::Smtp, Vec::new());
+    let report = deliver(
+        &nowhere,
+        &[message(&["a@example.test"], "x\r\n")],
+        &settings(),
+    )
+    .await;
+    let rcpt = &report.messages[0].recipients[0];
+    assert_eq!(rcpt.status, Status::Temporary);
+    assert_eq!(rcpt.reply.to_string(), "451 4.4.4 no host to deliver to");
+}
