@@ -79,6 +79,10 @@ pub struct SmtpSettings {
     pub max_messages_per_connection: usize,
     /// AUTH credentials (for a smarthost).
     pub credentials: Option<Credentials>,
+    /// Send the credentials over a connection without TLS (a relay on this
+    /// host or a trusted network). Until STARTTLS is done, credentials go
+    /// nowhere without it.
+    pub auth_without_tls: bool,
     pub tls: TlsPolicy,
     /// Recipients per transaction (the client's `max_recipients`).
     pub max_recipients: usize,
@@ -94,6 +98,7 @@ impl Default for SmtpSettings {
             connect_timeout: Duration::from_secs(30),
             max_messages_per_connection: 100,
             credentials: None,
+            auth_without_tls: false,
             tls: TlsPolicy::Opportunistic,
             max_recipients: 100,
             stage_timeout: Stage::timeout,
@@ -195,6 +200,7 @@ pub async fn deliver(
                     helo_name: settings.helo_name.clone(),
                     tls,
                     credentials: settings.credentials.clone(),
+                    auth_without_tls: settings.auth_without_tls,
                     max_recipients: settings.max_recipients,
                     ..ClientConfig::default()
                 };

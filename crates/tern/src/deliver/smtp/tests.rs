@@ -724,3 +724,32 @@ async fn nothing_to_send_or_nowhere_to_send_it() {
     assert_eq!(rcpt.status, Status::Temporary);
     assert_eq!(rcpt.reply.to_string(), "451 4.4.4 no host to deliver to");
 }
+
+#[tokio::test]
+async fn smtp_sink_takes_credentials_only_where_plain_text_auth_is_allowed() {
+    let sink = smtp_sink().await;
+    let d = delivery(Transport::Smtp, vec![tcp_host("relay", &[sink.addr])]);
+    let m = message(&["a@example.test"], "x\r\n");
+    let with_credentials = SmtpSettings {
+        credentials: Some(Credentials {
+            username: "tern".into(),
+            password: "secret".into(),
+        }),
+        ..settings()
+    };
+    let report = deliver(&d, std::slice::from_ref(&m), &with_credentials).await;
+    let rcpt = &report.messages[0].recipients[0];
+    assert_eq!(rcpt.status, Status::Temporary);
+    assert_eq!(
+        rcpt.reply.enhanced.map(|e| e.to_string()),
+        Some("4.7.11".into())
+    );
+
+    let allowed = SmtpSettings {
+        auth_without_tls: true,
+        ..with_credentials
+    };
+    let report = deliver(&d, &[m], &allowed).await;
+    assert_eq!(statuses(&report.messages[0]), [Status::Delivered]);
+    assert_eq!(dumped(&sink, 1).await, ["x\n"]);
+}
