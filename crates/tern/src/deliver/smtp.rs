@@ -390,15 +390,27 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             tls_failed: false,
         };
         let mut tls_requested = false;
+        let mut writable = true;
         loop {
             while let Some(event) = client.next_event() {
                 match event {
                     Event::Write(octets) => {
+                        // Writes the client queued before it learnt of a
+                        // broken stream would each wait out the limit again.
+                        if !writable {
+                            continue;
+                        }
                         let limit = (self.settings.stage_timeout)(Stage::DataBlock);
                         match timeout(limit, self.stream.write_all(&octets)).await {
                             Ok(Ok(())) => {}
-                            Ok(Err(_)) => client.eof(),
-                            Err(_) => client.timeout(),
+                            Ok(Err(_)) => {
+                                writable = false;
+                                client.eof();
+                            }
+                            Err(_) => {
+                                writable = false;
+                                client.timeout();
+                            }
                         }
                     }
                     Event::StartTls => {
@@ -440,7 +452,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     }
                     Event::Close => {
                         // The peer may already be gone; nothing is owed to it.
-                        let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+                        if writable {
+                            let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+                        }
                         return end;
                     }
                 }

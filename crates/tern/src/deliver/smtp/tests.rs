@@ -91,6 +91,8 @@ struct Script {
     cut_in_data: bool,
     /// Never greet: the client's greeting timeout is tested.
     silent: bool,
+    /// Stop reading after the 354: the client's writes block.
+    stall_in_data: bool,
 }
 
 impl Default for Script {
@@ -102,6 +104,7 @@ impl Default for Script {
             data_end: vec!["250 2.0.0 queued"],
             cut_in_data: false,
             silent: false,
+            stall_in_data: false,
         }
     }
 }
@@ -135,6 +138,10 @@ async fn play<S: AsyncRead + AsyncWrite + Unpin>(stream: S, script: &Script) -> 
             "220 2.0.0 go ahead\r\n".into()
         } else if command.starts_with("DATA") {
             stream.write_all(b"354 go on\r\n").await.unwrap();
+            if script.stall_in_data {
+                // Held open, unread, until the test's runtime ends.
+                std::future::pending::<()>().await;
+            }
             let mut content = Vec::new();
             loop {
                 let mut line = Vec::new();
@@ -752,4 +759,36 @@ async fn smtp_sink_takes_credentials_only_where_plain_text_auth_is_allowed() {
     let report = deliver(&d, &[m], &allowed).await;
     assert_eq!(statuses(&report.messages[0]), [Status::Delivered]);
     assert_eq!(dumped(&sink, 1).await, ["x\n"]);
+}
+
+#[tokio::test]
+async fn a_server_that_stops_reading_times_the_write_out() {
+    let stalling = Script {
+        stall_in_data: true,
+        ..Script::default()
+    };
+    let (addr, _task) = scripted(stalling, 1).await;
+    let d = delivery(Transport::Smtp, vec![tcp_host("mx.test", &[addr])]);
+    // More than loopback's socket buffers hold.
+    let big = "y".repeat(900) + "\r\n";
+    let m = message(&["a@example.test"], &big.repeat(40_000));
+    let started = Instant::now();
+    let report = deliver(
+        &d,
+        &[m],
+        &SmtpSettings {
+            stage_timeout: |_| Duration::from_millis(300),
+            ..settings()
+        },
+    )
+    .await;
+
+    assert_eq!(statuses(&report.messages[0]), [Status::Temporary]);
+    assert!(report.messages[0].recipients[0].local);
+    // One expiry, not one per write the client had queued.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
