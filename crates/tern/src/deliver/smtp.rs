@@ -57,7 +57,7 @@ use std::time::Duration;
 use tern_proto::Reply;
 use tern_proto::client::{
     Client, ClientConfig, ConnectionFailure, Credentials, Event, Message, MessageOutcome, Protocol,
-    Stage, Status, TlsPolicy,
+    Stage, Status, TlsPolicy, sanitize,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -209,11 +209,13 @@ pub async fn deliver(
                     Err(e) => SessionEnd {
                         messages: 0,
                         failure: Some(ConnectionFailure {
-                            reply: Reply::enhanced(
+                            // The host name comes from DNS: sanitised like a
+                            // server's reply before it reaches a bounce.
+                            reply: sanitize(&Reply::enhanced(
                                 451,
                                 (4, 4, 1),
                                 format!("cannot connect to {peer}: {e}"),
-                            ),
+                            )),
                             local: true,
                         }),
                         tls_failed: false,
