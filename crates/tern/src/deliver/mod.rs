@@ -1,7 +1,8 @@
-//! Delivery agents. Only local Maildir delivery exists so far; LMTP and
-//! remote SMTP come with the delivery issue, behind the same outcome type.
+//! Delivery agents: local Maildir delivery, and one outbound attempt over
+//! SMTP or LMTP (`smtp`, not yet wired into the queue).
 
 pub mod maildir;
+pub mod smtp;
 pub mod worker;
 
 /// What one delivery attempt did for one recipient.

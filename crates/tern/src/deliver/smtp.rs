@@ -1,0 +1,499 @@
+//! One outbound delivery attempt over SMTP or LMTP: the tokio driver around
+//! the sans-IO [`tern_proto::client::Client`].
+//!
+//! [`deliver`] takes a routed [`Delivery`] (hosts in preference order, each
+//! with its addresses in the order to try) and the messages waiting for that
+//! destination, and carries as many of them as it can over as few
+//! connections as it can: each connection takes messages in turn, up to
+//! `max_messages_per_connection`, then ends with QUIT and the next one is
+//! opened to the same address.
+//!
+//! Moving on. A connection that fails before it could take a message (connect
+//! refused, unreachable or timed out; a 4xx or 5xx greeting; 421; TLS
+//! required but absent; a broken reply during EHLO) moves on to the next
+//! address of the host, then to the next host. A message that was sent has
+//! its outcome from the server that answered, final for this attempt; if the
+//! connection dies after that, the messages not yet sent move on to the next
+//! address like the others. Recipients of messages no server ever took get
+//! the last connection-level reason, always as a temporary failure: another
+//! attempt may reach another host (Postfix's `smtp_skip_5xx_greeting`).
+//!
+//! Invariants:
+//! - Every recipient of every message passed in gets exactly one
+//!   [`RecipientReport`], in the order of the message's recipients, and
+//!   every report names the host that answered, or none when no server
+//!   took the message.
+//! - Everything the client emits is written, in order and completely,
+//!   before more server octets are fed to it (the client's rule).
+//! - Every wait is bounded: the connect by `connect_timeout`, each reply by
+//!   its RFC 5321 §4.5.3.2 stage timeout, each write by the data-block
+//!   timeout. Reads go through one fixed buffer; the client bounds what it
+//!   holds of a reply.
+//! - Nothing from the peer can panic the driver; replies in reports are the
+//!   client's sanitised ones.
+//! - One `delivery.attempt` log event per connection attempt.
+//!
+//! Not done: STARTTLS. When the client asks for the handshake
+//! ([`Event::StartTls`]) the driver answers `tls_failed`: under
+//! `TlsPolicy::Require` the connection fails with the client's reason
+//! (4.7.5 TLS handshake failed) and the next host is tried; under
+//! `Opportunistic` the same address is retried at once in plain text, as
+//! RFC 3207 deployments expect after a failed handshake. rustls comes next.
+//! Also not here: an idle connection cache across attempts (connections
+//! live for one call), the queue and the scheduler (which decide what to
+//! send where and when), configuration keys, IPv6-to-IPv4 retry of 5.7.x.
+//!
+//! Errors: none returned; every failure is a per-recipient
+//! [`RecipientReport`] (status, reply, which host) and, per connection, a
+//! [`ConnectionReport`].
+
+use crate::route::{Delivery, Target, Transport};
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use tern_proto::Reply;
+use tern_proto::client::{
+    Client, ClientConfig, ConnectionFailure, Credentials, Event, Message, MessageOutcome, Protocol,
+    Stage, Status, TlsPolicy, sanitize,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::{Instant, timeout};
+use tracing::{info, warn};
+
+/// Octets read from the server at a time.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// How one delivery attempt behaves.
+#[derive(Debug, Clone)]
+pub struct SmtpSettings {
+    /// Our name in EHLO/LHLO: our host name.
+    pub helo_name: String,
+    /// The limit for one TCP or Unix connect.
+    pub connect_timeout: Duration,
+    /// Messages carried by one connection before it is ended and a fresh one
+    /// opened; 0 counts as 1.
+    pub max_messages_per_connection: usize,
+    /// AUTH credentials (for a smarthost).
+    pub credentials: Option<Credentials>,
+    /// Send the credentials over a connection without TLS (a relay on this
+    /// host or a trusted network). Until STARTTLS is done, credentials go
+    /// nowhere without it.
+    pub auth_without_tls: bool,
+    pub tls: TlsPolicy,
+    /// Recipients per transaction (the client's `max_recipients`).
+    pub max_recipients: usize,
+    /// The timeout for a reply at each stage: RFC 5321 §4.5.3.2 values by
+    /// default ([`Stage::timeout`]); tests shorten them.
+    pub stage_timeout: fn(Stage) -> Duration,
+}
+
+impl Default for SmtpSettings {
+    fn default() -> Self {
+        SmtpSettings {
+            helo_name: "localhost".into(),
+            connect_timeout: Duration::from_secs(30),
+            max_messages_per_connection: 100,
+            credentials: None,
+            auth_without_tls: false,
+            tls: TlsPolicy::Opportunistic,
+            max_recipients: 100,
+            stage_timeout: Stage::timeout,
+        }
+    }
+}
+
+/// The server a reply came from: the host's name as routed and the address
+/// connected to (`192.0.2.1:25`, `[2001:db8::1]:25` or `unix:/path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub host: String,
+    pub address: String,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.host, self.address)
+    }
+}
+
+/// Where one recipient of one message ended up in this attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientReport {
+    pub status: Status,
+    /// The server's reply (sanitised), or ours when `local`.
+    pub reply: Reply,
+    pub local: bool,
+    /// The server that took the message and gave this outcome; `None` when
+    /// no server took it (the reply is then the last connection failure).
+    pub answered_by: Option<Peer>,
+}
+
+/// The outcome of one message, recipients in the message's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageReport {
+    pub recipients: Vec<RecipientReport>,
+    /// The server advertised DSN (see [`MessageOutcome::dsn`]).
+    pub dsn: bool,
+}
+
+/// How one connection attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionReport {
+    pub peer: Peer,
+    /// Messages that got their outcome over this connection.
+    pub messages: usize,
+    /// Why the connection ended early; `None` when it ended with QUIT.
+    pub failure: Option<ConnectionFailure>,
+    pub duration: Duration,
+}
+
+/// Everything one call to [`deliver`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptReport {
+    /// One per message, in the order given.
+    pub messages: Vec<MessageReport>,
+    /// Every connection tried, in order.
+    pub connections: Vec<ConnectionReport>,
+}
+
+/// Delivers `messages` (all for `delivery`'s destination) in one attempt.
+/// See the module header for the order hosts are tried in and what counts
+/// as final.
+pub async fn deliver(
+    delivery: &Delivery,
+    messages: &[Message],
+    settings: &SmtpSettings,
+) -> AttemptReport {
+    let mut reports: Vec<Option<MessageReport>> = vec![None; messages.len()];
+    let mut pending: VecDeque<usize> = (0..messages.len()).collect();
+    let mut connections = Vec::new();
+    let mut last_failure: Option<ConnectionFailure> = None;
+    let protocol = match delivery.transport {
+        Transport::Smtp => Protocol::Smtp,
+        Transport::Lmtp => Protocol::Lmtp,
+    };
+
+    'hosts: for host in &delivery.hosts {
+        let endpoints: Vec<Endpoint<'_>> = match &host.target {
+            Target::Tcp(addrs) => addrs.iter().map(|a| Endpoint::Tcp(*a)).collect(),
+            Target::Unix(path) => vec![Endpoint::Unix(path)],
+        };
+        for endpoint in endpoints {
+            let peer = Peer {
+                host: host.name.clone(),
+                address: endpoint.to_string(),
+            };
+            let mut tls = settings.tls;
+            // Connections to this address, while each ends cleanly with
+            // messages left over (the per-connection limit), or once more
+            // in plain text after a failed opportunistic handshake.
+            loop {
+                if pending.is_empty() {
+                    break 'hosts;
+                }
+                let config = ClientConfig {
+                    protocol,
+                    helo_name: settings.helo_name.clone(),
+                    tls,
+                    credentials: settings.credentials.clone(),
+                    auth_without_tls: settings.auth_without_tls,
+                    max_recipients: settings.max_recipients,
+                    ..ClientConfig::default()
+                };
+                let started = Instant::now();
+                let end = match endpoint.connect(settings.connect_timeout).await {
+                    Err(e) => SessionEnd {
+                        messages: 0,
+                        failure: Some(ConnectionFailure {
+                            // The host name comes from DNS: sanitised like a
+                            // server's reply before it reaches a bounce.
+                            reply: sanitize(&Reply::enhanced(
+                                451,
+                                (4, 4, 1),
+                                format!("cannot connect to {peer}: {e}"),
+                            )),
+                            local: true,
+                        }),
+                        tls_failed: false,
+                    },
+                    Ok(Stream::Tcp(s)) => {
+                        let mut run = Session::new(s, messages, settings, &peer);
+                        run.run(config, &mut pending, &mut reports).await
+                    }
+                    Ok(Stream::Unix(s)) => {
+                        let mut run = Session::new(s, messages, settings, &peer);
+                        run.run(config, &mut pending, &mut reports).await
+                    }
+                };
+                let report = ConnectionReport {
+                    peer: peer.clone(),
+                    messages: end.messages,
+                    failure: end.failure.clone(),
+                    duration: started.elapsed(),
+                };
+                log_attempt(delivery, &report);
+                connections.push(report);
+                match end.failure {
+                    None if end.messages > 0 => continue,
+                    None => break,
+                    Some(failure) => {
+                        last_failure = Some(failure);
+                        if end.tls_failed && tls == TlsPolicy::Opportunistic {
+                            tls = TlsPolicy::None;
+                            continue;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    let never_taken = last_failure.unwrap_or_else(|| ConnectionFailure {
+        reply: Reply::enhanced(451, (4, 4, 4), "no host to deliver to"),
+        local: true,
+    });
+    let messages = reports
+        .into_iter()
+        .zip(messages)
+        .map(|(report, message)| {
+            report.unwrap_or_else(|| MessageReport {
+                recipients: message
+                    .recipients
+                    .iter()
+                    .map(|_| RecipientReport {
+                        status: Status::Temporary,
+                        reply: never_taken.reply.clone(),
+                        local: never_taken.local,
+                        answered_by: None,
+                    })
+                    .collect(),
+                dsn: false,
+            })
+        })
+        .collect();
+    AttemptReport {
+        messages,
+        connections,
+    }
+}
+
+fn log_attempt(delivery: &Delivery, report: &ConnectionReport) {
+    let duration_ms = report.duration.as_millis() as u64;
+    match &report.failure {
+        None => info!(
+            event = "delivery.attempt",
+            destination = delivery.destination.as_str(),
+            transport = %delivery.transport,
+            host = %report.peer.host,
+            address = %report.peer.address,
+            outcome = "ok",
+            messages = report.messages,
+            duration_ms,
+        ),
+        Some(failure) => warn!(
+            event = "delivery.attempt",
+            destination = delivery.destination.as_str(),
+            transport = %delivery.transport,
+            host = %report.peer.host,
+            address = %report.peer.address,
+            outcome = "failed",
+            messages = report.messages,
+            reply = %failure.reply,
+            local = failure.local,
+            duration_ms,
+        ),
+    }
+}
+
+/// One address to connect to.
+enum Endpoint<'a> {
+    Tcp(SocketAddr),
+    Unix(&'a Path),
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Endpoint<'_> {
+    async fn connect(&self, limit: Duration) -> io::Result<Stream> {
+        let connecting = async {
+            Ok(match self {
+                Endpoint::Tcp(addr) => Stream::Tcp(TcpStream::connect(*addr).await?),
+                Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+            })
+        };
+        match timeout(limit, connecting).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "{addr}"),
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// How one connection ended.
+struct SessionEnd {
+    /// Messages that got their outcome over it.
+    messages: usize,
+    failure: Option<ConnectionFailure>,
+    /// The failure followed our answer `tls_failed` to `StartTls`.
+    tls_failed: bool,
+}
+
+/// One connection being driven.
+struct Session<'a, S> {
+    stream: S,
+    messages: &'a [Message],
+    settings: &'a SmtpSettings,
+    peer: &'a Peer,
+}
+
+impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
+    fn new(stream: S, messages: &'a [Message], settings: &'a SmtpSettings, peer: &'a Peer) -> Self {
+        Session {
+            stream,
+            messages,
+            settings,
+            peer,
+        }
+    }
+
+    /// Takes messages from `pending` while the connection can carry them;
+    /// their outcomes go into `reports`. A message handed to the client
+    /// always gets its outcome (the client's invariant), so none is lost
+    /// from `pending` without one.
+    async fn run(
+        &mut self,
+        config: ClientConfig,
+        pending: &mut VecDeque<usize>,
+        reports: &mut [Option<MessageReport>],
+    ) -> SessionEnd {
+        let limit = self.settings.max_messages_per_connection.max(1);
+        let mut client = Client::new(config);
+        let mut buf = vec![0u8; READ_BUFFER];
+        let mut in_flight: Option<usize> = None;
+        let mut end = SessionEnd {
+            messages: 0,
+            failure: None,
+            tls_failed: false,
+        };
+        let mut tls_requested = false;
+        let mut writable = true;
+        loop {
+            while let Some(event) = client.next_event() {
+                match event {
+                    Event::Write(octets) => {
+                        // Writes the client queued before it learnt of a
+                        // broken stream would each wait out the limit again.
+                        if !writable {
+                            continue;
+                        }
+                        let limit = (self.settings.stage_timeout)(Stage::DataBlock);
+                        match timeout(limit, self.stream.write_all(&octets)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => {
+                                writable = false;
+                                client.eof();
+                            }
+                            Err(_) => {
+                                writable = false;
+                                client.timeout();
+                            }
+                        }
+                    }
+                    Event::StartTls => {
+                        // TLS is the next step (module header).
+                        tls_requested = true;
+                        client.tls_failed();
+                    }
+                    Event::TlsDeclined(reply) => {
+                        info!(event = "delivery.tls_declined", host = %self.peer, reply = %reply);
+                    }
+                    Event::Ready => {
+                        let next = if end.messages < limit {
+                            pending.pop_front()
+                        } else {
+                            None
+                        };
+                        match next {
+                            Some(i) => match client.send(self.messages[i].clone()) {
+                                Ok(()) => in_flight = Some(i),
+                                // Not expected after Ready; the message stays
+                                // pending for the next connection.
+                                Err(_) => {
+                                    pending.push_front(i);
+                                    client.quit();
+                                }
+                            },
+                            None => client.quit(),
+                        }
+                    }
+                    Event::Outcome(outcome) => {
+                        if let Some(i) = in_flight.take() {
+                            reports[i] = Some(self.report(outcome));
+                            end.messages += 1;
+                        }
+                    }
+                    Event::Failed(failure) => {
+                        end.tls_failed = tls_requested && failure.local;
+                        end.failure = Some(failure);
+                    }
+                    Event::Close => {
+                        // The peer may already be gone; nothing is owed to it.
+                        if writable {
+                            let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+                        }
+                        return end;
+                    }
+                }
+            }
+            // No reply is awaited only during the handshake (answered at
+            // once above) or when idle (never: Ready is answered with a
+            // message or QUIT); a guard against waiting for ever anyway.
+            let stage = client.stage().unwrap_or(Stage::Command);
+            match timeout(
+                (self.settings.stage_timeout)(stage),
+                self.stream.read(&mut buf),
+            )
+            .await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) => client.eof(),
+                Ok(Ok(n)) => client.receive(&buf[..n]),
+                Err(_) => client.timeout(),
+            }
+        }
+    }
+
+    fn report(&self, outcome: MessageOutcome) -> MessageReport {
+        MessageReport {
+            recipients: outcome
+                .recipients
+                .into_iter()
+                .map(|r| RecipientReport {
+                    status: r.status,
+                    reply: r.reply,
+                    local: r.local,
+                    answered_by: Some(self.peer.clone()),
+                })
+                .collect(),
+            dsn: outcome.dsn,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
