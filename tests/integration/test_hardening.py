@@ -227,3 +227,36 @@ def test_forged_authentication_results_are_removed(tern):
     assert header_values(mail, "Subject") == ["forged"]
     assert b"in the body stays" in mail
     assert b"dkim=pass" not in mail
+
+
+def test_a_bdat_with_a_tab_never_runs_its_chunk_as_commands(tern):
+    srv = tern()
+    with srv.connect() as c:
+        open_transaction(c)
+        chunk = SMUGGLED + b"Subject: smuggled\r\n\r\nevil\r\n.\r\n"
+        c.send(b"BDAT\t%d LAST\r\n" % len(chunk) + chunk)
+        c.expect(501, "5.5.4")
+        assert c.is_closed()
+    with srv.connect() as c:
+        c.ehlo()
+        send_sentinel(c)
+    only_the_sentinel(srv)
+    assert srv.mails("bob") == []
+
+
+def test_empty_chunks_and_recipients_past_the_limit_are_bounded(tern):
+    srv = tern({"limits": {"max_junk_commands": 10, "max_recipients": 1}})
+    with srv.connect() as c:
+        open_transaction(c)
+        c.send(b"BDAT 0\r\n" * 11)
+        for _ in range(10):
+            assert c.reply().code == 250
+        c.expect(421, "4.7.0")
+        assert c.is_closed()
+    with srv.connect() as c:
+        open_transaction(c)
+        c.send(b"RCPT TO:<bob@example.test>\r\n" * 11)
+        for _ in range(10):
+            assert c.reply().code == 452
+        c.expect(421, "4.7.0")
+        assert c.is_closed()

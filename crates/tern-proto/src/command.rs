@@ -414,9 +414,13 @@ pub fn announced_chunk_size(line: &[u8]) -> Option<Option<u64>> {
         return None;
     }
     let rest = &line[4..];
-    if rest.first().is_some_and(|&b| b != b' ') {
+    match rest.first() {
         // BDATX: another (unknown) verb.
-        return None;
+        Some(b) if b.is_ascii_alphanumeric() => return None,
+        // `BDAT<TAB>102`: a reader that splits on any blank sees a chunk
+        // here, so nobody can say where the next command starts.
+        Some(&b) if b != b' ' => return Some(None),
+        _ => {}
     }
     let rest = &rest[rest.iter().take_while(|&&b| b == b' ').count()..];
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();

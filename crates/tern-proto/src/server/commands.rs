@@ -162,7 +162,8 @@ impl Session {
 
     /// Counts a command that makes no progress towards a message (NOOP,
     /// RSET, VRFY, HELP, a repeated HELO/EHLO, unknown or unimplemented
-    /// verbs), as Postfix's `smtpd_junk_command_limit` does; true when the
+    /// verbs, an empty BDAT chunk that is not the last, a RCPT past the
+    /// recipient limit), as Postfix's `smtpd_junk_command_limit` does; true when the
     /// session was closed for too many since the last accepted message.
     fn junk(&mut self) -> bool {
         self.junk_commands += 1;
@@ -299,6 +300,13 @@ impl Session {
     }
 
     fn cmd_rcpt(&mut self, to: ForwardPath, params: RcptParams) {
+        let over_limit = self.msg.is_none()
+            && (self.tx.as_ref()).is_some_and(|tx| tx.rcpts.len() >= self.config.max_recipients);
+        // A RCPT past the limit is not an error (see `reply`), but no
+        // progress either: a client repeating it forever meets the junk limit.
+        if over_limit && self.junk() {
+            return;
+        }
         let refusal = match &self.tx {
             None => Some(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command")),
             // RFC 3030 §2: after BDAT only BDAT (or RSET...) continues.
@@ -398,6 +406,11 @@ impl Session {
     fn cmd_bdat(&mut self, size: u64, last: bool) {
         if self.chunk_exceeds_limit(size) {
             self.chunk_too_large();
+            return;
+        }
+        // An empty chunk that does not end the message moves nothing: as
+        // cheap a keep-alive as NOOP, so it counts like one.
+        if size == 0 && !last && self.junk() {
             return;
         }
         let refusal = match &self.tx {

@@ -207,3 +207,47 @@ fn forbidden_octets_in_commands_get_501_and_the_session_goes_on() {
         "{r}"
     );
 }
+
+#[test]
+fn a_bdat_with_a_blank_other_than_space_cannot_be_delimited() {
+    // Its chunk must never run as commands: a reader splitting on any blank
+    // sees `BDAT 30 LAST` here.
+    for line in [&b"BDAT\t30 LAST\r\n"[..], b"BDAT\x0b30 LAST\r\n"] {
+        let mut input = HEAD.to_vec();
+        input.extend_from_slice(line);
+        input.extend_from_slice(b"MAIL FROM:<x@y>\r\nRSET\r\nNOOP\r\n");
+        let ev = run_events_with(config(), &[&input], queued);
+        let r = replies(&ev);
+        assert!(
+            r.ends_with("250 2.1.5 Ok\r\n501 5.5.4 Error: BDAT chunk cannot be delimited, closing connection\r\n"),
+            "{r}"
+        );
+        assert_eq!(ev.last(), Some(&Event::Close));
+    }
+    // BDATX is another verb: an ordinary unknown command.
+    let ev = run_events_with(config(), &[b"EHLO c\r\nBDATX 3\r\nNOOP\r\n"], queued);
+    assert!(replies(&ev).ends_with("500 5.5.2 Error: command not recognized\r\n250 2.0.0 Ok\r\n"));
+}
+
+#[test]
+fn empty_chunks_and_rcpts_past_the_limit_count_as_junk() {
+    let cfg = ServerConfig {
+        max_junk_commands: 5,
+        max_recipients: 1,
+        ..config()
+    };
+    let ev = run_events_with(cfg.clone(), &[HEAD, &b"BDAT 0\r\n".repeat(8)], queued);
+    let r = replies(&ev);
+    assert_eq!(r.matches("250 2.0.0 0 octets received").count(), 5, "{r}");
+    assert!(
+        r.ends_with("421 4.7.0 mx.test Error: too many commands without mail\r\n"),
+        "{r}"
+    );
+    let ev = run_events_with(cfg, &[HEAD, &b"RCPT TO:<y@b>\r\n".repeat(8)], queued);
+    let r = replies(&ev);
+    assert_eq!(r.matches("452 4.5.3").count(), 5, "{r}");
+    assert!(
+        r.ends_with("421 4.7.0 mx.test Error: too many commands without mail\r\n"),
+        "{r}"
+    );
+}
