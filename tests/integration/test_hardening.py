@@ -246,17 +246,11 @@ def test_a_bdat_with_a_tab_never_runs_its_chunk_as_commands(tern):
 
 def test_empty_chunks_and_recipients_past_the_limit_are_bounded(tern):
     srv = tern({"limits": {"max_junk_commands": 10, "max_recipients": 1}})
-    with srv.connect() as c:
-        open_transaction(c)
-        c.send(b"BDAT 0\r\n" * 11)
-        for _ in range(10):
-            assert c.reply().code == 250
-        c.expect(421, "4.7.0")
-        assert c.is_closed()
-    with srv.connect() as c:
-        open_transaction(c)
-        c.send(b"RCPT TO:<bob@example.test>\r\n" * 11)
-        for _ in range(10):
-            assert c.reply().code == 452
-        c.expect(421, "4.7.0")
-        assert c.is_closed()
+    for command, code in [(b"BDAT 0", 250), (b"RCPT TO:<bob@example.test>", 452)]:
+        with srv.connect() as c:
+            open_transaction(c)
+            c.send((command + b"\r\n") * 11)
+            for _ in range(10):
+                assert c.reply().code == code
+            c.expect(421, "4.7.0")
+            assert c.is_closed()

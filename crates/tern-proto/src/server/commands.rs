@@ -127,16 +127,17 @@ impl Session {
     /// the line itself over-long or cut by a bare LF): whatever follows may
     /// be chunk data, so nothing more is read as a command.
     fn bdat_unframable(&mut self) {
-        self.refuse_chunk_and_close(Reply::enhanced(
+        self.discard_input_and_close(Reply::enhanced(
             501,
             (5, 5, 4),
             "Error: BDAT chunk cannot be delimited, closing connection",
         ));
     }
 
-    /// Ends the session over a BDAT whose chunk will not be read: whatever
-    /// arrived after the command line is that chunk, never commands.
-    fn refuse_chunk_and_close(&mut self, reply: Reply) {
+    /// Ends the session when what follows the current command cannot be
+    /// framed as commands (a BDAT chunk that will not be read, content sent
+    /// before its 354): it is dropped unread, with the transaction.
+    fn discard_input_and_close(&mut self, reply: Reply) {
         self.input = Vec::new();
         self.reset_transaction();
         self.close_with(reply);
@@ -153,7 +154,7 @@ impl Session {
     /// gets the answer at once and the session ends, since what follows on
     /// the wire is that chunk.
     fn chunk_too_large(&mut self) {
-        self.refuse_chunk_and_close(Reply::enhanced(
+        self.discard_input_and_close(Reply::enhanced(
             552,
             (5, 3, 4),
             "Error: BDAT chunk exceeds the message size limit, closing connection",
@@ -392,9 +393,7 @@ impl Session {
     /// client's bytes happened to be split into packets (Postfix
     /// `smtpd_forbid_unauth_pipelining` does the same).
     pub(super) fn pipelining_violation(&mut self) {
-        self.input = Vec::new();
-        self.reset_transaction();
-        self.close_with(Reply::enhanced(
+        self.discard_input_and_close(Reply::enhanced(
             554,
             (5, 5, 0),
             "Error: improper use of SMTP command pipelining",

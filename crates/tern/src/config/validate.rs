@@ -339,6 +339,19 @@ pub(super) fn at_most(errors: &mut Errors, key: &str, value: u64, max: u64) {
     }
 }
 
+/// The value named by `value` among two `choices`; anything else is
+/// reported under `key`, and the first choice (the default) stands in.
+fn one_of<T: Copy>(errors: &mut Errors, key: &str, value: &str, choices: [(&str, T); 2]) -> T {
+    match choices.iter().find(|(name, _)| *name == value) {
+        Some(&(_, chosen)) => chosen,
+        None => {
+            let [(a, default), (b, _)] = choices;
+            errors.push(key, format!("must be \"{a}\" or \"{b}\""));
+            default
+        }
+    }
+}
+
 pub(super) fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
     let as_u64 = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
     for (key, value, max) in [
@@ -415,22 +428,21 @@ pub(super) fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
     if l.max_connections_per_ip < 1 {
         errors.push("limits.max_connections_per_ip", "must be at least 1");
     }
-    let bare_lf = match l.bare_lf.as_str() {
-        "reject" => BareLfPolicy::Reject,
-        "normalize" => BareLfPolicy::Normalize,
-        _ => {
-            errors.push("limits.bare_lf", "must be \"reject\" or \"normalize\"");
-            BareLfPolicy::Reject
-        }
-    };
-    let nul = match l.nul.as_str() {
-        "reject" => NulPolicy::Reject,
-        "strip" => NulPolicy::Strip,
-        _ => {
-            errors.push("limits.nul", "must be \"reject\" or \"strip\"");
-            NulPolicy::Reject
-        }
-    };
+    let bare_lf = one_of(
+        errors,
+        "limits.bare_lf",
+        &l.bare_lf,
+        [
+            ("reject", BareLfPolicy::Reject),
+            ("normalize", BareLfPolicy::Normalize),
+        ],
+    );
+    let nul = one_of(
+        errors,
+        "limits.nul",
+        &l.nul,
+        [("reject", NulPolicy::Reject), ("strip", NulPolicy::Strip)],
+    );
     if !(1..=MAX_MESSAGE_SIZE).contains(&l.max_message_size) {
         errors.push(
             "limits.max_message_size",
