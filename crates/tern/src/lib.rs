@@ -6,6 +6,7 @@ pub mod deliver;
 pub mod dns;
 pub mod fsutil;
 pub mod listener;
+pub mod outbound;
 pub mod queue;
 pub mod route;
 pub mod scheduler;

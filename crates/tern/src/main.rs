@@ -198,6 +198,7 @@ fn describe(route: &Route, status: &RcptStatus, now: i64) -> String {
                 reply,
                 attempts,
                 next_attempt,
+                ..
             },
             _,
         ) => format!(

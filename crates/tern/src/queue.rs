@@ -27,8 +27,9 @@
 use crate::config::Runtime;
 use crate::deliver::maildir::{CopyKey, Delivered, LocalCopy, MaildirNamer, deliver_batch};
 use crate::deliver::worker::{DELIVERY_NICE, DeliveryThread};
+use crate::outbound::OutboundHandle;
 use crate::scheduler::backoff;
-use crate::spool::{Envelope, MsgId, Outcome, RcptStatus, Route, Spool};
+use crate::spool::{Envelope, MsgId, Outcome, RcptStatus, Route, Spool, SpoolError};
 use rand::Rng;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet, VecDeque};
@@ -39,17 +40,46 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// Cheap handle for sessions to announce a committed message.
+/// Cheap handle to announce a committed message to whichever of local
+/// delivery and the outbound manager has work in it.
 #[derive(Clone)]
 pub struct QueueHandle {
     tx: mpsc::UnboundedSender<MsgId>,
+    outbound: OutboundHandle,
+}
+
+/// Who has work in a message: local delivery, the outbound manager, or both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Work {
+    pub local: bool,
+    pub remote: bool,
+}
+
+impl Work {
+    pub fn of(envelope: &Envelope) -> Work {
+        let has = |remote: bool| {
+            envelope
+                .recipients
+                .iter()
+                .any(|r| (r.route == Route::Remote) == remote && !r.status.is_final())
+        };
+        Work {
+            local: has(false),
+            remote: has(true),
+        }
+    }
 }
 
 impl QueueHandle {
-    pub fn notify(&self, id: MsgId) {
+    pub fn notify(&self, id: MsgId, work: Work) {
         // A closed channel means shutdown: the message is safe in the spool
         // and the next start delivers it.
-        let _ = self.tx.send(id);
+        if work.local {
+            let _ = self.tx.send(id);
+        }
+        if work.remote {
+            self.outbound.notify(id);
+        }
     }
 }
 
@@ -130,6 +160,7 @@ pub struct Queue {
 pub fn start(
     runtime: Arc<Runtime>,
     spool: Spool,
+    outbound: OutboundHandle,
     shutdown: CancellationToken,
 ) -> std::io::Result<(QueueHandle, tokio::task::JoinHandle<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -146,7 +177,7 @@ pub fn start(
     };
     queue.load_spool();
     let handle = tokio::spawn(async move { queue.run(shutdown).await });
-    Ok((QueueHandle { tx }, handle))
+    Ok((QueueHandle { tx, outbound }, handle))
 }
 
 fn now() -> i64 {
@@ -268,7 +299,7 @@ impl Queue {
                 .map(|(i, _)| i)
                 .collect();
             if due.is_empty() {
-                self.maybe_finish(id, &envelope).await;
+                self.maybe_finish(id).await;
                 continue;
             }
             bytes += envelope.size;
@@ -422,6 +453,7 @@ impl Queue {
                             reply: format!("451 4.3.0 {e}"),
                             attempts,
                             next_attempt: at + whole_seconds_after(delay),
+                            delay_notified: false,
                         }
                     }
                 };
@@ -448,6 +480,10 @@ impl Queue {
                 }
                 Ok(()) => {
                     self.unrecorded.remove(&id);
+                    // Outbound delivery may have made the other recipients
+                    // final meanwhile (its record came first and saw ours
+                    // pending).
+                    self.maybe_finish(id).await;
                     next_local_attempt(&envelope)
                 }
                 Err(e) => {
@@ -462,14 +498,19 @@ impl Queue {
         }
     }
 
-    async fn maybe_finish(&mut self, id: MsgId, envelope: &Envelope) {
-        if envelope.recipients.iter().all(|r| r.status.is_final()) {
-            match self.spool.finish(id).await {
-                Ok(()) => {
-                    self.unrecorded.remove(&id);
-                }
-                Err(e) => warn!(event = "queue.finish_failed", queue_id = %id, error = %e),
+    /// Finishes `id` if every recipient is final in the spool's current
+    /// view (outbound delivery records its recipients on its own).
+    async fn maybe_finish(&mut self, id: MsgId) {
+        let all_final = |env: &Envelope| env.recipients.iter().all(|r| r.status.is_final());
+        if !self.spool.get(id).is_some_and(|env| all_final(&env)) {
+            return;
+        }
+        match self.spool.finish(id).await {
+            // NotFound: outbound delivery finished it first.
+            Ok(()) | Err(SpoolError::NotFound(_)) => {
+                self.unrecorded.remove(&id);
             }
+            Err(e) => warn!(event = "queue.finish_failed", queue_id = %id, error = %e),
         }
     }
 }
@@ -547,6 +588,11 @@ mod run_tests {
     use crate::spool::tests::wait_until;
     use crate::spool::{Recipient, SpoolConfig};
 
+    const LOCAL: Work = Work {
+        local: true,
+        remote: false,
+    };
+
     fn local_envelope() -> Envelope {
         let mut env = crate::spool::tests::envelope(1);
         env.recipients = vec![Recipient {
@@ -566,6 +612,11 @@ mod run_tests {
         let mut d = spool.draft();
         d.write(body).await.unwrap();
         spool.commit(local_envelope(), d).await.unwrap()
+    }
+
+    /// These tests have no remote recipients: nobody listens outbound.
+    fn outbound() -> OutboundHandle {
+        OutboundHandle::channel().0
     }
 
     fn delivered(dir: &std::path::Path) -> usize {
@@ -588,15 +639,15 @@ mod run_tests {
         let runtime = runtime(tmp.path());
         let (spool, _) = Spool::open(SpoolConfig::new(runtime.spool.dir.clone())).unwrap();
         let shutdown = CancellationToken::new();
-        let (queue, task) = start(runtime, spool.clone(), shutdown.clone()).unwrap();
+        let (queue, task) = start(runtime, spool.clone(), outbound(), shutdown.clone()).unwrap();
         // One message at a quiet queue, then a burst (which lingers).
         let first = commit(&spool, b"Subject: one\r\n\r\n1\r\n").await;
-        queue.notify(first);
+        queue.notify(first, LOCAL);
         wait_until(|| delivered(tmp.path()) == 1).await;
         let mut burst = Vec::new();
         for i in 0..40 {
             let id = commit(&spool, format!("Subject: {i}\r\n\r\nx\r\n").as_bytes()).await;
-            queue.notify(id);
+            queue.notify(id, LOCAL);
             burst.push(id);
         }
         wait_until(|| delivered(tmp.path()) == 41).await;
@@ -605,7 +656,7 @@ mod run_tests {
         // More mail arrives and shutdown comes while the queue lingers.
         for _ in 0..5 {
             let id = commit(&spool, b"Subject: late\r\n\r\nx\r\n").await;
-            queue.notify(id);
+            queue.notify(id, LOCAL);
         }
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(5), task)
@@ -654,7 +705,8 @@ mod run_tests {
             std::fs::write(&earlier, &copy).unwrap();
             // The start-up after the crash.
             let shutdown = CancellationToken::new();
-            let (_queue, task) = start(runtime.clone(), spool.clone(), shutdown.clone()).unwrap();
+            let (_queue, task) =
+                start(runtime.clone(), spool.clone(), outbound(), shutdown.clone()).unwrap();
             wait_until(|| spool.live().is_empty()).await;
             shutdown.cancel();
             task.await.unwrap();
@@ -675,10 +727,11 @@ mod run_tests {
         let runtime = runtime(tmp.path());
         let (spool, _) = Spool::open(SpoolConfig::new(runtime.spool.dir.clone())).unwrap();
         let shutdown = CancellationToken::new();
-        let (queue, task) = start(runtime.clone(), spool.clone(), shutdown.clone()).unwrap();
+        let (queue, task) =
+            start(runtime.clone(), spool.clone(), outbound(), shutdown.clone()).unwrap();
         let id = commit(&spool, b"Subject: once\r\n\r\nx\r\n").await;
         spool.faults().fail_writes(1);
-        queue.notify(id);
+        queue.notify(id, LOCAL);
         wait_until(|| spool.live().is_empty()).await;
         shutdown.cancel();
         task.await.unwrap();

@@ -14,6 +14,7 @@
 
 use crate::config::Runtime;
 use crate::listener::{ConnectionLimits, accept_loop};
+use crate::outbound::{self, OutboundHandle};
 use crate::queue;
 use crate::session::Context;
 use crate::spool::{Spool, SpoolConfig};
@@ -79,8 +80,22 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
     }
 
     let shutdown = CancellationToken::new();
-    let (queue_handle, queue_task) = queue::start(runtime.clone(), spool.clone(), shutdown.clone())
-        .map_err(|e| format!("cannot start the delivery thread: {e}"))?;
+    let (outbound_handle, outbound_receiver) = OutboundHandle::channel();
+    let (queue_handle, queue_task) = queue::start(
+        runtime.clone(),
+        spool.clone(),
+        outbound_handle,
+        shutdown.clone(),
+    )
+    .map_err(|e| format!("cannot start the delivery thread: {e}"))?;
+    let outbound_task = outbound::start(
+        runtime.clone(),
+        spool.clone(),
+        queue_handle.clone(),
+        outbound_receiver,
+        shutdown.clone(),
+    )
+    .map_err(|e| format!("cannot start outbound delivery: {e}"))?;
     let ctx = Arc::new(Context {
         runtime: runtime.clone(),
         spool: spool.clone(),
@@ -132,6 +147,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         );
     }
     let _ = queue_task.await;
+    let _ = outbound_task.await;
     spool.close().await;
     info!(event = "server.stopped");
     Ok(())

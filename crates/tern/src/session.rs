@@ -22,7 +22,7 @@
 //! into `452 4.3.1` for the message concerned and the session goes on.
 
 use crate::config::{Resolution, Runtime, canonical_ip};
-use crate::queue::QueueHandle;
+use crate::queue::{QueueHandle, Work};
 use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
 use std::collections::HashSet;
 use std::io;
@@ -406,6 +406,17 @@ impl Driver {
             Resolution::Local(list) => list
                 .into_iter()
                 .map(|d| match d.mailbox {
+                    // A local domain with its own transport (LMTP into a
+                    // mail store) goes out through it, not into our Maildir.
+                    Some(_)
+                        if runtime
+                            .outbound
+                            .routes
+                            .transport(domain_of(&d.address))
+                            .is_some() =>
+                    {
+                        (d.address, Route::Remote)
+                    }
                     Some(mailbox) => (d.address, Route::Local { mailbox }),
                     None => (d.address, Route::Remote),
                 })
@@ -549,6 +560,7 @@ impl Driver {
             helo: self.session.helo_domain().unwrap_or("").to_string(),
         };
         let rcpts = envelope.recipients.len();
+        let work = Work::of(&envelope);
         let sender = envelope.sender.clone();
         let queue_id = tx.queue_id;
         let committed = match queue_id {
@@ -558,7 +570,7 @@ impl Driver {
         match committed {
             Ok(id) => {
                 info!(event = "queue.commit", session_id = self.session_id, queue_id = %id, from = %sender, rcpts);
-                self.ctx.queue.notify(id);
+                self.ctx.queue.notify(id, work);
                 Decision::Queued {
                     queue_id: id.to_string(),
                 }
@@ -642,6 +654,10 @@ fn literal_ip(literal: &str) -> Option<IpAddr> {
         _ => IpAddr::V4(inner.parse().ok()?),
     };
     Some(canonical_ip(ip))
+}
+
+fn domain_of(address: &str) -> &str {
+    address.rsplit_once('@').map_or(address, |(_, d)| d)
 }
 
 fn notify_string(n: &tern_proto::Notify) -> String {

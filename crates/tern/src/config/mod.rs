@@ -11,10 +11,12 @@
 //! Errors: [`load`] and [`Runtime::from_file_config`] return every problem
 //! found, each naming its key, so `tern check-config` can print them all at once.
 
+mod outbound;
 mod recipients;
 mod schema;
 mod validate;
 
+pub use outbound::{OutboundSettings, TlsChoice};
 use recipients::MAX_ALIAS_DEPTH;
 pub use recipients::{Destination, Resolution};
 pub use schema::{FileConfig, LimitsConfig, ListenerConfig, LogConfig};
@@ -109,6 +111,11 @@ pub struct DeliverySettings {
     pub batch_size: usize,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// A recipient still undelivered this long after arrival fails.
+    pub give_up: Duration,
+    /// A recipient still deferred this long after arrival is reported to
+    /// the sender once; `None`: never.
+    pub delay_notice: Option<Duration>,
 }
 
 /// The validated configuration.
@@ -131,6 +138,7 @@ pub struct Runtime {
     pub limits: Limits,
     pub spool: SpoolSettings,
     pub delivery: DeliverySettings,
+    pub outbound: OutboundSettings,
     pub log: LogConfig,
 }
 
@@ -390,6 +398,7 @@ impl Runtime {
             draft_memory_limit: file.spool.draft_memory_limit,
         };
         let delivery = check_delivery(&file, &mut errors);
+        let outbound = outbound::check_outbound(&file, base, &mut errors);
         if !matches!(file.log.format.as_str(), "text" | "json") {
             errors.push("log.format", "must be \"text\" or \"json\"");
         }
@@ -421,6 +430,7 @@ impl Runtime {
             limits,
             spool,
             delivery,
+            outbound,
             log: file.log,
         };
         // Each target must lead somewhere: a loop, a chain deeper than the

@@ -29,6 +29,12 @@ pub struct FileConfig {
     #[serde(default)]
     pub delivery: DeliveryConfig,
     #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub route: RouteConfig,
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    #[serde(default)]
     pub log: LogConfig,
 }
 
@@ -150,15 +156,104 @@ pub struct DeliveryConfig {
     pub batch_size: usize,
     pub retry_initial: String,
     pub retry_max: String,
+    pub give_up: String,
+    pub delay_notice: String,
 }
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
-        // Postfix's minimal_backoff_time / maximal_backoff_time.
+        // Postfix's minimal_backoff_time / maximal_backoff_time /
+        // maximal_queue_lifetime; the delay notice after 4 h as its
+        // delay_warning_time is usually set.
         DeliveryConfig {
             batch_size: 1024,
             retry_initial: "5m".into(),
             retry_max: "67m".into(),
+            give_up: "5d".into(),
+            delay_notice: "4h".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    pub nameservers: Vec<String>,
+    pub timeout: String,
+    pub attempts: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: "5s".into(),
+            attempts: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    pub relay: Option<String>,
+    pub relay_tls: Option<String>,
+    pub relay_username: Option<String>,
+    pub relay_password: Option<String>,
+    pub relay_password_file: Option<PathBuf>,
+    pub relay_auth_without_tls: bool,
+    pub transports: BTreeMap<String, String>,
+    pub fallback_relay: Option<String>,
+    pub address_families: String,
+    pub mx_port: u16,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        RouteConfig {
+            relay: None,
+            relay_tls: None,
+            relay_username: None,
+            relay_password: None,
+            relay_password_file: None,
+            relay_auth_without_tls: false,
+            transports: BTreeMap::new(),
+            fallback_relay: None,
+            address_families: "ipv4-first".into(),
+            mx_port: 25,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    pub tls: String,
+    pub tls_ca_file: Option<PathBuf>,
+    pub max_connections: usize,
+    pub window_initial: u32,
+    pub window_max: u32,
+    pub max_recipients_per_job: usize,
+    pub max_messages_per_connection: usize,
+    pub connect_timeout: String,
+    pub dead_after: u32,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        // Postfix's default_process_limit, initial_destination_concurrency,
+        // default_destination_concurrency_limit and
+        // default_destination_recipient_limit.
+        OutboundConfig {
+            tls: "opportunistic".into(),
+            tls_ca_file: None,
+            max_connections: 100,
+            window_initial: 5,
+            window_max: 20,
+            max_recipients_per_job: 50,
+            max_messages_per_connection: 100,
+            connect_timeout: "30s".into(),
+            dead_after: 5,
         }
     }
 }

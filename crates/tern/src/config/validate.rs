@@ -515,9 +515,12 @@ pub(super) fn check_delivery(file: &FileConfig, errors: &mut Errors) -> Delivery
             "must not be less than delivery.retry_initial",
         );
     }
+    let (give_up, delay_notice) = super::outbound::check_lifetimes(file, errors);
     DeliverySettings {
         batch_size: d.batch_size,
         retry_initial,
         retry_max,
+        give_up,
+        delay_notice,
     }
 }

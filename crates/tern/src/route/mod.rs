@@ -298,6 +298,12 @@ impl Routes {
 
     /// The configured route for `domain`, or `None` for MX delivery.
     pub fn configured(&self, domain: &str) -> Option<&RouteSpec> {
+        self.transport(domain).or(self.relay.as_ref())
+    }
+
+    /// The per-domain transport for `domain`, if any: it also takes a local
+    /// domain's mail (LMTP into a mail store) instead of our Maildirs.
+    pub fn transport(&self, domain: &str) -> Option<&RouteSpec> {
         let domain = domain.strip_suffix('.').unwrap_or(domain).to_lowercase();
         if let Some(spec) = self.transports.get(&domain) {
             return Some(spec);
@@ -310,7 +316,7 @@ impl Routes {
             }
             rest = parent;
         }
-        self.relay.as_ref()
+        None
     }
 
     /// The destination `domain`'s mail is grouped under.

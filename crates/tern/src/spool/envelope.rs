@@ -65,6 +65,10 @@ pub enum RcptStatus {
         reply: String,
         attempts: u32,
         next_attempt: i64,
+        /// The sender was told of the delay (RFC 3464 `Action: delayed`);
+        /// one notice per recipient.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        delay_notified: bool,
     },
     Failed {
         reply: String,

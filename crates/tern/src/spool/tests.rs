@@ -136,6 +136,7 @@ async fn round_trip_and_restart() {
         reply: "451 later".into(),
         attempts: 1,
         next_attempt: 99,
+        delay_notified: false,
     };
     spool
         .update(b, vec![(0, done.clone()), (2, later.clone())])
@@ -340,6 +341,7 @@ async fn two_copies_newest_wins_and_done_anywhere_wins() {
         reply: "451".into(),
         attempts: 2,
         next_attempt: 3,
+        delay_notified: true,
     };
     let mut payload = record::msg_head(a, &env).unwrap();
     payload.extend_from_slice(&body(9, 1500));

@@ -41,6 +41,7 @@ fn status(kind: u8, n: usize) -> RcptStatus {
             reply: "451 later".into(),
             attempts: n as u32,
             next_attempt: n,
+            delay_notified: n % 2 == 0,
         },
         _ => RcptStatus::Failed {
             reply: "550 no".into(),

@@ -1,0 +1,178 @@
+//! Recording outcomes: what the scheduler decided for each recipient of a
+//! job becomes a spool status (group-committed with everyone else's), and a
+//! message whose recipients are all final is finished.
+//!
+//! Invariants: a notice (bounce or delay notice) is committed to the spool
+//! before the statuses it reports are recorded, so a crash between the two
+//! repeats the notice and never loses it; `DONE` is written only when the
+//! spool's own view, with this job's changes, has every recipient final
+//! (another task may be recording other recipients of the same message; the
+//! last of them to record sees them all final and finishes it).
+//!
+//! Errors: logged; a recipient whose status could not be recorded stays as
+//! the spool had it and is attempted again after a restart.
+
+use super::attempt::{AttemptContext, RcptDetail};
+use crate::scheduler::{Expired, Fate, Millis, Settled};
+use crate::spool::{Envelope, MsgId, Outcome, RcptStatus, SpoolError};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// Seconds for the spool from the scheduler's milliseconds, rounded up (a
+/// retry is never recorded as due before the scheduler will try it).
+fn seconds(at: Millis) -> i64 {
+    at.div_euclid(1000) + i64::from(at.rem_euclid(1000) != 0)
+}
+
+/// Records the settled recipients of one finished job (on a task of its
+/// own: the manager never waits for the disk).
+pub(super) fn job(
+    context: Arc<AttemptContext>,
+    tasks: &TaskTracker,
+    msg: MsgId,
+    envelope: Envelope,
+    settled: Vec<Settled>,
+    details: Vec<(usize, RcptDetail)>,
+    now: Millis,
+) {
+    if settled.is_empty() {
+        return;
+    }
+    let details: BTreeMap<usize, RcptDetail> = details.into_iter().collect();
+    tasks.spawn(async move {
+        let mut changes = Vec::with_capacity(settled.len());
+        for s in settled {
+            let detail = details.get(&s.key.rcpt);
+            let reply = detail.map_or_else(String::new, |d| d.reply.clone());
+            let address = envelope
+                .recipients
+                .get(s.key.rcpt)
+                .map_or("", |r| r.address.as_str());
+            let answered_by = detail.and_then(|d| d.answered_by.as_deref()).unwrap_or("");
+            let status = match s.fate {
+                Fate::Delivered => {
+                    info!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "delivered", host = %answered_by, reply = %reply);
+                    RcptStatus::Delivered {
+                        reply,
+                        at: seconds(now),
+                    }
+                }
+                Fate::Failed => {
+                    warn!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "failed", host = %answered_by, reply = %reply);
+                    RcptStatus::Failed {
+                        reply,
+                        at: seconds(now),
+                    }
+                }
+                Fate::Retry { at, attempts } => {
+                    info!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "deferred", host = %answered_by, reply = %reply, attempts, retry_at = seconds(at));
+                    RcptStatus::Deferred {
+                        reply,
+                        attempts,
+                        next_attempt: seconds(at),
+                        delay_notified: was_delay_notified(&envelope, s.key.rcpt),
+                    }
+                }
+                Fate::Expired { attempts } => {
+                    warn!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "expired", host = %answered_by, reply = %reply, attempts);
+                    expired_status(&reply, attempts, now)
+                }
+            };
+            changes.push((s.key.rcpt, status));
+        }
+        record(&context, msg, changes).await;
+    });
+}
+
+/// Records recipients that reached their give-up time while waiting.
+pub(super) fn expired(
+    context: Arc<AttemptContext>,
+    tasks: &TaskTracker,
+    expired: Vec<Expired>,
+    now: Millis,
+) {
+    let mut by_msg: BTreeMap<MsgId, Vec<(usize, RcptStatus)>> = BTreeMap::new();
+    for e in expired {
+        let reply = e.last_reply.unwrap_or_default();
+        warn!(event = "delivery.result", queue_id = %e.key.msg, destination = %e.destination, status = "expired", reply = %reply, attempts = e.attempts);
+        by_msg
+            .entry(e.key.msg)
+            .or_default()
+            .push((e.key.rcpt, expired_status(&reply, e.attempts, now)));
+    }
+    tasks.spawn(async move {
+        for (msg, changes) in by_msg {
+            record(&context, msg, changes).await;
+        }
+    });
+}
+
+fn was_delay_notified(envelope: &Envelope, rcpt: usize) -> bool {
+    matches!(
+        envelope.recipients.get(rcpt).map(|r| &r.status),
+        Some(RcptStatus::Deferred {
+            delay_notified: true,
+            ..
+        })
+    )
+}
+
+/// A recipient given up on: a permanent failure whose reply says why, with
+/// the last temporary reply (RFC 3463 4.4.7: delivery time expired).
+fn expired_status(last_reply: &str, attempts: u32, now: Millis) -> RcptStatus {
+    let mut reply = format!("550 5.4.7 delivery time expired after {attempts} attempt(s)");
+    if !last_reply.is_empty() {
+        reply.push_str("; last reply: ");
+        reply.push_str(last_reply);
+    }
+    RcptStatus::Failed {
+        reply,
+        at: seconds(now),
+    }
+}
+
+/// Writes `changes` for `msg`: only `DONE` when they leave every recipient
+/// final (one record instead of two), else a `STATE` record, after which the
+/// message is finished if another task's record completed it meanwhile.
+async fn record(context: &AttemptContext, msg: MsgId, changes: Vec<(usize, RcptStatus)>) {
+    let spool = &context.spool;
+    let Some(mut current) = spool.get(msg) else {
+        // Deleted by the administrator, or finished: nothing to record.
+        return;
+    };
+    for (i, status) in &changes {
+        if let Some(r) = current.recipients.get_mut(*i) {
+            r.status = status.clone();
+        }
+    }
+    let all_final = |env: &Envelope| env.recipients.iter().all(|r| r.status.is_final());
+    if all_final(&current) {
+        finish(context, msg).await;
+        return;
+    }
+    let recorded = spool
+        .record_many(vec![Outcome::State(msg, changes)])
+        .await
+        .pop()
+        .unwrap_or(Err(SpoolError::Closed));
+    match recorded {
+        Ok(()) => {
+            if spool.get(msg).is_some_and(|env| all_final(&env)) {
+                finish(context, msg).await;
+            }
+        }
+        Err(SpoolError::NotFound(_)) => {}
+        Err(e) => warn!(event = "queue.record_failed", queue_id = %msg, error = %e),
+    }
+}
+
+async fn finish(context: &AttemptContext, msg: MsgId) {
+    match context.spool.finish(msg).await {
+        Ok(()) => info!(event = "queue.done", queue_id = %msg),
+        // Another task finished it first.
+        Err(SpoolError::NotFound(_)) => {}
+        Err(e) => warn!(event = "queue.finish_failed", queue_id = %msg, error = %e),
+    }
+}
