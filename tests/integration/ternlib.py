@@ -89,6 +89,9 @@ def default_config(data_dir: Path) -> dict:
             "team@example.test": ["alice", "bob@example.test", "alice@example.test"],
         },
         "relay": {"trusted_networks": []},
+        # No test mail leaves loopback: remote recipients go to a relay that
+        # nobody listens on (they stay deferred) unless a test routes them.
+        "route": {"relay": "[127.0.0.1]:1"},
         "limits": {"greeting_delay": "0s"},
         "log": {"level": "info", "format": "text"},
     }

@@ -4,7 +4,7 @@ Covers: one message to one user lands as exactly one Maildir file with
 Return-Path, Delivered-To, Tern's Received: and the original bytes; aliases
 (one → many, duplicates collapsed); subaddress; catch-all; postmaster; unknown
 user 550 5.1.1; relay denied 550 5.7.1; relay from a trusted network is queued
-as waiting for outbound delivery.
+for outbound delivery (deferred: the test relay does not listen).
 """
 
 import re
@@ -225,7 +225,7 @@ def test_relay_accepted_from_trusted_network_waits_in_queue(tern):
     assert qid in listing, listing
     head = listing[listing.index(qid):].splitlines()[0]
     assert "sender@remote.test" in head and re.search(r"\bage\b", head) and re.search(r"\bsize\b", head), head
-    assert "waiting for outbound delivery" in rcpt_line(listing, "carol@remote.test").lower(), listing
+    assert re.search(r"waiting for outbound delivery|deferred", rcpt_line(listing, "carol@remote.test").lower()), listing
 
 
 def test_domain_is_case_insensitive(tern):

@@ -88,7 +88,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         shutdown.clone(),
     )
     .map_err(|e| format!("cannot start the delivery thread: {e}"))?;
-    let outbound_task = outbound::start(
+    let (_queue_admin, outbound_task) = outbound::start(
         runtime.clone(),
         spool.clone(),
         queue_handle.clone(),

@@ -213,6 +213,27 @@ fn example_config_is_valid_and_complete() {
         "batch_size",
         "retry_initial",
         "retry_max",
+        "give_up",
+        "delay_notice",
+        "nameservers",
+        "timeout",
+        "attempts",
+        "relay",
+        "relay_tls",
+        "relay_username",
+        "relay_password_file",
+        "relay_auth_without_tls",
+        "fallback_relay",
+        "address_families",
+        "mx_port",
+        "tls",
+        "tls_ca_file",
+        "window_initial",
+        "window_max",
+        "max_recipients_per_job",
+        "max_messages_per_connection",
+        "connect_timeout",
+        "dead_after",
         "level",
         "format",
     ] {
@@ -317,5 +338,58 @@ fn numbers_far_past_anything_useful_are_refused_with_their_key() {
         "delivery.batch_size",
     ] {
         assert!(keys.contains(&key), "{key} not reported: {errors:?}");
+    }
+}
+
+#[test]
+fn outbound_keys_validate_with_their_key_named() {
+    let rt = rt();
+    assert_eq!(rt.delivery.give_up, Duration::from_secs(5 * 86400));
+    assert_eq!(
+        rt.delivery.delay_notice,
+        Some(Duration::from_secs(4 * 3600))
+    );
+    assert_eq!(rt.outbound.tls, TlsChoice::Opportunistic);
+    assert_eq!(rt.outbound.relay_tls, TlsChoice::Opportunistic);
+    assert!(rt.outbound.routes.relay.is_none());
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+    let text = format!(
+        "{BASE}[route]\nrelay = \"[smtp.example.net]:587\"\nrelay_tls = \"verify\"\n\
+         relay_username = \"u\"\nrelay_password_file = \"pw\"\n\
+         [route.transports]\n\"example.test\" = \"lmtp:unix:/run/dovecot/lmtp\"\n\
+         [delivery]\ndelay_notice = \"0s\"\n"
+    );
+    let rt = parse(&text, dir.path()).expect("valid");
+    assert_eq!(rt.outbound.relay_tls, TlsChoice::Verify);
+    let credentials = rt.outbound.relay_credentials.expect("credentials");
+    assert_eq!(
+        (credentials.username.as_str(), credentials.password.as_str()),
+        ("u", "s3cret")
+    );
+    assert!(rt.outbound.routes.transport("example.test").is_some());
+    assert_eq!(rt.delivery.delay_notice, None);
+
+    let bad = format!(
+        "{BASE}[dns]\nnameservers = [\"nowhere\"]\n[route]\nrelay = \"bogus:thing\"\n\
+         relay_username = \"u\"\naddress_families = \"ipv5\"\n\
+         [route.transports]\n\"-bad-\" = \"smtp.example.net\"\n\
+         [outbound]\ntls = \"always\"\nwindow_initial = 9\nwindow_max = 3\n\
+         [delivery]\ngive_up = \"1h\"\n"
+    );
+    let errors = parse(&bad, dir.path()).unwrap_err();
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    for key in [
+        "dns.nameservers[0]",
+        "route.relay",
+        "route.relay_username",
+        "route.address_families",
+        "route.transports.\"-bad-\"",
+        "outbound.tls",
+        "outbound.window_max",
+        "delivery.delay_notice",
+    ] {
+        assert!(keys.contains(&key), "no error for {key}: {errors:?}");
     }
 }

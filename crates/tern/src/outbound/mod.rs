@@ -32,8 +32,11 @@
 //! recipient as it was in the spool and in the scheduler's retry: it is
 //! attempted again (a duplicate, never a loss).
 
+mod admin;
 mod attempt;
 mod settle;
+
+pub use admin::QueueOp;
 
 use crate::config::Runtime;
 use crate::queue::QueueHandle;
@@ -43,7 +46,8 @@ use crate::scheduler::{
 };
 use crate::spool::{Envelope, MsgId, RcptStatus, Route, Spool};
 use attempt::{AttemptContext, Finished};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -96,7 +100,9 @@ pub fn scheduler_config(runtime: &Runtime) -> SchedulerConfig {
         max_in_flight: o.max_connections,
         max_recipients_per_job: o.max_recipients_per_job,
         dead_after: o.dead_after,
-        flush_spread: Duration::from_secs(60),
+        // `tern queue flush` means "now", as postqueue -f: the windows and
+        // max_connections already bound how much starts at once.
+        flush_spread: Duration::ZERO,
     }
 }
 
@@ -112,6 +118,30 @@ struct Manager {
     answered_by: HashMap<(MsgId, usize), String>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    admin_rx: mpsc::Receiver<AdminRequest>,
+    /// Messages on hold (persisted in `held_path`).
+    held: BTreeSet<MsgId>,
+    held_path: PathBuf,
+}
+
+/// A `tern queue` command and where its answer goes.
+pub type AdminRequest = (QueueOp, oneshot::Sender<Result<serde_json::Value, String>>);
+
+/// Sends `tern queue` commands to the running manager.
+#[derive(Clone)]
+pub struct AdminHandle(mpsc::Sender<AdminRequest>);
+
+impl AdminHandle {
+    /// The manager's answer; an error when it has stopped.
+    pub async fn request(&self, op: QueueOp) -> Result<serde_json::Value, String> {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .send((op, tx))
+            .await
+            .map_err(|_| "the queue manager has stopped".to_string())?;
+        rx.await
+            .unwrap_or_else(|_| Err("the queue manager has stopped".into()))
+    }
 }
 
 /// Starts the outbound manager; it runs until `shutdown` is cancelled, then
@@ -123,8 +153,10 @@ pub fn start(
     queue: QueueHandle,
     receiver: OutboundReceiver,
     shutdown: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+) -> Result<(AdminHandle, tokio::task::JoinHandle<()>), String> {
     let context = Arc::new(AttemptContext::new(runtime.clone(), spool.clone(), queue)?);
+    let (admin_tx, admin_rx) = mpsc::channel(16);
+    let held_path = admin::held_path(&runtime.data_dir);
     let (finished_tx, finished_rx) = mpsc::unbounded_channel();
     let seed = rand::random();
     let mut manager = Manager {
@@ -137,9 +169,13 @@ pub fn start(
         answered_by: HashMap::new(),
         tasks: TaskTracker::new(),
         shutdown,
+        admin_rx,
+        held: admin::load_held(&held_path),
+        held_path,
     };
     manager.load_spool();
-    Ok(tokio::spawn(async move { manager.run().await }))
+    let task = tokio::spawn(async move { manager.run().await });
+    Ok((AdminHandle(admin_tx), task))
 }
 
 impl Manager {
@@ -149,6 +185,11 @@ impl Manager {
         let now = now_millis();
         for (id, envelope) in self.spool.live() {
             self.add(id, &envelope, now);
+        }
+        // Holds of messages finished since are forgotten.
+        self.held.retain(|id| self.spool.get(*id).is_some());
+        for &id in &self.held {
+            self.scheduler.hold(id);
         }
     }
 
@@ -215,6 +256,10 @@ impl Manager {
                     None => break,
                 },
                 Some(done) = self.finished_rx.recv() => self.finish(done),
+                Some((op, reply)) = self.admin_rx.recv() => {
+                    let answer = self.queue_op(op).await;
+                    let _ = reply.send(answer);
+                }
                 _ = tokio::time::sleep(sleep) => {}
             }
         }
@@ -224,6 +269,9 @@ impl Manager {
     fn take_new(&mut self, id: MsgId) {
         if let Some(envelope) = self.spool.get(id) {
             self.add(id, &envelope, now_millis());
+            if self.held.contains(&id) {
+                self.scheduler.hold(id);
+            }
         }
     }
 

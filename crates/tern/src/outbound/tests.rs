@@ -1,1 +1,242 @@
+//! The manager over a real spool and real sockets: a relay that refuses
+//! connections (the recipient waits, and says why), then one that takes
+//! the mail; the administrator's hold, release, flush and delete.
 
+use super::*;
+use crate::spool::tests::wait_until;
+use crate::spool::{Recipient, SpoolConfig};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+fn runtime(dir: &std::path::Path, relay: &str) -> Arc<Runtime> {
+    let toml = format!(
+        "hostname = \"mx.test\"\ndata_dir = \"{}\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+         [local]\ndomains = [\"example.test\"]\n[[user]]\nname = \"alice\"\n\
+         addresses = [\"alice@example.test\"]\n[delivery]\nretry_initial = \"1s\"\n\
+         retry_max = \"1s\"\n[route]\nrelay = \"{relay}\"\n[outbound]\ntls = \"none\"\n\
+         connect_timeout = \"2s\"\n",
+        dir.display()
+    );
+    Arc::new(crate::config::parse(&toml, dir).unwrap())
+}
+
+fn remote_envelope(rcpts: &[&str]) -> Envelope {
+    let mut env = crate::spool::tests::envelope(0);
+    env.recipients = rcpts
+        .iter()
+        .map(|a| Recipient {
+            address: a.to_string(),
+            original: a.to_string(),
+            orcpt: None,
+            notify: None,
+            route: Route::Remote,
+            status: RcptStatus::Pending,
+        })
+        .collect();
+    // The shared test envelope is from 2023: long past the give-up time.
+    env.received_at = chrono::Utc::now().timestamp();
+    env
+}
+
+/// A minimal receiving server: accepts every message, counts them.
+async fn sink() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut lines = BufReader::new(r).lines();
+                w.write_all(b"220 sink ESMTP\r\n").await.ok();
+                let mut in_data = false;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let reply: &[u8] = if in_data {
+                        if line != "." {
+                            continue;
+                        }
+                        in_data = false;
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        b"250 2.0.0 queued\r\n"
+                    } else {
+                        match line.get(..4).map(|v| v.to_ascii_uppercase()).as_deref() {
+                            Some("EHLO") => b"250-sink\r\n250 8BITMIME\r\n",
+                            Some("DATA") => {
+                                in_data = true;
+                                b"354 go\r\n"
+                            }
+                            Some("QUIT") => {
+                                w.write_all(b"221 bye\r\n").await.ok();
+                                return;
+                            }
+                            _ => b"250 2.0.0 ok\r\n",
+                        }
+                    };
+                    w.write_all(reply).await.ok();
+                }
+            });
+        }
+    });
+    (port, count)
+}
+
+async fn commit(spool: &Spool, env: Envelope) -> MsgId {
+    let mut d = spool.draft();
+    d.write(b"Subject: hi\r\n\r\nbody\r\n").await.unwrap();
+    spool.commit(env, d).await.unwrap()
+}
+
+struct Running {
+    spool: Spool,
+    admin: AdminHandle,
+    notify: OutboundHandle,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn run(dir: &std::path::Path, relay: &str, spool: Option<Spool>) -> Running {
+    let runtime = runtime(dir, relay);
+    let spool = match spool {
+        Some(s) => s,
+        None => {
+            Spool::open(SpoolConfig::new(runtime.spool.dir.clone()))
+                .unwrap()
+                .0
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let (notify, receiver) = OutboundHandle::channel();
+    let (queue, _local) = crate::queue::start(
+        runtime.clone(),
+        spool.clone(),
+        notify.clone(),
+        shutdown.clone(),
+    )
+    .unwrap();
+    let (admin, task) = start(runtime, spool.clone(), queue, receiver, shutdown.clone()).unwrap();
+    Running {
+        spool,
+        admin,
+        notify,
+        shutdown,
+        task,
+    }
+}
+
+fn wait_reason(list: &serde_json::Value) -> Option<String> {
+    list["messages"][0]["recipients"][0]["wait"]["reason"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_relay_defers_and_says_why_and_the_administrator_steers() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Port 1 on loopback: nothing listens, the connect is refused at once.
+    let r = run(tmp.path(), "[127.0.0.1]:1", None).await;
+    let id = commit(&r.spool, remote_envelope(&["bob@remote.test"])).await;
+    r.notify.notify(id);
+    wait_until(|| {
+        matches!(
+            r.spool.get(id).map(|e| e.recipients[0].status.clone()),
+            Some(RcptStatus::Deferred { .. })
+        )
+    })
+    .await;
+    let list = r.admin.request(QueueOp::List).await.unwrap();
+    let rcpt = &list["messages"][0]["recipients"][0];
+    assert_eq!(rcpt["status"], "deferred", "{list}");
+    assert_eq!(rcpt["destination"], "relay:[127.0.0.1]:1");
+    assert!(
+        rcpt["last_reply"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect"),
+        "{list}"
+    );
+    assert!(
+        matches!(
+            wait_reason(&list).as_deref(),
+            Some("unreachable" | "in_flight" | "due")
+        ),
+        "{list}"
+    );
+    let dests = r.admin.request(QueueOp::Destinations).await.unwrap();
+    assert_eq!(
+        dests["destinations"][0]["destination"],
+        "relay:[127.0.0.1]:1"
+    );
+
+    // Hold: it stays held, also in the file a restart reads.
+    let held = r.admin.request(QueueOp::Hold(id)).await.unwrap();
+    assert_eq!(held["affected"], 1);
+    let list = r.admin.request(QueueOp::List).await.unwrap();
+    assert!(
+        matches!(wait_reason(&list).as_deref(), Some("held" | "in_flight")),
+        "{list}"
+    );
+    assert_eq!(list["messages"][0]["held"], true);
+    assert_eq!(
+        admin::load_held(&admin::held_path(tmp.path())),
+        BTreeSet::from([id])
+    );
+    let released = r.admin.request(QueueOp::Release(id)).await.unwrap();
+    assert_eq!(released["affected"], 1);
+    assert!(admin::load_held(&admin::held_path(tmp.path())).is_empty());
+
+    // Delete: gone from the spool, no bounce.
+    let deleted = r.admin.request(QueueOp::Delete(id)).await.unwrap();
+    assert_eq!(deleted["affected"], 1);
+    assert!(r.spool.get(id).is_none());
+    assert!(r.spool.live().is_empty());
+    let again = r.admin.request(QueueOp::Delete(id)).await.unwrap();
+    assert_eq!(again["affected"], 0);
+    r.shutdown.cancel();
+    r.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_mail_reaches_the_relay_once_it_listens_and_leaves_the_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, count) = sink().await;
+    // First a relay that is down; the queued mail survives a restart of
+    // the manager onto a working relay (routes are decided per attempt).
+    let r = run(tmp.path(), "[127.0.0.1]:1", None).await;
+    let ids = [
+        commit(&r.spool, remote_envelope(&["a@one.test", "b@one.test"])).await,
+        commit(&r.spool, remote_envelope(&["c@two.test"])).await,
+    ];
+    for id in ids {
+        r.notify.notify(id);
+    }
+    wait_until(|| {
+        ids.iter().all(|id| {
+            r.spool.get(*id).is_some_and(|e| {
+                e.recipients
+                    .iter()
+                    .all(|r| matches!(r.status, RcptStatus::Deferred { .. }))
+            })
+        })
+    })
+    .await;
+    r.shutdown.cancel();
+    r.task.await.unwrap();
+    let r = run(tmp.path(), &format!("[127.0.0.1]:{port}"), Some(r.spool)).await;
+    let flushed = r.admin.request(QueueOp::Flush(None)).await.unwrap();
+    assert_eq!(flushed["affected"], 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !r.spool.live().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            r.spool.live()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // One transaction per message: both recipients of the first in one.
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+    r.shutdown.cancel();
+    r.task.await.unwrap();
+}

@@ -1,0 +1,269 @@
+//! The administrator's view of the queue and their commands on it, answered
+//! by the manager (which owns the scheduler): where every message is, why
+//! each recipient waits, per-destination state; flush, hold, release,
+//! delete.
+//!
+//! Invariants: answers are JSON values in the shapes `tern queue` renders
+//! (times in unix seconds); holds survive a restart (kept in
+//! `<data_dir>/held`, rewritten whole on every change, one queue ID a line);
+//! a deleted message is finished in the spool without a bounce, like
+//! Postfix's `postsuper -d`.
+//!
+//! Errors: an unknown or finished message is `{"affected": 0}` for the
+//! commands and an error for `show`; a failure to write the hold list or the
+//! spool is an error reply (the in-memory change stands for this run).
+
+use super::Manager;
+use crate::scheduler::{DestinationSummary, Millis, RcptExplain, Wait};
+use crate::spool::{Envelope, MsgId, RcptStatus, Route};
+use serde_json::{Value, json};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use tracing::{info, warn};
+
+/// One command from `tern queue`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueOp {
+    List,
+    Show(MsgId),
+    Flush(Option<MsgId>),
+    Hold(MsgId),
+    Release(MsgId),
+    Delete(MsgId),
+    Destinations,
+}
+
+fn seconds(at: Millis) -> i64 {
+    at.div_euclid(1000) + i64::from(at.rem_euclid(1000) != 0)
+}
+
+/// Where the hold list lives.
+pub(super) fn held_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("held")
+}
+
+/// The held queue IDs recorded by an earlier run; unreadable lines are
+/// skipped (the message then simply runs).
+pub(super) fn load_held(path: &Path) -> BTreeSet<MsgId> {
+    std::fs::read_to_string(path)
+        .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn save_held(path: &Path, held: &BTreeSet<MsgId>) -> std::io::Result<()> {
+    let text: String = held.iter().map(|id| format!("{id}\n")).collect();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    crate::fsutil::sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+impl Manager {
+    pub(super) async fn queue_op(&mut self, op: QueueOp) -> Result<Value, String> {
+        let now = super::now_millis();
+        match op {
+            QueueOp::List => {
+                let messages: Vec<Value> = self
+                    .spool
+                    .live()
+                    .iter()
+                    .map(|(id, env)| self.message_json(*id, env, now))
+                    .collect();
+                Ok(json!({ "messages": messages }))
+            }
+            QueueOp::Show(id) => {
+                let env = self
+                    .spool
+                    .get(id)
+                    .ok_or_else(|| format!("no message {id} in the queue"))?;
+                let mut m = self.message_json(id, &env, now);
+                if let Value::Object(fields) = &mut m {
+                    fields.insert("client_ip".into(), json!(env.client_ip));
+                    fields.insert("helo".into(), json!(env.helo));
+                    fields.insert("smtputf8".into(), json!(env.smtputf8));
+                    fields.insert("body_type".into(), json!(env.body_type));
+                    fields.insert("ret".into(), json!(env.ret));
+                    fields.insert("envid".into(), json!(env.envid));
+                }
+                Ok(m)
+            }
+            QueueOp::Flush(None) => {
+                self.scheduler.flush(now);
+                info!(event = "queue.flush", messages = self.scheduler.pending());
+                Ok(json!({ "affected": self.spool.live().len() }))
+            }
+            QueueOp::Flush(Some(id)) => {
+                let affected = self.scheduler.flush_message(id, now);
+                info!(event = "queue.flush", queue_id = %id, affected);
+                Ok(json!({ "affected": usize::from(affected) }))
+            }
+            QueueOp::Hold(id) => {
+                if self.spool.get(id).is_none() {
+                    return Ok(json!({ "affected": 0 }));
+                }
+                self.scheduler.hold(id);
+                self.held.insert(id);
+                info!(event = "queue.hold", queue_id = %id);
+                self.save_held()?;
+                Ok(json!({ "affected": 1 }))
+            }
+            QueueOp::Release(id) => {
+                let affected = self.held.remove(&id);
+                self.scheduler.release(id, now);
+                info!(event = "queue.release", queue_id = %id, affected);
+                self.save_held()?;
+                Ok(json!({ "affected": usize::from(affected) }))
+            }
+            QueueOp::Delete(id) => {
+                if self.spool.get(id).is_none() {
+                    return Ok(json!({ "affected": 0 }));
+                }
+                self.scheduler.delete(id);
+                if self.held.remove(&id) {
+                    self.save_held()?;
+                }
+                match self.spool.finish(id).await {
+                    Ok(()) | Err(crate::spool::SpoolError::NotFound(_)) => {
+                        warn!(event = "queue.delete", queue_id = %id, "deleted by the administrator, no bounce");
+                        Ok(json!({ "affected": 1 }))
+                    }
+                    Err(e) => Err(format!("cannot delete {id}: {e}")),
+                }
+            }
+            QueueOp::Destinations => {
+                let list: Vec<Value> = self
+                    .scheduler
+                    .destinations(now)
+                    .iter()
+                    .map(destination_json)
+                    .collect();
+                Ok(json!({ "destinations": list }))
+            }
+        }
+    }
+
+    fn save_held(&self) -> Result<(), String> {
+        save_held(&self.held_path, &self.held)
+            .map_err(|e| format!("cannot write {}: {e}", self.held_path.display()))
+    }
+
+    fn message_json(&self, id: MsgId, env: &Envelope, now: Millis) -> Value {
+        let explained: HashMap<usize, RcptExplain> = self
+            .scheduler
+            .explain_message(id, now)
+            .into_iter()
+            .map(|e| (e.key.rcpt, e))
+            .collect();
+        let recipients: Vec<Value> = env
+            .recipients
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (status, attempts, reply, next) = match &r.status {
+                    RcptStatus::Pending => ("pending", 0, None, None),
+                    RcptStatus::Deferred {
+                        reply,
+                        attempts,
+                        next_attempt,
+                        ..
+                    } => (
+                        "deferred",
+                        *attempts,
+                        Some(reply.clone()),
+                        Some(*next_attempt),
+                    ),
+                    RcptStatus::Delivered { reply, .. } => {
+                        ("delivered", 0, Some(reply.clone()), None)
+                    }
+                    RcptStatus::Failed { reply, .. } => ("failed", 0, Some(reply.clone()), None),
+                };
+                let e = explained.get(&i);
+                let destination = match (&r.route, e) {
+                    (_, Some(e)) => Some(e.destination.to_string()),
+                    (Route::Remote, None) => {
+                        Some(self.context.destination_of(&r.address).to_string())
+                    }
+                    (Route::Local { mailbox }, None) => Some(format!("maildir:{mailbox}")),
+                };
+                let last_reply = e.and_then(|e| e.last_reply.clone()).or(reply);
+                json!({
+                    "index": i,
+                    "address": r.address,
+                    "original": r.original,
+                    "route": if r.route == Route::Remote { "remote" } else { "local" },
+                    "status": status,
+                    "destination": destination,
+                    "attempts": e.map_or(attempts, |e| e.attempts),
+                    "last_reply": last_reply,
+                    "answered_by": self.answered_by.get(&(id, i)),
+                    "next_attempt_at": e.map(|e| seconds(e.due)).or(next),
+                    "expires_at": e.map(|e| seconds(e.expires_at)),
+                    "wait": e.map(|e| wait_json(&e.wait, e.last_reply.as_deref())),
+                })
+            })
+            .collect();
+        json!({
+            "id": id.to_string(),
+            "sender": env.sender,
+            "size": env.size,
+            "received_at": env.received_at,
+            "held": self.held.contains(&id),
+            "recipients": recipients,
+        })
+    }
+}
+
+/// Why a recipient waits. A backoff after a connection-level failure says
+/// what failed, so "host unreachable" and "TLS required but not offered"
+/// are told apart from an ordinary deferral.
+fn wait_json(wait: &Wait, last_reply: Option<&str>) -> Value {
+    match wait {
+        Wait::Due => json!({ "reason": "due" }),
+        Wait::Backoff { until } => {
+            let reply = last_reply.unwrap_or("");
+            let lower = reply.to_ascii_lowercase();
+            let reason =
+                if lower.contains("tls") && (lower.contains(" 4.7.") || lower.contains(" 5.7.")) {
+                    "tls_required"
+                } else if lower.contains("cannot connect")
+                    || lower.contains(" 4.4.1 ")
+                    || lower.contains(" 4.4.2 ")
+                {
+                    "unreachable"
+                } else {
+                    "backoff"
+                };
+            json!({ "reason": reason, "until": seconds(*until), "detail": reply })
+        }
+        Wait::WindowFull { in_flight, window } => {
+            json!({ "reason": "window_full", "in_flight": in_flight, "window": window })
+        }
+        Wait::Throttled { until } => json!({ "reason": "throttled", "until": seconds(*until) }),
+        Wait::DestinationDead { next_probe } => {
+            json!({ "reason": "destination_dead", "until": seconds(*next_probe), "detail": last_reply })
+        }
+        Wait::Held => json!({ "reason": "held" }),
+        Wait::InFlight => json!({ "reason": "in_flight" }),
+        Wait::Busy { in_flight, limit } => {
+            json!({ "reason": "busy", "in_flight": in_flight, "window": limit })
+        }
+    }
+}
+
+fn destination_json(d: &DestinationSummary) -> Value {
+    json!({
+        "destination": d.destination.to_string(),
+        "queued": d.queued,
+        "in_flight": d.in_flight,
+        "window": d.window,
+        "rate_per_minute": d.rate_per_minute,
+        "next_start": d.next_start.map(seconds),
+        "consecutive_failures": d.consecutive_failures,
+        "next_probe": d.next_probe.map(seconds),
+        "throttled": d.throttled,
+        "last_error": d.last_error,
+        "last_error_at": d.last_error_at.map(seconds),
+        "last_success_at": d.last_success_at.map(seconds),
+    })
+}
