@@ -389,9 +389,7 @@ impl Endpoint<'_> {
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
         }
     }
-}
 
-impl Endpoint<'_> {
     fn address(&self) -> Option<SocketAddr> {
         match self {
             Endpoint::Tcp(addr) => Some(*addr),
@@ -493,7 +491,9 @@ impl<'a> Session<'a> {
                         }
                         Handshake::Refused => {}
                         Handshake::Failed(reason) => {
-                            // The stream is gone with the handshake.
+                            // The handshake took the stream with it, or
+                            // never started; either way nothing more goes
+                            // to this server.
                             writable = false;
                             handshake_error = Some(reason);
                             client.tls_failed();

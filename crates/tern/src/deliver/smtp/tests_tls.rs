@@ -24,6 +24,13 @@ struct Pki {
 }
 
 fn pki(server_names: &[&str]) -> Pki {
+    pki_with(
+        server_names,
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+    )
+}
+
+fn pki_with(server_names: &[&str], versions: &[&'static rustls::SupportedProtocolVersion]) -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -42,7 +49,7 @@ fn pki(server_names: &[&str]) -> Pki {
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .with_protocol_versions(versions)
     .unwrap()
     .with_no_client_auth()
     .with_single_cert(vec![leaf.der().clone(), ca.der().clone()], key)
@@ -233,6 +240,23 @@ async fn opportunistic_delivers_over_tls_and_authenticates_only_inside_it() {
     let seen = task.await.unwrap();
     assert_eq!(received(&seen), [(true, b"over tls\r\n".to_vec())]);
     assert_eq!(seen[0].auth, [true], "AUTH once, and over TLS");
+}
+
+#[tokio::test]
+async fn require_over_tls_1_2_reports_the_version() {
+    let pki = pki_with(&["mx.tern.test"], &[&rustls::version::TLS12]);
+    let (addr, task) = tls_server(pki.acceptor.clone(), Starttls::Handshake, 1).await;
+    let d = delivery(Transport::Smtp, vec![tcp_host("198.51.100.1", &[addr])]);
+    let require = SmtpSettings {
+        tls: TlsMode::Require,
+        ..settings()
+    };
+    let report = deliver(&d, &[message(&["a@example.test"], "x\r\n")], &require).await;
+
+    assert_eq!(statuses(&report.messages[0]), [Status::Delivered]);
+    let tls = report.connections[0].tls.clone().unwrap_or_default();
+    assert!(tls.starts_with("TLSv1.2 TLS_ECDHE_"), "{tls:?}");
+    assert_eq!(received(&task.await.unwrap()).len(), 1);
 }
 
 #[tokio::test]
