@@ -5,9 +5,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tern::deliver::smtp::{SmtpSettings, deliver};
+use tern::deliver::smtp::{SmtpSettings, TlsMode, deliver};
 use tern::route::{Delivery, Host, Routes, Target, Transport};
-use tern_proto::client::{Message, Recipient, TlsPolicy};
+use tern_proto::client::{Message, Recipient};
 use tern_proto::{MailParams, RcptParams, parse_forward_path, parse_reverse_path};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -96,7 +96,7 @@ async fn every_connection_attempt_is_logged() {
     let settings = SmtpSettings {
         helo_name: "out.tern.test".into(),
         connect_timeout: Duration::from_secs(10),
-        tls: TlsPolicy::None,
+        tls: TlsMode::None,
         ..SmtpSettings::default()
     };
     deliver(&delivery, &[message], &settings).await;
@@ -124,5 +124,6 @@ async fn every_connection_attempt_is_logged() {
         assert_eq!(e["host"], "mx.test");
         assert_eq!(e["transport"], "smtp");
         assert!(e["duration_ms"].is_u64());
+        assert_eq!(e["tls"], "none");
     }
 }

@@ -18,48 +18,68 @@
 //! the last connection-level reason, always as a temporary failure: another
 //! attempt may reach another host (Postfix's `smtp_skip_5xx_greeting`).
 //!
-//! Invariants:
+//! STARTTLS ([`tls`]). The route's [`TlsMode`] says whether the client
+//! asks for it and what a missing STARTTLS means; when the client asks for
+//! the handshake ([`Event::StartTls`]) the driver runs it with rustls over
+//! the same connection and the session goes on over TLS. A failed handshake
+//! under `Opportunistic` is followed at once by a plain-text connection to
+//! the same address (as RFC 3207 deployments expect); under `Require` and
+//! `Verify` the connection fails temporarily (4.7.5, with rustls's reason,
+//! e.g. the certificate's) and the next address or host is tried.
+//!
+//! Invariants (besides these, [`tls`]'s):
 //! - Every recipient of every message passed in gets exactly one
 //!   [`RecipientReport`], in the order of the message's recipients, and
 //!   every report names the host that answered, or none when no server
 //!   took the message.
 //! - Everything the client emits is written, in order and completely,
 //!   before more server octets are fed to it (the client's rule).
+//! - Not one plain-text octet from the server after its 220 to STARTTLS is
+//!   taken as a reply: the client refuses any that came with the 220, and
+//!   the driver hands it any already waiting before the handshake starts
+//!   (the connection then fails, 4.5.0, without a plain-text retry). Octets
+//!   that arrive later reach rustls, which refuses them as records.
+//! - Credentials go only over TLS unless `auth_without_tls` (the client's
+//!   rule; a plain-text retry after a failed handshake is no exception).
 //! - Every wait is bounded: the connect by `connect_timeout`, each reply by
-//!   its RFC 5321 §4.5.3.2 stage timeout, each write by the data-block
-//!   timeout. Reads go through one fixed buffer; the client bounds what it
-//!   holds of a reply.
+//!   its RFC 5321 §4.5.3.2 stage timeout, the TLS handshake by the command
+//!   timeout, each write by the data-block timeout. Reads go through one
+//!   fixed buffer; the client bounds what it holds of a reply.
 //! - Nothing from the peer can panic the driver; replies in reports are the
-//!   client's sanitised ones.
-//! - One `delivery.attempt` log event per connection attempt.
+//!   client's sanitised ones, and so are rustls's handshake errors.
+//! - One `delivery.attempt` log event per connection attempt, saying
+//!   whether TLS was used (protocol version and cipher suite).
 //!
-//! Not done: STARTTLS. When the client asks for the handshake
-//! ([`Event::StartTls`]) the driver answers `tls_failed`: under
-//! `TlsPolicy::Require` the connection fails with the client's reason
-//! (4.7.5 TLS handshake failed) and the next host is tried; under
-//! `Opportunistic` the same address is retried at once in plain text, as
-//! RFC 3207 deployments expect after a failed handshake. rustls comes next.
-//! Also not here: an idle connection cache across attempts (connections
-//! live for one call), the queue and the scheduler (which decide what to
-//! send where and when), configuration keys, IPv6-to-IPv4 retry of 5.7.x.
+//! Not done: an idle connection cache across attempts (connections live
+//! for one call), the queue and the scheduler (which decide what to send
+//! where and when), configuration keys, IPv6-to-IPv4 retry of 5.7.x,
+//! DANE and MTA-STS, TLS session resumption across connections beyond what
+//! rustls's shared configuration keeps.
 //!
 //! Errors: none returned; every failure is a per-recipient
 //! [`RecipientReport`] (status, reply, which host) and, per connection, a
-//! [`ConnectionReport`].
+//! [`ConnectionReport`]. [`SmtpSettings::prepare_tls`] reports a CA file
+//! that cannot be used, for a configuration check at start-up.
+
+pub mod tls;
+
+pub use tls::{TlsCache, TlsMode, TlsSetupError};
 
 use crate::route::{Delivery, Target, Transport};
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 use tern_proto::Reply;
 use tern_proto::client::{
     Client, ClientConfig, ConnectionFailure, Credentials, Event, Message, MessageOutcome, Protocol,
-    Stage, Status, TlsPolicy, sanitize,
+    Stage, Status, sanitize,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::{Instant, timeout};
 use tracing::{info, warn};
@@ -80,10 +100,15 @@ pub struct SmtpSettings {
     /// AUTH credentials (for a smarthost).
     pub credentials: Option<Credentials>,
     /// Send the credentials over a connection without TLS (a relay on this
-    /// host or a trusted network). Until STARTTLS is done, credentials go
-    /// nowhere without it.
+    /// host or a trusted network).
     pub auth_without_tls: bool,
-    pub tls: TlsPolicy,
+    /// STARTTLS and how much the certificate is trusted.
+    pub tls: TlsMode,
+    /// PEM certificates trusted as roots under [`TlsMode::Verify`], besides
+    /// the bundled web PKI roots (a private CA for a relay).
+    pub tls_ca_file: Option<PathBuf>,
+    /// The rustls configurations, built once; leave at its default.
+    pub tls_cache: TlsCache,
     /// Recipients per transaction (the client's `max_recipients`).
     pub max_recipients: usize,
     /// The timeout for a reply at each stage: RFC 5321 §4.5.3.2 values by
@@ -99,10 +124,27 @@ impl Default for SmtpSettings {
             max_messages_per_connection: 100,
             credentials: None,
             auth_without_tls: false,
-            tls: TlsPolicy::Opportunistic,
+            tls: TlsMode::Opportunistic,
+            tls_ca_file: None,
+            tls_cache: TlsCache::default(),
             max_recipients: 100,
             stage_timeout: Stage::timeout,
         }
+    }
+}
+
+impl SmtpSettings {
+    /// Builds the TLS configuration the mode needs now, reading the CA file
+    /// under `Verify`: for start-up, so that a bad CA file is reported once
+    /// rather than as each delivery's temporary failure. Optional: the
+    /// first connection that needs it builds it otherwise.
+    pub fn prepare_tls(&self) -> Result<(), TlsSetupError> {
+        if self.tls == TlsMode::None {
+            return Ok(());
+        }
+        self.tls_cache
+            .config(self.tls, self.tls_ca_file.as_deref())
+            .map(drop)
     }
 }
 
@@ -148,6 +190,9 @@ pub struct ConnectionReport {
     pub messages: usize,
     /// Why the connection ended early; `None` when it ended with QUIT.
     pub failure: Option<ConnectionFailure>,
+    /// The TLS protocol and cipher suite once STARTTLS succeeded, as
+    /// "TLSv1.3 TLS13_AES_256_GCM_SHA384"; `None` for plain text.
+    pub tls: Option<String>,
     pub duration: Duration,
 }
 
@@ -187,7 +232,7 @@ pub async fn deliver(
                 host: host.name.clone(),
                 address: endpoint.to_string(),
             };
-            let mut tls = settings.tls;
+            let mut mode = settings.tls;
             // Connections to this address, while each ends cleanly with
             // messages left over (the per-connection limit), or once more
             // in plain text after a failed opportunistic handshake.
@@ -198,7 +243,7 @@ pub async fn deliver(
                 let config = ClientConfig {
                     protocol,
                     helo_name: settings.helo_name.clone(),
-                    tls,
+                    tls: mode.policy(),
                     credentials: settings.credentials.clone(),
                     auth_without_tls: settings.auth_without_tls,
                     max_recipients: settings.max_recipients,
@@ -219,13 +264,17 @@ pub async fn deliver(
                             local: true,
                         }),
                         tls_failed: false,
+                        tls: None,
                     },
-                    Ok(Stream::Tcp(s)) => {
-                        let mut run = Session::new(s, messages, settings, &peer);
-                        run.run(config, &mut pending, &mut reports).await
-                    }
-                    Ok(Stream::Unix(s)) => {
-                        let mut run = Session::new(s, messages, settings, &peer);
+                    Ok(stream) => {
+                        let mut run = Session {
+                            stream,
+                            messages,
+                            settings,
+                            peer: &peer,
+                            mode,
+                            address: endpoint.address(),
+                        };
                         run.run(config, &mut pending, &mut reports).await
                     }
                 };
@@ -233,6 +282,7 @@ pub async fn deliver(
                     peer: peer.clone(),
                     messages: end.messages,
                     failure: end.failure.clone(),
+                    tls: end.tls.clone(),
                     duration: started.elapsed(),
                 };
                 log_attempt(delivery, &report);
@@ -242,8 +292,8 @@ pub async fn deliver(
                     None => break,
                     Some(failure) => {
                         last_failure = Some(failure);
-                        if end.tls_failed && tls == TlsPolicy::Opportunistic {
-                            tls = TlsPolicy::None;
+                        if end.tls_failed && mode == TlsMode::Opportunistic {
+                            mode = TlsMode::None;
                             continue;
                         }
                         break;
@@ -284,6 +334,7 @@ pub async fn deliver(
 
 fn log_attempt(delivery: &Delivery, report: &ConnectionReport) {
     let duration_ms = report.duration.as_millis() as u64;
+    let tls = report.tls.as_deref().unwrap_or("none");
     match &report.failure {
         None => info!(
             event = "delivery.attempt",
@@ -293,6 +344,7 @@ fn log_attempt(delivery: &Delivery, report: &ConnectionReport) {
             address = %report.peer.address,
             outcome = "ok",
             messages = report.messages,
+            tls,
             duration_ms,
         ),
         Some(failure) => warn!(
@@ -305,6 +357,7 @@ fn log_attempt(delivery: &Delivery, report: &ConnectionReport) {
             messages = report.messages,
             reply = %failure.reply,
             local = failure.local,
+            tls,
             duration_ms,
         ),
     }
@@ -316,22 +369,31 @@ enum Endpoint<'a> {
     Unix(&'a Path),
 }
 
-enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
+/// A connection: TCP or Unix, then TLS over either after STARTTLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+type Stream = Box<dyn Io>;
 
 impl Endpoint<'_> {
     async fn connect(&self, limit: Duration) -> io::Result<Stream> {
         let connecting = async {
             Ok(match self {
-                Endpoint::Tcp(addr) => Stream::Tcp(TcpStream::connect(*addr).await?),
-                Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+                Endpoint::Tcp(addr) => Box::new(TcpStream::connect(*addr).await?) as Stream,
+                Endpoint::Unix(path) => Box::new(UnixStream::connect(path).await?) as Stream,
             })
         };
         match timeout(limit, connecting).await {
             Ok(result) => result,
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+        }
+    }
+
+    fn address(&self) -> Option<SocketAddr> {
+        match self {
+            Endpoint::Tcp(addr) => Some(*addr),
+            Endpoint::Unix(_) => None,
         }
     }
 }
@@ -352,26 +414,32 @@ struct SessionEnd {
     failure: Option<ConnectionFailure>,
     /// The failure followed our answer `tls_failed` to `StartTls`.
     tls_failed: bool,
+    /// The TLS in use (see [`ConnectionReport::tls`]).
+    tls: Option<String>,
 }
 
 /// One connection being driven.
-struct Session<'a, S> {
-    stream: S,
+struct Session<'a> {
+    stream: Stream,
     messages: &'a [Message],
     settings: &'a SmtpSettings,
     peer: &'a Peer,
+    /// The mode of this connection (`None` on a plain-text retry).
+    mode: TlsMode,
+    /// The TCP address connected to; `None` for a Unix socket.
+    address: Option<SocketAddr>,
 }
 
-impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
-    fn new(stream: S, messages: &'a [Message], settings: &'a SmtpSettings, peer: &'a Peer) -> Self {
-        Session {
-            stream,
-            messages,
-            settings,
-            peer,
-        }
-    }
+/// How a STARTTLS handshake went.
+enum Handshake {
+    Done(String),
+    /// Plain-text octets were waiting after the 220 (or the server closed):
+    /// the client was told, and fails the connection itself.
+    Refused,
+    Failed(String),
+}
 
+impl<'a> Session<'a> {
     /// Takes messages from `pending` while the connection can carry them;
     /// their outcomes go into `reports`. A message handed to the client
     /// always gets its outcome (the client's invariant), so none is lost
@@ -390,8 +458,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             messages: 0,
             failure: None,
             tls_failed: false,
+            tls: None,
         };
-        let mut tls_requested = false;
+        let mut handshake_error: Option<String> = None;
         let mut writable = true;
         loop {
             while let Some(event) = client.next_event() {
@@ -415,11 +484,21 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                             }
                         }
                     }
-                    Event::StartTls => {
-                        // TLS is the next step (module header).
-                        tls_requested = true;
-                        client.tls_failed();
-                    }
+                    Event::StartTls => match self.start_tls(&mut client, &mut buf).await {
+                        Handshake::Done(description) => {
+                            end.tls = Some(description);
+                            client.tls_established();
+                        }
+                        Handshake::Refused => {}
+                        Handshake::Failed(reason) => {
+                            // The handshake took the stream with it, or
+                            // never started; either way nothing more goes
+                            // to this server.
+                            writable = false;
+                            handshake_error = Some(reason);
+                            client.tls_failed();
+                        }
+                    },
                     Event::TlsDeclined(reply) => {
                         info!(event = "delivery.tls_declined", host = %self.peer, reply = %reply);
                     }
@@ -449,8 +528,25 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                         }
                     }
                     Event::Failed(failure) => {
-                        end.tls_failed = tls_requested && failure.local;
-                        end.failure = Some(failure);
+                        end.failure = Some(match handshake_error.take() {
+                            // The client's reason is generic; rustls's says
+                            // what to fix (a certificate, a protocol).
+                            Some(reason) => {
+                                end.tls_failed = true;
+                                ConnectionFailure {
+                                    reply: sanitize(&Reply::enhanced(
+                                        451,
+                                        (4, 7, 5),
+                                        format!(
+                                            "TLS handshake with {} failed: {reason}",
+                                            self.peer
+                                        ),
+                                    )),
+                                    local: true,
+                                }
+                            }
+                            None => failure,
+                        });
                     }
                     Event::Close => {
                         // The peer may already be gone; nothing is owed to it.
@@ -478,6 +574,43 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
     }
 
+    /// Runs the handshake over the connection, which becomes the TLS
+    /// stream; on failure the connection is left closed.
+    async fn start_tls(&mut self, client: &mut Client, buf: &mut [u8]) -> Handshake {
+        match read_now(&mut self.stream, buf).await {
+            None => {}
+            Some(Ok(0)) | Some(Err(_)) => {
+                client.eof();
+                return Handshake::Refused;
+            }
+            Some(Ok(n)) => {
+                client.receive(&buf[..n]);
+                return Handshake::Refused;
+            }
+        }
+        let config = match self
+            .settings
+            .tls_cache
+            .config(self.mode, self.settings.tls_ca_file.as_deref())
+        {
+            Ok(config) => config,
+            Err(e) => return Handshake::Failed(e.to_string()),
+        };
+        let name = tls::server_name(&self.peer.host, self.address);
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let plain = std::mem::replace(&mut self.stream, Box::new(Closed));
+        let limit = (self.settings.stage_timeout)(Stage::Command);
+        match timeout(limit, connector.connect(name, plain)).await {
+            Ok(Ok(stream)) => {
+                let description = tls::describe(stream.get_ref().1);
+                self.stream = Box::new(stream);
+                Handshake::Done(description)
+            }
+            Ok(Err(e)) => Handshake::Failed(e.to_string()),
+            Err(_) => Handshake::Failed("timed out".into()),
+        }
+    }
+
     fn report(&self, outcome: MessageOutcome) -> MessageReport {
         MessageReport {
             recipients: outcome
@@ -495,5 +628,55 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 }
 
+/// Reads what is already waiting, without waiting: `None` when nothing is.
+async fn read_now(stream: &mut Stream, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    std::future::poll_fn(|cx| {
+        let mut read = ReadBuf::new(&mut *buf);
+        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(read.filled().len()))),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Ready(None),
+        }
+    })
+    .await
+}
+
+/// Stands in for a connection consumed by a failed handshake: reads end,
+/// writes fail.
+struct Closed;
+
+impl AsyncRead for Closed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        _buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Closed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        _buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::ErrorKind::NotConnected.into()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_tls;

@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
 
-fn message(to: &[&str], content: &str) -> Message {
+pub(super) fn message(to: &[&str], content: &str) -> Message {
     Message {
         from: parse_reverse_path("<sender@tern.test>").unwrap().0,
         params: MailParams::default(),
@@ -32,11 +32,11 @@ fn message(to: &[&str], content: &str) -> Message {
     }
 }
 
-fn settings() -> SmtpSettings {
+pub(super) fn settings() -> SmtpSettings {
     SmtpSettings {
         helo_name: "out.tern.test".into(),
         connect_timeout: Duration::from_secs(10),
-        tls: TlsPolicy::None,
+        tls: TlsMode::None,
         // Long enough for a loaded test machine, short enough to fail a
         // hung test quickly.
         stage_timeout: |_| Duration::from_secs(20),
@@ -44,7 +44,7 @@ fn settings() -> SmtpSettings {
     }
 }
 
-fn tcp_host(name: &str, addrs: &[SocketAddr]) -> Host {
+pub(super) fn tcp_host(name: &str, addrs: &[SocketAddr]) -> Host {
     Host {
         name: name.into(),
         preference: None,
@@ -52,7 +52,7 @@ fn tcp_host(name: &str, addrs: &[SocketAddr]) -> Host {
     }
 }
 
-fn delivery(transport: Transport, hosts: Vec<Host>) -> Delivery {
+pub(super) fn delivery(transport: Transport, hosts: Vec<Host>) -> Delivery {
     Delivery {
         destination: Routes::default().destination("example.test"),
         transport,
@@ -66,11 +66,11 @@ fn refused_address() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
-fn statuses(report: &MessageReport) -> Vec<Status> {
+pub(super) fn statuses(report: &MessageReport) -> Vec<Status> {
     report.recipients.iter().map(|r| r.status).collect()
 }
 
-fn answered_by(report: &MessageReport) -> Vec<Option<&str>> {
+pub(super) fn answered_by(report: &MessageReport) -> Vec<Option<&str>> {
     report
         .recipients
         .iter()
@@ -93,6 +93,8 @@ struct Script {
     silent: bool,
     /// Stop reading after the 354: the client's writes block.
     stall_in_data: bool,
+    /// The reply to STARTTLS (the handshake is `tests_tls`'s).
+    starttls: &'static str,
 }
 
 impl Default for Script {
@@ -105,6 +107,7 @@ impl Default for Script {
             cut_in_data: false,
             silent: false,
             stall_in_data: false,
+            starttls: "454 4.7.0 TLS not available due to temporary reason",
         }
     }
 }
@@ -135,7 +138,7 @@ async fn play<S: AsyncRead + AsyncWrite + Unpin>(stream: S, script: &Script) -> 
         } else if command.starts_with("RCPT") {
             format!("{}\r\n", rcpt.next().copied().unwrap_or("250 2.1.5 ok"))
         } else if command.starts_with("STARTTLS") {
-            "220 2.0.0 go ahead\r\n".into()
+            format!("{}\r\n", script.starttls)
         } else if command.starts_with("DATA") {
             stream.write_all(b"354 go on\r\n").await.unwrap();
             if script.stall_in_data {
@@ -361,7 +364,7 @@ async fn a_silent_server_times_out_at_the_greeting() {
 }
 
 #[tokio::test]
-async fn tls_required_but_not_possible_yet_fails_and_opportunistic_falls_back_to_plain_text() {
+async fn starttls_refused_fails_under_require_and_goes_on_in_plain_text_under_opportunistic() {
     let offering = Script {
         ehlo: "250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n",
         ..Script::default()
@@ -370,24 +373,30 @@ async fn tls_required_but_not_possible_yet_fails_and_opportunistic_falls_back_to
     let d = delivery(Transport::Smtp, vec![tcp_host("mx.test", &[addr])]);
     let m = message(&["a@example.test"], "x\r\n");
     let required = SmtpSettings {
-        tls: TlsPolicy::Require,
+        tls: TlsMode::Require,
         ..settings()
     };
     let report = deliver(&d, std::slice::from_ref(&m), &required).await;
     let rcpt = &report.messages[0].recipients[0];
     assert_eq!(rcpt.status, Status::Temporary);
     assert_eq!(rcpt.reply.code, 451);
+    assert!(
+        rcpt.reply.to_string().contains("TLS required"),
+        "{}",
+        rcpt.reply
+    );
     assert_eq!(report.connections.len(), 1);
 
-    let (addr, task) = scripted(offering, 2).await;
+    let (addr, task) = scripted(offering, 1).await;
     let d = delivery(Transport::Smtp, vec![tcp_host("mx.test", &[addr])]);
     let opportunistic = SmtpSettings {
-        tls: TlsPolicy::Opportunistic,
+        tls: TlsMode::Opportunistic,
         ..settings()
     };
     let report = deliver(&d, &[m], &opportunistic).await;
     assert_eq!(statuses(&report.messages[0]), [Status::Delivered]);
-    assert_eq!(report.connections.len(), 2);
+    assert_eq!(report.connections.len(), 1);
+    assert_eq!(report.connections[0].tls, None);
     assert_eq!(task.await.unwrap().len(), 1);
 }
 
