@@ -205,6 +205,19 @@ pub struct AttemptReport {
     pub connections: Vec<ConnectionReport>,
 }
 
+/// Where a connection's messages come from and their outcomes go: the
+/// queue feeds a destination's next message over a connection already open
+/// to it (connection reuse), a test or a one-off attempt feeds a fixed list.
+pub trait Feed: Send {
+    /// The next message for this destination, with a key of the feed's
+    /// choosing; `None` ends the connection with QUIT.
+    fn next(&mut self) -> impl std::future::Future<Output = Option<(usize, Message)>> + Send;
+    /// The outcome of the message fed under `key`: from the server that
+    /// took it, or (once every host was tried) the last connection failure,
+    /// with no `answered_by`.
+    fn outcome(&mut self, key: usize, report: MessageReport);
+}
+
 /// Delivers `messages` (all for `delivery`'s destination) in one attempt.
 /// See the module header for the order hosts are tried in and what counts
 /// as final.
@@ -213,10 +226,63 @@ pub async fn deliver(
     messages: &[Message],
     settings: &SmtpSettings,
 ) -> AttemptReport {
-    let mut reports: Vec<Option<MessageReport>> = vec![None; messages.len()];
-    let mut pending: VecDeque<usize> = (0..messages.len()).collect();
+    let mut feed = ListFeed {
+        messages,
+        next: 0,
+        reports: vec![None; messages.len()],
+    };
+    let connections = deliver_from(delivery, &mut feed, settings).await;
+    // Messages the feed never handed out: no host could take even the first.
+    let never_taken = connections
+        .iter()
+        .rev()
+        .find_map(|c| c.failure.clone())
+        .unwrap_or_else(no_host);
+    let messages = feed
+        .reports
+        .into_iter()
+        .zip(messages)
+        .map(|(report, message)| report.unwrap_or_else(|| not_taken(message, &never_taken)))
+        .collect();
+    AttemptReport {
+        messages,
+        connections,
+    }
+}
+
+/// A fixed list of messages, each reported in its place.
+struct ListFeed<'a> {
+    messages: &'a [Message],
+    next: usize,
+    reports: Vec<Option<MessageReport>>,
+}
+
+impl Feed for ListFeed<'_> {
+    async fn next(&mut self) -> Option<(usize, Message)> {
+        let message = self.messages.get(self.next)?.clone();
+        self.next += 1;
+        Some((self.next - 1, message))
+    }
+
+    fn outcome(&mut self, key: usize, report: MessageReport) {
+        if let Some(slot) = self.reports.get_mut(key) {
+            *slot = Some(report);
+        }
+    }
+}
+
+/// Delivers what `feed` gives for `delivery`'s destination, over as few
+/// connections as it can; returns every connection tried, in order.
+pub async fn deliver_from<F: Feed>(
+    delivery: &Delivery,
+    feed: &mut F,
+    settings: &SmtpSettings,
+) -> Vec<ConnectionReport> {
+    // Taken from the feed but not sent: they move on to the next address.
+    let mut pending: VecDeque<(usize, Message)> = VecDeque::new();
     let mut connections = Vec::new();
     let mut last_failure: Option<ConnectionFailure> = None;
+    let mut feed_done = false;
     let protocol = match delivery.transport {
         Transport::Smtp => Protocol::Smtp,
         Transport::Lmtp => Protocol::Lmtp,
@@ -237,6 +303,12 @@ pub async fn deliver(
             // messages left over (the per-connection limit), or once more
             // in plain text after a failed opportunistic handshake.
             loop {
+                if pending.is_empty() && !feed_done {
+                    match feed.next().await {
+                        Some(message) => pending.push_back(message),
+                        None => feed_done = true,
+                    }
+                }
                 if pending.is_empty() {
                     break 'hosts;
                 }
@@ -265,19 +337,20 @@ pub async fn deliver(
                         }),
                         tls_failed: false,
                         tls: None,
+                        feed_done: false,
                     },
                     Ok(stream) => {
                         let mut run = Session {
                             stream,
-                            messages,
                             settings,
                             peer: &peer,
                             mode,
                             address: endpoint.address(),
                         };
-                        run.run(config, &mut pending, &mut reports).await
+                        run.run(config, &mut pending, feed).await
                     }
                 };
+                feed_done |= end.feed_done;
                 let report = ConnectionReport {
                     peer: peer.clone(),
                     messages: end.messages,
@@ -303,32 +376,35 @@ pub async fn deliver(
         }
     }
 
-    let never_taken = last_failure.unwrap_or_else(|| ConnectionFailure {
+    let never_taken = last_failure.unwrap_or_else(no_host);
+    for (key, message) in pending {
+        feed.outcome(key, not_taken(&message, &never_taken));
+    }
+    connections
+}
+
+fn no_host() -> ConnectionFailure {
+    ConnectionFailure {
         reply: Reply::enhanced(451, (4, 4, 4), "no host to deliver to"),
         local: true,
-    });
-    let messages = reports
-        .into_iter()
-        .zip(messages)
-        .map(|(report, message)| {
-            report.unwrap_or_else(|| MessageReport {
-                recipients: message
-                    .recipients
-                    .iter()
-                    .map(|_| RecipientReport {
-                        status: Status::Temporary,
-                        reply: never_taken.reply.clone(),
-                        local: never_taken.local,
-                        answered_by: None,
-                    })
-                    .collect(),
-                dsn: false,
+    }
+}
+
+/// The report of a message no server took: `failure` for every recipient,
+/// always temporary (another attempt may reach another host).
+fn not_taken(message: &Message, failure: &ConnectionFailure) -> MessageReport {
+    MessageReport {
+        recipients: message
+            .recipients
+            .iter()
+            .map(|_| RecipientReport {
+                status: Status::Temporary,
+                reply: failure.reply.clone(),
+                local: failure.local,
+                answered_by: None,
             })
-        })
-        .collect();
-    AttemptReport {
-        messages,
-        connections,
+            .collect(),
+        dsn: false,
     }
 }
 
@@ -416,12 +492,13 @@ struct SessionEnd {
     tls_failed: bool,
     /// The TLS in use (see [`ConnectionReport::tls`]).
     tls: Option<String>,
+    /// The feed said it has nothing more.
+    feed_done: bool,
 }
 
 /// One connection being driven.
 struct Session<'a> {
     stream: Stream,
-    messages: &'a [Message],
     settings: &'a SmtpSettings,
     peer: &'a Peer,
     /// The mode of this connection (`None` on a plain-text retry).
@@ -440,15 +517,15 @@ enum Handshake {
 }
 
 impl<'a> Session<'a> {
-    /// Takes messages from `pending` while the connection can carry them;
-    /// their outcomes go into `reports`. A message handed to the client
-    /// always gets its outcome (the client's invariant), so none is lost
-    /// from `pending` without one.
-    async fn run(
+    /// Takes messages from `pending`, then from `feed`, while the
+    /// connection can carry them; their outcomes go to `feed`. A message
+    /// handed to the client always gets its outcome (the client's
+    /// invariant), so none is lost from `pending` without one.
+    async fn run<F: Feed>(
         &mut self,
         config: ClientConfig,
-        pending: &mut VecDeque<usize>,
-        reports: &mut [Option<MessageReport>],
+        pending: &mut VecDeque<(usize, Message)>,
+        feed: &mut F,
     ) -> SessionEnd {
         let limit = self.settings.max_messages_per_connection.max(1);
         let mut client = Client::new(config);
@@ -459,6 +536,7 @@ impl<'a> Session<'a> {
             failure: None,
             tls_failed: false,
             tls: None,
+            feed_done: false,
         };
         let mut handshake_error: Option<String> = None;
         let mut writable = true;
@@ -503,18 +581,24 @@ impl<'a> Session<'a> {
                         info!(event = "delivery.tls_declined", host = %self.peer, reply = %reply);
                     }
                     Event::Ready => {
-                        let next = if end.messages < limit {
-                            pending.pop_front()
-                        } else {
+                        let next = if end.messages >= limit {
                             None
+                        } else if let Some(next) = pending.pop_front() {
+                            Some(next)
+                        } else if end.feed_done {
+                            None
+                        } else {
+                            let next = feed.next().await;
+                            end.feed_done = next.is_none();
+                            next
                         };
                         match next {
-                            Some(i) => match client.send(self.messages[i].clone()) {
-                                Ok(()) => in_flight = Some(i),
+                            Some((key, message)) => match client.send(message.clone()) {
+                                Ok(()) => in_flight = Some(key),
                                 // Not expected after Ready; the message stays
                                 // pending for the next connection.
                                 Err(_) => {
-                                    pending.push_front(i);
+                                    pending.push_front((key, message));
                                     client.quit();
                                 }
                             },
@@ -522,8 +606,8 @@ impl<'a> Session<'a> {
                         }
                     }
                     Event::Outcome(outcome) => {
-                        if let Some(i) = in_flight.take() {
-                            reports[i] = Some(self.report(outcome));
+                        if let Some(key) = in_flight.take() {
+                            feed.outcome(key, self.report(outcome));
                             end.messages += 1;
                         }
                     }

@@ -12,15 +12,18 @@
 
 use super::NextJob;
 use crate::config::{Runtime, TlsChoice};
-use crate::deliver::smtp::{self, AttemptReport, SmtpSettings};
+use crate::deliver::smtp::{
+    Feed, MessageReport, RecipientReport, SmtpSettings, TlsMode, deliver_from,
+};
 use crate::dns::Dns;
 use crate::queue::QueueHandle;
 use crate::route::{Delivery, RouteError, Router, RouterSettings};
 use crate::scheduler::{self, Connection, Job, JobReport, RcptResult, ReplyClass, classify};
 use crate::spool::{Envelope, Spool};
 use rand::SeedableRng;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use tern_proto::client::{Message, Recipient, Status, TlsPolicy};
+use tern_proto::client::{Message, Recipient, Status};
 use tern_proto::{
     ForwardPath, MailParams, RcptParams, Reply, ReversePath, parse_forward_path, parse_reverse_path,
 };
@@ -62,11 +65,12 @@ pub(crate) struct Finished {
     pub next: Option<NextJob>,
 }
 
-fn tls_policy(choice: TlsChoice) -> TlsPolicy {
+fn tls_mode(choice: TlsChoice) -> TlsMode {
     match choice {
-        TlsChoice::None => TlsPolicy::None,
-        TlsChoice::Opportunistic => TlsPolicy::Opportunistic,
-        TlsChoice::Require | TlsChoice::Verify => TlsPolicy::Require,
+        TlsChoice::None => TlsMode::None,
+        TlsChoice::Opportunistic => TlsMode::Opportunistic,
+        TlsChoice::Require => TlsMode::Require,
+        TlsChoice::Verify => TlsMode::Verify,
     }
 }
 
@@ -89,16 +93,23 @@ impl AttemptContext {
             max_messages_per_connection: o.max_messages_per_connection,
             credentials: None,
             auth_without_tls: false,
-            tls: tls_policy(o.tls),
+            tls: tls_mode(o.tls),
+            tls_ca_file: o.tls_ca_file.clone(),
             max_recipients: o.max_recipients_per_job,
             ..SmtpSettings::default()
         };
         let relayed = SmtpSettings {
             credentials: o.relay_credentials.clone(),
             auth_without_tls: o.relay_auth_without_tls,
-            tls: tls_policy(o.relay_tls),
+            tls: tls_mode(o.relay_tls),
             ..direct.clone()
         };
+        // A CA file that went bad since check-config shows at start-up.
+        for settings in [&direct, &relayed] {
+            settings
+                .prepare_tls()
+                .map_err(|e| format!("outbound TLS: {e}"))?;
+        }
         Ok(AttemptContext {
             runtime,
             spool,
@@ -119,27 +130,103 @@ impl AttemptContext {
         if relay { &self.relayed } else { &self.direct }
     }
 
-    /// One delivery attempt of `job`'s message.
-    async fn attempt(
+    /// Routes `job`'s destination afresh (a config or DNS change applies
+    /// to queued mail).
+    async fn route(
         &self,
         job: &Job,
         envelope: &Envelope,
-    ) -> (JobReport, Vec<(usize, RcptDetail)>) {
-        let Some(&first) = job.recipients.first() else {
-            return (established(Vec::new()), Vec::new());
-        };
-        let domain = envelope
+    ) -> (String, Result<Delivery, RouteError>) {
+        let domain = job
             .recipients
-            .get(first)
-            .map(|r| domain_of(&r.address))
-            .unwrap_or("");
+            .first()
+            .and_then(|&i| envelope.recipients.get(i))
+            .map(|r| domain_of(&r.address).to_string())
+            .unwrap_or_default();
         // A Send RNG: this future moves between threads.
         let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
-        let delivery = match self.router.resolve(domain, &mut rng).await {
-            Ok(delivery) => delivery,
-            Err(e) => return route_failure(job, &e),
+        let delivery = self.router.resolve(&domain, &mut rng).await;
+        (domain, delivery)
+    }
+}
+
+/// A job being carried: its message as sent and the recipients that could
+/// not be (already decided).
+struct Carried {
+    job: Job,
+    envelope: Envelope,
+    /// The recipient indexes in the order of the message's recipients.
+    sent: Vec<usize>,
+    results: Vec<(usize, RcptResult)>,
+    details: Vec<(usize, RcptDetail)>,
+}
+
+/// Feeds one connection: the job it was opened for, then the destination's
+/// next jobs from the manager (connection reuse), each reported to the
+/// manager as its outcome comes.
+struct JobFeed {
+    context: Arc<AttemptContext>,
+    finished: mpsc::UnboundedSender<Finished>,
+    /// Jobs to send before asking the manager for more.
+    queued: VecDeque<(Job, Envelope)>,
+    /// Ask the manager for the destination's next job after an outcome.
+    reuse: bool,
+    /// The manager's answer to the last report.
+    next: Option<oneshot::Receiver<Option<(Job, Envelope)>>>,
+    carried: HashMap<usize, Carried>,
+    next_key: usize,
+    /// Jobs no server took (every host failed before them).
+    stranded: Vec<(Carried, MessageReport)>,
+}
+
+impl JobFeed {
+    fn new(
+        context: Arc<AttemptContext>,
+        finished: mpsc::UnboundedSender<Finished>,
+        queued: VecDeque<(Job, Envelope)>,
+        reuse: bool,
+    ) -> JobFeed {
+        JobFeed {
+            context,
+            finished,
+            queued,
+            reuse,
+            next: None,
+            carried: HashMap::new(),
+            next_key: 0,
+            stranded: Vec::new(),
+        }
+    }
+
+    /// Sends a job's outcome to the manager; with `ask`, also asks for the
+    /// destination's next job (answered through `self.next`).
+    fn report(&mut self, carried: Carried, report: JobReport, ask: bool) {
+        let Carried {
+            job,
+            envelope,
+            details,
+            ..
+        } = carried;
+        let next = if ask {
+            let (tx, rx) = oneshot::channel();
+            self.next = Some(rx);
+            Some(tx)
+        } else {
+            None
         };
-        let body = match self.spool.read_body(job.msg).await {
+        let _ = self.finished.send(Finished {
+            job,
+            envelope,
+            report,
+            details,
+            next,
+        });
+    }
+
+    /// The message for `job`, or its outcome at once when there is nothing
+    /// to send (the body is unreadable, no recipient can be written).
+    async fn prepare(&mut self, job: Job, envelope: Envelope) -> Option<(usize, Message)> {
+        let body = match self.context.spool.read_body(job.msg).await {
             Ok(body) => body,
             Err(e) => {
                 let reply = Reply::enhanced(
@@ -147,102 +234,189 @@ impl AttemptContext {
                     (4, 3, 0),
                     format!("message unreadable in the spool: {e}"),
                 );
-                return all_recipients(job, established, &reply, ReplyClass::TempFail, None);
+                let (report, details) = all_recipients(&job, &reply, ReplyClass::TempFail, None);
+                let carried = Carried {
+                    job,
+                    envelope,
+                    sent: Vec::new(),
+                    results: Vec::new(),
+                    details,
+                };
+                let ask = self.reuse;
+                self.report(carried, report, ask);
+                return None;
             }
         };
-        let (message, sent, unsendable) = message_for(job, envelope, body);
-        let mut details = Vec::with_capacity(job.recipients.len());
-        let mut results = Vec::with_capacity(job.recipients.len());
+        let (message, sent, unsendable) = message_for(&job, &envelope, body);
+        let mut carried = Carried {
+            job,
+            envelope,
+            sent,
+            results: Vec::new(),
+            details: Vec::new(),
+        };
         for i in unsendable {
-            let reply = Reply::enhanced(553, (5, 1, 3), "address unusable for delivery");
-            results.push((
+            let reply = one_line(&Reply::enhanced(
+                553,
+                (5, 1, 3),
+                "address unusable for delivery",
+            ));
+            carried.results.push((
                 i,
                 RcptResult::Failed {
-                    reply: one_line(&reply),
+                    reply: reply.clone(),
                 },
             ));
-            details.push((
+            carried.details.push((
                 i,
                 RcptDetail {
-                    reply: one_line(&reply),
+                    reply,
                     answered_by: None,
                 },
             ));
         }
-        if sent.is_empty() {
-            return (established(results), details);
+        if carried.sent.is_empty() {
+            let report = established(std::mem::take(&mut carried.results));
+            let ask = self.reuse;
+            self.report(carried, report, ask);
+            return None;
         }
-        let messages = [message];
-        let mut report = smtp::deliver(&delivery, &messages, self.settings_for(&delivery)).await;
-        if never_taken(&report)
-            && let Some(Ok(fallback)) = self.router.resolve_fallback(domain, &mut rng).await
-        {
-            info!(event = "delivery.fallback_relay", queue_id = %job.msg, destination = %job.destination, relay = %fallback.destination);
-            report = smtp::deliver(&fallback, &messages, &self.relayed).await;
-        }
-        let connection = connection_of(&report);
-        if let Some(message) = report.messages.first() {
-            for (&i, r) in sent.iter().zip(&message.recipients) {
-                let reply = one_line(&r.reply);
-                let result = match r.status {
-                    Status::Delivered => RcptResult::Delivered,
-                    Status::Permanent => RcptResult::Failed {
-                        reply: reply.clone(),
-                    },
-                    Status::Temporary => RcptResult::Deferred {
-                        class: if r.answered_by.is_none() && r.local {
-                            ReplyClass::ConnectFail
-                        } else {
-                            classify(r.reply.code, r.reply.enhanced, &r.reply.lines.join(" "))
-                        },
-                        reply: reply.clone(),
-                    },
-                };
-                results.push((i, result));
-                details.push((
-                    i,
-                    RcptDetail {
-                        reply,
-                        answered_by: r.answered_by.as_ref().map(|p| p.to_string()),
-                    },
-                ));
+        let key = self.next_key;
+        self.next_key += 1;
+        self.carried.insert(key, carried);
+        Some((key, message))
+    }
+}
+
+impl Feed for JobFeed {
+    async fn next(&mut self) -> Option<(usize, Message)> {
+        loop {
+            let (job, envelope) = match self.queued.pop_front() {
+                Some(queued) => queued,
+                None => match self.next.take()?.await {
+                    Ok(Some(next)) => next,
+                    _ => return None,
+                },
+            };
+            if let Some(message) = self.prepare(job, envelope).await {
+                return Some(message);
+            }
+            if self.queued.is_empty() && self.next.is_none() {
+                return None;
             }
         }
-        (
+    }
+
+    fn outcome(&mut self, key: usize, report: MessageReport) {
+        let Some(mut carried) = self.carried.remove(&key) else {
+            return;
+        };
+        if report.recipients.iter().all(|r| r.answered_by.is_none()) {
+            // The fallback relay may still take it.
+            self.stranded.push((carried, report));
+            return;
+        }
+        let connection = connection_of(&report);
+        for (&i, r) in carried.sent.iter().zip(&report.recipients) {
+            let (result, detail) = recipient_result(r);
+            carried.results.push((i, result));
+            carried.details.push((i, detail));
+        }
+        let results = std::mem::take(&mut carried.results);
+        let ask = self.reuse;
+        self.report(
+            carried,
             JobReport {
                 connection,
                 recipients: results,
             },
-            details,
-        )
+            ask,
+        );
     }
 }
 
-/// Carries `job`, then the destination's next jobs while the manager has
-/// them for this connection.
+fn recipient_result(r: &RecipientReport) -> (RcptResult, RcptDetail) {
+    let reply = one_line(&r.reply);
+    let result = match r.status {
+        Status::Delivered => RcptResult::Delivered,
+        Status::Permanent => RcptResult::Failed {
+            reply: reply.clone(),
+        },
+        Status::Temporary => RcptResult::Deferred {
+            class: if r.answered_by.is_none() && r.local {
+                ReplyClass::ConnectFail
+            } else {
+                classify(r.reply.code, r.reply.enhanced, &r.reply.lines.join(" "))
+            },
+            reply: reply.clone(),
+        },
+    };
+    let detail = RcptDetail {
+        reply,
+        answered_by: r.answered_by.as_ref().map(|p| p.to_string()),
+    };
+    (result, detail)
+}
+
+/// A connection task: routes `job`'s destination, carries the job and then
+/// the destination's next ones while the manager has them; jobs no server
+/// took go to the fallback relay when one is configured.
 pub(crate) async fn connection(
     context: Arc<AttemptContext>,
-    mut job: Job,
-    mut envelope: Envelope,
+    job: Job,
+    envelope: Envelope,
     finished: mpsc::UnboundedSender<Finished>,
 ) {
-    loop {
-        let (report, details) = context.attempt(&job, &envelope).await;
-        let (next, reply) = oneshot::channel();
-        let done = Finished {
-            job,
-            envelope,
-            report,
-            details,
-            next: Some(next),
-        };
-        if finished.send(done).is_err() {
+    let (domain, delivery) = context.route(&job, &envelope).await;
+    let delivery = match delivery {
+        Ok(delivery) => delivery,
+        Err(e) => {
+            let (report, details) = route_failure(&job, &e);
+            let _ = finished.send(Finished {
+                job,
+                envelope,
+                report,
+                details,
+                next: None,
+            });
             return;
         }
-        match reply.await {
-            Ok(Some((j, e))) => (job, envelope) = (j, e),
-            _ => return,
+    };
+    let queued = VecDeque::from([(job, envelope)]);
+    let mut feed = JobFeed::new(context.clone(), finished.clone(), queued, true);
+    deliver_from(&delivery, &mut feed, context.settings_for(&delivery)).await;
+    let mut stranded = std::mem::take(&mut feed.stranded);
+    if !stranded.is_empty() {
+        let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
+        if let Some(Ok(fallback)) = context.router.resolve_fallback(&domain, &mut rng).await {
+            info!(event = "delivery.fallback_relay", destination = %delivery.destination, relay = %fallback.destination, messages = stranded.len());
+            let queued = stranded
+                .drain(..)
+                .map(|(carried, _)| (carried.job, carried.envelope))
+                .collect();
+            let mut fallback_feed = JobFeed::new(context.clone(), finished.clone(), queued, false);
+            deliver_from(&fallback, &mut fallback_feed, &context.relayed).await;
+            stranded = fallback_feed.stranded;
         }
+    }
+    // What no server took is reported last, with the last connection
+    // failure: the destination's dead-detection counts it.
+    for (mut carried, report) in stranded {
+        let connection = connection_of(&report);
+        for (&i, r) in carried.sent.iter().zip(&report.recipients) {
+            let (result, detail) = recipient_result(r);
+            carried.results.push((i, result));
+            carried.details.push((i, detail));
+        }
+        let results = std::mem::take(&mut carried.results);
+        feed.report(
+            carried,
+            JobReport {
+                connection,
+                recipients: results,
+            },
+            false,
+        );
     }
 }
 
@@ -274,7 +448,6 @@ fn established(recipients: Vec<(usize, RcptResult)>) -> JobReport {
 /// Every recipient of `job` with the same reply.
 fn all_recipients(
     job: &Job,
-    report: fn(Vec<(usize, RcptResult)>) -> JobReport,
     reply: &Reply,
     class: ReplyClass,
     answered_by: Option<String>,
@@ -308,7 +481,7 @@ fn all_recipients(
             )
         })
         .collect();
-    (report(results), details)
+    (established(results), details)
 }
 
 /// A route that cannot be used: the domain cannot receive mail (permanent:
@@ -320,46 +493,31 @@ fn route_failure(job: &Job, e: &RouteError) -> (JobReport, Vec<(usize, RcptDetai
     let enhanced = tern_proto::EnhancedCode::parse(e.enhanced_code());
     let reply = tern_proto::client::sanitize(&Reply::new(code, enhanced, e.to_string()));
     if permanent {
-        return all_recipients(job, established, &reply, ReplyClass::PermFail, None);
+        return all_recipients(job, &reply, ReplyClass::PermFail, None);
     }
-    let (mut report, details) =
-        all_recipients(job, established, &reply, ReplyClass::ConnectFail, None);
+    let (mut report, details) = all_recipients(job, &reply, ReplyClass::ConnectFail, None);
     report.connection = Connection::Failed {
         reason: one_line(&reply),
     };
     (report, details)
 }
 
-/// No server took the message: every connection failed before it.
-fn never_taken(report: &AttemptReport) -> bool {
-    report
-        .messages
-        .iter()
-        .all(|m| m.recipients.iter().all(|r| r.answered_by.is_none()))
-}
-
-/// How the destination behaved, for its window and dead state.
-fn connection_of(report: &AttemptReport) -> Connection {
-    if !never_taken(report) {
+/// How the destination behaved, for its window and dead state: a message
+/// some server took means a working destination; else the last connection
+/// failure says whether it throttled us or could not be reached.
+fn connection_of(report: &MessageReport) -> Connection {
+    let Some(r) = report.recipients.first() else {
+        return Connection::Established;
+    };
+    if report.recipients.iter().any(|r| r.answered_by.is_some()) {
         return Connection::Established;
     }
-    match report.connections.last().and_then(|c| c.failure.as_ref()) {
-        Some(f) if !f.local => {
-            let reply = &f.reply;
-            let line = one_line(reply);
-            if classify(reply.code, reply.enhanced, &reply.lines.join(" ")) == ReplyClass::Throttled
-            {
-                Connection::Throttled { reply: line }
-            } else {
-                Connection::Failed { reason: line }
-            }
-        }
-        Some(f) => Connection::Failed {
-            reason: one_line(&f.reply),
-        },
-        None => Connection::Failed {
-            reason: "no host to deliver to".into(),
-        },
+    let line = one_line(&r.reply);
+    let text = r.reply.lines.join(" ");
+    if !r.local && classify(r.reply.code, r.reply.enhanced, &text) == ReplyClass::Throttled {
+        Connection::Throttled { reply: line }
+    } else {
+        Connection::Failed { reason: line }
     }
 }
 
