@@ -11,13 +11,13 @@
 //! `multipart/report; report-type=delivery-status` (RFC 6522) with three parts:
 //! a plain-English `text/plain` explanation, a `message/delivery-status`
 //! report (RFC 3464 §2: per-message fields, then one block per recipient)
-//! and the original: `message/rfc822` when RET=FULL or RET is absent and the
-//! message fits in [`RETURN_LIMIT`], else its header section as
-//! `text/rfc822-headers`. When the envelope is SMTPUTF8 or any address is
-//! not ASCII, the report and the original use the RFC 6533 types
-//! (`message/global-delivery-status`, `message/global`,
-//! `message/global-headers`) and the notice must travel with SMTPUTF8
-//! ([`Notice::smtputf8`]).
+//! and the original: in a failure notice `message/rfc822` when RET=FULL or
+//! RET is absent and the message fits in [`RETURN_LIMIT`], else (and always
+//! in a delay notice) its header section as `text/rfc822-headers`. When the
+//! envelope is SMTPUTF8 or any address is not ASCII, the report uses
+//! `message/global-delivery-status` (RFC 6533), the original
+//! `message/global` or `message/global-headers` if its header section is not
+//! ASCII, and the notice must travel with SMTPUTF8 ([`Notice::smtputf8`]).
 //!
 //! # Who is told
 //! [`notice_recipient`] decides: the sender; the postmaster when the failed
@@ -34,8 +34,9 @@
 //! - Every line of the output ends in CRLF and no line is longer than 998
 //!   octets (RFC 5322 §2.1.1), whatever the replies contain: they are
 //!   stripped of control characters and folded. The original is included
-//!   verbatim only when it already obeys both rules; otherwise only its
-//!   header section is, encoded if need be, or nothing when that fails too.
+//!   whole only when it already obeys both rules; otherwise only its header
+//!   section is, its line ends made CRLF and encoded if a line is too long
+//!   (nothing when it has no header section).
 //! - Nothing a remote server said reaches a header field of the notice:
 //!   replies and remote host names go only into the body parts.
 //! - The MIME boundary occurs in no part's content.
@@ -178,7 +179,7 @@ pub fn build_notice(
 
     let text = human_text(ctx, kind, double, &reported);
     let report = delivery_status(ctx, kind, global, &reported);
-    let returned = returned_part(ctx, global);
+    let returned = returned_part(ctx, kind, global);
 
     let base = format!(
         "tern-dsn-{}-{}-{}",
@@ -451,7 +452,7 @@ fn human_text(
             "Your message has not yet been delivered to the recipients below. \
              This is only a warning: the mail system is still trying, and you \
              do not need to send the message again. The reasons for the delay \
-             follow."
+             follow; the message's header section is attached."
         }
     };
     fold("", intro, "", &mut t);
@@ -657,13 +658,21 @@ impl<'a> Returned<'a> {
     }
 }
 
-fn returned_part<'a>(ctx: &NoticeContext<'a>, global: bool) -> Returned<'a> {
+/// What of the original goes back. A delay notice carries the header
+/// section only, whatever RET says: RET governs failure notices (RFC 3461
+/// §4.3), and a message still queued for delivery is not being returned.
+/// The RFC 6533 types are used only in a global notice whose original has
+/// a non-ASCII header section: for an ASCII one message/rfc822 is what every
+/// reader knows.
+fn returned_part<'a>(ctx: &NoticeContext<'a>, kind: NoticeKind, global: bool) -> Returned<'a> {
     let original = ctx.original;
-    let hdrs_only = ctx
-        .envelope
-        .ret
-        .as_deref()
-        .is_some_and(|r| r.eq_ignore_ascii_case("HDRS"));
+    let hdrs_only = kind == NoticeKind::Delay
+        || ctx
+            .envelope
+            .ret
+            .as_deref()
+            .is_some_and(|r| r.eq_ignore_ascii_case("HDRS"));
+    let global = global && !header_section(original).is_ascii();
     if !hdrs_only && original.len() <= RETURN_LIMIT && clean_lines(original) {
         return Returned::Full {
             body: original,

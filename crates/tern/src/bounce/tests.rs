@@ -276,6 +276,8 @@ fn delay_notice_is_transient_and_says_until_when() {
         Some("Sun, 19 Nov 2023 22:13:20 +0000")
     );
     assert!(p.text.contains("still trying"));
+    assert_eq!(p.types[2], "text/rfc822-headers", "a delay returns no body");
+    assert!(!contains(&n.message, b"See you at noon."));
     assert!(p.text.contains("Sun, 19 Nov 2023 22:13:20 +0000"));
     assert!(contains(&p.raw, b".1700086400.D@mail.example.org>"));
 }
@@ -526,7 +528,21 @@ fn non_ascii_addresses_make_a_global_report() {
     let head = String::from_utf8(top_headers(&n.message).to_vec()).unwrap();
     assert!(head.contains("To: <álvaro@exämple.com>\r\n"), "{head}");
 
-    // Without SMTPUTF8 but a non-ASCII address the report is global too.
+    let n = build_notice(
+        &ctx(&env, original),
+        NoticeKind::Delay,
+        &[delayed(0, "451 later")],
+    )
+    .expect("a notice");
+    let p = parse(&n);
+    assert_eq!(p.types[2], "message/global-headers");
+    assert_eq!(
+        p.returned,
+        "From: álvaro@exämple.com\r\nSubject: café\r\n".as_bytes()
+    );
+
+    // Without SMTPUTF8 but a non-ASCII address the report is global too; an
+    // ASCII original stays message/rfc822.
     let env = envelope("alice@example.com", vec![rcpt("bøb@example.net")]);
     let n = build_notice(
         &ctx(&env, ORIGINAL),
@@ -535,7 +551,9 @@ fn non_ascii_addresses_make_a_global_report() {
     )
     .expect("a notice");
     assert!(n.smtputf8);
-    assert_eq!(parse(&n).types[1], "message/global-delivery-status");
+    let p = parse(&n);
+    assert_eq!(p.types[1], "message/global-delivery-status");
+    assert_eq!(p.types[2], "message/rfc822");
 
     // An ASCII report says a non-ASCII reply with '?'.
     let env = envelope("alice@example.com", vec![rcpt("bob@example.net")]);
