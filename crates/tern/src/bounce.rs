@@ -490,16 +490,17 @@ fn human_text(
                 &mut t,
             );
         }
-        let reply = clean(&n.reply, false);
-        let said_by = match &n.remote_host {
-            Some(h) => format!("host {} said:", clean(h, true)),
-            None => "the mail system said:".to_string(),
+        let who = match &n.remote_host {
+            Some(h) => format!("host {}", clean(h, true)),
+            None => "the mail system".to_string(),
         };
-        if reply.is_empty() {
-            fold("    ", "(no reply text)", "    ", &mut t);
+        let reply = clean(&n.reply, false);
+        let said = if reply.is_empty() {
+            format!("{who} gave no reason.")
         } else {
-            fold("    ", &format!("{said_by} {reply}"), "    ", &mut t);
-        }
+            format!("{who} said: {reply}")
+        };
+        fold("    ", &said, "    ", &mut t);
         if kind == NoticeKind::Delay
             && let Some(until) = n.will_retry_until
         {
@@ -524,7 +525,7 @@ fn delivery_status(
     let mut s = String::new();
     fold(
         "Reporting-MTA: dns; ",
-        &clean(ctx.reporting_mta, true),
+        &clean(&header_safe(ctx.reporting_mta), true),
         "    ",
         &mut s,
     );

@@ -662,6 +662,9 @@ fn reply_text() -> impl Strategy<Value = String> {
         ".{0,200}",
         "[ -~\r\n\t\0]{0,300}",
         "[a-z\r\n]{4000,5000}",
+        "[a-z]{5000}",
+        "[!-~]{1000,5000}",
+        "([!-~]{1,1200} ?){1,8}",
         "[0-9 .]{0,20}[\r\n\0\u{7f}\u{85}ä€ -~]{0,100}",
         Just(String::new()),
     ]
@@ -738,4 +741,23 @@ proptest! {
         let p = parse(&n);
         prop_assert!(p.types.len() >= 2);
     }
+}
+
+#[test]
+fn an_empty_reply_has_no_diagnostic_code() {
+    let env = envelope("alice@example.com", vec![rcpt("bob@example.net")]);
+    let n = build_notice(
+        &ctx(&env, ORIGINAL),
+        NoticeKind::Failure,
+        &[failed(0, " \r\n")],
+    )
+    .expect("a notice");
+    let p = parse(&n);
+    assert_eq!(p.field(1, "Diagnostic-Code"), None);
+    assert_eq!(p.field(1, "Status"), Some("5.0.0"));
+    assert_eq!(p.field(1, "Remote-MTA"), Some("dns; mx.example.net"));
+    assert!(
+        p.text
+            .contains("host mx.example.net[192.0.2.1]:25 gave no reason.")
+    );
 }
