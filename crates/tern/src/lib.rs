@@ -2,6 +2,7 @@
 //! sans-IO protocol engine in `tern-proto`.
 
 pub mod config;
+pub mod control;
 pub mod deliver;
 pub mod dns;
 pub mod fsutil;
