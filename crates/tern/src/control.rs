@@ -129,6 +129,9 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 /// Binds the control socket at `path` and serves it until `shutdown` is
 /// cancelled; forwards each request to `tx` and writes the reply back. The
 /// socket file is removed when the returned task ends.
+///
+/// Call it within a tokio runtime, and only while holding the spool lock: a
+/// socket nobody answers on is taken to be a dead server's and replaced.
 pub fn serve(
     path: &Path,
     tx: ControlSender,
@@ -172,7 +175,7 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
     // directory only we can enter and renaming afterwards means the socket
     // is never reachable before its mode is 0600. The name stays short:
     // socket paths are limited to about 100 bytes.
-    let private = parent.join(format!(".ctl{}", std::process::id()));
+    let private = parent.join(format!(".cs{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&private);
     std::fs::DirBuilder::new()
         .mode(0o700)
