@@ -196,3 +196,28 @@ def test_sighup_does_not_stop_the_server(tern):
     with srv.connect() as c:
         c.ehlo()
         assert c.cmd("NOOP").code == 250
+
+
+def test_queue_commands_without_a_running_server(tern):
+    """list/show read the spool from disk (same JSON shape as the server's,
+    without live state); the commands that steer the queue exit 75."""
+    import json
+
+    srv = tern({"relay": {"trusted_networks": ["127.0.0.0/8"]}})
+    qid = relayed(srv)
+    assert srv.stop() == 0
+    res = srv.cli("queue", "list", "--json")
+    assert res.returncode == 0, output(res)
+    listing = json.loads(res.stdout)
+    msg = next(m for m in listing["messages"] if m["id"] == qid)
+    assert msg["sender"] == "sender@remote.test"
+    assert {r["address"] for r in msg["recipients"]} == {"far@remote.test", "near@elsewhere.test"}
+    assert all(r["destination"] is None and r["wait"] is None for r in msg["recipients"])
+    res = srv.cli("queue", "show", qid, "--json")
+    assert res.returncode == 0, output(res)
+    assert json.loads(res.stdout)["helo"]
+    for args in (("flush",), ("hold", qid), ("release", qid), ("delete", qid), ("destinations",)):
+        res = srv.cli("queue", *args)
+        assert res.returncode == 75, (args, output(res))
+        assert "not running" in output(res), output(res)
+    assert qid in srv.queue_list()

@@ -3,6 +3,7 @@
 
 pub mod bounce;
 pub mod config;
+pub mod control;
 pub mod deliver;
 pub mod dns;
 pub mod fsutil;

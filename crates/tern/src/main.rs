@@ -1,10 +1,14 @@
-//! The `tern` command line: `serve`, `check-config`, `queue list|show`.
+//! The `tern` command line: `serve`, `check-config`, and `queue
+//! list|show|flush|hold|release|delete|destinations`.
 
 use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tern::config::{self, ConfigError, Runtime};
-use tern::spool::{self, Envelope, MsgId, RcptStatus, Route};
+use tern::control::{self, ControlError, ControlRequest, render};
+use tern::spool::{self, Envelope, MsgId};
 
 /// mimalloc: per-thread free lists suit a server whose sessions allocate
 /// and free small buffers on every command (glibc malloc was ~5% of CPU
@@ -40,7 +44,10 @@ enum Command {
         /// TOML config file
         file: PathBuf,
     },
-    /// Inspect the queue (works while the server runs; never modifies it)
+    /// Inspect and steer the queue. Asks the running server over its control
+    /// socket (<data_dir>/control.sock, for the server's user and root only);
+    /// when the server is not running, `list` and `show` read the spool from
+    /// disk instead, and the other commands exit with status 75
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
@@ -49,21 +56,67 @@ enum Command {
 
 #[derive(Subcommand)]
 enum QueueCommand {
-    /// One block per queued message: ID, age, size, sender, recipients with their state
+    /// One block per queued message: ID, age, size, sender, and per recipient
+    /// its state, destination, attempts, last reply and why it waits
     List {
-        /// TOML config file; without it, the embedded default (./tern-data)
-        #[arg(short, long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        common: QueueArgs,
     },
-    /// Envelope details and the message itself
+    /// Envelope details, then the message itself (not with --json)
     Show {
         /// Queue ID as printed by `queue list` and in the 250 reply
         id: String,
-        /// TOML config file; without it, the embedded default (./tern-data)
-        #[arg(short, long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        common: QueueArgs,
+    },
+    /// Attempt delivery now: one message, or every waiting recipient
+    Flush {
+        /// Queue ID; without it, the whole queue
+        id: Option<String>,
+        #[command(flatten)]
+        common: QueueArgs,
+    },
+    /// Stop delivery attempts for a message until it is released
+    Hold {
+        /// Queue ID
+        id: String,
+        #[command(flatten)]
+        common: QueueArgs,
+    },
+    /// Let a held message be attempted again
+    Release {
+        /// Queue ID
+        id: String,
+        #[command(flatten)]
+        common: QueueArgs,
+    },
+    /// Remove a message from the queue, without a bounce to its sender
+    Delete {
+        /// Queue ID
+        id: String,
+        #[command(flatten)]
+        common: QueueArgs,
+    },
+    /// One row per outbound destination: queued, in flight and window, rate,
+    /// failures, next start or probe, last success and last error
+    Destinations {
+        #[command(flatten)]
+        common: QueueArgs,
     },
 }
+
+#[derive(clap::Args)]
+struct QueueArgs {
+    /// TOML config file; without it, the embedded default (./tern-data)
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Print the reply as pretty-printed JSON (see README) instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+/// EX_TEMPFAIL (sysexits.h): the server is not running, try again later.
+const EXIT_NOT_RUNNING: u8 = 75;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -76,10 +129,7 @@ fn main() -> ExitCode {
             }
             Err(errors) => report_config_errors(&file, &errors),
         },
-        Command::Queue { command } => match command {
-            QueueCommand::List { config } => queue_list(config.as_deref()),
-            QueueCommand::Show { id, config } => queue_show(config.as_deref(), &id),
-        },
+        Command::Queue { command } => queue(command),
     }
 }
 
@@ -139,21 +189,120 @@ fn init_tracing(runtime: &Runtime) {
     }
 }
 
-fn queue_list(path: Option<&Path>) -> ExitCode {
-    let runtime = match load_runtime(path) {
+fn queue(command: QueueCommand) -> ExitCode {
+    match command {
+        QueueCommand::List { common } => queue_list(&common),
+        QueueCommand::Show { id, common } => queue_show(&common, &id),
+        QueueCommand::Flush { id, common } => {
+            let id = match id.as_deref().map(parse_id).transpose() {
+                Ok(id) => id,
+                Err(code) => return code,
+            };
+            steer(
+                &common,
+                ControlRequest::Flush {
+                    id: id.map(|i| i.to_string()),
+                },
+                id,
+                "flushed",
+            )
+        }
+        QueueCommand::Hold { id, common } => {
+            steer_one(&common, &id, "held", |id| ControlRequest::Hold { id })
+        }
+        QueueCommand::Release { id, common } => steer_one(&common, &id, "released", |id| {
+            ControlRequest::Release { id }
+        }),
+        QueueCommand::Delete { id, common } => {
+            steer_one(&common, &id, "deleted", |id| ControlRequest::Delete { id })
+        }
+        QueueCommand::Destinations { common } => queue_destinations(&common),
+    }
+}
+
+fn parse_id(text: &str) -> Result<MsgId, ExitCode> {
+    text.parse::<MsgId>().map_err(|_| {
+        eprintln!("tern: {:?} is not a queue ID", render::sanitize(text));
+        ExitCode::FAILURE
+    })
+}
+
+/// Asks the server of `runtime`.
+fn ask(runtime: &Runtime, req: &ControlRequest) -> Result<Value, ControlError> {
+    control::request(&control::socket_path(&runtime.data_dir), req)
+}
+
+/// Writes to stdout, ignoring a closed pipe (`tern queue list | head`).
+fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+fn emit_json(value: &Value) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => emit(&(text + "\n")),
+        Err(e) => eprintln!("tern: cannot print the reply: {e}"),
+    }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// For `list` and `show`: an error that leaves the spool as the best view.
+fn fall_back_to_spool(e: &ControlError) -> bool {
+    match e {
+        ControlError::NotRunning(_) => true,
+        ControlError::Server(_) => false,
+        other => {
+            eprintln!("tern: {other}; reading the queue from disk instead (no live state)");
+            true
+        }
+    }
+}
+
+/// For the commands only the running server can answer.
+fn not_running(runtime: &Runtime) -> ExitCode {
+    eprintln!(
+        "tern: tern is not running (nothing listens on {}); start it, or pass the --config it \
+         runs with",
+        control::socket_path(&runtime.data_dir).display()
+    );
+    ExitCode::from(EXIT_NOT_RUNNING)
+}
+
+/// Exit status for a failure to reach a server that should be there.
+fn failed(e: &ControlError) -> ExitCode {
+    eprintln!("tern: {}", render::sanitize(&e.to_string()));
+    match e {
+        ControlError::Timeout => ExitCode::from(EXIT_NOT_RUNNING),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn queue_list(args: &QueueArgs) -> ExitCode {
+    let runtime = match load_runtime(args.config.as_deref()) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let messages = match read_queue(&runtime) {
-        Ok(m) => m,
-        Err(code) => return code,
+    let reply = match ask(&runtime, &ControlRequest::List) {
+        Ok(v) => v,
+        Err(e) if fall_back_to_spool(&e) => match read_queue(&runtime) {
+            Ok(messages) => json!({
+                "messages": messages
+                    .iter()
+                    .map(|(id, envelope)| render::message_json(*id, envelope, false))
+                    .collect::<Vec<_>>()
+            }),
+            Err(code) => return code,
+        },
+        Err(e) => return failed(&e),
     };
-    if messages.is_empty() {
-        println!("queue is empty");
-    }
-    let now = chrono::Utc::now().timestamp();
-    for (id, envelope) in &messages {
-        print_summary(*id, envelope, now);
+    if args.json {
+        emit_json(&reply);
+    } else {
+        emit(&render::render_list(&reply, now()));
     }
     ExitCode::SUCCESS
 }
@@ -171,95 +320,122 @@ fn read_queue(runtime: &Runtime) -> Result<Vec<(MsgId, Envelope)>, ExitCode> {
     })
 }
 
-fn print_summary(id: MsgId, envelope: &Envelope, now: i64) {
-    let age = humantime::format_duration(std::time::Duration::from_secs(
-        (now - envelope.received_at).max(0) as u64,
-    ));
-    println!(
-        "{id}  age {age}  size {}  from <{}>",
-        envelope.size, envelope.sender
-    );
-    for rcpt in &envelope.recipients {
-        println!(
-            "    <{}>  {}",
-            rcpt.address,
-            describe(&rcpt.route, &rcpt.status, now)
-        );
-    }
-}
-
-fn describe(route: &Route, status: &RcptStatus, now: i64) -> String {
-    match (status, route) {
-        (RcptStatus::Pending, Route::Remote) => "waiting for outbound delivery".into(),
-        (RcptStatus::Pending, Route::Local { .. }) => "pending".into(),
-        (RcptStatus::Delivered { reply, .. }, _) => format!("delivered ({reply})"),
-        (
-            RcptStatus::Deferred {
-                reply,
-                attempts,
-                next_attempt,
-                ..
-            },
-            _,
-        ) => format!(
-            "deferred after {attempts} attempt(s), next in {}s: {reply}",
-            (next_attempt - now).max(0)
-        ),
-        (RcptStatus::Failed { reply, .. }, _) => format!("failed: {reply}"),
-    }
-}
-
-fn queue_show(path: Option<&Path>, id_text: &str) -> ExitCode {
-    let runtime = match load_runtime(path) {
+fn queue_show(args: &QueueArgs, id_text: &str) -> ExitCode {
+    let runtime = match load_runtime(args.config.as_deref()) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let Ok(id) = id_text.parse::<MsgId>() else {
-        eprintln!("tern: {id_text:?} is not a queue ID");
-        return ExitCode::FAILURE;
-    };
-    let messages = match read_queue(&runtime) {
-        Ok(m) => m,
+    let id = match parse_id(id_text) {
+        Ok(id) => id,
         Err(code) => return code,
     };
-    let Some((_, envelope)) = messages.iter().find(|(m, _)| *m == id) else {
-        eprintln!("tern: no message {id} in the queue");
-        return ExitCode::FAILURE;
+    let message = match ask(&runtime, &ControlRequest::Show { id: id.to_string() }) {
+        Ok(v) if v.is_object() => v,
+        Ok(_) => {
+            eprintln!("tern: no message {id} in the queue");
+            return ExitCode::FAILURE;
+        }
+        Err(e) if fall_back_to_spool(&e) => {
+            let messages = match read_queue(&runtime) {
+                Ok(m) => m,
+                Err(code) => return code,
+            };
+            let Some((_, envelope)) = messages.iter().find(|(m, _)| *m == id) else {
+                eprintln!("tern: no message {id} in the queue");
+                return ExitCode::FAILURE;
+            };
+            render::message_json(id, envelope, true)
+        }
+        Err(e) => return failed(&e),
     };
-    let now = chrono::Utc::now().timestamp();
-    print_summary(id, envelope, now);
-    println!("client: {} (HELO {})", envelope.client_ip, envelope.helo);
-    println!(
-        "received: {}",
-        chrono::DateTime::from_timestamp(envelope.received_at, 0)
-            .map(|d| d.to_rfc2822())
-            .unwrap_or_default()
-    );
-    println!(
-        "smtputf8: {}  body: {}  ret: {}  envid: {}",
-        envelope.smtputf8,
-        envelope.body_type.as_deref().unwrap_or("-"),
-        envelope.ret.as_deref().unwrap_or("-"),
-        envelope.envid.as_deref().unwrap_or("-")
-    );
-    for rcpt in &envelope.recipients {
-        println!(
-            "recipient <{}>: rcpt-to <{}>  orcpt {}  notify {}",
-            rcpt.address,
-            rcpt.original,
-            rcpt.orcpt.as_deref().unwrap_or("-"),
-            rcpt.notify.as_deref().unwrap_or("-")
-        );
+    if args.json {
+        emit_json(&message);
+        return ExitCode::SUCCESS;
     }
+    emit(&render::render_show(&message, now()));
     match spool::read_body_read_only(&runtime.spool.dir, id) {
         Ok(body) => {
-            println!("--- message ---");
-            println!("{}", String::from_utf8_lossy(&body));
+            let body = String::from_utf8_lossy(&body);
+            // The body is the sender's: on a terminal its escape sequences
+            // would run; into a pipe or file it goes as stored.
+            let body = if std::io::stdout().is_terminal() {
+                render::sanitize_multiline(&body)
+            } else {
+                body.into_owned()
+            };
+            emit(&format!("--- message ---\n{body}\n"));
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("tern: cannot read message {id}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn steer_one(
+    args: &QueueArgs,
+    id_text: &str,
+    done: &str,
+    request: impl FnOnce(String) -> ControlRequest,
+) -> ExitCode {
+    match parse_id(id_text) {
+        Ok(id) => steer(args, request(id.to_string()), Some(id), done),
+        Err(code) => code,
+    }
+}
+
+/// Sends a mutating request; `id` is the message it names, if any.
+fn steer(args: &QueueArgs, request: ControlRequest, id: Option<MsgId>, done: &str) -> ExitCode {
+    let runtime = match load_runtime(args.config.as_deref()) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let reply = match ask(&runtime, &request) {
+        Ok(v) => v,
+        Err(ControlError::NotRunning(_)) => return not_running(&runtime),
+        Err(e) => return failed(&e),
+    };
+    if args.json {
+        emit_json(&reply);
+    }
+    match (render::affected(&reply), id) {
+        (Some(0), Some(id)) => {
+            eprintln!("tern: no message {id} in the queue");
+            ExitCode::FAILURE
+        }
+        (Some(n), _) => {
+            if !args.json {
+                match (n, id) {
+                    (0, None) => emit("nothing to flush\n"),
+                    (_, Some(id)) => emit(&format!("{done} {id}\n")),
+                    (n, None) => emit(&format!("{done} {n} message(s)\n")),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        (None, _) => {
+            eprintln!("tern: the server's reply has no \"affected\" count");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn queue_destinations(args: &QueueArgs) -> ExitCode {
+    let runtime = match load_runtime(args.config.as_deref()) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match ask(&runtime, &ControlRequest::Destinations) {
+        Ok(v) if args.json => {
+            emit_json(&v);
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            emit(&render::render_destinations(&v, now()));
+            ExitCode::SUCCESS
+        }
+        Err(ControlError::NotRunning(_)) => not_running(&runtime),
+        Err(e) => failed(&e),
     }
 }
