@@ -13,8 +13,9 @@
 //! address; the caller prints it and exits non-zero.
 
 use crate::config::Runtime;
+use crate::control::{self, ControlRequest};
 use crate::listener::{ConnectionLimits, accept_loop};
-use crate::outbound::{self, OutboundHandle};
+use crate::outbound::{self, AdminHandle, OutboundHandle, QueueOp};
 use crate::queue;
 use crate::session::Context;
 use crate::spool::{Spool, SpoolConfig};
@@ -88,7 +89,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         shutdown.clone(),
     )
     .map_err(|e| format!("cannot start the delivery thread: {e}"))?;
-    let (_queue_admin, outbound_task) = outbound::start(
+    let (queue_admin, outbound_task) = outbound::start(
         runtime.clone(),
         spool.clone(),
         queue_handle.clone(),
@@ -96,6 +97,18 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         shutdown.clone(),
     )
     .map_err(|e| format!("cannot start outbound delivery: {e}"))?;
+    // After the spool is ours (a socket nobody answers is taken for a dead
+    // server's and replaced), before "ready" (scripts use it at once).
+    let control_path = control::socket_path(&runtime.data_dir);
+    let (control_tx, control_rx) = tokio::sync::mpsc::channel(16);
+    let control_task =
+        control::serve(&control_path, control_tx, shutdown.clone()).map_err(|e| {
+            format!(
+                "cannot listen for tern queue commands on {}: {e}",
+                control_path.display()
+            )
+        })?;
+    tokio::spawn(answer_queue_commands(control_rx, queue_admin));
     let ctx = Arc::new(Context {
         runtime: runtime.clone(),
         spool: spool.clone(),
@@ -125,9 +138,10 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
     if embedded_default {
         print_test_hint(&runtime);
     }
+    let signals = Signals::install();
     println!("ready");
 
-    wait_for_signal().await;
+    Signals::stop_requested(signals).await;
     info!(
         event = "server.shutdown",
         "stopping: no new connections, open sessions get 421"
@@ -148,6 +162,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
     }
     let _ = queue_task.await;
     let _ = outbound_task.await;
+    let _ = control_task.await;
     spool.close().await;
     info!(event = "server.stopped");
     Ok(())
@@ -237,26 +252,74 @@ fn print_test_hint(runtime: &Runtime) {
     println!("it lands in {}/new/", user.maildir.display());
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers we can only run until killed.
-        std::future::pending::<()>().await;
-        return;
-    };
-    // SIGHUP asks a daemon to reload; by default it would kill us without
-    // a 421 to anyone. There is no reload yet: say so and keep serving.
-    let mut hup = signal(SignalKind::hangup()).ok();
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            Some(()) = async { hup.as_mut()?.recv().await } => {
-                warn!(event = "server.sighup", "configuration reload is not supported: restart tern to apply a changed config");
+/// The signals that stop the server (SIGTERM, SIGINT) and SIGHUP, which
+/// only logs: installed before "ready" is printed, so a signal sent right
+/// after it never meets the default action (which kills without a 421).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Option<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some(Signals {
+            term: signal(SignalKind::terminate()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+            hup: signal(SignalKind::hangup()).ok(),
+        })
+    }
+
+    async fn stop_requested(signals: Option<Signals>) {
+        let Some(mut s) = signals else {
+            // Without signal handlers we can only run until killed.
+            std::future::pending::<()>().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = s.term.recv() => return,
+                _ = s.int.recv() => return,
+                Some(()) = async { s.hup.as_mut()?.recv().await } => {
+                    warn!(event = "server.sighup", "configuration reload is not supported: restart tern to apply a changed config");
+                }
             }
         }
     }
+}
+
+/// Hands `tern queue` commands from the control socket to the outbound
+/// manager, which owns the queue's schedule.
+async fn answer_queue_commands(
+    mut rx: tokio::sync::mpsc::Receiver<(
+        ControlRequest,
+        tokio::sync::oneshot::Sender<control::ControlReply>,
+    )>,
+    admin: AdminHandle,
+) {
+    while let Some((request, reply)) = rx.recv().await {
+        let answer = match queue_op(request) {
+            Ok(op) => admin.request(op).await,
+            Err(e) => Err(e),
+        };
+        let _ = reply.send(answer);
+    }
+}
+
+fn queue_op(request: ControlRequest) -> Result<QueueOp, String> {
+    let id = |text: &str| {
+        text.parse()
+            .map_err(|_| format!("{text:?} is not a queue ID"))
+    };
+    Ok(match request {
+        ControlRequest::List => QueueOp::List,
+        ControlRequest::Show { id: text } => QueueOp::Show(id(&text)?),
+        ControlRequest::Flush { id: None } => QueueOp::Flush(None),
+        ControlRequest::Flush { id: Some(text) } => QueueOp::Flush(Some(id(&text)?)),
+        ControlRequest::Hold { id: text } => QueueOp::Hold(id(&text)?),
+        ControlRequest::Release { id: text } => QueueOp::Release(id(&text)?),
+        ControlRequest::Delete { id: text } => QueueOp::Delete(id(&text)?),
+        ControlRequest::Destinations => QueueOp::Destinations,
+    })
 }

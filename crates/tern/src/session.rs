@@ -403,24 +403,7 @@ impl Driver {
                 ));
             }
             Resolution::Relay => vec![(given.clone(), Route::Remote)],
-            Resolution::Local(list) => list
-                .into_iter()
-                .map(|d| match d.mailbox {
-                    // A local domain with its own transport (LMTP into a
-                    // mail store) goes out through it, not into our Maildir.
-                    Some(_)
-                        if runtime
-                            .outbound
-                            .routes
-                            .transport(domain_of(&d.address))
-                            .is_some() =>
-                    {
-                        (d.address, Route::Remote)
-                    }
-                    Some(mailbox) => (d.address, Route::Local { mailbox }),
-                    None => (d.address, Route::Remote),
-                })
-                .collect(),
+            Resolution::Local(list) => local_routes(runtime, list),
         };
         let orcpt = params
             .orcpt
@@ -654,6 +637,30 @@ fn literal_ip(literal: &str) -> Option<IpAddr> {
         _ => IpAddr::V4(inner.parse().ok()?),
     };
     Some(canonical_ip(ip))
+}
+
+/// Where each destination of a local address goes: the user's Maildir, or
+/// outbound for a forwarding address and for a local domain with its own
+/// transport (LMTP into a mail store).
+pub fn local_routes(
+    runtime: &Runtime,
+    list: Vec<crate::config::Destination>,
+) -> Vec<(String, Route)> {
+    list.into_iter()
+        .map(|d| match d.mailbox {
+            Some(_)
+                if runtime
+                    .outbound
+                    .routes
+                    .transport(domain_of(&d.address))
+                    .is_some() =>
+            {
+                (d.address, Route::Remote)
+            }
+            Some(mailbox) => (d.address, Route::Local { mailbox }),
+            None => (d.address, Route::Remote),
+        })
+        .collect()
 }
 
 fn domain_of(address: &str) -> &str {

@@ -15,7 +15,7 @@
 
 use super::Manager;
 use crate::scheduler::{DestinationSummary, Millis, RcptExplain, Wait};
-use crate::spool::{Envelope, MsgId, RcptStatus, Route};
+use crate::spool::{Envelope, MsgId, Route};
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -68,7 +68,7 @@ impl Manager {
                     .spool
                     .live()
                     .iter()
-                    .map(|(id, env)| self.message_json(*id, env, now))
+                    .map(|(id, env)| self.message_json(*id, env, now, false))
                     .collect();
                 Ok(json!({ "messages": messages }))
             }
@@ -77,15 +77,7 @@ impl Manager {
                     .spool
                     .get(id)
                     .ok_or_else(|| format!("no message {id} in the queue"))?;
-                let mut m = self.message_json(id, &env, now);
-                if let Value::Object(fields) = &mut m {
-                    fields.insert("client_ip".into(), json!(env.client_ip));
-                    fields.insert("helo".into(), json!(env.helo));
-                    fields.insert("smtputf8".into(), json!(env.smtputf8));
-                    fields.insert("body_type".into(), json!(env.body_type));
-                    fields.insert("ret".into(), json!(env.ret));
-                    fields.insert("envid".into(), json!(env.envid));
-                }
+                let m = self.message_json(id, &env, now, true);
                 Ok(m)
             }
             QueueOp::Flush(None) => {
@@ -148,69 +140,40 @@ impl Manager {
             .map_err(|e| format!("cannot write {}: {e}", self.held_path.display()))
     }
 
-    fn message_json(&self, id: MsgId, env: &Envelope, now: Millis) -> Value {
+    /// The spool's view of a message (`control::render::message_json`)
+    /// with what only the running manager knows: each remote recipient's
+    /// destination, attempts, last reply and who gave it, next attempt,
+    /// give-up time and why it waits.
+    fn message_json(&self, id: MsgId, env: &Envelope, now: Millis, details: bool) -> Value {
+        let mut m = crate::control::render::message_json(id, env, details);
+        m["held"] = json!(self.held.contains(&id));
         let explained: HashMap<usize, RcptExplain> = self
             .scheduler
             .explain_message(id, now)
             .into_iter()
             .map(|e| (e.key.rcpt, e))
             .collect();
-        let recipients: Vec<Value> = env
-            .recipients
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let (status, attempts, reply, next) = match &r.status {
-                    RcptStatus::Pending => ("pending", 0, None, None),
-                    RcptStatus::Deferred {
-                        reply,
-                        attempts,
-                        next_attempt,
-                        ..
-                    } => (
-                        "deferred",
-                        *attempts,
-                        Some(reply.clone()),
-                        Some(*next_attempt),
-                    ),
-                    RcptStatus::Delivered { reply, .. } => {
-                        ("delivered", 0, Some(reply.clone()), None)
-                    }
-                    RcptStatus::Failed { reply, .. } => ("failed", 0, Some(reply.clone()), None),
-                };
-                let e = explained.get(&i);
-                let destination = match (&r.route, e) {
-                    (_, Some(e)) => Some(e.destination.to_string()),
-                    (Route::Remote, None) => {
-                        Some(self.context.destination_of(&r.address).to_string())
-                    }
-                    (Route::Local { mailbox }, None) => Some(format!("maildir:{mailbox}")),
-                };
-                let last_reply = e.and_then(|e| e.last_reply.clone()).or(reply);
-                json!({
-                    "index": i,
-                    "address": r.address,
-                    "original": r.original,
-                    "route": if r.route == Route::Remote { "remote" } else { "local" },
-                    "status": status,
-                    "destination": destination,
-                    "attempts": e.map_or(attempts, |e| e.attempts),
-                    "last_reply": last_reply,
-                    "answered_by": self.answered_by.get(&(id, i)),
-                    "next_attempt_at": e.map(|e| seconds(e.due)).or(next),
-                    "expires_at": e.map(|e| seconds(e.expires_at)),
-                    "wait": e.map(|e| wait_json(&e.wait, e.last_reply.as_deref())),
-                })
-            })
-            .collect();
-        json!({
-            "id": id.to_string(),
-            "sender": env.sender,
-            "size": env.size,
-            "received_at": env.received_at,
-            "held": self.held.contains(&id),
-            "recipients": recipients,
-        })
+        let Some(rcpts) = m["recipients"].as_array_mut() else {
+            return m;
+        };
+        for (i, (rcpt, r)) in rcpts.iter_mut().zip(&env.recipients).enumerate() {
+            rcpt["destination"] = match &r.route {
+                Route::Remote => json!(self.context.destination_of(&r.address).to_string()),
+                Route::Local { mailbox } => json!(format!("maildir:{mailbox}")),
+            };
+            rcpt["answered_by"] = json!(self.answered_by.get(&(id, i)));
+            if let Some(e) = explained.get(&i) {
+                rcpt["destination"] = json!(e.destination.to_string());
+                rcpt["attempts"] = json!(e.attempts);
+                if e.last_reply.is_some() {
+                    rcpt["last_reply"] = json!(e.last_reply);
+                }
+                rcpt["next_attempt_at"] = json!(seconds(e.due));
+                rcpt["expires_at"] = json!(seconds(e.expires_at));
+                rcpt["wait"] = wait_json(&e.wait, e.last_reply.as_deref());
+            }
+        }
+        m
     }
 }
 

@@ -31,7 +31,6 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
 /// What a connection task needs, shared by all of them.
-#[allow(dead_code)] // runtime and queue: for bounces, which come next
 pub(crate) struct AttemptContext {
     pub runtime: Arc<Runtime>,
     pub spool: Spool,

@@ -13,8 +13,11 @@
 //! the spool had it and is attempted again after a restart.
 
 use super::attempt::{AttemptContext, RcptDetail};
+use crate::bounce::{Notice, NoticeContext, NoticeKind, NoticeRecipient, build_notice};
+use crate::config::Resolution;
+use crate::queue::Work;
 use crate::scheduler::{Expired, Fate, Millis, Settled};
-use crate::spool::{Envelope, MsgId, Outcome, RcptStatus, SpoolError};
+use crate::spool::{Envelope, MsgId, Outcome, RcptStatus, Recipient, Route, SpoolError};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio_util::task::TaskTracker;
@@ -43,6 +46,12 @@ pub(super) fn job(
     let details: BTreeMap<usize, RcptDetail> = details.into_iter().collect();
     tasks.spawn(async move {
         let mut changes = Vec::with_capacity(settled.len());
+        let (mut failed, mut delayed) = (Vec::new(), Vec::new());
+        let delay_due = context
+            .runtime
+            .delivery
+            .delay_notice
+            .is_some_and(|after| seconds(now) >= envelope.received_at + after.as_secs() as i64);
         for s in settled {
             let detail = details.get(&s.key.rcpt);
             let reply = detail.map_or_else(String::new, |d| d.reply.clone());
@@ -50,37 +59,69 @@ pub(super) fn job(
                 .recipients
                 .get(s.key.rcpt)
                 .map_or("", |r| r.address.as_str());
-            let answered_by = detail.and_then(|d| d.answered_by.as_deref()).unwrap_or("");
+            let answered_by = detail.and_then(|d| d.answered_by.clone());
+            let host = answered_by.as_deref().unwrap_or("");
+            let notice = |will_retry_until| NoticeRecipient {
+                index: s.key.rcpt,
+                reply: reply.clone(),
+                remote_host: answered_by.clone(),
+                last_attempt: seconds(now),
+                will_retry_until,
+            };
             let status = match s.fate {
                 Fate::Delivered => {
-                    info!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "delivered", host = %answered_by, reply = %reply);
+                    info!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "delivered", host, reply = %reply);
                     RcptStatus::Delivered {
                         reply,
                         at: seconds(now),
                     }
                 }
                 Fate::Failed => {
-                    warn!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "failed", host = %answered_by, reply = %reply);
+                    warn!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "failed", host, reply = %reply);
+                    failed.push(notice(None));
                     RcptStatus::Failed {
                         reply,
                         at: seconds(now),
                     }
                 }
                 Fate::Retry { at, attempts } => {
-                    info!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "deferred", host = %answered_by, reply = %reply, attempts, retry_at = seconds(at));
+                    info!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "deferred", host, reply = %reply, attempts, retry_at = seconds(at));
+                    let notified = was_delay_notified(&envelope, s.key.rcpt);
+                    if delay_due && !notified {
+                        let give_up = envelope.received_at
+                            + context.runtime.delivery.give_up.as_secs() as i64;
+                        delayed.push(notice(Some(give_up)));
+                    }
                     RcptStatus::Deferred {
                         reply,
                         attempts,
                         next_attempt: seconds(at),
-                        delay_notified: was_delay_notified(&envelope, s.key.rcpt),
+                        delay_notified: notified || delay_due,
                     }
                 }
                 Fate::Expired { attempts } => {
-                    warn!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "expired", host = %answered_by, reply = %reply, attempts);
-                    expired_status(&reply, attempts, now)
+                    warn!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "expired", host, reply = %reply, attempts);
+                    let status = expired_status(&reply, attempts, now);
+                    if let RcptStatus::Failed { reply, .. } = &status {
+                        failed.push(NoticeRecipient {
+                            reply: reply.clone(),
+                            ..notice(None)
+                        });
+                    }
+                    status
                 }
             };
             changes.push((s.key.rcpt, status));
+        }
+        let notices = [(NoticeKind::Failure, failed), (NoticeKind::Delay, delayed)];
+        if !send_notices(&context, msg, &envelope, &notices, now).await {
+            // Record nothing the notice was to report: after a restart the
+            // recipients are attempted again and reported then.
+            let unreported: Vec<usize> = notices
+                .iter()
+                .flat_map(|(_, r)| r.iter().map(|r| r.index))
+                .collect();
+            changes.retain(|(i, _)| !unreported.contains(i));
         }
         record(&context, msg, changes).await;
     });
@@ -104,9 +145,134 @@ pub(super) fn expired(
     }
     tasks.spawn(async move {
         for (msg, changes) in by_msg {
-            record(&context, msg, changes).await;
+            let Some(envelope) = context.spool.get(msg) else {
+                continue;
+            };
+            let failed: Vec<NoticeRecipient> = changes
+                .iter()
+                .map(|(i, status)| NoticeRecipient {
+                    index: *i,
+                    reply: match status {
+                        RcptStatus::Failed { reply, .. } => reply.clone(),
+                        _ => String::new(),
+                    },
+                    remote_host: None,
+                    last_attempt: seconds(now),
+                    will_retry_until: None,
+                })
+                .collect();
+            let notices = [(NoticeKind::Failure, failed)];
+            if send_notices(&context, msg, &envelope, &notices, now).await {
+                record(&context, msg, changes).await;
+            }
         }
     });
+}
+
+/// Builds and spools the notices (bounce, delay notice) about `msg`, each
+/// with the null sender, and announces them to the queue. False when one
+/// that was due could not be spooled.
+async fn send_notices(
+    context: &AttemptContext,
+    msg: MsgId,
+    envelope: &Envelope,
+    notices: &[(NoticeKind, Vec<NoticeRecipient>)],
+    now: Millis,
+) -> bool {
+    if notices.iter().all(|(_, rcpts)| rcpts.is_empty()) {
+        return true;
+    }
+    let original = match context.spool.read_body(msg).await {
+        Ok(body) => body,
+        Err(e) => {
+            warn!(event = "notice.failed", queue_id = %msg, error = %e, "cannot read the original for the notice");
+            return false;
+        }
+    };
+    let runtime = &context.runtime;
+    let postmaster = runtime
+        .users
+        .get(&runtime.postmaster)
+        .map(|u| u.primary_address.clone())
+        .unwrap_or_else(|| format!("postmaster@{}", runtime.hostname));
+    let ctx = NoticeContext {
+        reporting_mta: &runtime.hostname,
+        queue_id: msg,
+        envelope,
+        original: &original,
+        now: seconds(now),
+        postmaster: &postmaster,
+    };
+    let mut all_sent = true;
+    for (kind, rcpts) in notices {
+        if rcpts.is_empty() {
+            continue;
+        }
+        let Some(notice) = build_notice(&ctx, *kind, rcpts) else {
+            continue;
+        };
+        match spool_notice(context, &notice).await {
+            Ok(id) => {
+                info!(event = "notice.queued", queue_id = %msg, notice_id = %id, kind = ?kind, to = %notice.to, recipients = rcpts.len());
+            }
+            Err(e) => {
+                warn!(event = "notice.failed", queue_id = %msg, kind = ?kind, to = %notice.to, error = %e);
+                all_sent = false;
+            }
+        }
+    }
+    all_sent
+}
+
+/// Commits a notice as a message from `<>` to its recipient, routed like
+/// any recipient: our own users' Maildirs (alias expansion included), or
+/// outbound.
+async fn spool_notice(context: &AttemptContext, notice: &Notice) -> Result<MsgId, String> {
+    let runtime = &context.runtime;
+    let (local, domain) = notice
+        .to
+        .rsplit_once('@')
+        .unwrap_or((notice.to.as_str(), ""));
+    let routes: Vec<(String, Route)> = match runtime.resolve(local, domain) {
+        Resolution::Relay => vec![(notice.to.clone(), Route::Remote)],
+        Resolution::Local(list) => crate::session::local_routes(runtime, list),
+        Resolution::Unknown => return Err(format!("{} is no longer a local address", notice.to)),
+    };
+    let envelope = Envelope {
+        sender: String::new(),
+        recipients: routes
+            .into_iter()
+            .map(|(address, route)| Recipient {
+                address,
+                original: notice.to.clone(),
+                orcpt: None,
+                notify: None,
+                route,
+                status: RcptStatus::Pending,
+            })
+            .collect(),
+        received_at: chrono::Utc::now().timestamp(),
+        size: 0,
+        smtputf8: notice.smtputf8,
+        body_type: notice.eight_bit.then(|| "8BITMIME".to_string()),
+        ret: None,
+        envid: None,
+        client_ip: String::new(),
+        helo: runtime.hostname.clone(),
+    };
+    let mut draft = context.spool.draft();
+    draft
+        .write(&notice.message)
+        .await
+        .map_err(|e| e.to_string())?;
+    let work = Work::of(&envelope);
+    let id = context
+        .spool
+        .commit(envelope, draft)
+        .await
+        .map_err(|e| e.to_string())?;
+    context.queue.notify(id, work);
+    Ok(id)
 }
 
 fn was_delay_notified(envelope: &Envelope, rcpt: usize) -> bool {

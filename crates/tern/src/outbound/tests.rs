@@ -62,6 +62,9 @@ async fn sink() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
                         b"250 2.0.0 queued\r\n"
                     } else {
                         match line.get(..4).map(|v| v.to_ascii_uppercase()).as_deref() {
+                            Some("RCPT") if line.contains("nobody") => {
+                                b"550 5.1.1 <nobody>: no such user\r\n"
+                            }
                             Some("EHLO") => b"250-sink\r\n250 8BITMIME\r\n",
                             Some("DATA") => {
                                 in_data = true;
@@ -237,6 +240,46 @@ async fn deferred_mail_reaches_the_relay_once_it_listens_and_leaves_the_queue() 
     }
     // One transaction per message: both recipients of the first in one.
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+    r.shutdown.cancel();
+    r.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_recipient_bounces_to_the_local_sender_and_the_others_are_delivered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, count) = sink().await;
+    let r = run(tmp.path(), &format!("[127.0.0.1]:{port}"), None).await;
+    let mut env = remote_envelope(&["a@far.test", "nobody@far.test", "b@far.test"]);
+    env.sender = "alice@example.test".into();
+    env.ret = Some("HDRS".into());
+    let id = commit(&r.spool, env).await;
+    r.notify.notify(id);
+    let new = tmp.path().join("mail/alice/Maildir/new");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let bounce = loop {
+        let files: Vec<_> = std::fs::read_dir(&new).map_or(Vec::new(), |d| d.flatten().collect());
+        if let Some(f) = files.first() {
+            break std::fs::read(f.path()).unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no bounce");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    wait_until(|| r.spool.live().is_empty()).await;
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let text = String::from_utf8_lossy(&bounce);
+    assert!(text.starts_with("Return-Path: <>\r\n"), "{text}");
+    assert!(text.contains("report-type=\"delivery-status\""), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@far.test"),
+        "{text}"
+    );
+    assert!(text.contains("Action: failed"), "{text}");
+    assert!(text.contains("Status: 5.1.1"), "{text}");
+    assert!(text.contains("550 5.1.1 <nobody>: no such user"), "{text}");
+    assert!(
+        !text.contains("Final-Recipient: rfc822; a@far.test"),
+        "{text}"
+    );
     r.shutdown.cancel();
     r.task.await.unwrap();
 }

@@ -223,6 +223,7 @@ fn spool_view_has_the_server_shape_without_live_state() {
                     reply: "451 later".into(),
                     attempts: 2,
                     next_attempt: NOW + 10,
+                    delay_notified: false,
                 },
             },
             Recipient {
