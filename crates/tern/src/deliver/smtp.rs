@@ -1,12 +1,14 @@
 //! One outbound delivery attempt over SMTP or LMTP: the tokio driver around
 //! the sans-IO [`tern_proto::client::Client`].
 //!
-//! [`deliver`] takes a routed [`Delivery`] (hosts in preference order, each
-//! with its addresses in the order to try) and the messages waiting for that
-//! destination, and carries as many of them as it can over as few
-//! connections as it can: each connection takes messages in turn, up to
-//! `max_messages_per_connection`, then ends with QUIT and the next one is
-//! opened to the same address.
+//! [`deliver_from`] takes a routed [`Delivery`] (hosts in preference order,
+//! each with its addresses in the order to try) and a [`Feed`] of messages
+//! for that destination, and carries as many of them as it can over as few
+//! connections as it can: each connection asks the feed for the next
+//! message after each outcome (the queue's feed hands out the destination's
+//! next job: connection reuse), up to `max_messages_per_connection`, then
+//! ends with QUIT and the next one is opened to the same address.
+//! [`deliver`] is the same over a fixed list of messages.
 //!
 //! Moving on. A connection that fails before it could take a message (connect
 //! refused, unreachable or timed out; a 4xx or 5xx greeting; 421; TLS
@@ -28,7 +30,7 @@
 //! e.g. the certificate's) and the next address or host is tried.
 //!
 //! Invariants (besides these, [`tls`]'s):
-//! - Every recipient of every message passed in gets exactly one
+//! - Every recipient of every message fed gets exactly one
 //!   [`RecipientReport`], in the order of the message's recipients, and
 //!   every report names the host that answered, or none when no server
 //!   took the message.
@@ -50,11 +52,10 @@
 //! - One `delivery.attempt` log event per connection attempt, saying
 //!   whether TLS was used (protocol version and cipher suite).
 //!
-//! Not done: an idle connection cache across attempts (connections live
-//! for one call), the queue and the scheduler (which decide what to send
-//! where and when), configuration keys, IPv6-to-IPv4 retry of 5.7.x,
-//! DANE and MTA-STS, TLS session resumption across connections beyond what
-//! rustls's shared configuration keeps.
+//! Not done: an idle connection kept open with no message to send (a
+//! connection ends as soon as its feed has none), IPv6-to-IPv4 retry of a
+//! 5.7.x refusal, DANE and MTA-STS, TLS session resumption across
+//! connections beyond what rustls's shared configuration keeps.
 //!
 //! Errors: none returned; every failure is a per-recipient
 //! [`RecipientReport`] (status, reply, which host) and, per connection, a
