@@ -9,11 +9,16 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 fn runtime(dir: &std::path::Path, relay: &str) -> Arc<Runtime> {
+    runtime_with(dir, relay, "")
+}
+
+/// `delivery` adds keys to `[delivery]`.
+fn runtime_with(dir: &std::path::Path, relay: &str, delivery: &str) -> Arc<Runtime> {
     let toml = format!(
         "hostname = \"mx.test\"\ndata_dir = \"{}\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
          [local]\ndomains = [\"example.test\"]\n[[user]]\nname = \"alice\"\n\
          addresses = [\"alice@example.test\"]\n[delivery]\nretry_initial = \"1s\"\n\
-         retry_max = \"1s\"\n[route]\nrelay = \"{relay}\"\n[outbound]\ntls = \"none\"\n\
+         retry_max = \"1s\"\n{delivery}[route]\nrelay = \"{relay}\"\n[outbound]\ntls = \"none\"\n\
          connect_timeout = \"2s\"\n",
         dir.display()
     );
@@ -100,7 +105,10 @@ struct Running {
 }
 
 async fn run(dir: &std::path::Path, relay: &str, spool: Option<Spool>) -> Running {
-    let runtime = runtime(dir, relay);
+    run_with(runtime(dir, relay), spool).await
+}
+
+async fn run_with(runtime: Arc<Runtime>, spool: Option<Spool>) -> Running {
     let spool = match spool {
         Some(s) => s,
         None => {
@@ -280,6 +288,60 @@ async fn a_refused_recipient_bounces_to_the_local_sender_and_the_others_are_deli
         !text.contains("Final-Recipient: rfc822; a@far.test"),
         "{text}"
     );
+    r.shutdown.cancel();
+    r.task.await.unwrap();
+}
+
+/// Every file in alice's Maildir/new, read, oldest name first.
+fn alice_mail(dir: &std::path::Path) -> Vec<String> {
+    let new = dir.join("mail/alice/Maildir/new");
+    let mut names: Vec<_> =
+        std::fs::read_dir(&new).map_or(Vec::new(), |d| d.flatten().map(|e| e.path()).collect());
+    names.sort();
+    names
+        .iter()
+        .map(|p| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_deferral_brings_one_delay_notice_then_the_bounce_at_the_give_up_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runtime = runtime_with(
+        tmp.path(),
+        "[127.0.0.1]:1",
+        "delay_notice = \"1s\"\ngive_up = \"3s\"\n",
+    );
+    let r = run_with(runtime, None).await;
+    let mut env = remote_envelope(&["far@away.test"]);
+    env.sender = "alice@example.test".into();
+    let id = commit(&r.spool, env).await;
+    r.notify.notify(id);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !alice_mail(tmp.path())
+        .iter()
+        .any(|m| m.contains("Action: failed"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no bounce: {:?}",
+            alice_mail(tmp.path())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_until(|| r.spool.live().is_empty()).await;
+    let mail = alice_mail(tmp.path());
+    let delays: Vec<_> = mail
+        .iter()
+        .filter(|m| m.contains("Action: delayed"))
+        .collect();
+    assert_eq!(delays.len(), 1, "{mail:?}");
+    assert!(delays[0].contains("Will-Retry-Until:"), "{}", delays[0]);
+    assert!(delays[0].contains("Status: 4."), "{}", delays[0]);
+    let bounce = mail.iter().find(|m| m.contains("Action: failed")).unwrap();
+    assert!(bounce.contains("5.4.7"), "{bounce}");
+    assert!(bounce.contains("cannot connect"), "{bounce}");
+    assert_eq!(mail.len(), 2, "{mail:?}");
     r.shutdown.cancel();
     r.task.await.unwrap();
 }
