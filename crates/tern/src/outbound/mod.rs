@@ -366,18 +366,29 @@ impl Manager {
     }
 
     /// At shutdown: attempts in flight finish the message they carry (their
-    /// outcome is recorded), and take no new one.
+    /// outcome is recorded), and take no new one; after [`DRAIN_GRACE`] the
+    /// rest are abandoned (a slow server must not hold a restart for its
+    /// data timeout): they are attempted again at the next start, so a
+    /// message the server took meanwhile may arrive twice, never not at all.
     async fn drain(&mut self) {
         self.tasks.close();
+        let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
         loop {
             tokio::select! {
                 _ = self.tasks.wait() => break,
                 Some(done) = self.finished_rx.recv() => self.finish(done),
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!(event = "outbound.stopped", in_flight = self.scheduler.in_flight(), "delivery attempts still running at shutdown are abandoned and will be repeated");
+                    return;
+                }
             }
         }
         info!(event = "outbound.stopped");
     }
 }
+
+/// How long shutdown waits for delivery attempts in flight.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// Sends `job` back when the connection can take another; `None` ends it.
 pub(crate) type NextJob = oneshot::Sender<Option<(Job, Envelope)>>;
