@@ -52,9 +52,13 @@
 //! - One `delivery.attempt` log event per connection attempt, saying
 //!   whether TLS was used (protocol version and cipher suite).
 //!
+//! IPv6 refusals. A recipient refused with 5.7.x (policy: large receivers
+//! hold IPv6 senders to rules IPv4 has not) over IPv6 is sent again at once
+//! to the same host's IPv4 addresses; only their answer counts, and if none
+//! takes it the recipient is deferred, not failed.
+//!
 //! Not done: an idle connection kept open with no message to send (a
-//! connection ends as soon as its feed has none), IPv6-to-IPv4 retry of a
-//! 5.7.x refusal, DANE and MTA-STS, TLS session resumption across
+//! connection ends as soon as its feed has none), DANE and MTA-STS, TLS session resumption across
 //! connections beyond what rustls's shared configuration keeps.
 //!
 //! Errors: none returned; every failure is a per-recipient
@@ -66,7 +70,7 @@ pub mod tls;
 
 pub use tls::{TlsCache, TlsMode, TlsSetupError};
 
-use crate::route::{Delivery, Target, Transport};
+use crate::route::{Delivery, Host, Target, Transport};
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
@@ -75,11 +79,11 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
-use tern_proto::Reply;
 use tern_proto::client::{
     Client, ClientConfig, ConnectionFailure, Credentials, Event, Message, MessageOutcome, Protocol,
     Stage, Status, sanitize,
 };
+use tern_proto::{EnhancedCode, Reply};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::{Instant, timeout};
@@ -284,10 +288,6 @@ pub async fn deliver_from<F: Feed>(
     let mut connections = Vec::new();
     let mut last_failure: Option<ConnectionFailure> = None;
     let mut feed_done = false;
-    let protocol = match delivery.transport {
-        Transport::Smtp => Protocol::Smtp,
-        Transport::Lmtp => Protocol::Lmtp,
-    };
 
     'hosts: for host in &delivery.hosts {
         let endpoints: Vec<Endpoint<'_>> = match &host.target {
@@ -313,17 +313,9 @@ pub async fn deliver_from<F: Feed>(
                 if pending.is_empty() {
                     break 'hosts;
                 }
-                let config = ClientConfig {
-                    protocol,
-                    helo_name: settings.helo_name.clone(),
-                    tls: mode.policy(),
-                    credentials: settings.credentials.clone(),
-                    auth_without_tls: settings.auth_without_tls,
-                    max_recipients: settings.max_recipients,
-                    ..ClientConfig::default()
-                };
+                let config = client_config(delivery, settings, mode);
                 let started = Instant::now();
-                let end = match endpoint.connect(settings.connect_timeout).await {
+                let mut end = match endpoint.connect(settings.connect_timeout).await {
                     Err(e) => SessionEnd {
                         messages: 0,
                         failure: Some(ConnectionFailure {
@@ -339,18 +331,26 @@ pub async fn deliver_from<F: Feed>(
                         tls_failed: false,
                         tls: None,
                         feed_done: false,
+                        refused_over_ipv6: Vec::new(),
                     },
                     Ok(stream) => {
+                        let address = endpoint.address();
                         let mut run = Session {
                             stream,
                             settings,
                             peer: &peer,
                             mode,
-                            address: endpoint.address(),
+                            address,
+                            ipv4_after: address.is_some_and(|a| a.is_ipv6())
+                                && !ipv4_of(host).is_empty(),
                         };
                         run.run(config, &mut pending, feed).await
                     }
                 };
+                for (key, message, report) in std::mem::take(&mut end.refused_over_ipv6) {
+                    let report = retry_over_ipv4(delivery, host, message, report, settings).await;
+                    feed.outcome(key, report);
+                }
                 feed_done |= end.feed_done;
                 let report = ConnectionReport {
                     peer: peer.clone(),
@@ -382,6 +382,117 @@ pub async fn deliver_from<F: Feed>(
         feed.outcome(key, not_taken(&message, &never_taken));
     }
     connections
+}
+
+/// The client's settings for one connection of `delivery` in TLS `mode`.
+fn client_config(delivery: &Delivery, settings: &SmtpSettings, mode: TlsMode) -> ClientConfig {
+    ClientConfig {
+        protocol: match delivery.transport {
+            Transport::Smtp => Protocol::Smtp,
+            Transport::Lmtp => Protocol::Lmtp,
+        },
+        helo_name: settings.helo_name.clone(),
+        tls: mode.policy(),
+        credentials: settings.credentials.clone(),
+        auth_without_tls: settings.auth_without_tls,
+        max_recipients: settings.max_recipients,
+        ..ClientConfig::default()
+    }
+}
+
+/// The recipients (by position) refused by policy: 5xx with a 5.7.x
+/// enhanced code (RFC 3463: security or policy status). Large receivers
+/// refuse IPv6 senders for reasons (reverse DNS, reputation) IPv4 does
+/// not have.
+fn refused_by_policy(report: &MessageReport) -> impl Iterator<Item = usize> + '_ {
+    report.recipients.iter().enumerate().filter_map(|(i, r)| {
+        let policy = matches!(r.reply.enhanced, Some(EnhancedCode(5, 7, _)));
+        (r.status == Status::Permanent && !r.local && policy).then_some(i)
+    })
+}
+
+fn ipv4_of(host: &Host) -> Vec<SocketAddr> {
+    match &host.target {
+        Target::Tcp(addrs) => addrs.iter().filter(|a| a.is_ipv4()).copied().collect(),
+        Target::Unix(_) => Vec::new(),
+    }
+}
+
+/// Sends the recipients of `message` that `report` says were refused by
+/// policy over IPv6 again, to `host`'s IPv4 addresses, and returns the
+/// report with their outcomes from there. One no IPv4 address took is
+/// deferred, not failed: it was never tried over IPv4.
+async fn retry_over_ipv4(
+    delivery: &Delivery,
+    host: &Host,
+    mut message: Message,
+    mut report: MessageReport,
+    settings: &SmtpSettings,
+) -> MessageReport {
+    let refused: Vec<usize> = refused_by_policy(&report).collect();
+    message.recipients = refused
+        .iter()
+        .filter_map(|&i| message.recipients.get(i).cloned())
+        .collect();
+    info!(event = "delivery.ipv4_retry", destination = delivery.destination.as_str(), host = %host.name, recipients = refused.len());
+    let messages = std::slice::from_ref(&message);
+    let mut feed = ListFeed {
+        messages,
+        next: 0,
+        reports: vec![None],
+    };
+    // One connection per IPv4 address until one takes the message; not
+    // through `deliver_from`, whose IPv6 refusals come back here.
+    for address in ipv4_of(host) {
+        let peer = Peer {
+            host: host.name.clone(),
+            address: address.to_string(),
+        };
+        let config = client_config(delivery, settings, settings.tls);
+        let started = Instant::now();
+        let Ok(stream) = Endpoint::Tcp(address)
+            .connect(settings.connect_timeout)
+            .await
+        else {
+            continue;
+        };
+        let mut session = Session {
+            stream,
+            settings,
+            peer: &peer,
+            mode: settings.tls,
+            address: Some(address),
+            ipv4_after: false,
+        };
+        let mut pending = VecDeque::new();
+        let end = session.run(config, &mut pending, &mut feed).await;
+        log_attempt(
+            delivery,
+            &ConnectionReport {
+                peer: peer.clone(),
+                messages: end.messages,
+                failure: end.failure,
+                tls: end.tls,
+                duration: started.elapsed(),
+            },
+        );
+        if feed.reports[0].is_some() {
+            break;
+        }
+        // The message is the feed's again for the next address.
+        feed.next = 0;
+    }
+    let outcomes = feed.reports.pop().flatten().map(|m| m.recipients);
+    for (&i, again) in refused.iter().zip(outcomes.into_iter().flatten()) {
+        if let Some(slot) = report.recipients.get_mut(i) {
+            if again.answered_by.is_some() {
+                *slot = again;
+            } else {
+                slot.status = Status::Temporary;
+            }
+        }
+    }
+    report
 }
 
 fn no_host() -> ConnectionFailure {
@@ -495,6 +606,9 @@ struct SessionEnd {
     tls: Option<String>,
     /// The feed said it has nothing more.
     feed_done: bool,
+    /// Messages with recipients refused by policy (5.7.x) over IPv6, to be
+    /// retried over IPv4 before their outcome goes to the feed.
+    refused_over_ipv6: Vec<(usize, Message, MessageReport)>,
 }
 
 /// One connection being driven.
@@ -506,6 +620,9 @@ struct Session<'a> {
     mode: TlsMode,
     /// The TCP address connected to; `None` for a Unix socket.
     address: Option<SocketAddr>,
+    /// An IPv6 connection to a host that also has IPv4 addresses: a 5.7.x
+    /// refusal here is retried over IPv4 before it counts.
+    ipv4_after: bool,
 }
 
 /// How a STARTTLS handshake went.
@@ -531,13 +648,14 @@ impl<'a> Session<'a> {
         let limit = self.settings.max_messages_per_connection.max(1);
         let mut client = Client::new(config);
         let mut buf = vec![0u8; READ_BUFFER];
-        let mut in_flight: Option<usize> = None;
+        let mut in_flight: Option<(usize, Message)> = None;
         let mut end = SessionEnd {
             messages: 0,
             failure: None,
             tls_failed: false,
             tls: None,
             feed_done: false,
+            refused_over_ipv6: Vec::new(),
         };
         let mut handshake_error: Option<String> = None;
         let mut writable = true;
@@ -595,7 +713,7 @@ impl<'a> Session<'a> {
                         };
                         match next {
                             Some((key, message)) => match client.send(message.clone()) {
-                                Ok(()) => in_flight = Some(key),
+                                Ok(()) => in_flight = Some((key, message)),
                                 // Not expected after Ready; the message stays
                                 // pending for the next connection.
                                 Err(_) => {
@@ -607,8 +725,13 @@ impl<'a> Session<'a> {
                         }
                     }
                     Event::Outcome(outcome) => {
-                        if let Some(key) = in_flight.take() {
-                            feed.outcome(key, self.report(outcome));
+                        if let Some((key, message)) = in_flight.take() {
+                            let report = self.report(outcome);
+                            if self.ipv4_after && refused_by_policy(&report).next().is_some() {
+                                end.refused_over_ipv6.push((key, message, report));
+                            } else {
+                                feed.outcome(key, report);
+                            }
                             end.messages += 1;
                         }
                     }

@@ -310,6 +310,44 @@ async fn one_refused_recipient_of_three() {
     assert_eq!(task.await.unwrap().len(), 1);
 }
 
+/// A 5.7.x refusal over IPv6 is retried over the host's IPv4 address before
+/// it counts; the recipient IPv6 took stays delivered, sent once.
+#[tokio::test]
+async fn a_policy_refusal_over_ipv6_is_retried_over_ipv4() {
+    let refusing = Script {
+        rcpt: vec!["250 2.1.5 ok", "550 5.7.1 IPv6 sender has no PTR record"],
+        ..Script::default()
+    };
+    let (v6, v6_task) = scripted_on("[::1]:0", refusing, 1).await;
+    let (v4, v4_task) = scripted(Script::default(), 1).await;
+    let d = delivery(Transport::Smtp, vec![tcp_host("mx.test", &[v6, v4])]);
+    let m = message(&["a@example.test", "b@example.test"], "x\r\n");
+    let report = deliver(&d, &[m], &settings()).await;
+    let outcome = &report.messages[0];
+    assert_eq!(statuses(outcome), [Status::Delivered, Status::Delivered]);
+    let addresses: Vec<_> = outcome
+        .recipients
+        .iter()
+        .map(|r| r.answered_by.as_ref().map(|p| p.address.clone()))
+        .collect();
+    assert_eq!(addresses, [Some(v6.to_string()), Some(v4.to_string())]);
+    assert_eq!(v6_task.await.unwrap().len(), 1);
+    let retried = v4_task.await.unwrap();
+    assert_eq!(retried.len(), 1);
+    // Only the refused recipient went again.
+    assert_eq!(report.messages.len(), 1);
+
+    // With no IPv4 address to try, the refusal stands as permanent.
+    let refusing = Script {
+        rcpt: vec!["550 5.7.1 IPv6 sender has no PTR record"],
+        ..Script::default()
+    };
+    let (v6, _task) = scripted_on("[::1]:0", refusing, 1).await;
+    let d = delivery(Transport::Smtp, vec![tcp_host("mx.test", &[v6])]);
+    let report = deliver(&d, &[message(&["b@example.test"], "x\r\n")], &settings()).await;
+    assert_eq!(statuses(&report.messages[0]), [Status::Permanent]);
+}
+
 #[tokio::test]
 async fn connections_carry_at_most_the_configured_number_of_messages() {
     let (addr, task) = scripted(Script::default(), 2).await;
