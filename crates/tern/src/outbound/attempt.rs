@@ -381,42 +381,68 @@ pub(crate) async fn connection(
             return;
         }
     };
-    let queued = VecDeque::from([(job, envelope)]);
-    let mut feed = JobFeed::new(context.clone(), finished.clone(), queued, true);
-    deliver_from(&delivery, &mut feed, context.settings_for(&delivery)).await;
-    let mut stranded = std::mem::take(&mut feed.stranded);
-    if !stranded.is_empty() {
-        let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
-        if let Some(Ok(fallback)) = context.router.resolve_fallback(&domain, &mut rng).await {
-            info!(event = "delivery.fallback_relay", destination = %delivery.destination, relay = %fallback.destination, messages = stranded.len());
-            let queued = stranded
-                .drain(..)
-                .map(|(carried, _)| (carried.job, carried.envelope))
-                .collect();
-            let mut fallback_feed = JobFeed::new(context.clone(), finished.clone(), queued, false);
-            deliver_from(&fallback, &mut fallback_feed, &context.relayed).await;
-            stranded = fallback_feed.stranded;
+    let mut queued = VecDeque::from([(job, envelope)]);
+    loop {
+        let mut feed = JobFeed::new(context.clone(), finished.clone(), queued, true);
+        deliver_from(&delivery, &mut feed, context.settings_for(&delivery)).await;
+        let stranded = std::mem::take(&mut feed.stranded);
+        let stranded = try_fallback(&context, &domain, &delivery, &finished, stranded).await;
+        // What no server took is reported last, with the last connection
+        // failure: the destination's dead-detection counts it.
+        for (mut carried, report) in stranded {
+            let connection = connection_of(&report);
+            for (&i, r) in carried.sent.iter().zip(&report.recipients) {
+                let (result, detail) = recipient_result(r);
+                carried.results.push((i, result));
+                carried.details.push((i, detail));
+            }
+            let results = std::mem::take(&mut carried.results);
+            feed.report(
+                carried,
+                JobReport {
+                    connection,
+                    recipients: results,
+                },
+                false,
+            );
+        }
+        // The manager may have handed over a job after the last outcome
+        // that the connection, lost since, never asked for: it is this
+        // task's (in flight for the scheduler) and goes on a new connection.
+        let Some(next) = feed.next.take() else {
+            return;
+        };
+        match next.await {
+            Ok(Some(job)) => queued = VecDeque::from([job]),
+            _ => return,
         }
     }
-    // What no server took is reported last, with the last connection
-    // failure: the destination's dead-detection counts it.
-    for (mut carried, report) in stranded {
-        let connection = connection_of(&report);
-        for (&i, r) in carried.sent.iter().zip(&report.recipients) {
-            let (result, detail) = recipient_result(r);
-            carried.results.push((i, result));
-            carried.details.push((i, detail));
-        }
-        let results = std::mem::take(&mut carried.results);
-        feed.report(
-            carried,
-            JobReport {
-                connection,
-                recipients: results,
-            },
-            false,
-        );
+}
+
+/// Jobs no server took go to the fallback relay, when one is configured;
+/// returns those it did not take either.
+async fn try_fallback(
+    context: &Arc<AttemptContext>,
+    domain: &str,
+    delivery: &Delivery,
+    finished: &mpsc::UnboundedSender<Finished>,
+    stranded: Vec<(Carried, MessageReport)>,
+) -> Vec<(Carried, MessageReport)> {
+    if stranded.is_empty() {
+        return stranded;
     }
+    let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
+    let Some(Ok(fallback)) = context.router.resolve_fallback(domain, &mut rng).await else {
+        return stranded;
+    };
+    info!(event = "delivery.fallback_relay", destination = %delivery.destination, relay = %fallback.destination, messages = stranded.len());
+    let queued = stranded
+        .into_iter()
+        .map(|(carried, _)| (carried.job, carried.envelope))
+        .collect();
+    let mut feed = JobFeed::new(context.clone(), finished.clone(), queued, false);
+    deliver_from(&fallback, &mut feed, &context.relayed).await;
+    feed.stranded
 }
 
 fn domain_of(address: &str) -> &str {
