@@ -18,21 +18,19 @@ and a kill -9 during delivery.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import smtplib
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from smtpeer import Peer, make_cert
-from ternlib import HOSTNAME, header_values, split_mail, wait_until
+from ternlib import HOSTNAME, Raw, header_values, wait_until
 from testdns import DnsServer
 
 SENDER = "alice@example.test"  # local: a bounce, once there are bounces, stays here
@@ -333,7 +331,7 @@ def test_starttls_offered_opportunistic_delivers_once(tern, dns, mx_port, peers,
     assert len(peer.received()) == 1
 
 
-@pytest.mark.xfail(reason="STARTTLS in the delivery client is not merged yet: tls=require defers", strict=True)
+@pytest.mark.xfail(strict=True, reason="STARTTLS in the delivery client is not merged yet: require defers")
 def test_starttls_required_delivers_encrypted(tern, dns, mx_port, peers, tmp_path):
     peer = Peer("127.0.0.2", mx_port, cert=make_cert(tmp_path, "mx1.remote.test")).start()
     peers.append(peer)
@@ -343,6 +341,137 @@ def test_starttls_required_delivers_encrypted(tern, dns, mx_port, peers, tmp_pat
     assert not results(srv, "deferred"), results(srv, "deferred")
     (tx,) = peer.received()
     assert tx.tls
+
+
+def test_more_than_fifty_recipients_go_in_transactions_of_fifty(tern, dns, mx_port, peers):
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    srv = outbound(tern, dns, mx_port, {"limits": {"max_recipients": 200}})
+    rcpts = [f"u{i:03d}@remote.test" for i in range(120)]
+    send(srv, rcpts)
+    queue_empty(srv)
+    txs = peer.received()
+    assert sorted(len(t.rcpts) for t in txs) == [20, 50, 50]
+    assert sorted(a for t in txs for a in t.rcpt_addresses) == rcpts
+
+
+def test_452_too_many_recipients_sends_the_rest_later(tern, dns, mx_port, peers):
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    peer.max_rcpts = 10
+    srv = outbound(tern, dns, mx_port)
+    rcpts = [f"u{i:03d}@remote.test" for i in range(25)]
+    send(srv, rcpts)
+    queue_empty(srv)
+    txs = peer.received()
+    assert all(len(t.rcpts) <= 10 for t in txs)
+    assert sorted(a for t in txs for a in t.rcpt_addresses) == rcpts  # each exactly once
+
+
+def test_local_remote_and_alias_recipients_of_one_message(tern, dns, mx_port, peers):
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    peer.fail_transactions = (1, "451 4.3.0 try again")
+    srv = outbound(tern, dns, mx_port, {"aliases": {"fwd@example.test": ["bob", "fwd@remote.test"]}})
+    original = send(srv, ["carol@example.test", "someone@remote.test", "fwd@example.test"])
+    srv.wait_for_mail("carol", 1)
+    srv.wait_for_mail("bob", 1)
+    txs = peer.wait_for(1, 20)
+    queue_empty(srv)
+    assert sorted(a for t in peer.received() for a in t.rcpt_addresses) == ["fwd@remote.test",
+                                                                            "someone@remote.test"]
+    for tx in txs:
+        assert tx.mail_from == SENDER
+        assert_relayed(tx.data, original)
+    # The local copies were made once, the remote retry did not repeat them.
+    assert len(srv.mails("carol")) == 1 and len(srv.mails("bob")) == 1
+
+
+def test_null_sender_is_relayed_as_null(tern, dns, mx_port, peers):
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    srv = outbound(tern, dns, mx_port)
+    with smtplib.SMTP("127.0.0.1", srv.port, local_hostname="client.test", timeout=30) as s:
+        s.ehlo()
+        assert s.mail("")[0] == 250 and s.rcpt("someone@remote.test")[0] == 250
+        assert s.data(make_msg("null-sender"))[0] == 250
+    (tx,) = peer.wait_for(1)
+    assert tx.mail_from == ""
+    queue_empty(srv)
+
+
+def test_content_received_by_bdat_with_a_dot_line_is_stuffed_for_data(tern, dns, mx_port, peers):
+    # BDAT carries "<CRLF>.<CRLF>" as plain text; a peer without CHUNKING
+    # gets DATA, where that line must be stuffed, not end the message.
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    peer.extensions.remove("CHUNKING")
+    srv = outbound(tern, dns, mx_port)
+    body = (b"From: <alice@example.test>\r\nSubject: dots\r\nMessage-ID: <dots@example.test>\r\n\r\n"
+            b"line\r\n.\r\nMAIL FROM:<evil@example.net>\r\n..two\r\n.\r\n")
+    with Raw(srv.port) as r:
+        r.expect(220)
+        r.ehlo()
+        r.cmd("MAIL FROM:<alice@example.test>")
+        r.cmd("RCPT TO:<someone@remote.test>")
+        r.send(f"BDAT {len(body)} LAST\r\n".encode() + body)
+        r.expect(250)
+    (tx,) = peer.wait_for(1)
+    queue_empty(srv)
+    assert not tx.bdat and tx.rcpt_addresses == ["someone@remote.test"]
+    assert_relayed(tx.data, body)
+    assert len(peer.received()) == 1 and not any(c.startswith("MAIL FROM:<evil") for c in peer.commands)
+
+
+@pytest.mark.parametrize("missing, mail_params, rcpt, body, reply", [
+    ("8BITMIME", ["BODY=8BITMIME"], "someone@remote.test", "8-bit: \u00fc\r\n", "554 5.6.3"),
+    ("SMTPUTF8", ["SMTPUTF8"], "j\u00f6rg@remote.test", "", "550 5.6.7"),
+    ("SIZE", [], "someone@remote.test", "y" * 900 + "\r\n", "552 5.3.4"),
+])
+def test_what_the_peer_cannot_take_fails_without_being_sent(tern, dns, mx_port, peers, missing,
+                                                            mail_params, rcpt, body, reply):
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    peer.extensions = [e for e in peer.extensions if not e.startswith(missing)]
+    if missing == "SIZE":
+        peer.extensions.append("SIZE 500")
+    srv = outbound(tern, dns, mx_port)
+    with smtplib.SMTP("127.0.0.1", srv.port, local_hostname="client.test", timeout=30) as s:
+        s.ehlo()
+        assert s.mail(SENDER, mail_params)[0] == 250 and s.rcpt(rcpt)[0] == 250
+        assert s.data(make_msg("cannot", body=body))[0] == 250
+    queue_empty(srv)
+    (failed,) = results(srv, "failed")
+    assert f"reply={reply}" in failed, failed
+    assert not any(c.startswith(("MAIL", "DATA", "BDAT")) for c in peer.commands), peer.commands
+
+
+def test_dns_timeout_of_one_domain_does_not_hold_up_another(tern, tmp_path, mx_port, peers):
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    with DnsServer(tmp_path, ZONE + "slow.test TIMEOUT\n") as dns:
+        srv = outbound(tern, dns, mx_port, {"dns": {"timeout": "5s"}})
+        send(srv, ["someone@slow.test"])
+        send(srv, ["someone@remote.test"])
+        peer.wait_for(1, 4)
+        assert results(srv, "deferred") == []  # slow.test is still being looked up
+
+
+@pytest.mark.xfail(strict=True, reason="Tern bug: each job of a connection task calls smtp::deliver "
+                   "afresh (outbound/attempt.rs), so every message opens its own SMTP session")
+def test_one_connection_carries_several_messages(tern, dns, mx_port, peers):
+    # One connection at a time to the destination and a slow peer: messages
+    # pile up behind the first, and max_messages_per_connection (100) lets
+    # the open connection carry them instead of a new session each.
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    peer.data_delay = 0.1
+    srv = outbound(tern, dns, mx_port, {"outbound": {"window_initial": 1, "window_max": 1}})
+    send_many(srv, "someone@remote.test", 10)
+    peer.wait_for(10, 20)
+    queue_empty(srv)
+    quits = sum(1 for c in peer.commands if c == "QUIT")
+    assert peer.connections < 10, f"{peer.connections} connections (and {quits} QUITs) for 10 messages"
 
 
 def test_null_mx_fails_at_once(tern, dns, mx_port, peers):
