@@ -24,6 +24,7 @@ import smtplib
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -341,6 +342,38 @@ def test_starttls_required_delivers_encrypted(tern, dns, mx_port, peers, tmp_pat
     assert not results(srv, "deferred"), results(srv, "deferred")
     (tx,) = peer.received()
     assert tx.tls
+
+
+def test_greylisted_recipient_is_retried_alone(tern, dns, mx_port, peers):
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    peer.rcpt_replies["b@remote.test"] = "450 4.7.1 greylisted, come back later"
+    peer.on_transaction = lambda tx: peer.rcpt_replies.clear()  # then accepted
+    srv = outbound(tern, dns, mx_port)
+    send(srv, ["a@remote.test", "b@remote.test"])
+    queue_empty(srv)
+    assert [t.rcpt_addresses for t in peer.received()] == [["a@remote.test"], ["b@remote.test"]]
+    (deferred,) = results(srv, "deferred")
+    assert "b@remote.test" in deferred and "450 4.7.1 greylisted" in deferred
+
+
+def test_lmtp_temporary_failure_of_one_recipient_is_retried_alone(tern, dns, peers):
+    peer = Peer("127.0.0.1", 0, lmtp=True).start()
+    peers.append(peer)
+    peer.lmtp_replies["b@lmtp.test"] = "452 4.2.2 mailbox full"
+    seen = []
+
+    def second_time_accept(tx):
+        seen.append(tx)
+        if len(seen) > 1:
+            peer.lmtp_replies.clear()
+
+    peer.on_transaction = second_time_accept
+    srv = outbound(tern, dns, 25, {"route": {"transports": {"lmtp.test": f"lmtp:[127.0.0.1]:{peer.port}"}}})
+    send(srv, ["a@lmtp.test", "b@lmtp.test"])
+    queue_empty(srv)
+    assert [t.delivered for t in peer.received()] == [["a@lmtp.test"], ["b@lmtp.test"]]
+    assert peer.received()[1].rcpt_addresses == ["b@lmtp.test"]
 
 
 def test_more_than_fifty_recipients_go_in_transactions_of_fifty(tern, dns, mx_port, peers):
@@ -684,3 +717,22 @@ def test_sigkill_during_delivery_loses_nothing(tern, dns, mx_port, record_proper
     record_property("duplicates", duplicates)
     print(f"kill -9 after {before} of 30 delivered: {duplicates} duplicate(s)")
     assert set(got) == set(markers)
+
+
+@pytest.mark.xfail(strict=True, reason="Tern bug: on SIGTERM the outbound manager waits for attempts in "
+                   "flight, bounded only by RFC 5321 stage timeouts (10 min after the end of data)")
+def test_sigterm_is_prompt_while_a_peer_hangs(tern, dns, mx_port, peers):
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    peer.data_delay = 600  # never answers the end of data (until stopped)
+    srv = outbound(tern, dns, mx_port)
+    markers = send_many(srv, "someone@remote.test", 1)
+    wait_until(lambda: peer.attempts == 1, 10, what="data sent")
+    started = time.monotonic()
+    code = srv.stop(timeout=8)  # SIGTERM, SIGKILL after 8 s
+    waited = time.monotonic() - started
+    # Whatever the outcome, the message is not lost.
+    peer.data_delay = 0
+    srv.start()
+    wait_until(lambda: markers[0] in {marker_of(t.data) for t in peer.received()}, 15, what="delivery")
+    assert code == 0, f"tern needed SIGKILL: still running {waited:.1f}s after SIGTERM"
