@@ -45,15 +45,22 @@ EXTENSIONS = ["PIPELINING", "SIZE 104857600", "8BITMIME", "SMTPUTF8",
               "ENHANCEDSTATUSCODES", "CHUNKING", "DSN"]
 
 
-def make_cert(workdir: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed EC certificate for `name` (and 127.0.0.1): (cert, key)."""
-    cert, key = Path(workdir) / f"{name}.crt", Path(workdir) / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "2", "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
-         "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1"],
-        check=True, capture_output=True)
-    return cert, key
+def make_cert(workdir: Path, name: str) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate for `name` signed by it:
+    (cert, key, ca_cert). Peer takes (cert, key); Tern's tls_ca_file the CA."""
+    d = Path(workdir)
+    ca, ca_key = d / f"{name}-ca.crt", d / f"{name}-ca.key"
+    cert, key, csr, ext = d / f"{name}.crt", d / f"{name}.key", d / f"{name}.csr", d / f"{name}.ext"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", *ec, "-days", "2", "-keyout", str(ca_key), "-out", str(ca),
+        "-subj", f"/CN=Test CA for {name}")
+    run("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
+    ext.write_text(f"subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\n"
+                   "extendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-days", "2", "-extfile", str(ext), "-out", str(cert))
+    return cert, key, ca
 
 
 @dataclass
@@ -111,7 +118,7 @@ class _Conn:
 
 class Peer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, lmtp: bool = False,
-                 cert: tuple[Path, Path] | None = None, auth: tuple[str, str] | None = None,
+                 cert: tuple[Path, ...] | None = None, auth: tuple[str, str] | None = None,
                  name: str = "peer.test"):
         self.host, self.port, self.lmtp, self.name = host, port, lmtp, name
         self.auth_credentials = auth

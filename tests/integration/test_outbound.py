@@ -101,7 +101,8 @@ def outbound(tern, dns, port, extra: dict | None = None, start: bool = True):
         "relay": {"trusted_networks": ["127.0.0.0/8"]},
         "delivery": {"retry_initial": "1s", "retry_max": "2s"},
         "dns": {"nameservers": [dns.addr], "timeout": "1s", "attempts": 1},
-        "route": {"mx_port": port},
+        # ternlib's default relay (nobody listening) is replaced by MX delivery.
+        "route": {"relay": None, "mx_port": port},
         "outbound": {"connect_timeout": "2s"},
     }
     for key, value in (extra or {}).items():
@@ -332,16 +333,32 @@ def test_starttls_offered_opportunistic_delivers_once(tern, dns, mx_port, peers,
     assert len(peer.received()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="STARTTLS in the delivery client is not merged yet: require defers")
 def test_starttls_required_delivers_encrypted(tern, dns, mx_port, peers, tmp_path):
     peer = Peer("127.0.0.2", mx_port, cert=make_cert(tmp_path, "mx1.remote.test")).start()
     peers.append(peer)
     srv = outbound(tern, dns, mx_port, {"outbound": {"tls": "require"}})
-    send(srv, ["someone@remote.test"])
-    wait_until(lambda: peer.received() or results(srv, "deferred"), 15, what="an outcome")
-    assert not results(srv, "deferred"), results(srv, "deferred")
-    (tx,) = peer.received()
+    original = send(srv, ["someone@remote.test"])
+    (tx,) = peer.wait_for(1)
     assert tx.tls
+    assert_relayed(tx.data, original)
+    queue_empty(srv)
+
+
+@pytest.mark.parametrize("cert_name, delivered", [("mx1.remote.test", True), ("other.test", False)])
+def test_starttls_verify_checks_the_mx_name(tern, dns, mx_port, peers, tmp_path, cert_name, delivered):
+    cert = make_cert(tmp_path, cert_name)
+    peer = Peer("127.0.0.2", mx_port, cert=cert).start()
+    peers.append(peer)
+    srv = outbound(tern, dns, mx_port, {"outbound": {"tls": "verify", "tls_ca_file": str(cert[2])}})
+    send(srv, ["someone@remote.test"])
+    if delivered:
+        (tx,) = peer.wait_for(1)
+        assert tx.tls
+        queue_empty(srv)
+    else:
+        (line,) = wait_until(lambda: results(srv, "deferred"), 15, what="deferred")
+        assert "someone@remote.test" in line and "reply=4" in line, line
+        assert peer.received() == []
 
 
 def test_greylisted_recipient_is_retried_alone(tern, dns, mx_port, peers):
@@ -490,8 +507,6 @@ def test_dns_timeout_of_one_domain_does_not_hold_up_another(tern, tmp_path, mx_p
         assert results(srv, "deferred") == []  # slow.test is still being looked up
 
 
-@pytest.mark.xfail(strict=True, reason="Tern bug: each job of a connection task calls smtp::deliver "
-                   "afresh (outbound/attempt.rs), so every message opens its own SMTP session")
 def test_one_connection_carries_several_messages(tern, dns, mx_port, peers):
     # One connection at a time to the destination and a slow peer: messages
     # pile up behind the first, and max_messages_per_connection (100) lets
@@ -505,6 +520,7 @@ def test_one_connection_carries_several_messages(tern, dns, mx_port, peers):
     queue_empty(srv)
     quits = sum(1 for c in peer.commands if c == "QUIT")
     assert peer.connections < 10, f"{peer.connections} connections (and {quits} QUITs) for 10 messages"
+    assert quits == peer.connections
 
 
 def test_null_mx_fails_at_once(tern, dns, mx_port, peers):
