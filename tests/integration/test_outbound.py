@@ -10,10 +10,17 @@ sleep. Every wait polls with a deadline.
 
 Covers: relay by MX (exact bytes, one Received: added), smtp-sink for one
 message and for 100 recipients across 5 domains, backup MX, implicit MX,
-null MX, NXDOMAIN, SERVFAIL then fixed, 4xx then success, a connection cut
-mid-data, one refused recipient of three, a 1,000,000-octet line, LMTP to
-the scripted peer and to a real Dovecot, a restart with 50 deferred messages
-and a kill -9 during delivery.
+envelope parameters (BODY, SMTPUTF8, RET, ENVID, NOTIFY, ORCPT), 421 at the
+greeting, a smarthost with AUTH, STARTTLS (opportunistic, required,
+verified), greylisted recipients, transactions of at most 50 recipients and
+452 "too many recipients", local + remote + alias recipients of one
+message, the null sender, dot stuffing of BDAT-received content, what the
+peer cannot take (8BITMIME, SMTPUTF8, SIZE), a DNS timeout that holds up no
+other domain, connection reuse, null MX, NXDOMAIN, SERVFAIL then fixed, 4xx
+then success, a connection cut mid-data, one refused recipient of three, a
+1,000,000-octet line, LMTP to the scripted peer and to a real Dovecot, a
+restart with a full queue, kill -9 during delivery, SIGTERM while a peer
+hangs.
 """
 
 from __future__ import annotations
@@ -328,6 +335,7 @@ def test_starttls_offered_opportunistic_delivers_once(tern, dns, mx_port, peers,
     srv = outbound(tern, dns, mx_port, {"outbound": {"tls": "opportunistic"}})
     original = send(srv, ["someone@remote.test"])
     (tx,) = peer.wait_for(1)
+    assert tx.tls  # the self-signed certificate is not checked
     assert_relayed(tx.data, original)
     queue_empty(srv)
     assert len(peer.received()) == 1
