@@ -18,7 +18,8 @@ unstuffed. Rules (plain attributes, set before the client connects):
   fail_transactions      (n, reply): the first n transactions get `reply` at
                          the end of data (a 421 also closes the connection)
   cut_data               n: the first n transactions are cut (connection
-                         closed) in the middle of their content
+                         closed) in the middle of their content; or a set
+                         of transaction numbers (1-based) to cut
   rcpt_replies           {address: reply} at RCPT
   lmtp_replies           {address: reply} after data, LMTP mode
   data_delay             seconds before the reply to the end of data
@@ -129,7 +130,7 @@ class Peer:
         self.greeting = f"220 {name} ESMTP scripted peer"
         self.fail_connections: tuple[int, str] = (0, "")
         self.fail_transactions: tuple[int, str] = (0, "")
-        self.cut_data = 0
+        self.cut_data: int | set[int] = 0
         self.rcpt_replies: dict[str, str] = {}
         self.lmtp_replies: dict[str, str] = {}
         self.data_delay = 0.0
@@ -332,7 +333,8 @@ class Peer:
         """Counts an attempt; True (and the socket shut) when it is to be cut."""
         with self.lock:
             self.attempts += 1
-            cut = self.attempts <= self.cut_data
+            cut = (self.attempts in self.cut_data if isinstance(self.cut_data, set)
+                   else self.attempts <= self.cut_data)
         if cut:
             conn.exactly(1)  # some content has arrived: cut in its middle
             conn.sock.shutdown(socket.SHUT_RDWR)

@@ -542,6 +542,65 @@ def test_one_connection_carries_several_messages(tern, dns, mx_port, peers):
     assert quits == peer.connections
 
 
+def _session_of_ten(tern, dns, mx_port, peer):
+    """10 messages behind one connection at a time (window 1) to a slow peer."""
+    peer.data_delay = 0.05
+    srv = outbound(tern, dns, mx_port, {"outbound": {"window_initial": 1, "window_max": 1}})
+    return srv, send_many(srv, "someone@remote.test", 10)
+
+
+def test_421_at_end_of_data_mid_session_loses_and_repeats_nothing(tern, dns, mx_port, peers):
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    calls = []
+
+    def third_is_told_to_slow_down(tx):
+        calls.append(tx)
+        return "421 4.7.0 Too many connections, slow down" if len(calls) == 3 else None
+
+    peer.on_transaction = third_is_told_to_slow_down
+    srv, markers = _session_of_ten(tern, dns, mx_port, peer)
+    queue_empty(srv)
+    got = [marker_of(t.data) for t in peer.received()]
+    assert sorted(got) == sorted(markers)
+    assert peer.connections >= 2
+
+
+@pytest.mark.xfail(strict=True, reason="Tern bug: when a reused connection is lost after the manager handed "
+                   "it the next job, that job is never reported back: it stays 'being delivered now' and "
+                   "fills the destination's window until a restart")
+def test_connection_lost_mid_session_strands_no_message(tern, dns, mx_port, peers):
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    peer.cut_data = {3}  # the third transaction of the session is cut
+    srv, markers = _session_of_ten(tern, dns, mx_port, peer)
+    queue_empty(srv, 10)  # a retry is due after 1 s
+    got = [marker_of(t.data) for t in peer.received()]
+    assert sorted(got) == sorted(markers)
+
+
+def test_bounce_to_a_remote_sender_goes_out_from_the_null_sender(tern, dns, mx_port, peers):
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    srv = outbound(tern, dns, mx_port)
+    with smtplib.SMTP("127.0.0.1", srv.port, local_hostname="client.test", timeout=30) as s:
+        assert s.sendmail("sender@remote.test", ["x@nowhere.test"], make_msg("bounce-out")) == {}
+    (tx,) = peer.wait_for(1)
+    queue_empty(srv)
+    assert tx.mail_from == "" and tx.rcpt_addresses == ["sender@remote.test"]
+    assert b"Final-Recipient: rfc822; x@nowhere.test" in tx.data, tx.data[:2000]
+
+
+def test_undeliverable_bounce_becomes_one_double_bounce(tern, dns, mx_port):
+    srv = outbound(tern, dns, mx_port)
+    with smtplib.SMTP("127.0.0.1", srv.port, local_hostname="client.test", timeout=30) as s:
+        assert s.sendmail("sender@nowhere2.test", ["x@nowhere.test"], make_msg("double")) == {}
+    queue_empty(srv)
+    (double,) = srv.wait_for_mail("alice", 1)  # alice is the postmaster
+    assert re.search(rb"^Subject: .*double bounce", double, re.M | re.I), double[:600]
+    assert len(results(srv, "failed")) == 2  # the message, then its bounce; nothing more
+
+
 def test_null_mx_fails_at_once(tern, dns, mx_port, peers):
     # The domain's A record points at a peer: a null MX must not fall back to it.
     peer = Peer("127.0.0.2", mx_port).start()
