@@ -41,7 +41,7 @@ from smtpeer import Peer, make_cert
 from ternlib import HOSTNAME, Raw, header_values, wait_until
 from testdns import DnsServer
 
-SENDER = "alice@example.test"  # local: a bounce, once there are bounces, stays here
+SENDER = "alice@example.test"  # local: bounces to it land in alice's Maildir, not at a peer
 
 ZONE = """
 remote.test        MX 10 mx1.remote.test
