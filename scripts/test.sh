@@ -140,6 +140,8 @@ step_deps() {
     need_apt curl curl
     need_apt strace strace
     need_apt postfix /usr/sbin/smtp-source
+    # Dovecot's LMTP server: the outbound tests deliver into it (test_outbound.py).
+    need_apt dovecot-lmtpd /usr/lib/dovecot/lmtp
     install_apt_missing
     ensure_postfix_stopped
     choose_python

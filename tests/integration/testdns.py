@@ -43,7 +43,8 @@ class DnsStartError(RuntimeError):
 
 
 class DnsServer:
-    def __init__(self, workdir: Path, zone: str):
+    def __init__(self, workdir: Path, zone: str, bind: str = "127.0.0.1:0"):
+        self.bind = bind  # a fixed "127.0.0.1:PORT" restarts a server on its old port
         self.zone_path = Path(workdir) / "test.zone"
         self.zone_path.write_text(zone)
         self.stderr_path = Path(workdir) / "test-dns.stderr"
@@ -57,7 +58,7 @@ class DnsServer:
             )
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
-                [str(TEST_DNS_BIN), str(self.zone_path)],
+                [str(TEST_DNS_BIN), str(self.zone_path), self.bind],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
