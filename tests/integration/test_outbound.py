@@ -566,9 +566,6 @@ def test_421_at_end_of_data_mid_session_loses_and_repeats_nothing(tern, dns, mx_
     assert peer.connections >= 2
 
 
-@pytest.mark.xfail(strict=True, reason="Tern bug: when a reused connection is lost after the manager handed "
-                   "it the next job, that job is never reported back: it stays 'being delivered now' and "
-                   "fills the destination's window until a restart")
 def test_connection_lost_mid_session_strands_no_message(tern, dns, mx_port, peers):
     peer = Peer("127.0.0.2", mx_port).start()
     peers.append(peer)
