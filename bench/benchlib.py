@@ -426,6 +426,13 @@ def cmd_relaytable(args):
             cells = [fmt(t), fmt(p)]
         r = "" if kind is None or key == "fast.kept_pct" else ratio(t, p)
         rows.append([label, *cells, r, target])
+        if key.startswith("relay") and key.endswith(".e2e"):
+            ceil = vals.get("sink." + key.replace("relay", "ceil"))
+            if ceil:
+                pct = lambda v: "n/a" if v is None else f"{100 * v / ceil:.0f}%"
+                rows.append(["  ceiling: smtp-source straight to the sink", fmt(ceil), fmt(ceil),
+                             "", ""])
+                rows.append(["  relay rate as % of that ceiling", pct(t), pct(p), "", ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for i, r in enumerate(rows):
         cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]

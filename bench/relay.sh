@@ -20,6 +20,8 @@
 #
 # Knobs (environment): BENCH_TARGET_SECS (length of each throughput batch, default 8),
 # BENCH_FSYNC_MSGS (messages in the strace batch, 400), BENCH_SERVERS ("tern postfix"),
+# BENCH_WARMUP_MSGS (unrecorded batch before each rate row, 1000), BENCH_CEILING (1: measure
+# smtp-source straight into smtp-sink first, the ceiling of any relay here; 0: skip),
 # BENCH_SLOW_MSGS (backlog for the slow destination, default 50 x BENCH_TARGET_SECS: at 20
 # connections and 1 s per message it stays busy 2.5x as long as the fast run), BENCH_SETTLE_SECS
 # (pause with sync before the second server, 15), TERN_BIN (skip the build), BENCH_OUT (results
@@ -36,6 +38,7 @@ LIB="$HERE/benchlib.py"
 : "${BENCH_SLOW_MSGS:=$((50 * BENCH_TARGET_SECS))}"
 : "${BENCH_SETTLE_SECS:=15}"
 : "${BENCH_TERN_OUTBOUND:=}"
+: "${BENCH_WARMUP_MSGS:=1000}"
 : "${BENCH_OUT:=/tmp/tern-relay-bench-$(date +%Y%m%d-%H%M%S)}"
 SESSIONS=20
 SLOW_SESSIONS=5
@@ -100,7 +103,8 @@ stop_sinks() {
 
 cleanup() {
     local rc=$?
-    trap - EXIT INT TERM
+    trap - EXIT INT TERM ERR
+    [ "$rc" = 0 ] || log "exiting with status $rc"
     [ -n "$PERF_PID" ] && { kill -INT "$PERF_PID" 2>/dev/null || true; stop_pid "$PERF_PID" 5; }
     [ -n "$STRACE_PID" ] && { kill -INT "$STRACE_PID" 2>/dev/null || true; stop_pid "$STRACE_PID" 5; }
     stop_pid "$SLOWSRC_PID" 5
@@ -112,6 +116,9 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# A command that fails outside a guarded measurement ends the run (set -e): say which one.
+set -E
+trap 'log "failed (status $?) at line $LINENO: $BASH_COMMAND"' ERR
 
 record() { tee -a "$RESULTS" >&2; }
 
@@ -173,7 +180,7 @@ sink_counts() { # SINK: print "sessions-ended messages" of that sink
 # this count does not. Empty when perf or the tracepoints are unavailable. Tern only: a counter
 # attached with -p is lost when its process exits (the counts of children forked later fold into
 # it), so for Postfix, whose cleanup processes exit after 100 messages, it would undercount.
-PERF_PID="" PERF_FILE=""
+PERF_PID="" PERF_FILE="" PERF_CALLS=""
 PERF_EVENTS=syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync,syscalls:sys_enter_syncfs,syscalls:sys_enter_sync_file_range
 perf_start() { # FILE PID...
     PERF_FILE="$1"
@@ -183,14 +190,16 @@ perf_start() { # FILE PID...
     PERF_PID=$!
     sleep 0.5   # attached (perf stat -p attaches at once; a short margin)
 }
-perf_stop() { # print the number of calls counted, or nothing
+perf_stop() { # sets PERF_CALLS to the number of calls counted, or to nothing
+    PERF_CALLS=""
     [ -n "$PERF_PID" ] || return 0
     local i
     kill -INT "$PERF_PID" 2>/dev/null || true   # perf stat prints its counts on SIGINT
     for ((i = 0; i < 100; i++)); do kill -0 "$PERF_PID" 2>/dev/null || break; sleep 0.1; done
     stop_pid "$PERF_PID" 5
     PERF_PID=""
-    awk -F, '$3 ~ /sys_enter/ && $1 ~ /^[0-9]+$/ {n += $1; ok = 1} END {if (ok) print n}' "$PERF_FILE" 2>/dev/null
+    PERF_CALLS=$(awk -F, '$3 ~ /sys_enter/ && $1 ~ /^[0-9]+$/ {n += $1; ok = 1} END {if (ok) print n}' \
+        "$PERF_FILE" 2>/dev/null || true)
 }
 
 # relay_rate NAME ROW SIZE MINMSGS PID...: one calibrated load run to the busy destination, then
@@ -200,6 +209,14 @@ relay_rate() {
     local name="$1" row="$2" size="$3" min="$4" sb mb sa ma calls
     shift 4
     log "$name: relay, $row, $SESSIONS sessions, many messages per session"
+    if [ "$BENCH_WARMUP_MSGS" -gt 0 ]; then
+        # Unrecorded: a fresh server (Postfix starts at 5 connections per destination, Tern's window
+        # at 5) and a cold cache would otherwise skew the calibration batch that sizes the run.
+        python3 "$LIB" load --port "$PORT" --prefix "$name.$row.warmup" --size "$size" --reuse \
+            --msgs "$BENCH_WARMUP_MSGS" --rcpt "sink@relay.test" --sink-count "${SINK_FILE[relay]}" \
+            >/dev/null || log "$name: $row warm-up failed"
+        wait_no_conns "${SINK_PORT[relay]}" 30 || true
+    fi
     read -r sb mb <<<"$(sink_counts relay)"
     perf_start "$BENCH_OUT/$name.$row.perf" "$@"
     python3 "$LIB" load --port "$PORT" --prefix "$name.$row" --size "$size" --reuse \
@@ -207,7 +224,8 @@ relay_rate() {
         --sink-count "${SINK_FILE[relay]}" | record || { log "$name: $row run failed"; return 0; }
     wait_no_conns "${SINK_PORT[relay]}" 30 || true
     sleep 1   # the server's last DONE records / queue file removals
-    calls=$(perf_stop)
+    perf_stop
+    calls=$PERF_CALLS
     read -r sa ma <<<"$(sink_counts relay)"
     echo "$name.$row.sink_msgs=$((ma - mb))" | record
     if [ -n "$calls" ] && [ $((ma - mb)) -gt 0 ]; then
@@ -485,6 +503,20 @@ EOF
     echo "# relay; target ${BENCH_TARGET_SECS}s per batch, $SESSIONS sessions, fsync batch $BENCH_FSYNC_MSGS, slow backlog $BENCH_SLOW_MSGS"
 } >>"$RESULTS"
 START=$SECONDS
+# The ceiling: smtp-source straight into an smtp-sink, no server in between (one sink process
+# takes every relayed message, so neither server can relay faster than this on this machine).
+if [ "${BENCH_CEILING:-1}" = 1 ]; then
+    start_sinks ceiling
+    PORT=${SINK_PORT[relay]}
+    for sz in 4096 102400; do
+        row=ceil$((sz / 1024))k
+        log "ceiling: smtp-source -> smtp-sink, $row"
+        python3 "$LIB" load --port "$PORT" --prefix "sink.$row" --size "$sz" --reuse \
+            --target-secs "$BENCH_TARGET_SECS" --min-msgs 100 --rcpt "sink@relay.test" \
+            --sink-count "${SINK_FILE[relay]}" | record || log "ceiling $row failed"
+    done
+    stop_sinks
+fi
 first=1
 for s in $BENCH_SERVERS; do
     if [ "$first" = 0 ] && [ "$BENCH_SETTLE_SECS" -gt 0 ]; then
