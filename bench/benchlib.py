@@ -8,12 +8,15 @@ process and stops it. Every wait is a poll with a deadline, never an open-ended 
 Subcommands:
   freeport                          print a free TCP port on 127.0.0.1 (bind to 0, close).
   load ...                          run smtp-source (optionally calibrated to a target duration) and,
-                                    when --maildir is given, wait until every message is delivered.
+                                    when --maildir is given, wait until every message is delivered
+                                    (--sink-count FILE: until an `smtp-sink -c` has received them).
   pss --root PID [--name N]         sum Pss (KiB) of PID and all its descendants (/proc/*/smaps_rollup).
   synccount FILE                    count fsync-family calls in a plain `strace -f -o FILE` trace.
   waitquiet FILE --quiet S          wait until FILE stops growing for S seconds (deadline bounded).
+  sinkcount FILE [--prefix P]       the last counters (sessions ended, messages) of `smtp-sink -c`.
   count DIR                         number of entries in DIR.
   tree PID                          print PID and its live descendants, one per line.
+  relaytable RESULTS                the table of bench/relay.sh (Tern, Postfix, ratio, target).
   table RESULTS                     print the final comparison table from key=value lines
                                     (medians when a key repeats, one value per round).
 
@@ -51,10 +54,45 @@ def count_dir(path):
         return 0
 
 
-def wait_count(path, target, deadline):
-    """Poll `path` until it holds at least `target` entries; return the time it did, or None."""
+SINK_RE = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")
+
+
+def sink_counters(path):
+    """The last (sessions, messages) counter line of an `smtp-sink -c` output file, (0, 0) if none.
+
+    smtp-sink -c rewrites one line ("sess=S quit=Q mesg=M\\r") whenever a session ends, a QUIT is
+    received or a message's final "." arrives: mesg counts messages received, sess sessions
+    (connections) that have ended. Only the file's tail is read, so polling it stays cheap."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 256))
+            tail = f.read()
+    except FileNotFoundError:
+        return 0, 0
+    found = SINK_RE.findall(tail)
+    if not found:
+        return 0, 0
+    sess, _quit, mesg = found[-1]
+    return int(sess), int(mesg)
+
+
+def counter_of(args):
+    """What a batch waits for: Maildir entries (--maildir) or messages at a sink (--sink-count)."""
+    if args.maildir:
+        return args.maildir, lambda: count_dir(args.maildir)
+    if getattr(args, "sink_count", None):
+        return args.sink_count, lambda: sink_counters(args.sink_count)[1]
+    return None, None
+
+
+def wait_count(path, target, deadline, count=None):
+    """Poll until `count()` (default: entries in `path`) reaches `target`; return the time it
+    did, or None at the deadline."""
+    count = count or (lambda: count_dir(path))
     while True:
-        n = count_dir(path)
+        n = count()
         if n >= target:
             return time.monotonic()
         if time.monotonic() > deadline:
@@ -82,12 +120,13 @@ def smtp_source(args, msgs):
 
 def run_batch(args, msgs):
     """Send `msgs`, then wait for delivery when a Maildir is watched; return (acc/s, e2e/s|None)."""
-    base = count_dir(args.maildir) if args.maildir else 0
+    path, count = counter_of(args)
+    base = count() if count else 0
     t0, t1 = smtp_source(args, msgs)
     acc = msgs / (t1 - t0)
-    if not args.maildir:
+    if not count:
         return acc, None
-    done = wait_count(args.maildir, base + msgs, t1 + args.timeout)
+    done = wait_count(path, base + msgs, t1 + args.timeout, count)
     if done is None:
         raise RuntimeError("messages not all delivered before the deadline")
     return acc, msgs / (done - t0)
@@ -328,6 +367,87 @@ def cmd_table(args):
     print("Ratios > 1 favour Tern for rates; for fsyncs and PSS lower is better (ratio < 1 favours Tern).")
 
 
+RELAY_ROWS = [
+    # label, key, kind, target (text)
+    ("relay msg/s end to end, 4 KiB", "relay4k.e2e", "rate", ">= 4x Postfix"),
+    ("relay msg/s end to end, 100 KiB", "relay100k.e2e", "rate", ">= 3x Postfix"),
+    ("accepted msg/s, 4 KiB (smtp-source exit)", "relay4k.acc", "rate", ""),
+    ("accepted msg/s, 100 KiB (smtp-source exit)", "relay100k.acc", "rate", ""),
+    ("fsyncs per relayed msg, strace batch", "fsync.per_msg", "low", "<= 0.5"),
+    ("fsyncs per relayed msg, perf, 4 KiB run", "relay4k.fsync_per_msg", "low", "<= 0.5"),
+    ("fsyncs per relayed msg, perf, 100 KiB run", "relay100k.fsync_per_msg", "low", "<= 0.5"),
+    ("msgs per connection at the sink, 4 KiB", "relay4k.msgs_per_conn", "high", ">= 100"),
+    ("msgs per connection at the sink, 100 KiB", "relay100k.msgs_per_conn", "high", ">= 100"),
+    ("msgs per connection, server's log (all)", "log.msgs_per_conn", "high", ""),
+    ("fast destination alone, msg/s", "fastalone.e2e", "rate", ""),
+    ("fast destination beside slow one, msg/s", "fastmixed.e2e", "rate", ""),
+    ("fast destination kept, % of alone", "fast.kept_pct", "high", ">= 95%"),
+    ("slow destination msgs during fast run", "slow.msgs_during_fast", None, ""),
+    ("slow dest. connections open at start/end", "slow.conns", None, ""),
+]
+
+
+def cmd_relaytable(args):
+    """The table of bench/relay.sh from its key=value results (last value of each key)."""
+    vals = {}
+    with open(args.results) as f:
+        for line in f:
+            line = line.strip()
+            if "=" in line and not line.startswith("#"):
+                k, v = line.split("=", 1)
+                try:
+                    vals[k] = float(v)
+                except ValueError:
+                    pass
+    for srv in ("tern", "postfix"):
+        g = vals.get
+        if srv == "tern" and g("tern.log.relay_conns"):
+            vals["tern.log.msgs_per_conn"] = g("tern.log.relay_msgs", 0) / g("tern.log.relay_conns")
+        if srv == "postfix" and g("postfix.log.relay_new_conns"):
+            vals["postfix.log.msgs_per_conn"] = (g("postfix.log.relay_sent", 0)
+                                                 / g("postfix.log.relay_new_conns"))
+        a, m = g(f"{srv}.fastalone.e2e"), g(f"{srv}.fastmixed.e2e")
+        if a and m is not None:
+            vals[f"{srv}.fast.kept_pct"] = 100.0 * m / a
+    head = ["figure", "Tern", "Postfix", "Tern/Postfix", "target"]
+    rows = [head]
+    for label, key, kind, target in RELAY_ROWS:
+        if key == "slow.conns":
+            cells = [
+                "n/a" if vals.get(f"{s}.slow.conns_at_start") is None else
+                f"{vals[f'{s}.slow.conns_at_start']:.0f}/{vals.get(f'{s}.slow.conns_at_end', 0):.0f}"
+                for s in ("tern", "postfix")]
+            rows.append([label, *cells, "", ""])
+            continue
+        t, p = vals.get(f"tern.{key}"), vals.get(f"postfix.{key}")
+        if key == "fast.kept_pct":
+            cells = [fmt(t) + "%" if t is not None else "n/a", fmt(p) + "%" if p is not None else "n/a"]
+        else:
+            cells = [fmt(t), fmt(p)]
+        r = "" if kind is None or key == "fast.kept_pct" else ratio(t, p)
+        rows.append([label, *cells, r, target])
+        if key.startswith("relay") and key.endswith(".e2e"):
+            ceil = vals.get("sink." + key.replace("relay", "ceil"))
+            if ceil:
+                pct = lambda v: "n/a" if v is None else f"{100 * v / ceil:.0f}%"
+                rows.append(["  ceiling: smtp-source straight to the sink", fmt(ceil), fmt(ceil),
+                             "", ""])
+                rows.append(["  relay rate as % of that ceiling", pct(t), pct(p), "", ""])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for i, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        print("| " + " | ".join(cells) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print()
+    for srv in ("tern", "postfix"):
+        ms = [f"{k.split('.', 1)[1]}={vals[k]:.0f}" for k in sorted(vals)
+              if k.startswith(srv + ".") and (k.endswith(".msgs") or "sink_" in k or ".log.relay" in k)]
+        print(f"{srv}: " + " ".join(ms))
+    print("Rates: first message sent until the sink has received every message (smtp-sink -c).")
+    print("Msgs per connection at the sink: messages / sessions ended, counted once no connection is open.")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -343,6 +463,7 @@ def main():
     lp.add_argument("--max-msgs", type=int, default=60000)
     lp.add_argument("--reuse", action="store_true")
     lp.add_argument("--maildir")
+    lp.add_argument("--sink-count", help="smtp-sink -c output: wait until it counts the batch")
     lp.add_argument("--timeout", type=float, default=120.0)
     lp.add_argument("--sender", default="load@client.bench.test")
     lp.add_argument("--rcpt", default="bench@bench.test")
@@ -359,6 +480,11 @@ def main():
     wp.add_argument("--timeout", type=float, default=60.0)
     trp = sub.add_parser("tree")
     trp.add_argument("pid", type=int)
+    scp = sub.add_parser("sinkcount")
+    scp.add_argument("file")
+    scp.add_argument("--prefix", default="sink")
+    rtp = sub.add_parser("relaytable")
+    rtp.add_argument("results")
     cp = sub.add_parser("count")
     cp.add_argument("dir")
     tp = sub.add_parser("table")
@@ -377,10 +503,16 @@ def main():
             return cmd_waitquiet(args)
         elif args.cmd == "tree":
             print("\n".join(str(p) for p in descendants(args.pid)))
+        elif args.cmd == "sinkcount":
+            sess, mesg = sink_counters(args.file)
+            print(f"{args.prefix}.sess={sess}")
+            print(f"{args.prefix}.mesg={mesg}")
         elif args.cmd == "count":
             cmd_count(args)
         elif args.cmd == "table":
             cmd_table(args)
+        elif args.cmd == "relaytable":
+            cmd_relaytable(args)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         note(f"benchlib {args.cmd}: {e}")
         return 1
