@@ -331,6 +331,7 @@ pub async fn deliver_from<F: Feed>(
                         tls_failed: false,
                         tls: None,
                         feed_done: false,
+                        closed_while_idle: false,
                         refused_over_ipv6: Vec::new(),
                     },
                     Ok(stream) => {
@@ -361,6 +362,9 @@ pub async fn deliver_from<F: Feed>(
                 };
                 log_attempt(delivery, &report);
                 connections.push(report);
+                if end.closed_while_idle {
+                    continue;
+                }
                 match end.failure {
                     None if end.messages > 0 => continue,
                     None => break,
@@ -606,6 +610,9 @@ struct SessionEnd {
     tls: Option<String>,
     /// The feed said it has nothing more.
     feed_done: bool,
+    /// The server closed (or spoke) while the connection waited for the
+    /// feed: not a failure of the destination.
+    closed_while_idle: bool,
     /// Messages with recipients refused by policy (5.7.x) over IPv6, to be
     /// retried over IPv4 before their outcome goes to the feed.
     refused_over_ipv6: Vec<(usize, Message, MessageReport)>,
@@ -655,6 +662,7 @@ impl<'a> Session<'a> {
             tls_failed: false,
             tls: None,
             feed_done: false,
+            closed_while_idle: false,
             refused_over_ipv6: Vec::new(),
         };
         let mut handshake_error: Option<String> = None;
@@ -709,6 +717,19 @@ impl<'a> Session<'a> {
                         } else {
                             let next = feed.next().await;
                             end.feed_done = next.is_none();
+                            // The wait may have been long enough for the
+                            // server to close an idle session: then the
+                            // message goes on a new connection instead of
+                            // failing on this one.
+                            if next.is_some()
+                                && read_now(&mut self.stream, &mut buf).await.is_some()
+                            {
+                                pending.extend(next);
+                                end.closed_while_idle = true;
+                                writable = false;
+                                client.eof();
+                                continue;
+                            }
                             next
                         };
                         match next {

@@ -34,6 +34,7 @@
 
 mod admin;
 mod attempt;
+mod idle;
 mod settle;
 
 pub use admin::QueueOp;
@@ -119,6 +120,7 @@ struct Manager {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     admin_rx: mpsc::Receiver<AdminRequest>,
+    idle: idle::IdleConnections,
     /// Messages on hold (persisted in `held_path`).
     held: BTreeSet<MsgId>,
     held_path: PathBuf,
@@ -170,6 +172,7 @@ pub fn start(
         tasks: TaskTracker::new(),
         shutdown,
         admin_rx,
+        idle: idle::IdleConnections::default(),
         held: admin::load_held(&held_path),
         held_path,
     };
@@ -239,7 +242,11 @@ impl Manager {
             for job in poll.jobs {
                 self.start_connection(job);
             }
-            let sleep = match self.scheduler.next_wakeup() {
+            let wakeup = [self.scheduler.next_wakeup(), self.idle.next_deadline()]
+                .into_iter()
+                .flatten()
+                .min();
+            let sleep = match wakeup {
                 Some(at) => Duration::from_millis((at - now_millis()).clamp(1, 3_600_000) as u64),
                 None => Duration::from_secs(3600),
             };
@@ -260,9 +267,10 @@ impl Manager {
                     let answer = self.queue_op(op).await;
                     let _ = reply.send(answer);
                 }
-                _ = tokio::time::sleep(sleep) => {}
+                _ = tokio::time::sleep(sleep) => self.idle.expire(now_millis()),
             }
         }
+        self.idle.close_all();
         self.drain().await;
     }
 
@@ -287,6 +295,11 @@ impl Manager {
             };
             let _ = self.scheduler.complete(job.id, &report, now_millis());
             return;
+        };
+        // An idle connection to the destination takes it: no handshake.
+        let (job, envelope) = match self.idle.hand_over(job, envelope) {
+            None => return,
+            Some(back) => back,
         };
         let context = self.context.clone();
         let finished = self.finished_tx.clone();
@@ -337,12 +350,15 @@ impl Manager {
             now,
         );
         if let Some(next) = next {
-            let job = if self.shutdown.is_cancelled() {
-                None
+            if self.shutdown.is_cancelled() {
+                let _ = next.send(None);
+            } else if let Some(job) = self.next_for(&job.destination, now) {
+                let _ = next.send(Some(job));
             } else {
-                self.next_for(&job.destination, now)
-            };
-            let _ = next.send(job);
+                // Nothing due for it now: the connection waits a moment for
+                // the destination's next job instead of closing at once.
+                self.idle.park(job.destination.clone(), next, now);
+            }
         }
     }
 
