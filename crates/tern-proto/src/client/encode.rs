@@ -85,6 +85,24 @@ impl ContentEncoder {
         }
         let mut i = 0;
         while i < input.len() {
+            // The common case, a whole well-formed line at the start of a
+            // line: written straight from the input (held back in `line`,
+            // every line was copied twice).
+            if !self.cr_pending && self.line.is_empty() {
+                let rest = &input[i..];
+                if let Some(run) = memchr::memchr3(b'\r', b'\n', 0, rest)
+                    && run <= MAX_TEXT_LINE
+                    && rest[run] == b'\r'
+                    && rest.get(run + 1) == Some(&b'\n')
+                {
+                    if self.in_headers && run == 0 {
+                        self.in_headers = false;
+                    }
+                    emit_line(self.dot, &rest[..run], out);
+                    i += run + 2;
+                    continue;
+                }
+            }
             if self.cr_pending {
                 self.cr_pending = false;
                 self.end_line(out);

@@ -41,6 +41,8 @@ pub(crate) struct AttemptContext {
     /// For the relay host and the fallback relay (their TLS policy and
     /// credentials).
     relayed: SmtpSettings,
+    /// Messages finished, waiting to share one DONE commit (see `settle`).
+    pub done_batch: std::sync::Mutex<Vec<crate::spool::MsgId>>,
 }
 
 /// One recipient's outcome as `tern queue` and bounces show it.
@@ -116,6 +118,7 @@ impl AttemptContext {
             router,
             direct,
             relayed,
+            done_batch: std::sync::Mutex::new(Vec::new()),
         })
     }
 

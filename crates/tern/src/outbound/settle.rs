@@ -334,11 +334,35 @@ async fn record(context: &AttemptContext, msg: MsgId, changes: Vec<(usize, RcptS
     }
 }
 
+/// Finishes `msg` (its DONE record) together with the others finished
+/// within [`DONE_LINGER`]: one group commit for them all. The first task to
+/// add one to an empty batch waits the linger and commits the batch; the
+/// others only add theirs. A DONE lost in a crash costs a duplicate
+/// delivery, never a message, so it need not be synced at once: at 100 KiB
+/// a DONE per commit was most of the relay's flushes.
 async fn finish(context: &AttemptContext, msg: MsgId) {
-    match context.spool.finish(msg).await {
-        Ok(()) => info!(event = "queue.done", queue_id = %msg),
-        // Another task finished it first.
-        Err(SpoolError::NotFound(_)) => {}
-        Err(e) => warn!(event = "queue.finish_failed", queue_id = %msg, error = %e),
+    let first = {
+        let mut batch = context.done_batch.lock().unwrap_or_else(|p| p.into_inner());
+        batch.push(msg);
+        batch.len() == 1
+    };
+    if !first {
+        return;
+    }
+    tokio::time::sleep(DONE_LINGER).await;
+    let batch = std::mem::take(&mut *context.done_batch.lock().unwrap_or_else(|p| p.into_inner()));
+    let outcomes = batch.iter().map(|id| Outcome::Done(*id)).collect();
+    let results = context.spool.record_many(outcomes).await;
+    for (msg, result) in batch.into_iter().zip(results) {
+        match result {
+            Ok(()) => info!(event = "queue.done", queue_id = %msg),
+            // Another task finished it first.
+            Err(SpoolError::NotFound(_)) => {}
+            Err(e) => warn!(event = "queue.finish_failed", queue_id = %msg, error = %e),
+        }
     }
 }
+
+/// How long a finished message's DONE record waits for others to share its
+/// group commit.
+const DONE_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
