@@ -25,6 +25,7 @@ hangs.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import smtplib
@@ -832,3 +833,103 @@ def test_sigterm_is_prompt_while_a_peer_hangs(tern, dns, mx_port, peers):
     wait_until(lambda: markers[0] in {marker_of(t.data) for t in peer.received()}, 15, what="delivery")
     assert code == 0, f"tern needed SIGKILL: still running {waited:.1f}s after SIGTERM"
     assert waited < 15, f"SIGTERM took {waited:.1f}s"
+
+
+def test_smarthost_with_auth_and_required_tls(tern, dns, mx_port, peers, tmp_path):
+    cert = make_cert(tmp_path, "relay.test")
+    peer = Peer("127.0.0.3", mx_port, auth=("tern", "s3cret"), cert=cert).start()
+    peers.append(peer)
+    password = tmp_path / "relay.password"
+    password.write_text("s3cret\n")
+    srv = outbound(tern, dns, mx_port, {"route": {
+        "relay": f"[127.0.0.3]:{mx_port}", "relay_tls": "require",
+        "relay_username": "tern", "relay_password_file": str(password)}})
+    original = send(srv, ["someone@remote.test"])
+    (tx,) = peer.wait_for(1)
+    assert tx.tls and tx.auth == "tern"
+    assert_relayed(tx.data, original)
+    queue_empty(srv)
+
+
+def test_smarthost_requiring_tls_that_is_not_offered_defers_and_says_why(tern, dns, mx_port, peers):
+    peer = Peer("127.0.0.3", mx_port).start()  # no certificate: no STARTTLS
+    peers.append(peer)
+    srv = outbound(tern, dns, mx_port, {"route": {
+        "relay": f"[127.0.0.3]:{mx_port}", "relay_tls": "require"}})
+    send(srv, ["someone@remote.test"])
+    listing = wait_until(lambda: (lambda out: out if "TLS" in out else None)(srv.queue_list()), 10,
+                         what="the queue saying TLS was not offered")
+    assert "deferred" in listing.lower(), listing
+    assert peer.received() == []
+    res = srv.cli("queue", "list", "--json")
+    assert res.returncode == 0, res.stderr
+    rcpt = json.loads(res.stdout)["messages"][0]["recipients"][0]
+    assert rcpt["wait"]["reason"] in ("tls_required", "in_flight", "due"), rcpt
+    assert "TLS" in rcpt["last_reply"], rcpt
+
+
+def test_fallback_relay_takes_what_no_mx_host_would(tern, dns, mx_port, peers):
+    # remote.test's MX (127.0.0.2) is down; the fallback relay takes the mail.
+    fallback = Peer("127.0.0.4", mx_port).start()
+    peers.append(fallback)
+    srv = outbound(tern, dns, mx_port, {"route": {"fallback_relay": f"[127.0.0.4]:{mx_port}"}})
+    original = send(srv, ["someone@remote.test"])
+    (tx,) = fallback.wait_for(1)
+    assert_relayed(tx.data, original)
+    queue_empty(srv)
+    assert "delivery.fallback_relay" in srv.stderr()
+
+
+def test_throttling_destination_slows_down_and_recovers(tern, dns, mx_port, peers):
+    # The first transactions are told "rate limited": the destination's
+    # window is halved (tern queue destinations shows it throttled), and
+    # every message still arrives once.
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    peer.fail_transactions = (3, "451 4.7.1 Rate limited, try again later")
+    srv = outbound(tern, dns, mx_port, {"outbound": {"window_initial": 4, "window_max": 8}})
+    markers = send_many(srv, "someone@remote.test", 12)
+
+    def throttled():
+        res = srv.cli("queue", "destinations", "--json")
+        if res.returncode != 0:
+            return None
+        for d in json.loads(res.stdout)["destinations"]:
+            if d["destination"] == "mx:remote.test" and d["throttled"] >= 1:
+                return d
+        return None
+
+    d = wait_until(throttled, 10, what="the destination marked throttled")
+    assert d["window"] < 4, d
+    queue_empty(srv, 30)
+    got = sorted(marker_of(t.data) for t in peer.received())
+    assert got == sorted(markers)
+
+
+def test_hold_release_delete_while_running(tern, dns, mx_port, peers):
+    # Nothing listens at remote.test's MX: the messages wait.
+    srv = outbound(tern, dns, mx_port)
+    send_many(srv, "someone@remote.test", 2)
+    ids = wait_until(lambda: (lambda out: re.findall(r"^([0-9A-F]{16})\b", out, re.M) or None)(
+        srv.queue_list()), 10, what="two queue IDs")
+    assert len(ids) == 2, ids
+    keep, drop = ids
+    assert srv.cli("queue", "hold", keep).returncode == 0
+    shown = json.loads(srv.cli("queue", "show", keep, "--json").stdout)
+    assert shown["held"] is True, shown
+    assert srv.cli("queue", "delete", drop).returncode == 0
+    assert drop not in srv.queue_list()
+    assert srv.cli("queue", "delete", drop).returncode == 1  # no such message any more
+    # A hold survives a restart.
+    assert srv.stop() == 0
+    peer = Peer("127.0.0.2", mx_port).start()
+    peers.append(peer)
+    srv.start()
+    assert json.loads(srv.cli("queue", "show", keep, "--json").stdout)["held"] is True
+    assert srv.cli("queue", "flush").returncode == 0
+    assert peer.received() == []
+    assert srv.cli("queue", "release", keep).returncode == 0
+    assert srv.cli("queue", "flush", keep).returncode == 0
+    (tx,) = peer.wait_for(1, 20)
+    queue_empty(srv)
+    assert len(peer.received()) == 1  # the deleted one never went

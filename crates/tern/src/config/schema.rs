@@ -243,7 +243,9 @@ impl Default for OutboundConfig {
     fn default() -> Self {
         // Postfix's default_process_limit, initial_destination_concurrency,
         // default_destination_concurrency_limit and
-        // default_destination_recipient_limit.
+        // default_destination_recipient_limit; Postfix reuses a connection
+        // without a count limit (for 300 s), a busy destination here
+        // gets a new handshake every 1000 messages.
         OutboundConfig {
             tls: "opportunistic".into(),
             tls_ca_file: None,
@@ -251,7 +253,7 @@ impl Default for OutboundConfig {
             window_initial: 5,
             window_max: 20,
             max_recipients_per_job: 50,
-            max_messages_per_connection: 100,
+            max_messages_per_connection: 1000,
             connect_timeout: "30s".into(),
             dead_after: 5,
         }
