@@ -225,6 +225,25 @@ impl JobFeed {
         });
     }
 
+    /// Reports a carried job with the driver's outcome of its message.
+    fn report_message(&mut self, mut carried: Carried, report: &MessageReport, ask: bool) {
+        let connection = connection_of(report);
+        for (&i, r) in carried.sent.iter().zip(&report.recipients) {
+            let (result, detail) = recipient_result(r);
+            carried.results.push((i, result));
+            carried.details.push((i, detail));
+        }
+        let recipients = std::mem::take(&mut carried.results);
+        self.report(
+            carried,
+            JobReport {
+                connection,
+                recipients,
+            },
+            ask,
+        );
+    }
+
     /// The message for `job`, or its outcome at once when there is nothing
     /// to send (the body is unreadable, no recipient can be written).
     async fn prepare(&mut self, job: Job, envelope: Envelope) -> Option<(usize, Message)> {
@@ -310,7 +329,7 @@ impl Feed for JobFeed {
     }
 
     fn outcome(&mut self, key: usize, report: MessageReport) {
-        let Some(mut carried) = self.carried.remove(&key) else {
+        let Some(carried) = self.carried.remove(&key) else {
             return;
         };
         if report.recipients.iter().all(|r| r.answered_by.is_none()) {
@@ -318,22 +337,8 @@ impl Feed for JobFeed {
             self.stranded.push((carried, report));
             return;
         }
-        let connection = connection_of(&report);
-        for (&i, r) in carried.sent.iter().zip(&report.recipients) {
-            let (result, detail) = recipient_result(r);
-            carried.results.push((i, result));
-            carried.details.push((i, detail));
-        }
-        let results = std::mem::take(&mut carried.results);
         let ask = self.reuse;
-        self.report(
-            carried,
-            JobReport {
-                connection,
-                recipients: results,
-            },
-            ask,
-        );
+        self.report_message(carried, &report, ask);
     }
 }
 
@@ -392,22 +397,8 @@ pub(crate) async fn connection(
         let stranded = try_fallback(&context, &domain, &delivery, &finished, stranded).await;
         // What no server took is reported last, with the last connection
         // failure: the destination's dead-detection counts it.
-        for (mut carried, report) in stranded {
-            let connection = connection_of(&report);
-            for (&i, r) in carried.sent.iter().zip(&report.recipients) {
-                let (result, detail) = recipient_result(r);
-                carried.results.push((i, result));
-                carried.details.push((i, detail));
-            }
-            let results = std::mem::take(&mut carried.results);
-            feed.report(
-                carried,
-                JobReport {
-                    connection,
-                    recipients: results,
-                },
-                false,
-            );
+        for (carried, report) in stranded {
+            feed.report_message(carried, &report, false);
         }
         // The manager may have handed over a job after the last outcome
         // that the connection, lost since, never asked for: it is this
