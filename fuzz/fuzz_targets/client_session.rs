@@ -10,7 +10,6 @@
 //! no write holds a bare CR or LF; `eof()` always ends in Close.
 #![no_main]
 
-use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use tern_proto::client::{
@@ -53,7 +52,7 @@ fn message(flags: u8) -> Message {
             ..MailParams::default()
         },
         recipients,
-        content: Arc::from(content),
+        content: content.to_vec().into(),
     }
 }
 

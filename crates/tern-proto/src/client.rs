@@ -68,7 +68,6 @@ mod transaction;
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::address::{ForwardPath, ReversePath};
@@ -175,7 +174,8 @@ pub struct Message {
     /// on under DSN.
     pub params: MailParams,
     pub recipients: Vec<Recipient>,
-    pub content: Arc<[u8]>,
+    /// `Bytes`: the spool's buffer is shared, not copied (100 KiB a message).
+    pub content: bytes::Bytes,
 }
 
 /// Where a recipient ended up.

@@ -91,7 +91,7 @@ async fn every_connection_attempt_is_logged() {
             to: parse_forward_path("<a@example.test>").unwrap().0,
             params: RcptParams::default(),
         }],
-        content: Arc::from(&b"x\r\n"[..]),
+        content: bytes::Bytes::from_static(b"x\r\n"),
     };
     let settings = SmtpSettings {
         helo_name: "out.tern.test".into(),

@@ -112,7 +112,7 @@ pub(super) fn message(from: &str, to: &[&str], content: &str) -> Message {
         from: parse_reverse_path(&format!("<{from}>")).unwrap().0,
         params: MailParams::default(),
         recipients: to.iter().map(|t| rcpt(t)).collect(),
-        content: Arc::from(content.as_bytes()),
+        content: bytes::Bytes::copy_from_slice(content.as_bytes()),
     }
 }
 

@@ -162,7 +162,7 @@ fn messages(counts: &[usize], content: &[u8]) -> Vec<Message> {
                 .collect();
             let to: Vec<&str> = to.iter().map(String::as_str).collect();
             let mut m = message("s@b.test", &to, "");
-            m.content = Arc::from(content);
+            m.content = bytes::Bytes::copy_from_slice(content);
             m
         })
         .collect()

@@ -260,7 +260,7 @@ fn smtputf8_flag_only_matters_with_utf8_headers() {
             .contains("SMTPUTF8")
     );
     // ASCII headers: an ASCII-only server can carry it (8-bit body is 8BITMIME's business).
-    m.content = Arc::from(&b"Subject: hi\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"[..]);
+    m.content = bytes::Bytes::from_static(b"Subject: hi\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n");
     let mut h = ready_with(config(), EHLO_PIPE);
     h.send(m);
     assert_eq!(

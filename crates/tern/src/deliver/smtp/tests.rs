@@ -10,7 +10,6 @@ use crate::route::{AddressFamilies, Host, Router, RouterSettings, Routes};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::path::PathBuf;
-use std::sync::Arc;
 use tern_proto::client::Recipient;
 use tern_proto::{MailParams, RcptParams, parse_forward_path, parse_reverse_path};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -28,7 +27,7 @@ pub(super) fn message(to: &[&str], content: &str) -> Message {
                 params: RcptParams::default(),
             })
             .collect(),
-        content: Arc::from(content.as_bytes()),
+        content: bytes::Bytes::copy_from_slice(content.as_bytes()),
     }
 }
 
