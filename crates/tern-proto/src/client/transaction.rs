@@ -80,7 +80,10 @@ impl Body {
     /// Encodes the next `chunk_size` octets of content; true when that was
     /// the end (the encoder is then finished).
     fn next_piece(&mut self, content: &[u8], chunk_size: usize) -> (Vec<u8>, bool) {
-        let mut out = Vec::new();
+        // Room for the piece and some stuffing dots and folds: growing from
+        // empty copied each 64 KiB piece about once more.
+        let mut out =
+            Vec::with_capacity(chunk_size.min(content.len().saturating_sub(self.offset)) + 64);
         loop {
             let end = self
                 .offset
