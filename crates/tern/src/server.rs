@@ -101,13 +101,16 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
     // server's and replaced), before "ready" (scripts use it at once).
     let control_path = control::socket_path(&runtime.data_dir);
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(16);
-    let control_task =
-        control::serve(&control_path, control_tx, shutdown.clone()).map_err(|e| {
-            format!(
-                "cannot listen for tern queue commands on {}: {e}",
-                control_path.display()
-            )
-        })?;
+    // Mail matters more than the administrator's socket: a path too long
+    // for a Unix socket (about 100 octets) or an unwritable data folder
+    // leaves `tern queue` reading the spool, and the server runs.
+    let control_task = match control::serve(&control_path, control_tx, shutdown.clone()) {
+        Ok(task) => Some(task),
+        Err(e) => {
+            warn!(event = "control.unavailable", path = %control_path.display(), error = %e, "tern queue cannot steer this server (list and show read the spool)");
+            None
+        }
+    };
     tokio::spawn(answer_queue_commands(control_rx, queue_admin));
     let ctx = Arc::new(Context {
         runtime: runtime.clone(),
@@ -162,7 +165,9 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
     }
     let _ = queue_task.await;
     let _ = outbound_task.await;
-    let _ = control_task.await;
+    if let Some(task) = control_task {
+        let _ = task.await;
+    }
     spool.close().await;
     info!(event = "server.stopped");
     Ok(())
