@@ -127,9 +127,16 @@ impl AttemptContext {
         scheduler::Destination::new(self.router.destination(domain_of(address)).as_str())
     }
 
-    fn settings_for(&self, delivery: &Delivery) -> &SmtpSettings {
-        let relay = delivery.destination.as_str().starts_with("relay:");
-        if relay { &self.relayed } else { &self.direct }
+    /// The relay's TLS policy and credentials go to the relay host only:
+    /// a per-domain SMTP transport is another server, and gets the
+    /// direct settings like an MX host.
+    fn settings_for(&self, domain: &str) -> &SmtpSettings {
+        let routes = self.router.routes();
+        if routes.transport(domain).is_none() && routes.relay.is_some() {
+            &self.relayed
+        } else {
+            &self.direct
+        }
     }
 
     /// Routes `job`'s destination afresh (a config or DNS change applies
@@ -392,7 +399,7 @@ pub(crate) async fn connection(
     let mut queued = VecDeque::from([(job, envelope)]);
     loop {
         let mut feed = JobFeed::new(context.clone(), finished.clone(), queued, true);
-        deliver_from(&delivery, &mut feed, context.settings_for(&delivery)).await;
+        deliver_from(&delivery, &mut feed, context.settings_for(&domain)).await;
         let stranded = std::mem::take(&mut feed.stranded);
         let stranded = try_fallback(&context, &domain, &delivery, &finished, stranded).await;
         // What no server took is reported last, with the last connection

@@ -345,3 +345,28 @@ async fn a_long_deferral_brings_one_delay_notice_then_the_bounce_at_the_give_up_
     r.shutdown.cancel();
     r.task.await.unwrap();
 }
+
+/// The relay's credentials go to the relay only: a per-domain SMTP
+/// transport (here a server that offers no AUTH) takes its mail without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_domain_transport_does_not_get_the_relay_credentials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, count) = sink().await;
+    let toml = format!(
+        "hostname = \"mx.test\"\ndata_dir = \"{}\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+         [local]\ndomains = [\"example.test\"]\n[[user]]\nname = \"alice\"\n\
+         [delivery]\nretry_initial = \"1s\"\nretry_max = \"1s\"\n\
+         [route]\nrelay = \"[127.0.0.1]:1\"\nrelay_username = \"u\"\nrelay_password = \"p\"\n\
+         relay_auth_without_tls = true\n[route.transports]\n\"far.test\" = \"[127.0.0.1]:{port}\"\n\
+         [outbound]\ntls = \"none\"\n",
+        tmp.path().display()
+    );
+    let runtime = Arc::new(crate::config::parse(&toml, tmp.path()).unwrap());
+    let r = run_with(runtime, None).await;
+    let id = commit(&r.spool, remote_envelope(&["bob@far.test"])).await;
+    r.notify.notify(id);
+    wait_until(|| r.spool.live().is_empty()).await;
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    r.shutdown.cancel();
+    r.task.await.unwrap();
+}
