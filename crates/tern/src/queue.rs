@@ -462,7 +462,7 @@ impl Queue {
             }
             // A message whose recipients are all final needs only its DONE
             // record: one group commit instead of two per batch.
-            let done = envelope.recipients.iter().all(|r| r.status.is_final());
+            let done = envelope.all_final();
             outcomes.push(if done {
                 Outcome::Done(id)
             } else {
@@ -501,8 +501,7 @@ impl Queue {
     /// Finishes `id` if every recipient is final in the spool's current
     /// view (outbound delivery records its recipients on its own).
     async fn maybe_finish(&mut self, id: MsgId) {
-        let all_final = |env: &Envelope| env.recipients.iter().all(|r| r.status.is_final());
-        if !self.spool.get(id).is_some_and(|env| all_final(&env)) {
+        if !self.spool.get(id).is_some_and(|env| env.all_final()) {
             return;
         }
         match self.spool.finish(id).await {

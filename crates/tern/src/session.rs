@@ -652,7 +652,7 @@ pub fn local_routes(
                 if runtime
                     .outbound
                     .routes
-                    .transport(domain_of(&d.address))
+                    .transport(crate::spool::domain_of(&d.address))
                     .is_some() =>
             {
                 (d.address, Route::Remote)
@@ -661,10 +661,6 @@ pub fn local_routes(
             None => (d.address, Route::Remote),
         })
         .collect()
-}
-
-fn domain_of(address: &str) -> &str {
-    address.rsplit_once('@').map_or(address, |(_, d)| d)
 }
 
 fn notify_string(n: &tern_proto::Notify) -> String {

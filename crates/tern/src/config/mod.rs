@@ -16,7 +16,7 @@ mod recipients;
 mod schema;
 mod validate;
 
-pub use outbound::{OutboundSettings, TlsChoice};
+pub use outbound::OutboundSettings;
 use recipients::MAX_ALIAS_DEPTH;
 pub use recipients::{Destination, Resolution};
 pub use schema::{FileConfig, LimitsConfig, ListenerConfig, LogConfig};

@@ -11,37 +11,12 @@
 
 use super::schema::FileConfig;
 use super::validate::{DAY, Errors, SECOND, absolute, at_most, duration};
+use crate::deliver::smtp::TlsMode;
 use crate::dns::DnsSettings;
 use crate::route::{AddressFamilies, Routes};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tern_proto::client::Credentials;
-
-/// How hard outbound delivery insists on TLS (Postfix's `may`, `encrypt`,
-/// `verify`; `none` never tries).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsChoice {
-    None,
-    /// STARTTLS when offered, without checking the certificate; plain text
-    /// when not offered or when the handshake fails.
-    Opportunistic,
-    /// Encrypted or not at all; the certificate is not checked.
-    Require,
-    /// Encrypted with a certificate valid for the host name.
-    Verify,
-}
-
-impl TlsChoice {
-    fn parse(text: &str) -> Option<TlsChoice> {
-        match text {
-            "none" => Some(TlsChoice::None),
-            "opportunistic" => Some(TlsChoice::Opportunistic),
-            "require" => Some(TlsChoice::Require),
-            "verify" => Some(TlsChoice::Verify),
-            _ => None,
-        }
-    }
-}
 
 /// The validated outbound configuration.
 #[derive(Debug, Clone)]
@@ -52,9 +27,9 @@ pub struct OutboundSettings {
     /// The port MX hosts are reached on (25; tests use others).
     pub mx_port: u16,
     /// TLS policy for MX deliveries and per-domain transports.
-    pub tls: TlsChoice,
+    pub tls: TlsMode,
     /// TLS policy for the relay host and the fallback relay.
-    pub relay_tls: TlsChoice,
+    pub relay_tls: TlsMode,
     /// Extra trust anchors for `verify` (a private CA), PEM.
     pub tls_ca_file: Option<PathBuf>,
     pub relay_credentials: Option<Credentials>,
@@ -71,17 +46,27 @@ pub struct OutboundSettings {
     pub dead_after: u32,
 }
 
-fn tls_choice(errors: &mut Errors, key: &str, text: &str) -> TlsChoice {
-    TlsChoice::parse(text).unwrap_or_else(|| {
-        errors.push(
-            key,
-            format!(
-                "{text:?} is not a TLS policy (expected \"none\", \"opportunistic\", \
-                 \"require\" or \"verify\")"
-            ),
-        );
-        TlsChoice::Opportunistic
-    })
+/// A TLS policy as written in the file (the names `TlsMode` displays).
+fn tls_mode(errors: &mut Errors, key: &str, text: &str) -> TlsMode {
+    let modes = [
+        TlsMode::None,
+        TlsMode::Opportunistic,
+        TlsMode::Require,
+        TlsMode::Verify,
+    ];
+    modes
+        .into_iter()
+        .find(|mode| mode.to_string() == text)
+        .unwrap_or_else(|| {
+            errors.push(
+                key,
+                format!(
+                    "{text:?} is not a TLS policy (expected \"none\", \"opportunistic\", \
+                     \"require\" or \"verify\")"
+                ),
+            );
+            TlsMode::Opportunistic
+        })
 }
 
 pub(super) fn check_outbound(
@@ -111,9 +96,9 @@ pub(super) fn check_outbound(
     if r.mx_port == 0 {
         errors.push("route.mx_port", "must be a port number (1-65535)");
     }
-    let tls = tls_choice(errors, "outbound.tls", &o.tls);
+    let tls = tls_mode(errors, "outbound.tls", &o.tls);
     let relay_tls = match &r.relay_tls {
-        Some(text) => tls_choice(errors, "route.relay_tls", text),
+        Some(text) => tls_mode(errors, "route.relay_tls", text),
         None => tls,
     };
     let tls_ca_file = o.tls_ca_file.as_deref().map(|p| absolute(base, p));

@@ -349,8 +349,14 @@ fn outbound_keys_validate_with_their_key_named() {
         rt.delivery.delay_notice,
         Some(Duration::from_secs(4 * 3600))
     );
-    assert_eq!(rt.outbound.tls, TlsChoice::Opportunistic);
-    assert_eq!(rt.outbound.relay_tls, TlsChoice::Opportunistic);
+    assert_eq!(
+        rt.outbound.tls,
+        crate::deliver::smtp::TlsMode::Opportunistic
+    );
+    assert_eq!(
+        rt.outbound.relay_tls,
+        crate::deliver::smtp::TlsMode::Opportunistic
+    );
     assert!(rt.outbound.routes.relay.is_none());
 
     let dir = tempfile::tempdir().unwrap();
@@ -362,7 +368,7 @@ fn outbound_keys_validate_with_their_key_named() {
          [delivery]\ndelay_notice = \"0s\"\n"
     );
     let rt = parse(&text, dir.path()).expect("valid");
-    assert_eq!(rt.outbound.relay_tls, TlsChoice::Verify);
+    assert_eq!(rt.outbound.relay_tls, crate::deliver::smtp::TlsMode::Verify);
     let credentials = rt.outbound.relay_credentials.expect("credentials");
     assert_eq!(
         (credentials.username.as_str(), credentials.password.as_str()),

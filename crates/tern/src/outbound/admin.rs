@@ -13,7 +13,7 @@
 //! commands and an error for `show`; a failure to write the hold list or the
 //! spool is an error reply (the in-memory change stands for this run).
 
-use super::Manager;
+use super::{Manager, seconds};
 use crate::scheduler::{DestinationSummary, Millis, RcptExplain, Wait};
 use crate::spool::{Envelope, MsgId, Route};
 use serde_json::{Value, json};
@@ -31,10 +31,6 @@ pub enum QueueOp {
     Release(MsgId),
     Delete(MsgId),
     Destinations,
-}
-
-fn seconds(at: Millis) -> i64 {
-    at.div_euclid(1000) + i64::from(at.rem_euclid(1000) != 0)
 }
 
 /// Where the hold list lives.

@@ -11,15 +11,13 @@
 //! receive mail).
 
 use super::NextJob;
-use crate::config::{Runtime, TlsChoice};
-use crate::deliver::smtp::{
-    Feed, MessageReport, RecipientReport, SmtpSettings, TlsMode, deliver_from,
-};
+use crate::config::Runtime;
+use crate::deliver::smtp::{Feed, MessageReport, RecipientReport, SmtpSettings, deliver_from};
 use crate::dns::Dns;
 use crate::queue::QueueHandle;
 use crate::route::{Delivery, RouteError, Router, RouterSettings};
 use crate::scheduler::{self, Connection, Job, JobReport, RcptResult, ReplyClass, classify};
-use crate::spool::{Envelope, Spool};
+use crate::spool::{Envelope, Spool, domain_of};
 use rand::SeedableRng;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -66,15 +64,6 @@ pub(crate) struct Finished {
     pub next: Option<NextJob>,
 }
 
-fn tls_mode(choice: TlsChoice) -> TlsMode {
-    match choice {
-        TlsChoice::None => TlsMode::None,
-        TlsChoice::Opportunistic => TlsMode::Opportunistic,
-        TlsChoice::Require => TlsMode::Require,
-        TlsChoice::Verify => TlsMode::Verify,
-    }
-}
-
 impl AttemptContext {
     pub fn new(runtime: Arc<Runtime>, spool: Spool, queue: QueueHandle) -> Result<Self, String> {
         let o = &runtime.outbound;
@@ -94,7 +83,7 @@ impl AttemptContext {
             max_messages_per_connection: o.max_messages_per_connection,
             credentials: None,
             auth_without_tls: false,
-            tls: tls_mode(o.tls),
+            tls: o.tls,
             tls_ca_file: o.tls_ca_file.clone(),
             max_recipients: o.max_recipients_per_job,
             ..SmtpSettings::default()
@@ -102,7 +91,7 @@ impl AttemptContext {
         let relayed = SmtpSettings {
             credentials: o.relay_credentials.clone(),
             auth_without_tls: o.relay_auth_without_tls,
-            tls: tls_mode(o.relay_tls),
+            tls: o.relay_tls,
             ..direct.clone()
         };
         // A CA file that went bad since check-config shows at start-up.
@@ -444,10 +433,6 @@ async fn try_fallback(
     let mut feed = JobFeed::new(context.clone(), finished.clone(), queued, false);
     deliver_from(&fallback, &mut feed, &context.relayed).await;
     feed.stranded
-}
-
-fn domain_of(address: &str) -> &str {
-    address.rsplit_once('@').map_or(address, |(_, d)| d)
 }
 
 /// A reply as stored in the spool and shown by `tern queue`: one line.

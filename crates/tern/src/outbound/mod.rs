@@ -84,6 +84,13 @@ pub(crate) fn now_millis() -> Millis {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Unix seconds (the spool's and `tern queue`'s unit) from the scheduler's
+/// milliseconds, rounded up: a retry is never recorded as due before the
+/// scheduler will try it.
+pub(crate) fn seconds(at: Millis) -> i64 {
+    at.div_euclid(1000) + i64::from(at.rem_euclid(1000) != 0)
+}
+
 /// The scheduler's settings from the validated configuration.
 pub fn scheduler_config(runtime: &Runtime) -> SchedulerConfig {
     let o = &runtime.outbound;
@@ -287,13 +294,7 @@ impl Manager {
     /// asks for the destination's next ones while it can.
     fn start_connection(&mut self, job: Job) {
         let Some(envelope) = self.spool.get(job.msg) else {
-            // Finished or deleted meanwhile: nothing to send.
-            self.scheduler.delete(job.msg);
-            let report = JobReport {
-                connection: crate::scheduler::Connection::Established,
-                recipients: Vec::new(),
-            };
-            let _ = self.scheduler.complete(job.id, &report, now_millis());
+            self.forget_job(&job, now_millis());
             return;
         };
         // An idle connection to the destination takes it: no handshake.
@@ -362,6 +363,17 @@ impl Manager {
         }
     }
 
+    /// A job whose message was finished or deleted meanwhile: nothing to
+    /// send; the scheduler forgets the message and frees the job's place.
+    fn forget_job(&mut self, job: &Job, now: Millis) {
+        self.scheduler.delete(job.msg);
+        let report = JobReport {
+            connection: crate::scheduler::Connection::Established,
+            recipients: Vec::new(),
+        };
+        let _ = self.scheduler.complete(job.id, &report, now);
+    }
+
     /// The next job for a connection already open to `destination`, with
     /// its envelope.
     fn next_for(&mut self, destination: &Destination, now: Millis) -> Option<(Job, Envelope)> {
@@ -369,14 +381,7 @@ impl Manager {
             let job = self.scheduler.next_job_for(destination, now)?;
             match self.spool.get(job.msg) {
                 Some(envelope) => return Some((job, envelope)),
-                None => {
-                    self.scheduler.delete(job.msg);
-                    let report = JobReport {
-                        connection: crate::scheduler::Connection::Established,
-                        recipients: Vec::new(),
-                    };
-                    let _ = self.scheduler.complete(job.id, &report, now);
-                }
+                None => self.forget_job(&job, now),
             }
         }
     }

@@ -13,6 +13,7 @@
 //! the spool had it and is attempted again after a restart.
 
 use super::attempt::{AttemptContext, RcptDetail};
+use super::seconds;
 use crate::bounce::{Notice, NoticeContext, NoticeKind, NoticeRecipient, build_notice};
 use crate::config::Resolution;
 use crate::queue::Work;
@@ -22,12 +23,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-
-/// Seconds for the spool from the scheduler's milliseconds, rounded up (a
-/// retry is never recorded as due before the scheduler will try it).
-fn seconds(at: Millis) -> i64 {
-    at.div_euclid(1000) + i64::from(at.rem_euclid(1000) != 0)
-}
 
 /// Records the settled recipients of one finished job (on a task of its
 /// own: the manager never waits for the disk).
@@ -313,8 +308,7 @@ async fn record(context: &AttemptContext, msg: MsgId, changes: Vec<(usize, RcptS
             r.status = status.clone();
         }
     }
-    let all_final = |env: &Envelope| env.recipients.iter().all(|r| r.status.is_final());
-    if all_final(&current) {
+    if current.all_final() {
         finish(context, msg).await;
         return;
     }
@@ -325,7 +319,7 @@ async fn record(context: &AttemptContext, msg: MsgId, changes: Vec<(usize, RcptS
         .unwrap_or(Err(SpoolError::Closed));
     match recorded {
         Ok(()) => {
-            if spool.get(msg).is_some_and(|env| all_final(&env)) {
+            if spool.get(msg).is_some_and(|env| env.all_final()) {
                 finish(context, msg).await;
             }
         }

@@ -29,6 +29,19 @@ pub struct Envelope {
     pub helo: String,
 }
 
+impl Envelope {
+    /// Every recipient delivered or failed: the message may leave the spool.
+    pub fn all_final(&self) -> bool {
+        self.recipients.iter().all(|r| r.status.is_final())
+    }
+}
+
+/// The domain of a stored address (`local@domain`; the local part may hold
+/// a quoted `@`, the domain never does).
+pub fn domain_of(address: &str) -> &str {
+    address.rsplit_once('@').map_or(address, |(_, d)| d)
+}
+
 /// One recipient of a message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recipient {

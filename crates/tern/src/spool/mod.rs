@@ -136,7 +136,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use draft::Draft;
-pub use envelope::{Envelope, RcptStatus, Recipient, Route};
+pub use envelope::{Envelope, RcptStatus, Recipient, Route, domain_of};
 pub use log::{Outcome, Spool};
 pub use readonly::{read_body_read_only, scan_read_only};
 pub use writer::Faults;
