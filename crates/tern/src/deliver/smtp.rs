@@ -318,16 +318,7 @@ pub async fn deliver_from<F: Feed>(
                 let mut end = match endpoint.connect(settings.connect_timeout).await {
                     Err(e) => SessionEnd {
                         messages: 0,
-                        failure: Some(ConnectionFailure {
-                            // The host name comes from DNS: sanitised like a
-                            // server's reply before it reaches a bounce.
-                            reply: sanitize(&Reply::enhanced(
-                                451,
-                                (4, 4, 1),
-                                format!("cannot connect to {peer}: {e}"),
-                            )),
-                            local: true,
-                        }),
+                        failure: Some(connect_failure(&peer, &e)),
                         tls_failed: false,
                         tls: None,
                         feed_done: false,
@@ -454,11 +445,22 @@ async fn retry_over_ipv4(
         };
         let config = client_config(delivery, settings, settings.tls);
         let started = Instant::now();
-        let Ok(stream) = Endpoint::Tcp(address)
+        let stream = match Endpoint::Tcp(address)
             .connect(settings.connect_timeout)
             .await
-        else {
-            continue;
+        {
+            Ok(stream) => stream,
+            Err(e) => {
+                let report = ConnectionReport {
+                    peer: peer.clone(),
+                    messages: 0,
+                    failure: Some(connect_failure(&peer, &e)),
+                    tls: None,
+                    duration: started.elapsed(),
+                };
+                log_attempt(delivery, &report);
+                continue;
+            }
         };
         let mut session = Session {
             stream,
@@ -497,6 +499,20 @@ async fn retry_over_ipv4(
         }
     }
     report
+}
+
+/// A connect that failed (refused, unreachable, timed out).
+fn connect_failure(peer: &Peer, e: &io::Error) -> ConnectionFailure {
+    ConnectionFailure {
+        // The host name comes from DNS: sanitised like a server's reply
+        // before it reaches a bounce.
+        reply: sanitize(&Reply::enhanced(
+            451,
+            (4, 4, 1),
+            format!("cannot connect to {peer}: {e}"),
+        )),
+        local: true,
+    }
 }
 
 fn no_host() -> ConnectionFailure {

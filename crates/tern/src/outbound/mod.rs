@@ -327,19 +327,20 @@ impl Manager {
                 Vec::new()
             }
         };
-        for (rcpt, detail) in &details {
-            match &detail.answered_by {
-                Some(host) => self.answered_by.insert((job.msg, *rcpt), host.clone()),
-                None => self.answered_by.remove(&(job.msg, *rcpt)),
-            };
-        }
+        // Who answered is kept only for recipients that will be tried again.
         for s in &settled {
-            if matches!(
-                s.fate,
-                crate::scheduler::Fate::Delivered | crate::scheduler::Fate::Failed
-            ) {
-                self.answered_by.remove(&(s.key.msg, s.key.rcpt));
-            }
+            let key = (s.key.msg, s.key.rcpt);
+            let host = match s.fate {
+                crate::scheduler::Fate::Retry { .. } => details
+                    .iter()
+                    .find(|(i, _)| *i == s.key.rcpt)
+                    .and_then(|(_, d)| d.answered_by.clone()),
+                _ => None,
+            };
+            match host {
+                Some(host) => self.answered_by.insert(key, host),
+                None => self.answered_by.remove(&key),
+            };
         }
         settle::job(
             self.context.clone(),
