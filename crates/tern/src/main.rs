@@ -76,7 +76,7 @@ enum QueueCommand {
         #[command(flatten)]
         common: QueueArgs,
     },
-    /// Stop delivery attempts for a message until it is released
+    /// Stop outbound delivery attempts for a message until it is released (its local copies are still delivered)
     Hold {
         /// Queue ID
         id: String,
