@@ -38,6 +38,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         segment_size: runtime.spool.segment_size,
         draft_memory_limit: runtime.spool.draft_memory_limit,
         compact_after: SpoolConfig::COMPACT_AFTER,
+        commit_wait: runtime.spool.commit_wait,
     };
     let _lock = lock_spool(&runtime.spool.dir)?;
     let (spool, report) = Spool::open(spool_config)

@@ -102,6 +102,7 @@ pub struct SpoolSettings {
     pub dir: PathBuf,
     pub segment_size: u64,
     pub draft_memory_limit: usize,
+    pub commit_wait: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -259,6 +260,10 @@ fn key_at(text: &str, offset: usize) -> String {
 
 /// The configuration used when `tern serve` gets no `--config`: it works on a
 /// fresh machine without root, on loopback only.
+/// `spool.commit_wait` beyond this would add more to every answer than a
+/// disk sync ever costs.
+const MAX_COMMIT_WAIT: Duration = Duration::from_millis(50);
+
 pub const EMBEDDED_DEFAULT: &str = r#"
 hostname = "localhost"
 data_dir = "tern-data"
@@ -396,6 +401,13 @@ impl Runtime {
             dir: spool_dir,
             segment_size: file.spool.segment_size,
             draft_memory_limit: file.spool.draft_memory_limit,
+            commit_wait: validate::duration(
+                &mut errors,
+                "spool.commit_wait",
+                &file.spool.commit_wait,
+                Duration::ZERO,
+                MAX_COMMIT_WAIT,
+            ),
         };
         let delivery = check_delivery(&file, &mut errors);
         let outbound = outbound::check_outbound(&file, base, &mut errors);

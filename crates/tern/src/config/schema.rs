@@ -138,6 +138,7 @@ pub struct SpoolConfigFile {
     pub dir: Option<PathBuf>,
     pub segment_size: u64,
     pub draft_memory_limit: usize,
+    pub commit_wait: String,
 }
 
 impl Default for SpoolConfigFile {
@@ -146,6 +147,8 @@ impl Default for SpoolConfigFile {
             dir: None,
             segment_size: 64 * 1024 * 1024,
             draft_memory_limit: 256 * 1024,
+            commit_wait: humantime::format_duration(crate::spool::SpoolConfig::COMMIT_WAIT)
+                .to_string(),
         }
     }
 }

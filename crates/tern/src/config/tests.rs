@@ -210,6 +210,7 @@ fn example_config_is_valid_and_complete() {
         "dir",
         "segment_size",
         "draft_memory_limit",
+        "commit_wait",
         "batch_size",
         "retry_initial",
         "retry_max",

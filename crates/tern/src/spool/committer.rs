@@ -3,7 +3,9 @@
 //! It blocks for the first request, then takes every other request already
 //! waiting, validates them against the index, appends them as one batch with
 //! one `fdatasync`, applies them to the index and only then completes every
-//! waiter. No timer: while a sync runs, the next batch gathers in the channel.
+//! waiter. While a sync runs, the next batch gathers in the channel; a batch
+//! holding a new message also waits up to `commit_wait` for the bodies other
+//! sessions are still receiving (`Log::gather`), never for outcome records.
 //! When the channel is empty after a batch it reclaims space (`compact.rs`).
 //!
 //! Invariants: only this thread (and recovery, before it starts) writes
@@ -21,7 +23,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -43,6 +45,9 @@ pub(crate) struct Shared {
     pub faults: Faults,
     pub ids: IdGen,
     pub closed: AtomicBool,
+    /// Bodies being received right now (live `Draft`s): commits that will
+    /// arrive soon, which a batch may wait for (`run`).
+    pub open_drafts: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -99,6 +104,8 @@ pub(crate) struct Log {
     pub closed_at: HashMap<u32, Instant>,
     pub started: Instant,
     pub compact_after: Duration,
+    /// `SpoolConfig::commit_wait`.
+    pub commit_wait: Duration,
     /// The buffer a batch is encoded into, kept from batch to batch: a
     /// fresh one per batch cost a page fault per touched page (and, where
     /// the allocator asks for huge pages, zeroing 2 MiB: measured 1% of all
@@ -316,6 +323,38 @@ impl Log {
     }
 }
 
+/// How often a gathering batch looks for new requests.
+const GATHER_POLL: Duration = Duration::from_micros(50);
+
+impl Log {
+    /// Let a batch that holds a new message wait up to `commit_wait` for the
+    /// messages other sessions are still receiving, so that one `fdatasync`
+    /// covers them all. Without the wait, a batch holds what arrived during
+    /// the previous sync: at 20 sessions that was 2-3 messages, with it 7-15
+    /// (fsyncs per relayed message 0.34 -> 0.07 at 4 KiB, 0.46 -> 0.15 at
+    /// 100 KiB, and more messages per second, as the disk and the CPU spend
+    /// less on syncs). Outcome records (STATE, DONE) never wait: nobody
+    /// waits behind them but delivery, and they ride along with messages
+    /// anyway. The wait ends early once no other body is being received,
+    /// so a lone client never pays it.
+    fn gather(&self, reqs: &mut Vec<Req>, rx: &mut mpsc::UnboundedReceiver<Req>) {
+        let others_receiving = || self.shared.open_drafts.load(Ordering::Relaxed) > 0;
+        if self.commit_wait.is_zero()
+            || !others_receiving()
+            || !reqs.iter().any(|r| matches!(r.op, Op::Msg { .. }))
+        {
+            return;
+        }
+        let deadline = Instant::now() + self.commit_wait;
+        while others_receiving() && Instant::now() < deadline {
+            std::thread::sleep(GATHER_POLL);
+            while let Ok(r) = rx.try_recv() {
+                reqs.push(r);
+            }
+        }
+    }
+}
+
 /// The committer thread's body.
 pub(crate) fn run(mut log: Log, mut rx: mpsc::UnboundedReceiver<Req>) {
     while let Some(first) = rx.blocking_recv() {
@@ -323,6 +362,7 @@ pub(crate) fn run(mut log: Log, mut rx: mpsc::UnboundedReceiver<Req>) {
         while let Ok(r) = rx.try_recv() {
             reqs.push(r);
         }
+        log.gather(&mut reqs, &mut rx);
         if log.process(reqs) {
             break;
         }

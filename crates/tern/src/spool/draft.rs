@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::io::AsyncWriteExt;
 
@@ -20,6 +21,8 @@ use tokio::io::AsyncWriteExt;
 pub(crate) struct DraftCfg {
     pub scratch_dir: PathBuf,
     pub limit: usize,
+    /// Live drafts of this spool (`Shared::open_drafts`).
+    pub open: Arc<AtomicUsize>,
 }
 
 /// A message body being received.
@@ -34,6 +37,7 @@ pub struct Draft {
 
 impl Draft {
     pub(crate) fn new(cfg: Arc<DraftCfg>) -> Draft {
+        cfg.open.fetch_add(1, Ordering::Relaxed);
         Draft {
             cfg,
             mem: Vec::new(),
@@ -118,6 +122,7 @@ impl Draft {
 
 impl Drop for Draft {
     fn drop(&mut self) {
+        self.cfg.open.fetch_sub(1, Ordering::Relaxed);
         if let Some((path, _)) = self.file.take() {
             let _ = std::fs::remove_file(path);
         }

@@ -95,11 +95,12 @@ impl Spool {
             corrupt = report.corrupt_segments.len(),
             "spool.open"
         );
+        let draft_cfg = Arc::new(draft_cfg(&config, &shared));
         let inner = Inner {
             shared,
             tx: Some(tx),
             thread: Mutex::new(Some(thread)),
-            draft_cfg: Arc::new(draft_cfg(&config)),
+            draft_cfg,
         };
         Ok((
             Spool {
@@ -388,8 +389,9 @@ impl Spool {
 }
 
 /// Where drafts spill and how much they keep in memory.
-pub(crate) fn draft_cfg(config: &SpoolConfig) -> DraftCfg {
+pub(crate) fn draft_cfg(config: &SpoolConfig, shared: &Shared) -> DraftCfg {
     DraftCfg {
+        open: shared.open_drafts.clone(),
         scratch_dir: config.dir.join("scratch"),
         limit: config.draft_memory_limit,
     }
@@ -425,6 +427,7 @@ pub(crate) fn open_log(config: &SpoolConfig) -> Result<(Log, RecoveryReport), Sp
         faults: Faults::default(),
         ids: IdGen::new(outcome.max_id),
         closed: AtomicBool::new(false),
+        open_drafts: Arc::default(),
     });
     let log = recover::repair(config, shared.clone(), outcome.segs, &mut report)?;
     report.messages = shared.index().msgs.len();

@@ -7,7 +7,9 @@
 //! the active segment. It takes every request waiting in its channel, appends
 //! them with as few `pwrite`s as possible, calls `fdatasync` **once**, and only
 //! then completes every waiter. While a sync is in flight the next batch
-//! gathers, so batches grow with load without any timer. Recipient outcomes
+//! gathers, so batches grow with load; a batch with a new message also waits
+//! up to `commit_wait` (1 ms) while other sessions are still receiving bodies,
+//! so one sync covers them too. Recipient outcomes
 //! ([`Spool::update`]) and finished messages ([`Spool::finish`]) are records in
 //! the same log, committed the same way. The index of live messages is kept in
 //! memory and rebuilt at [`Spool::open`] by scanning the segments.
@@ -216,11 +218,17 @@ pub struct SpoolConfig {
     /// flight when it closed are delivered by then, so it dies whole and is
     /// deleted instead of having them copied forward.
     pub compact_after: Duration,
+    /// Longest a batch holding a new message waits for the messages other
+    /// sessions are still receiving, to share one `fdatasync` with them.
+    pub commit_wait: Duration,
 }
 
 impl SpoolConfig {
     /// The default `compact_after`.
     pub const COMPACT_AFTER: Duration = Duration::from_secs(30);
+    /// The default `commit_wait`: about one `fdatasync` of a small batch on
+    /// an SSD, so a batch waits at most as long as the sync it saves.
+    pub const COMMIT_WAIT: Duration = Duration::from_millis(1);
 
     /// `dir` with the default sizes (64 MiB segments, 256 KiB in-memory drafts).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -229,6 +237,7 @@ impl SpoolConfig {
             segment_size: 64 * 1024 * 1024,
             draft_memory_limit: 256 * 1024,
             compact_after: SpoolConfig::COMPACT_AFTER,
+            commit_wait: SpoolConfig::COMMIT_WAIT,
         }
     }
 }

@@ -313,6 +313,7 @@ pub(crate) fn repair(
         closed_at: HashMap::new(),
         started: Instant::now(),
         compact_after: config.compact_after,
+        commit_wait: config.commit_wait,
         batch_buf: Vec::new(),
     };
     for s in corrupt {

@@ -51,6 +51,7 @@ pub(crate) fn config(dir: &Path) -> SpoolConfig {
         segment_size: 64 << 20,
         draft_memory_limit: 1024,
         compact_after: Duration::ZERO,
+        commit_wait: Duration::ZERO,
     }
 }
 
@@ -261,6 +262,65 @@ async fn concurrent_commits_are_group_committed() {
     for (id, b) in committed {
         assert_eq!(spool.read_body(id).await.unwrap(), b);
     }
+}
+
+/// A commit made while another session is still receiving a body waits for
+/// it (`commit_wait`), and both share one sync; the wait ends as soon as that
+/// body is committed, long before the (here huge) `commit_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_waits_for_bodies_still_arriving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = SpoolConfig {
+        commit_wait: Duration::from_secs(20),
+        ..config(tmp.path())
+    };
+    let (spool, _) = Spool::open(cfg).unwrap();
+    let base = spool.sync_count();
+    let mut still_arriving = spool.draft();
+    still_arriving.write(b"second body\r\n").await.unwrap();
+    let started = Instant::now();
+    let first = {
+        let s = spool.clone();
+        tokio::spawn(async move { commit_body(&s, envelope(1), b"first body\r\n").await })
+    };
+    // The first commit is parked in the committer until the other body ends.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!first.is_finished(), "the first commit did not wait");
+    let second = spool.commit(envelope(1), still_arriving).await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(spool.sync_count() - base, 1, "two commits, one sync");
+    assert_eq!(spool.read_body(first).await.unwrap(), b"first body\r\n");
+    assert_eq!(spool.read_body(second).await.unwrap(), b"second body\r\n");
+}
+
+/// A commit waits for nobody when no other body is arriving, and an abandoned
+/// body (the client went away) ends the wait of those parked behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_wait_ends_when_nobody_else_is_receiving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = SpoolConfig {
+        commit_wait: Duration::from_secs(20),
+        ..config(tmp.path())
+    };
+    let (spool, _) = Spool::open(cfg).unwrap();
+    let started = Instant::now();
+    commit_body(&spool, envelope(1), b"alone\r\n")
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let abandoned = spool.draft();
+    let parked = {
+        let s = spool.clone();
+        tokio::spawn(async move { commit_body(&s, envelope(1), b"parked\r\n").await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!parked.is_finished(), "the commit did not wait");
+    drop(abandoned);
+    let id = parked.await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(spool.read_body(id).await.unwrap(), b"parked\r\n");
 }
 
 /// Poll with a deadline (reclaiming runs on the committer after a batch).

@@ -71,7 +71,7 @@ async fn bad_records_fail_alone(prealloc: bool) {
     let (mut log, _) = open_log(&cfg).unwrap();
     assert_eq!(log.active.prealloc, prealloc);
     let (seg, start) = (log.active.no, log.active.end);
-    let dcfg = Arc::new(draft_cfg(&cfg));
+    let dcfg = Arc::new(draft_cfg(&cfg, &log.shared));
 
     let mut d = Draft::new(dcfg.clone());
     let big = vec![b'B'; 6 << 20];

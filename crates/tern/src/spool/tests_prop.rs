@@ -105,6 +105,7 @@ async fn run(steps: Vec<Step>) {
         segment_size: 4096,
         draft_memory_limit: 1024,
         compact_after: std::time::Duration::ZERO,
+        commit_wait: SpoolConfig::COMMIT_WAIT,
     };
     let (mut spool, _) = Spool::open(cfg.clone()).unwrap();
     let mut model = Model::new();
