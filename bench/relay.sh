@@ -26,7 +26,8 @@
 # connections and 1 s per message it stays busy 2.5x as long as the fast run), BENCH_SETTLE_SECS
 # (pause with sync before the second server, 15), TERN_BIN (skip the build), BENCH_OUT (results
 # dir), BENCH_KEEP=1 (keep the temp dir), BENCH_TERN_OUTBOUND (extra lines for Tern's [outbound]
-# section, e.g. $'max_messages_per_connection = 1000').
+# section, e.g. $'max_messages_per_connection = 1000'), BENCH_FAST_ROUNDS (rounds of the fast/slow
+# pair, 2).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -39,6 +40,7 @@ LIB="$HERE/benchlib.py"
 : "${BENCH_SETTLE_SECS:=15}"
 : "${BENCH_TERN_OUTBOUND:=}"
 : "${BENCH_WARMUP_MSGS:=1000}"
+: "${BENCH_FAST_ROUNDS:=2}"
 : "${BENCH_OUT:=/tmp/tern-relay-bench-$(date +%Y%m%d-%H%M%S)}"
 SESSIONS=20
 SLOW_SESSIONS=5
@@ -268,37 +270,50 @@ fsyncs() {
     STRACE_PID=""
 }
 
-# fast_slow NAME: the fast domain alone, then beside a slow destination with a backlog.
+# fast_slow NAME: the fast domain alone, then beside a slow destination with a backlog, in
+# BENCH_FAST_ROUNDS rounds (each waits for the previous slow backlog to drain first): one 8 s pair
+# varies by +-8% with the machine's drift, and the table shows the mean of the rounds' ratios.
 fast_slow() {
-    local name="$1" n sb mb ma i _
+    local name="$1" n sb mb ma i r _
     n=$(sed -n "s/^$name\.relay4k\.msgs=//p" "$RESULTS" | tail -1)
     [ -n "$n" ] || n=$((500 * BENCH_TARGET_SECS))
-    log "$name: fast destination alone, $n messages of 4 KiB"
-    python3 "$LIB" load --port "$PORT" --prefix "$name.fastalone" --size 4096 --reuse --msgs "$n" \
-        --rcpt "sink@fast.test" --sink-count "${SINK_FILE[fast]}" | record \
-        || log "$name: fast-alone run failed"
-    wait_no_conns "${SINK_PORT[fast]}" 30 || true
-    log "$name: $BENCH_SLOW_MSGS messages for the slow destination, then the same fast batch"
-    read -r _ mb <<<"$(sink_counts slow)"
-    smtp-source -s "$SLOW_SESSIONS" -m "$BENCH_SLOW_MSGS" -l 4096 -d -M client.bench.test \
-        -f load@client.bench.test -t sink@slow.test "127.0.0.1:$PORT" \
-        >"$BENCH_OUT/$name.slowsource.out" 2>&1 &
-    SLOWSRC_PID=$!
-    # Until the server has accepted the whole slow backlog (60 s deadline).
-    for ((i = 0; i < 600; i++)); do kill -0 "$SLOWSRC_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$SLOWSRC_PID" 2>/dev/null && log "$name: slow smtp-source still running after 60 s"
-    stop_pid "$SLOWSRC_PID" 5
-    SLOWSRC_PID=""
-    echo "$name.slow.conns_at_start=$(open_conns "${SINK_PORT[slow]}")" | record
-    read -r _ sb <<<"$(sink_counts slow)"
-    python3 "$LIB" load --port "$PORT" --prefix "$name.fastmixed" --size 4096 --reuse --msgs "$n" \
-        --rcpt "sink@fast.test" --sink-count "${SINK_FILE[fast]}" | record \
-        || log "$name: fast-beside-slow run failed"
-    echo "$name.slow.conns_at_end=$(open_conns "${SINK_PORT[slow]}")" | record
-    read -r _ ma <<<"$(sink_counts slow)"
-    echo "$name.slow.msgs_before_fast=$((sb - mb))" | record
-    echo "$name.slow.msgs_during_fast=$((ma - sb))" | record
-    echo "$name.slow.backlog=$BENCH_SLOW_MSGS" | record
+    for ((r = 1; r <= BENCH_FAST_ROUNDS; r++)); do
+        log "$name: round $r, fast destination alone, $n messages of 4 KiB"
+        python3 "$LIB" load --port "$PORT" --prefix "$name.fastalone.r$r" --size 4096 --reuse \
+            --msgs "$n" --rcpt "sink@fast.test" --sink-count "${SINK_FILE[fast]}" | record \
+            || log "$name: fast-alone run failed"
+        wait_no_conns "${SINK_PORT[fast]}" 30 || true
+        log "$name: round $r, $BENCH_SLOW_MSGS messages for the slow destination, then the same fast batch"
+        read -r _ mb <<<"$(sink_counts slow)"
+        smtp-source -s "$SLOW_SESSIONS" -m "$BENCH_SLOW_MSGS" -l 4096 -d -M client.bench.test \
+            -f load@client.bench.test -t sink@slow.test "127.0.0.1:$PORT" \
+            >"$BENCH_OUT/$name.slowsource.out" 2>&1 &
+        SLOWSRC_PID=$!
+        # Until the server has accepted the whole slow backlog (60 s deadline).
+        for ((i = 0; i < 600; i++)); do kill -0 "$SLOWSRC_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$SLOWSRC_PID" 2>/dev/null && log "$name: slow smtp-source still running after 60 s"
+        stop_pid "$SLOWSRC_PID" 5
+        SLOWSRC_PID=""
+        echo "$name.slow.conns_at_start=$(open_conns "${SINK_PORT[slow]}")" | record
+        read -r _ sb <<<"$(sink_counts slow)"
+        python3 "$LIB" load --port "$PORT" --prefix "$name.fastmixed.r$r" --size 4096 --reuse \
+            --msgs "$n" --rcpt "sink@fast.test" --sink-count "${SINK_FILE[fast]}" | record \
+            || log "$name: fast-beside-slow run failed"
+        echo "$name.slow.conns_at_end=$(open_conns "${SINK_PORT[slow]}")" | record
+        read -r _ ma <<<"$(sink_counts slow)"
+        echo "$name.slow.msgs_before_fast=$((sb - mb))" | record
+        echo "$name.slow.msgs_during_fast=$((ma - sb))" | record
+        echo "$name.slow.backlog=$BENCH_SLOW_MSGS" | record
+        wait_no_conns "${SINK_PORT[fast]}" 30 || true
+        # The next round's "alone" must be alone: the slow backlog drained (120 s deadline).
+        for ((i = 0; i < 1200; i++)); do
+            read -r _ ma <<<"$(sink_counts slow)"
+            ((ma - mb >= BENCH_SLOW_MSGS)) && break
+            sleep 0.1
+        done
+        ((ma - mb >= BENCH_SLOW_MSGS)) || log "$name: slow backlog not drained after 120 s"
+        wait_no_conns "${SINK_PORT[slow]}" 30 || true
+    done
 }
 
 # ---------------------------------------------------------------- Tern
