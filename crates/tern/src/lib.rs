@@ -3,6 +3,7 @@
 
 pub mod bounce;
 pub mod config;
+pub mod conn;
 pub mod control;
 pub mod deliver;
 pub mod dns;

@@ -7,6 +7,7 @@
 //!
 //! Not here: anything SMTP beyond that one refusal line.
 
+use crate::conn::Conn;
 use crate::session::{self, Context};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -96,8 +97,9 @@ pub async fn accept_loop(
         match limits.acquire(peer.ip()) {
             Ok(slot) => {
                 let ctx = ctx.clone();
+                let local = stream.local_addr().ok();
                 tracker.spawn(async move {
-                    session::run(stream, peer, ctx).await;
+                    session::run(Conn::Tcp(stream), peer, local, ctx).await;
                     drop(slot);
                 });
             }

@@ -22,13 +22,12 @@
 //! into `452 4.3.1` for the message concerned and the session goes on.
 
 use crate::config::{Resolution, Runtime, canonical_ip};
+use crate::conn::Conn;
 use crate::queue::{QueueHandle, Work};
 use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
 use std::collections::HashSet;
 use std::io;
-use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -37,9 +36,8 @@ use tern_proto::{
     BodyType, Decision, Event, ForwardPath, MailParams, Mailbox, Phase, Query, RcptParams, Reply,
     Ret, ReversePath, Session,
 };
-use tokio::io::{AsyncWriteExt, Interest};
-use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tokio::io::AsyncWriteExt;
+use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -130,13 +128,13 @@ struct Driver {
 /// large message keeps going, a trickle does not).
 const DATA_PROGRESS: usize = 64 * 1024;
 
-/// Runs one connection to its end.
-pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+/// Runs one connection to its end. `local` is our end of it.
+pub async fn run(mut conn: Conn, peer: SocketAddr, local: Option<SocketAddr>, ctx: Arc<Context>) {
     let session_id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
     info!(event = "session.connect", session_id, client = %peer);
     let session = Session::new(ctx.runtime.server_config());
     let deadline = Instant::now() + ctx.runtime.limits.command_timeout;
-    let local_ip = stream.local_addr().ok().map(|a| canonical_ip(a.ip()));
+    let local_ip = local.map(|a| canonical_ip(a.ip()));
     let mut driver = Driver {
         ctx,
         session,
@@ -150,7 +148,7 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         progress: 0,
         last_reply_code: 0,
     };
-    match driver.drive(&mut stream).await {
+    match driver.drive(&mut conn).await {
         Ok(()) => debug!(event = "session.close", session_id),
         Err(e) => debug!(event = "session.close", session_id, error = %e),
     }
@@ -158,9 +156,9 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     // has nothing left to send, and its close is all that would be read.
     // A task of its own, so its state is not part of every session's.
     if driver.last_reply_code >= 400 {
-        tokio::spawn(linger(stream, driver.ctx.shutdown.clone()));
+        tokio::spawn(linger(conn, driver.ctx.shutdown.clone()));
     } else {
-        let _ = stream.shutdown().await;
+        let _ = conn.shutdown().await;
     }
 }
 
@@ -174,42 +172,30 @@ const LINGER_OCTETS: usize = 1024 * 1024;
 /// client reads it: the 552 to an oversized BDAT whose chunk is still
 /// coming, the 554 to an early talker. A client that closes after our
 /// reply (QUIT) ends this at once.
-async fn linger(mut stream: TcpStream, shutdown: CancellationToken) {
-    if stream.shutdown().await.is_err() {
+async fn linger(mut conn: Conn, shutdown: CancellationToken) {
+    if conn.shutdown().await.is_err() {
         return;
     }
     tokio::select! {
         _ = shutdown.cancelled() => {}
-        _ = drain_until_closed(&stream) => {}
+        _ = drain_until_closed(&mut conn) => {}
     }
 }
 
-async fn drain_until_closed(stream: &TcpStream) {
+async fn drain_until_closed(conn: &mut Conn) {
     let deadline = Instant::now() + LINGER_TIME;
     let mut dropped = 0;
     while dropped < LINGER_OCTETS {
-        match timeout_at(deadline, stream.readable()).await {
-            Ok(Ok(())) => match drop_available(stream) {
-                Ok(0) => return,
-                Ok(n) => dropped += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            },
-            _ => return,
+        match timeout_at(deadline, conn.read_into(&mut |_| {})).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(n)) => dropped += n,
         }
     }
 }
 
-/// One read into a buffer on this (synchronous) frame's stack, not held
-/// across the awaits of the lingering task.
-fn drop_available(stream: &TcpStream) -> io::Result<usize> {
-    let mut buf = [0u8; 4096];
-    stream.try_read(&mut buf)
-}
-
 impl Driver {
-    async fn drive(&mut self, stream: &mut TcpStream) -> io::Result<()> {
-        self.greeting_delay(stream).await?;
+    async fn drive(&mut self, conn: &mut Conn) -> io::Result<()> {
+        self.greeting_delay(conn).await?;
         loop {
             while let Some(event) = self.session.next_event() {
                 match event {
@@ -224,13 +210,13 @@ impl Driver {
                     Event::Body(chunk) => self.body(&chunk).await,
                     Event::MessageAborted => self.abort_message(),
                     Event::Close => {
-                        self.flush(stream).await?;
+                        self.flush(conn).await?;
                         return Ok(());
                     }
                 }
             }
             if self.session.is_closed() {
-                return self.flush(stream).await;
+                return self.flush(conn).await;
             }
             let phase = self.session.phase();
             let progressed = phase == Phase::Data && self.progress >= DATA_PROGRESS;
@@ -244,68 +230,65 @@ impl Driver {
                 self.deadline_phase = phase;
                 self.progress = 0;
             }
-            self.flush(stream).await?;
-            self.wait_for_input(stream).await?;
+            self.flush(conn).await?;
+            self.wait_for_input(conn).await?;
         }
     }
 
     /// Waits before the greeting, reading whatever arrives: the protocol
     /// engine rejects a client that talks first (RFC 5321 §4.3.1: the client
     /// must wait for the 220), which is how most spam bots give themselves away.
-    async fn greeting_delay(&mut self, stream: &TcpStream) -> io::Result<()> {
+    async fn greeting_delay(&mut self, conn: &mut Conn) -> io::Result<()> {
         let delay = self.ctx.runtime.limits.greeting_delay;
         if delay.is_zero() {
             return Ok(());
         }
-        let deadline = Instant::now() + delay;
-        loop {
-            tokio::select! {
-                _ = sleep_until(deadline) => return Ok(()),
-                ready = stream.readable() => {
-                    ready?;
-                    match read_available(stream, &mut self.session) {
-                        Ok(0) => { self.session.eof(); return Ok(()); }
-                        Ok(_) => return Ok(()),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
-                    }
-                }
+        let session = &mut self.session;
+        match timeout_at(
+            Instant::now() + delay,
+            conn.read_into(&mut |bytes| session.receive(bytes)),
+        )
+        .await
+        {
+            Err(_) | Ok(Ok(1..)) => Ok(()),
+            Ok(Ok(0)) => {
+                session.eof();
+                Ok(())
             }
+            Ok(Err(e)) => Err(e),
         }
     }
 
-    async fn wait_for_input(&mut self, stream: &TcpStream) -> io::Result<()> {
-        tokio::select! {
-            _ = self.ctx.shutdown.cancelled() => {
+    async fn wait_for_input(&mut self, conn: &mut Conn) -> io::Result<()> {
+        let session = &mut self.session;
+        let mut feed = |bytes: &[u8]| session.receive(bytes);
+        let read = tokio::select! {
+            _ = self.ctx.shutdown.cancelled() => None,
+            read = timeout_at(self.deadline, conn.read_into(&mut feed)) => Some(read),
+        };
+        match read {
+            None => {
                 self.abort_message();
                 self.session.shutdown();
             }
-            ready = timeout_at(self.deadline, stream.readable()) => match ready {
-                Err(_) => {
-                    info!(event = "session.timeout", session_id = self.session_id);
-                    self.abort_message();
-                    self.session.timeout();
-                }
-                Ok(ready) => {
-                    ready?;
-                    match read_available(stream, &mut self.session) {
-                        Ok(0) => self.session.eof(),
-                        Ok(n) => self.progress = self.progress.saturating_add(n),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
-                    }
-                }
+            Some(Err(_)) => {
+                info!(event = "session.timeout", session_id = self.session_id);
+                self.abort_message();
+                self.session.timeout();
             }
+            Some(Ok(Ok(0))) => self.session.eof(),
+            Some(Ok(Ok(n))) => self.progress = self.progress.saturating_add(n),
+            Some(Ok(Err(e))) => return Err(e),
         }
         Ok(())
     }
 
-    async fn flush(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+    async fn flush(&mut self, conn: &mut Conn) -> io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
         let limit = self.ctx.runtime.limits.command_timeout;
-        let written = timeout(limit, stream.write_all(&self.out)).await;
+        let written = timeout(limit, conn.send(&self.out)).await;
         self.out.clear();
         if self.out.capacity() > 4096 {
             self.out.shrink_to(1024);
@@ -565,45 +548,6 @@ impl Driver {
             }
         }
     }
-}
-
-/// Reads what the socket has into a stack buffer: no per-session buffer
-/// survives between reads.
-///
-/// A short read almost always means the socket is drained (TCP urgent data
-/// is the exception, as for tokio's own `poll_read`, which makes the same
-/// assumption), so its readiness is cleared right away; `try_read` would leave it
-/// set and cost an extra `recv` that fails with EAGAIN after every command.
-/// Clearing is race-free: tokio only clears the readiness observed before
-/// the `recv`, and data arriving later raises a new edge.
-fn read_available(stream: &TcpStream, session: &mut Session) -> io::Result<usize> {
-    // Not zeroed first: recv(2) writes what it returns, and zeroing 16 KiB
-    // before every read was 1% of a session thread's time.
-    let mut buf = [MaybeUninit::<u8>::uninit(); 16 * 1024];
-    let mut received = 0;
-    let res = stream.try_io(Interest::READABLE, || {
-        // SAFETY: recv(2) into a buffer we own, of the length we pass, on the
-        // stream's own fd, which is open for the duration of the borrow.
-        let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-        received = n;
-        if n > 0 && n < buf.len() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match res {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && received == 0 => return Err(e),
-        Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
-        _ => {}
-    }
-    if received > 0 {
-        // SAFETY: recv(2) initialised the first `received` bytes (it returned
-        // that count, which is at most the buffer's length).
-        let data = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), received) };
-        session.receive(data);
-    }
-    Ok(received)
 }
 
 fn resolve_mailbox(runtime: &Runtime, mailbox: &Mailbox, local_ip: Option<IpAddr>) -> Resolution {
