@@ -72,6 +72,11 @@ need_apt() {
     fi
 }
 
+need_perl() {
+    # need_perl PACKAGE MODULE: queue PACKAGE when perl cannot load MODULE.
+    perl -M"$2" -e 1 >/dev/null 2>&1 || apt_missing+=("$1")
+}
+
 install_apt_missing() {
     if [[ ${#apt_missing[@]} -eq 0 ]]; then
         log "apt peers already present"
@@ -137,6 +142,10 @@ choose_python() {
 
 step_deps() {
     need_apt swaks swaks
+    # swaks speaks TLS and AUTH through these Perl modules.
+    need_perl libnet-ssleay-perl Net::SSLeay
+    need_perl libauthen-sasl-perl Authen::SASL
+    need_apt openssl openssl
     need_apt curl curl
     need_apt strace strace
     need_apt postfix /usr/sbin/smtp-source

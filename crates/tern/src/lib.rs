@@ -16,3 +16,4 @@ pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod spool;
+pub mod tls;

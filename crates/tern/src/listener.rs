@@ -7,6 +7,7 @@
 //!
 //! Not here: anything SMTP beyond that one refusal line.
 
+use crate::config::Role;
 use crate::conn::Conn;
 use crate::session::{self, Context};
 use std::collections::HashMap;
@@ -76,6 +77,7 @@ impl ConnectionLimits {
 /// Accepts on `listener` until shutdown, spawning sessions on `tracker`.
 pub async fn accept_loop(
     listener: TcpListener,
+    role: Role,
     ctx: Arc<Context>,
     limits: Arc<ConnectionLimits>,
     tracker: TaskTracker,
@@ -99,7 +101,7 @@ pub async fn accept_loop(
                 let ctx = ctx.clone();
                 let local = stream.local_addr().ok();
                 tracker.spawn(async move {
-                    session::run(Conn::Tcp(stream), peer, local, ctx).await;
+                    session::run(Conn::Tcp(stream), peer, local, role, ctx).await;
                     drop(slot);
                 });
             }

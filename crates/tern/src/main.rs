@@ -33,7 +33,7 @@ enum Command {
     /// Run the mail server until SIGTERM/SIGINT. Prints "listening on ADDR role=ROLE"
     /// per listener and then "ready" on stdout; logs go to stderr (level from the
     /// config's [log] section, overridden by the TERN_LOG environment variable).
-    /// SIGHUP does not reload the config (it is logged and ignored): restart.
+    /// SIGHUP reloads the TLS certificates (other config changes need a restart).
     Serve {
         /// TOML config file (see tern.example.toml); without it, the embedded default
         #[arg(short, long)]

@@ -19,6 +19,7 @@ use crate::outbound::{self, AdminHandle, OutboundHandle, QueueOp};
 use crate::queue;
 use crate::session::Context;
 use crate::spool::{Spool, SpoolConfig};
+use crate::tls::{ServerTls, TlsSource};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -70,6 +71,16 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         Err(e) => warn!(event = "server.fd_limit", error = %e, "cannot read the open-file limit"),
     }
 
+    let tls = Arc::new(
+        ServerTls::load(TlsSource {
+            files: runtime.tls_certificates.clone(),
+            data_dir: runtime.data_dir.clone(),
+            hostname: runtime.hostname.clone(),
+        })
+        .map_err(|e| format!("cannot set up TLS: {e}"))?,
+    );
+    info!(event = "tls.ready", names = ?tls.names());
+
     let mut bound = Vec::new();
     for l in &runtime.listeners {
         let listener = TcpListener::bind(l.address).await.map_err(|e| {
@@ -119,6 +130,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         queue: queue_handle,
         shutdown: shutdown.clone(),
         free_space: Default::default(),
+        tls: tls.clone(),
     });
     let limits = ConnectionLimits::new(
         runtime.limits.max_connections,
@@ -134,6 +146,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         info!(event = "listener.start", address = %addr, role = %role);
         loops.push(tokio::spawn(accept_loop(
             listener,
+            role,
             ctx.clone(),
             limits.clone(),
             tracker.clone(),
@@ -145,7 +158,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
     let signals = Signals::install();
     println!("ready");
 
-    Signals::stop_requested(signals).await;
+    Signals::stop_requested(signals, &tls).await;
     info!(
         event = "server.shutdown",
         "stopping: no new connections, open sessions get 421"
@@ -259,8 +272,9 @@ fn print_test_hint(runtime: &Runtime) {
 }
 
 /// The signals that stop the server (SIGTERM, SIGINT) and SIGHUP, which
-/// only logs: installed before "ready" is printed, so a signal sent right
-/// after it never meets the default action (which kills without a 421).
+/// reloads the TLS certificates: installed before "ready" is printed, so a
+/// signal sent right after it never meets the default action (which kills
+/// without a 421).
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
@@ -277,7 +291,7 @@ impl Signals {
         })
     }
 
-    async fn stop_requested(signals: Option<Signals>) {
+    async fn stop_requested(signals: Option<Signals>, tls: &ServerTls) {
         let Some(mut s) = signals else {
             // Without signal handlers we can only run until killed.
             std::future::pending::<()>().await;
@@ -288,7 +302,11 @@ impl Signals {
                 _ = s.term.recv() => return,
                 _ = s.int.recv() => return,
                 Some(()) = async { s.hup.as_mut()?.recv().await } => {
-                    warn!(event = "server.sighup", "configuration reload is not supported: restart tern to apply a changed config");
+                    match tls.reload() {
+                        Ok(()) => info!(event = "tls.reloaded", names = ?tls.names()),
+                        Err(e) => warn!(event = "tls.reload_failed", error = %e, "the certificates in use stay"),
+                    }
+                    warn!(event = "server.sighup", "certificates reloaded; other configuration changes need a restart");
                 }
             }
         }

@@ -21,10 +21,11 @@
 //! Errors: socket errors end the session silently (logged); spool errors turn
 //! into `452 4.3.1` for the message concerned and the session goes on.
 
-use crate::config::{Resolution, Runtime, canonical_ip};
+use crate::config::{Resolution, Role, Runtime, canonical_ip};
 use crate::conn::Conn;
 use crate::queue::{QueueHandle, Work};
 use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
+use crate::tls::{ServerTls, TlsInfo};
 use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -49,6 +50,7 @@ pub struct Context {
     /// Cancelled on SIGTERM: idle sessions answer `421 4.3.2` and close.
     pub shutdown: CancellationToken,
     pub free_space: FreeSpace,
+    pub tls: Arc<ServerTls>,
 }
 
 /// The spool's free space, asked of the file system at most once a second:
@@ -121,6 +123,19 @@ struct Driver {
     progress: usize,
     /// The code of the last reply queued: whether the session ends over an error.
     last_reply_code: u16,
+    /// Set once TLS is up (boxed: most sessions on port 25 stay plain).
+    tls: Option<Box<TlsInfo>>,
+}
+
+/// Runs the server side of a TLS handshake on `conn`, within `limit` (a
+/// client that stalls mid-handshake holds a connection slot no longer than
+/// an idle one).
+async fn handshake(conn: Conn, tls: &ServerTls, limit: Duration) -> io::Result<(Conn, TlsInfo)> {
+    let stream = timeout(limit, tls.acceptor.accept(conn))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout"))??;
+    let info = TlsInfo::of(stream.get_ref().1);
+    Ok((Conn::Tls(Box::new(stream)), info))
 }
 
 /// Message data that counts as progress and earns a new `data_timeout`
@@ -129,9 +144,30 @@ struct Driver {
 const DATA_PROGRESS: usize = 64 * 1024;
 
 /// Runs one connection to its end. `local` is our end of it.
-pub async fn run(mut conn: Conn, peer: SocketAddr, local: Option<SocketAddr>, ctx: Arc<Context>) {
+pub async fn run(
+    mut conn: Conn,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    role: Role,
+    ctx: Arc<Context>,
+) {
     let session_id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
-    info!(event = "session.connect", session_id, client = %peer);
+    info!(event = "session.connect", session_id, client = %peer, %role);
+    let mut tls = None;
+    if role.implicit_tls() {
+        let limit = ctx.runtime.limits.command_timeout;
+        match handshake(conn, &ctx.tls, limit).await {
+            Ok((tls_conn, info)) => {
+                info!(event = "session.tls", session_id, version = %info.version, cipher = %info.cipher, sni = info.server_name.as_deref());
+                conn = tls_conn;
+                tls = Some(Box::new(info));
+            }
+            Err(e) => {
+                info!(event = "session.tls_failed", session_id, client = %peer, error = %e);
+                return;
+            }
+        }
+    }
     let session = Session::new(ctx.runtime.server_config());
     let deadline = Instant::now() + ctx.runtime.limits.command_timeout;
     let local_ip = local.map(|a| canonical_ip(a.ip()));
@@ -147,6 +183,7 @@ pub async fn run(mut conn: Conn, peer: SocketAddr, local: Option<SocketAddr>, ct
         deadline_phase: Phase::Command,
         progress: 0,
         last_reply_code: 0,
+        tls,
     };
     match driver.drive(&mut conn).await {
         Ok(()) => debug!(event = "session.close", session_id),
@@ -418,11 +455,7 @@ impl Driver {
         let Some(tx) = self.tx.as_mut() else {
             return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
         };
-        let protocol = match (esmtp, tx.params.smtputf8) {
-            (true, true) => "UTF8SMTP",
-            (true, false) => "ESMTP",
-            (false, _) => "SMTP",
-        };
+        let protocol = protocol_keyword(esmtp, tx.params.smtputf8, self.tls.is_some(), false);
         let single = match tx.recipients.as_slice() {
             [only] if only.original.is_ascii() || tx.params.smtputf8 => {
                 Some(only.original.as_str())
@@ -441,8 +474,9 @@ impl Driver {
         let header = received_header(
             &helo,
             self.peer,
+            self.tls.as_deref(),
             &self.ctx.runtime.hostname,
-            protocol,
+            &protocol,
             &id.to_string(),
             single,
         );
@@ -632,12 +666,33 @@ fn address_literal(peer: SocketAddr) -> String {
     }
 }
 
+/// The `with` keyword of the `Received:` header: RFC 3848 (ESMTPS, ESMTPA,
+/// ESMTPSA) and RFC 6531 §4.3 (UTF8SMTP with the same suffixes). Plain SMTP
+/// (HELO) has no TLS or AUTH variant.
+fn protocol_keyword(esmtp: bool, smtputf8: bool, tls: bool, authenticated: bool) -> String {
+    let base = match (esmtp, smtputf8) {
+        (true, true) => "UTF8SMTP",
+        (true, false) => "ESMTP",
+        (false, _) => return "SMTP".to_string(),
+    };
+    let suffix = match (tls, authenticated) {
+        (true, true) => "SA",
+        (true, false) => "S",
+        (false, true) => "A",
+        (false, false) => "",
+    };
+    format!("{base}{suffix}")
+}
+
 /// The trace header of RFC 5321 §4.4, with the RFC 3848 / RFC 6531 §4.3
 /// protocol keyword. TCP-info is the address literal of the peer; the HELO
 /// name was validated by the protocol engine (a domain or address literal).
+/// A TLS session's version and cipher go in a comment, as Postfix writes
+/// them, so a reader of the header sees how the hop was protected.
 pub fn received_header(
     helo: &str,
     peer: SocketAddr,
+    tls: Option<&TlsInfo>,
     hostname: &str,
     protocol: &str,
     queue_id: &str,
@@ -648,9 +703,12 @@ pub fn received_header(
         .chars()
         .filter(|c| !c.is_control() && !"()\\".contains(*c))
         .collect();
+    let tls = tls
+        .map(|t| format!("\r\n\t(using {} with cipher {})", t.version, t.cipher))
+        .unwrap_or_default();
     // §4.4: Opt-info is [Via] [With] [ID] [For], in that order.
     let mut h = format!(
-        "Received: from {helo} ({ip})\r\n\tby {hostname} (Tern) with {protocol} id {queue_id}"
+        "Received: from {helo} ({ip}){tls}\r\n\tby {hostname} (Tern) with {protocol} id {queue_id}"
     );
     if let Some(rcpt) = rcpt {
         h.push_str(&format!("\r\n\tfor <{rcpt}>"));
@@ -680,6 +738,7 @@ mod tests {
         let h = String::from_utf8(received_header(
             "client.test",
             peer,
+            None,
             "mx.test",
             "ESMTP",
             "0123ABCD",
@@ -699,6 +758,7 @@ mod tests {
         let h = String::from_utf8(received_header(
             "[IPv6:2001:db8::1]",
             v6,
+            None,
             "mx.test",
             "SMTP",
             "0123ABCD",
@@ -714,10 +774,45 @@ mod tests {
     fn received_header_never_carries_parentheses_or_controls_from_helo() {
         let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
         let h = String::from_utf8(received_header(
-            "a(b)\\c", peer, "mx.test", "ESMTP", "1", None,
+            "a(b)\\c", peer, None, "mx.test", "ESMTP", "1", None,
         ))
         .unwrap();
         assert!(h.starts_with("Received: from abc ([192.0.2.7])"), "{h}");
+    }
+
+    #[test]
+    fn protocol_keywords_follow_rfc3848_and_rfc6531() {
+        let k = protocol_keyword;
+        assert_eq!(k(false, false, false, false), "SMTP");
+        assert_eq!(k(false, false, true, true), "SMTP");
+        assert_eq!(k(true, false, false, false), "ESMTP");
+        assert_eq!(k(true, false, true, false), "ESMTPS");
+        assert_eq!(k(true, false, false, true), "ESMTPA");
+        assert_eq!(k(true, false, true, true), "ESMTPSA");
+        assert_eq!(k(true, true, true, true), "UTF8SMTPSA");
+        assert_eq!(k(true, true, false, false), "UTF8SMTP");
+    }
+
+    #[test]
+    fn received_header_names_the_tls_version_and_cipher() {
+        let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        let tls = TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher: "TLS13_AES_256_GCM_SHA384".into(),
+            server_name: None,
+            channel_binding: None,
+        };
+        let h = String::from_utf8(received_header(
+            "client.test",
+            peer,
+            Some(&tls),
+            "mx.test",
+            "ESMTPS",
+            "1",
+            None,
+        ))
+        .unwrap();
+        assert!(h.starts_with("Received: from client.test ([192.0.2.7])\r\n\t(using TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384)\r\n\tby mx.test (Tern) with ESMTPS id 1;\r\n"), "{h}");
     }
 
     #[test]

@@ -36,15 +36,43 @@ use tern_proto::{BareLfPolicy, NulPolicy};
 /// domains, nobody may relay unless trusted) exists so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// Mail from other servers (port 25): STARTTLS offered, no AUTH.
     Mx,
+    /// Mail from users' programs (RFC 6409, port 587): STARTTLS, then AUTH.
+    Submission,
+    /// Submission over implicit TLS (RFC 8314, port 465).
+    Smtps,
+}
+
+impl Role {
+    /// The config's name of each role, in the order `check-config` lists them.
+    pub const NAMES: [(&'static str, Role); 3] = [
+        ("mx", Role::Mx),
+        ("submission", Role::Submission),
+        ("smtps", Role::Smtps),
+    ];
+
+    /// TLS starts with the connection, before the greeting.
+    pub fn implicit_tls(self) -> bool {
+        self == Role::Smtps
+    }
 }
 
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Role::Mx => f.write_str("mx"),
-        }
+        let name = Role::NAMES
+            .iter()
+            .find(|(_, r)| *r == *self)
+            .map_or("?", |(n, _)| n);
+        f.write_str(name)
     }
+}
+
+/// A certificate chain and its private key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +168,9 @@ pub struct Runtime {
     pub spool: SpoolSettings,
     pub delivery: DeliverySettings,
     pub outbound: OutboundSettings,
+    /// Certificates offered by STARTTLS and implicit TLS; empty: a
+    /// self-signed one kept in `<data_dir>/tls/`.
+    pub tls_certificates: Vec<CertificateFiles>,
     pub log: LogConfig,
 }
 
@@ -258,12 +289,29 @@ fn key_at(text: &str, offset: usize) -> String {
     }
 }
 
-/// The configuration used when `tern serve` gets no `--config`: it works on a
-/// fresh machine without root, on loopback only.
+/// Each configured certificate must load, with a key that belongs to it:
+/// a server that starts must be able to offer it.
+fn check_tls(file: &FileConfig, base: &Path, errors: &mut Errors) -> Vec<CertificateFiles> {
+    let mut out = Vec::new();
+    for (i, c) in file.tls.certificates.iter().enumerate() {
+        let files = CertificateFiles {
+            cert: absolute(base, &c.cert),
+            key: absolute(base, &c.key),
+        };
+        if let Err(e) = crate::tls::check(&files) {
+            errors.push(format!("tls.certificates[{i}]"), e);
+        }
+        out.push(files);
+    }
+    out
+}
+
 /// `spool.commit_wait` beyond this would add more to every answer than a
 /// disk sync ever costs.
 const MAX_COMMIT_WAIT: Duration = Duration::from_millis(50);
 
+/// The configuration used when `tern serve` gets no `--config`: it works on a
+/// fresh machine without root, on loopback only.
 pub const EMBEDDED_DEFAULT: &str = r#"
 hostname = "localhost"
 data_dir = "tern-data"
@@ -411,6 +459,7 @@ impl Runtime {
         };
         let delivery = check_delivery(&file, &mut errors);
         let outbound = outbound::check_outbound(&file, base, &mut errors);
+        let tls_certificates = check_tls(&file, base, &mut errors);
         if !matches!(file.log.format.as_str(), "text" | "json") {
             errors.push("log.format", "must be \"text\" or \"json\"");
         }
@@ -443,6 +492,7 @@ impl Runtime {
             spool,
             delivery,
             outbound,
+            tls_certificates,
             log: file.log,
         };
         // Each target must lead somewhere: a loop, a chain deeper than the

@@ -122,7 +122,7 @@ fn every_error_names_its_key() {
 hostname = "bad host"
 [[listener]]
 address = "nowhere"
-role = "submission"
+role = "bogus"
 [local]
 domains = ["bad_domain!"]
 subaddress_separator = "ab"
@@ -237,6 +237,8 @@ fn example_config_is_valid_and_complete() {
         "dead_after",
         "level",
         "format",
+        "certificates",
+        "commit_wait",
     ] {
         assert!(
             text.contains(&format!("{key} =")),

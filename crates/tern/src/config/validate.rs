@@ -139,16 +139,21 @@ pub(super) fn check_listeners(file: &FileConfig, errors: &mut Errors) -> Vec<Lis
                 ),
             );
         }
-        let role = match l.role.as_str() {
-            "mx" => Some(Role::Mx),
-            other => {
-                errors.push(
-                    format!("listener[{i}].role"),
-                    format!("{other:?} is not a known role (known: \"mx\")"),
-                );
-                None
-            }
-        };
+        let role = Role::NAMES
+            .iter()
+            .find(|(name, _)| *name == l.role)
+            .map(|(_, role)| *role);
+        if role.is_none() {
+            let known: Vec<String> = Role::NAMES.iter().map(|(n, _)| format!("{n:?}")).collect();
+            errors.push(
+                format!("listener[{i}].role"),
+                format!(
+                    "{:?} is not a known role (known: {})",
+                    l.role,
+                    known.join(", ")
+                ),
+            );
+        }
         if let (Ok(address), Some(role)) = (address, role) {
             out.push(Listener { address, role });
         }
