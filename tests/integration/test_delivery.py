@@ -309,3 +309,31 @@ def test_a_deferred_delivery_waits_for_its_retry(tern):
     time.sleep(3)
     assert deferrals() - first <= 4, f"{deferrals() - first} retries in 3 s"
     assert deferrals() - first >= 1, "no retry at all in 3 s"
+
+
+RELAY_TRICKS = [
+    "<user%elsewhere.test@example.test>",
+    "<elsewhere.test!user@example.test>",
+    "<\"user@elsewhere.test\"@example.test>",
+    "<@example.test:user@elsewhere.test>",
+    "<@example.test:user%elsewhere.test@example.test>",
+    "<\"alice%elsewhere.test\"@EXAMPLE.TEST>",
+    "<user@[192.0.2.77]>",
+    "<@example.test,@other.test:\"a!b\"@example.test>",
+]
+
+
+@pytest.mark.parametrize("path", RELAY_TRICKS)
+def test_open_relay_tricks_are_refused_and_nothing_is_queued(tern, path):
+    """The classic relay tricks, through a local domain with a catch-all that
+    would otherwise take anything: 550 5.7.1, and nothing queued."""
+    srv = tern({"local": {"catch_all": {"example.test": "carol"}}})
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<spammer@remote.test>").code == 250
+        r = c.cmd(f"RCPT TO:{path}")
+        assert (r.code, r.enhanced) == (550, "5.7.1"), (path, r)
+        assert c.cmd("DATA").code in (503, 554)
+        assert c.cmd("QUIT").code == 221
+    assert srv.queue_list().strip() == "queue is empty"
+    assert srv.mails("carol") == []

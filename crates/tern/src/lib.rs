@@ -10,6 +10,7 @@ pub mod dns;
 pub mod fsutil;
 pub mod listener;
 pub mod outbound;
+pub mod policy;
 pub mod queue;
 pub mod route;
 pub mod scheduler;

@@ -21,8 +21,9 @@
 //! Errors: socket errors end the session silently (logged); spool errors turn
 //! into `452 4.3.1` for the message concerned and the session goes on.
 
-use crate::config::{Resolution, Role, Runtime, canonical_ip};
+use crate::config::{Role, Runtime, canonical_ip};
 use crate::conn::Conn;
+use crate::policy::{Policy, SessionFacts};
 use crate::queue::{QueueHandle, Work};
 use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
 use crate::tls::{ServerTls, TlsInfo};
@@ -34,8 +35,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tern_proto::headers::ForgedResultsFilter;
 use tern_proto::{
-    BodyType, Decision, Event, ForwardPath, MailParams, Mailbox, Phase, Query, RcptParams, Reply,
-    Ret, ReversePath, Session,
+    BodyType, Decision, Event, ForwardPath, MailParams, Phase, Query, RcptParams, Reply, Ret,
+    ReversePath, Session,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, timeout, timeout_at};
@@ -125,6 +126,7 @@ struct Driver {
     last_reply_code: u16,
     /// Set once TLS is up (boxed: most sessions on port 25 stay plain).
     tls: Option<Box<TlsInfo>>,
+    role: Role,
 }
 
 /// Runs the server side of a TLS handshake on `conn`, within `limit` (a
@@ -184,6 +186,7 @@ pub async fn run(
         progress: 0,
         last_reply_code: 0,
         tls,
+        role,
     };
     match driver.drive(&mut conn).await {
         Ok(()) => debug!(event = "session.close", session_id),
@@ -397,33 +400,20 @@ impl Driver {
     }
 
     fn rcpt(&mut self, to: ForwardPath, params: RcptParams) -> Decision {
-        let runtime = &self.ctx.runtime;
-        let (given, resolution) = match &to {
-            ForwardPath::Postmaster => ("Postmaster".to_string(), runtime.resolve_postmaster()),
-            ForwardPath::Mailbox(m) => (m.to_string(), resolve_mailbox(runtime, m, self.local_ip)),
-        };
+        let facts = self.facts();
         let Some(tx) = self.tx.as_mut() else {
             return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
         };
-        let destinations = match resolution {
-            Resolution::Unknown => {
-                info!(event = "rcpt.reject", session_id = self.session_id, rcpt = %given, reason = "unknown user");
-                return Decision::Reject(Reply::enhanced(
-                    550,
-                    (5, 1, 1),
-                    format!("<{given}>: Recipient address rejected: User unknown"),
-                ));
-            }
-            Resolution::Relay if !runtime.is_trusted(self.peer.ip()) => {
-                info!(event = "rcpt.reject", session_id = self.session_id, rcpt = %given, reason = "relay denied");
-                return Decision::Reject(Reply::enhanced(
-                    550,
-                    (5, 7, 1),
-                    format!("<{given}>: Relay access denied"),
-                ));
-            }
-            Resolution::Relay => vec![(given.clone(), Route::Remote)],
-            Resolution::Local(list) => local_routes(runtime, list),
+        let policy = Policy {
+            runtime: &self.ctx.runtime,
+        };
+        let destinations = match policy.rcpt(&facts, &to) {
+            Ok(destinations) => destinations,
+            Err(reply) => return Decision::Reject(reply),
+        };
+        let given = match &to {
+            ForwardPath::Postmaster => "Postmaster".to_string(),
+            ForwardPath::Mailbox(m) => m.to_string(),
         };
         let orcpt = params
             .orcpt
@@ -501,6 +491,18 @@ impl Driver {
             let queue_id = tx.queue_id.map(|id| id.to_string());
             warn!(event = "draft.error", session_id = self.session_id, queue_id, error = %e);
             tx.draft_error = Some(e);
+        }
+    }
+
+    /// What policy needs to know about this session.
+    fn facts(&self) -> SessionFacts {
+        SessionFacts {
+            session_id: self.session_id,
+            peer: self.peer,
+            local_ip: self.local_ip,
+            role: self.role,
+            tls: self.tls.is_some(),
+            user: None,
         }
     }
 
@@ -584,63 +586,6 @@ impl Driver {
     }
 }
 
-fn resolve_mailbox(runtime: &Runtime, mailbox: &Mailbox, local_ip: Option<IpAddr>) -> Resolution {
-    match &mailbox.domain {
-        tern_proto::Domain::Name(domain) => runtime.resolve(&mailbox.local_part, domain),
-        // Our own address literal names this host (RFC 1123 §5.2.17), and
-        // postmaster must always be reachable (RFC 5321 §4.5.1); no other
-        // mailbox lives there. Relaying it would send the mail back to us.
-        tern_proto::Domain::AddressLiteral(literal)
-            if local_ip.is_some() && literal_ip(literal) == local_ip =>
-        {
-            if mailbox.local_part.eq_ignore_ascii_case("postmaster") {
-                runtime.resolve_postmaster()
-            } else {
-                Resolution::Unknown
-            }
-        }
-        // Other address literals are never one of our domains (RFC 5321
-        // §4.1.3 lets us refuse them); relaying to them needs trust like any
-        // other relay.
-        tern_proto::Domain::AddressLiteral(_) => Resolution::Relay,
-    }
-}
-
-/// The IP of an address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`),
-/// IPv4-mapped IPv6 as IPv4; None for a general (tagged) literal.
-fn literal_ip(literal: &str) -> Option<IpAddr> {
-    let inner = literal.strip_prefix('[')?.strip_suffix(']')?;
-    let ip = match inner.get(..5) {
-        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => IpAddr::V6(inner[5..].parse().ok()?),
-        _ => IpAddr::V4(inner.parse().ok()?),
-    };
-    Some(canonical_ip(ip))
-}
-
-/// Where each destination of a local address goes: the user's Maildir, or
-/// outbound for a forwarding address and for a local domain with its own
-/// transport (LMTP into a mail store).
-pub fn local_routes(
-    runtime: &Runtime,
-    list: Vec<crate::config::Destination>,
-) -> Vec<(String, Route)> {
-    list.into_iter()
-        .map(|d| match d.mailbox {
-            Some(_)
-                if runtime
-                    .outbound
-                    .routes
-                    .transport(crate::spool::domain_of(&d.address))
-                    .is_some() =>
-            {
-                (d.address, Route::Remote)
-            }
-            Some(mailbox) => (d.address, Route::Local { mailbox }),
-            None => (d.address, Route::Remote),
-        })
-        .collect()
-}
-
 fn notify_string(n: &tern_proto::Notify) -> String {
     if n.never {
         return "NEVER".into();
@@ -720,17 +665,6 @@ pub fn received_header(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn literal_ip_reads_both_literal_forms() {
-        let v4: IpAddr = "192.0.2.1".parse().unwrap();
-        assert_eq!(literal_ip("[192.0.2.1]"), Some(v4));
-        assert_eq!(literal_ip("[IPv6:::ffff:192.0.2.1]"), Some(v4));
-        assert_eq!(literal_ip("[ipv6:2001:db8::1]"), "2001:db8::1".parse().ok());
-        assert_eq!(literal_ip("[tag:whatever]"), None);
-        assert_eq!(literal_ip("192.0.2.1"), None);
-        assert_eq!(literal_ip("[IPv6:192.0.2.1]"), None);
-    }
 
     #[test]
     fn received_header_follows_rfc5321_4_4() {

@@ -230,7 +230,7 @@ async fn spool_notice(context: &AttemptContext, notice: &Notice) -> Result<MsgId
         .unwrap_or((notice.to.as_str(), ""));
     let routes: Vec<(String, Route)> = match runtime.resolve(local, domain) {
         Resolution::Relay => vec![(notice.to.clone(), Route::Remote)],
-        Resolution::Local(list) => crate::session::local_routes(runtime, list),
+        Resolution::Local(list) => crate::policy::local_routes(runtime, list),
         Resolution::Unknown => return Err(format!("{} is no longer a local address", notice.to)),
     };
     let envelope = Envelope {
