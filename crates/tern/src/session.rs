@@ -101,6 +101,9 @@ struct Transaction {
     /// Reserved when the content starts, so the `Received:` header can
     /// name the ID the 250 reply and the logs will use.
     queue_id: Option<MsgId>,
+    /// Our `Received:` field, made when the content starts and put in front
+    /// of the message when it ends (after anything else we add).
+    received: Vec<u8>,
 }
 
 struct Driver {
@@ -395,6 +398,7 @@ impl Driver {
                 Vec::new(),
             )),
             queue_id: None,
+            received: Vec::new(),
         });
         Decision::Accept
     }
@@ -470,9 +474,8 @@ impl Driver {
             &id.to_string(),
             single,
         );
-        let mut draft = self.ctx.spool.draft();
-        tx.draft_error = draft.write(&header).await.err();
-        tx.draft = Some(draft);
+        tx.received = header;
+        tx.draft = Some(self.ctx.spool.draft());
         Decision::Accept
     }
 }
@@ -541,6 +544,7 @@ impl Driver {
             warn!(event = "draft.error", session_id = self.session_id, error = %e);
             return temp_fail();
         }
+        draft.prepend(&tx.received);
         let params = tx.params;
         let envelope = Envelope {
             sender: tx.sender,

@@ -32,7 +32,10 @@ pub struct Draft {
     mem: Vec<u8>,
     /// Set once the body outgrew memory; owns the scratch file path.
     file: Option<(PathBuf, tokio::fs::File)>,
+    /// Octets written (the client's content), not counting `prefix`.
     len: u64,
+    /// Header fields to store in front of the content (`prepend`).
+    prefix: Vec<u8>,
 }
 
 impl Draft {
@@ -43,6 +46,28 @@ impl Draft {
             mem: Vec::new(),
             file: None,
             len: 0,
+            prefix: Vec::new(),
+        }
+    }
+
+    /// Puts `fields` (whole header fields, CRLF-terminated) in front of
+    /// everything written so far and of earlier prepends: the message is
+    /// stored as the last prepend, ..., the first, then the content. Lets
+    /// a trace or signature field that depends on the whole message be
+    /// added at its end without copying the content.
+    pub fn prepend(&mut self, fields: &[u8]) {
+        self.prefix.splice(0..0, fields.iter().copied());
+    }
+
+    /// The content written so far (without prepended fields), read back:
+    /// for header checks and signing at the end of the message.
+    pub async fn content(&mut self) -> std::io::Result<Vec<u8>> {
+        match self.file.as_mut() {
+            None => Ok(self.mem.clone()),
+            Some((path, f)) => {
+                f.flush().await?;
+                tokio::fs::read(path.as_path()).await
+            }
         }
     }
 
@@ -92,17 +117,27 @@ impl Draft {
         Ok(())
     }
 
-    /// Body bytes written so far.
+    /// Octets of the stored message so far: prepended fields and content.
     pub fn len(&self) -> u64 {
-        self.len
+        self.prefix.len() as u64 + self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Hand the body over to the committer.
     pub(crate) async fn into_body(mut self) -> std::io::Result<Body> {
+        let prefix = std::mem::take(&mut self.prefix);
+        let content = self.content_body().await?;
+        Ok(if prefix.is_empty() {
+            content
+        } else {
+            Body::Prefixed(prefix, Box::new(content))
+        })
+    }
+
+    async fn content_body(&mut self) -> std::io::Result<Body> {
         let len = self.len;
         match self.file.take() {
             None => Ok(Body::Mem(std::mem::take(&mut self.mem))),
@@ -148,6 +183,9 @@ impl Drop for Scratch {
 pub(crate) enum Body {
     Mem(Vec<u8>),
     File(Scratch),
+    /// Header fields the server adds in front of what the client sent
+    /// (`Draft::prepend`), written first without copying the rest.
+    Prefixed(Vec<u8>, Box<Body>),
 }
 
 impl Body {
@@ -155,6 +193,7 @@ impl Body {
         match self {
             Body::Mem(v) => v.len() as u64,
             Body::File(s) => s.len,
+            Body::Prefixed(prefix, rest) => prefix.len() as u64 + rest.len(),
         }
     }
 }

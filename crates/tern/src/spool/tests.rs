@@ -264,6 +264,34 @@ async fn concurrent_commits_are_group_committed() {
     }
 }
 
+/// Prepended fields are stored in front of the content, last prepend first,
+/// for a body in memory and for one spilled to a scratch file alike; the
+/// content read back for checks is the client's alone.
+#[tokio::test]
+async fn prepended_fields_come_first_in_memory_and_spilled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let (spool, _) = Spool::open(cfg.clone()).unwrap();
+    for size in [100, 5000] {
+        let content = body(7, size);
+        let mut d = spool.draft();
+        for chunk in content.chunks(700) {
+            d.write(chunk).await.unwrap();
+        }
+        d.prepend(b"Date: x\r\n");
+        d.prepend(b"Received: y\r\n");
+        assert_eq!(d.content().await.unwrap(), content, "{size}");
+        assert_eq!(d.len(), (content.len() + 22) as u64);
+        let id = spool.commit(envelope(1), d).await.unwrap();
+        let mut want = b"Received: y\r\nDate: x\r\n".to_vec();
+        want.extend_from_slice(&content);
+        assert_eq!(spool.read_body(id).await.unwrap(), want, "{size}");
+        assert_eq!(spool.get(id).unwrap().size, want.len() as u64);
+    }
+    let (spool, _) = reopen(spool, cfg).await;
+    assert_eq!(spool.live().len(), 2);
+}
+
 /// A commit made while another session is still receiving a body waits for
 /// it (`commit_wait`), and both share one sync; the wait ends as soon as that
 /// body is committed, long before the (here huge) `commit_wait`.

@@ -434,13 +434,26 @@ fn put_record(c: &mut Cursor<'_>, r: &OutRec, seed: u32) -> Result<(), RecErr> {
     crc = crc32c::crc32c_append(crc, &r.head);
     c.buf.extend_from_slice(&hdr);
     c.buf.extend_from_slice(&r.head);
-    match &r.body {
-        None => {}
-        Some(Body::Mem(v)) => {
+    if let Some(body) = &r.body {
+        crc = put_body(c, body, crc)?;
+    }
+    c.buf.extend_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// Appends a body's octets to the cursor; returns the running CRC.
+fn put_body(c: &mut Cursor<'_>, body: &Body, mut crc: u32) -> Result<u32, RecErr> {
+    match body {
+        Body::Mem(v) => {
             crc = crc32c::crc32c_append(crc, v);
             c.buf.extend_from_slice(v);
         }
-        Some(Body::File(s)) => {
+        Body::Prefixed(prefix, rest) => {
+            crc = crc32c::crc32c_append(crc, prefix);
+            c.buf.extend_from_slice(prefix);
+            crc = put_body(c, rest, crc)?;
+        }
+        Body::File(s) => {
             let mut pos = 0u64;
             let mut chunk = vec![0u8; FLUSH_AT.min(s.len as usize).max(1)];
             while pos < s.len {
@@ -455,6 +468,5 @@ fn put_record(c: &mut Cursor<'_>, r: &OutRec, seed: u32) -> Result<(), RecErr> {
             }
         }
     }
-    c.buf.extend_from_slice(&crc.to_le_bytes());
-    Ok(())
+    Ok(crc)
 }
