@@ -17,4 +17,5 @@ pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod spool;
+pub mod submission;
 pub mod tls;

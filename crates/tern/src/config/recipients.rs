@@ -79,6 +79,36 @@ impl Runtime {
         }
     }
 
+    /// Whether `address` is one of `user`'s for sending (RFC 6409 sender
+    /// checks): their own addresses, with or without a subaddress tag, and
+    /// aliases that reach their mailbox. Not postmaster or a catch-all: those
+    /// deliver to someone without making the address theirs.
+    pub fn sender_belongs_to(&self, address: &str, user: &str) -> bool {
+        let address = address.to_lowercase();
+        let Some((local, domain)) = address.rsplit_once('@') else {
+            return false;
+        };
+        if !self.local_domains.contains(domain) {
+            return false;
+        }
+        let reaches_user = |candidate: &str| {
+            let mut out = Vec::new();
+            let mut seen = HashSet::new();
+            self.lookup(candidate, 0, &mut seen, &mut out) == Some(true)
+                && out.iter().any(|d| d.mailbox.as_deref() == Some(user))
+        };
+        if reaches_user(&address) {
+            return true;
+        }
+        match self.subaddress_separator {
+            Some(sep) => match local.split_once(sep) {
+                Some((base, _tag)) if !base.is_empty() => reaches_user(&format!("{base}@{domain}")),
+                _ => false,
+            },
+            None => false,
+        }
+    }
+
     /// Alias targets that lead to no mailbox, as (alias, target), sorted:
     /// for the config check.
     pub(super) fn dead_alias_targets(&self) -> Vec<(String, String)> {
