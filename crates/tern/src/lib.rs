@@ -5,6 +5,7 @@ pub mod bounce;
 pub mod config;
 pub mod control;
 pub mod deliver;
+pub mod dkim;
 pub mod dns;
 pub mod fsutil;
 pub mod listener;

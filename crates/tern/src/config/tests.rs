@@ -235,6 +235,12 @@ fn example_config_is_valid_and_complete() {
         "max_messages_per_connection",
         "connect_timeout",
         "dead_after",
+        "discover",
+        "signature_lifetime",
+        "domain",
+        "selector",
+        "algorithm",
+        "file",
         "level",
         "format",
     ] {
