@@ -246,7 +246,7 @@ impl Signers {
                 selector: k.selector.clone(),
                 message: e.to_string(),
             })?;
-            out.extend_from_slice(signature.to_header().as_bytes());
+            out.extend_from_slice(fold_first_line(signature.to_header()).as_bytes());
         }
         Ok(out)
     }
@@ -265,6 +265,38 @@ impl Signers {
             .await
             .map_err(|e| SignError::Task(e.to_string()))?
     }
+}
+
+/// Lines of a header field should stay within 78 characters (RFC 5322
+/// §2.1.1). mail-auth folds every line but the first, which holds `v=`,
+/// `a=`, `s=`, `d=` and `c=` and outgrows 78 with a long selector or
+/// domain. The space after a `;` there becomes a fold: header
+/// canonicalization is relaxed, which turns a fold and the white space
+/// around it back into that one space, so the signature is unchanged.
+fn fold_first_line(field: String) -> String {
+    const MAX_LINE: usize = 78;
+    let first_end = field.find("\r\n").unwrap_or(field.len());
+    if first_end <= MAX_LINE {
+        return field;
+    }
+    let (first, rest) = field.split_at(first_end);
+    let mut out = String::with_capacity(field.len() + 8);
+    let mut line_len = 0;
+    for (i, piece) in first.split("; ").enumerate() {
+        if i > 0 {
+            if line_len + 2 + piece.len() > MAX_LINE {
+                out.push_str(";\r\n\t");
+                line_len = 1;
+            } else {
+                out.push_str("; ");
+                line_len += 2;
+            }
+        }
+        out.push_str(piece);
+        line_len += piece.len();
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The `h=` list mail-auth is given for `message`: each field of

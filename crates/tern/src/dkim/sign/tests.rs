@@ -17,24 +17,30 @@ Hello Bob,\r\n\
 the numbers are attached.\r\n";
 
 /// Signers with an RSA key (selector "r") and an Ed25519 key (selector
-/// "e") for example.test, and the DNS records of both.
+/// [`ED_SELECTOR`]) for example.test, and the DNS records of both.
 fn both_keys(extra: &str) -> (Signers, HashMap<String, String>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let rsa = pem(Algorithm::RsaSha256);
     let ed = pem(Algorithm::Ed25519Sha256);
     let runtime = runtime_with_keys(
         dir.path(),
-        &[("example.test", "r", rsa), ("example.test", "e", ed)],
+        &[
+            ("example.test", "r", rsa),
+            ("example.test", ED_SELECTOR, ed),
+        ],
         extra,
     )
     .expect("config");
     let signers = Signers::from_config(&runtime.dkim).expect("signers");
     let dns = HashMap::from([
         ("r".to_string(), txt_of(rsa)),
-        ("e".to_string(), txt_of(ed)),
+        (ED_SELECTOR.to_string(), txt_of(ed)),
     ]);
     (signers, dns, dir)
 }
+
+/// Long enough that the first line of its signatures needs folding.
+const ED_SELECTOR: &str = "tern202612-ed25519-second-key";
 
 fn signed(signers: &Signers, message: &[u8]) -> Vec<u8> {
     let mut out = signers.sign("example.test", message).expect("sign");
@@ -130,7 +136,7 @@ fn both_keys_sign_and_an_independent_verifier_accepts_both() {
     assert_eq!(sigs[0]["a"], "rsa-sha256");
     assert_eq!(sigs[0]["s"], "r");
     assert_eq!(sigs[1]["a"], "ed25519-sha256");
-    assert_eq!(sigs[1]["s"], "e");
+    assert_eq!(sigs[1]["s"], ED_SELECTOR);
     for sig in &sigs {
         assert_eq!(sig["v"], "1");
         assert_eq!(sig["d"], "example.test");
@@ -276,13 +282,13 @@ fn a_domain_without_keys_gets_nothing_and_domains_match_in_any_case() {
         [
             (
                 "example.test".to_string(),
-                "e".to_string(),
-                Algorithm::Ed25519Sha256
+                "r".to_string(),
+                Algorithm::RsaSha256
             ),
             (
                 "example.test".to_string(),
-                "r".to_string(),
-                Algorithm::RsaSha256
+                ED_SELECTOR.to_string(),
+                Algorithm::Ed25519Sha256
             ),
         ]
     );
