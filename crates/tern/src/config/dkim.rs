@@ -20,6 +20,8 @@ pub struct DkimSettings {
     /// Where keys are found and `tern dkim generate` writes:
     /// `<dir>/<domain>/<selector>.key`.
     pub dir: PathBuf,
+    /// Whether keys under `dir` sign without being named (`dkim.discover`).
+    pub discover: bool,
     /// Every signing key, named ones first, then found ones by domain and
     /// selector.
     pub keys: Vec<KeySpec>,
@@ -72,6 +74,7 @@ pub(super) fn check_dkim(
     }
     DkimSettings {
         dir,
+        discover: d.discover,
         keys,
         signature_lifetime: (!lifetime.is_zero()).then_some(lifetime),
     }

@@ -205,16 +205,23 @@ pub fn generate(
          joined into one text",
         a_label(&domain)
     )];
-    let found = runtime.dkim.dir == *dir && runtime.is_local_domain(&domain);
+    let found = runtime.dkim.discover && runtime.is_local_domain(&domain);
     let named = runtime
         .dkim
         .keys_for(&domain)
         .any(|k| k.config_key != "dkim.dir");
     if !found && !named {
-        notes.push(format!(
-            "{domain} is not one of local.domains: its mail is signed with these keys only once it \
-             is, or once a [[dkim.key]] entry names them"
-        ));
+        notes.push(if runtime.dkim.discover {
+            format!(
+                "{domain} is not one of local.domains: its mail is signed with these keys only \
+                 once it is, or once a [[dkim.key]] entry names them"
+            )
+        } else {
+            format!(
+                "dkim.discover is false: {domain}'s mail is signed with these keys only once a \
+                 [[dkim.key]] entry names them"
+            )
+        });
     }
     let old: Vec<String> = runtime
         .dkim

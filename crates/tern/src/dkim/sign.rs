@@ -132,7 +132,8 @@ impl SigningKey for SharedKey {
 }
 
 struct Inner {
-    /// Lower-cased signing domain (as configured, U-label or A-label) →
+    /// Signing domain (lower-case A-label, so a domain matches whether the
+    /// config or the `From:` address writes it as U-label or A-label) →
     /// its keys, RSA first.
     by_domain: HashMap<String, Vec<DomainKey>>,
     /// `x=` is `t=` plus this; `None`: no `x=`.
@@ -164,7 +165,7 @@ impl Signers {
                 .and_then(|file| file.signing_key());
             match loaded {
                 Ok(key) => by_domain
-                    .entry(spec.domain.to_lowercase())
+                    .entry(lookup_key(&spec.domain))
                     .or_default()
                     .push(DomainKey {
                         domain: mail_auth::common::to_a_label(&spec.domain).into_owned(),
@@ -204,7 +205,7 @@ impl Signers {
 
     /// Whether mail from `domain` gets signed (it has at least one key).
     pub fn signs_for(&self, domain: &str) -> bool {
-        self.inner.by_domain.contains_key(&domain.to_lowercase())
+        self.inner.by_domain.contains_key(&lookup_key(domain))
     }
 
     /// (domain, selector, algorithm) of every key, for the start-up log.
@@ -226,7 +227,7 @@ impl Signers {
     /// the message as it is sent. Empty when `domain` has no key.
     /// `message` is the whole message (header and body) with CRLF line ends.
     pub fn sign(&self, domain: &str, message: &[u8]) -> Result<Vec<u8>, SignError> {
-        let Some(keys) = self.inner.by_domain.get(&domain.to_lowercase()) else {
+        let Some(keys) = self.inner.by_domain.get(&lookup_key(domain)) else {
             return Ok(Vec::new());
         };
         let fields = fields_to_sign(message);
@@ -265,6 +266,11 @@ impl Signers {
             .await
             .map_err(|e| SignError::Task(e.to_string()))?
     }
+}
+
+/// How a domain is looked up among the keys.
+fn lookup_key(domain: &str) -> String {
+    mail_auth::common::to_a_label(domain.trim_end_matches('.')).to_lowercase()
 }
 
 /// Lines of a header field should stay within 78 characters (RFC 5322

@@ -495,3 +495,40 @@ fn dns_records_lists_every_record_with_the_dkim_keys_found() {
     assert!(text.contains("tern dkim generate unknown.example"));
     assert!(notes.iter().any(|n| n.contains("not one of local.domains")));
 }
+
+#[test]
+fn generate_run_as_root_gives_the_keys_to_the_owner_of_the_data_folder() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // only root can hand files to another user
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let nobody = 65534;
+    std::os::unix::fs::chown(&data, Some(nobody), Some(nobody)).unwrap();
+    let runtime = runtime_with_keys(&data, &[], "").unwrap();
+    let now = chrono::Utc.with_ymd_and_hms(2026, 12, 6, 0, 0, 0).unwrap();
+    let made = cli::generate(
+        &runtime,
+        "example.test",
+        None,
+        AlgorithmChoice::Ed25519,
+        false,
+        now,
+    )
+    .unwrap();
+    for path in [
+        data.join("dkim"),
+        data.join("dkim/example.test"),
+        made.files[0].clone(),
+    ] {
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().uid(),
+            nobody,
+            "{}",
+            path.display()
+        );
+    }
+}

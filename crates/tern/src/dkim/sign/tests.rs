@@ -302,6 +302,26 @@ fn a_domain_without_keys_gets_nothing_and_domains_match_in_any_case() {
 }
 
 #[test]
+fn an_international_domain_matches_as_u_label_and_a_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let named = "[[dkim.key]]\ndomain = \"Bücher.example\"\nselector = \"s1\"\n";
+    let path = crate::dkim::key_path(&dir.path().join("dkim"), "bücher.example", "s1");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, pem(Algorithm::Ed25519Sha256)).unwrap();
+    let runtime = runtime_with_keys(dir.path(), &[], named).unwrap();
+    let signers = Signers::from_config(&runtime.dkim).unwrap();
+    assert!(signers.signs_for("bücher.example"));
+    assert!(signers.signs_for("XN--BCHER-KVA.example."));
+    let fields = signers.sign("xn--bcher-kva.example", MESSAGE).unwrap();
+    let mut message = fields;
+    message.extend_from_slice(MESSAGE);
+    let sig = &signatures(&message)[0];
+    assert_eq!(sig["d"], "xn--bcher-kva.example", "d= is the A-label");
+    let dns = HashMap::from([("s1".to_string(), txt_of(pem(Algorithm::Ed25519Sha256)))]);
+    testutil::verify(&message, 0, &dns).unwrap();
+}
+
+#[test]
 fn signature_lifetime_sets_x() {
     let (signers, dns, _dir) = both_keys("[dkim]\nsignature_lifetime = \"7d\"\n");
     let message = signed(&signers, MESSAGE);
