@@ -8,7 +8,8 @@
 #   2. fmt      cargo fmt --all -- --check                    (TERN_SKIP_LINT=1 skips)
 #   3. clippy   cargo clippy --workspace --all-targets -D warnings (TERN_SKIP_LINT=1 skips)
 #   4. test     cargo test --workspace
-#   5. build    cargo build -p tern --bins --example test-dns (debug; what the pytest suite runs)
+#   5. build    cargo build -p tern --bins --example test-dns --example dkim-sign
+#               (debug; what the pytest suite runs)
 #   6. pytest   python3 -m pytest -q tests/integration   (TERN_BIN=target/debug/tern)
 #   7. fuzz     cargo +nightly fuzz run server_session (60 s), command (20 s) and
 #               client_session (20 s)
@@ -151,6 +152,8 @@ step_deps() {
     need_apt postfix /usr/sbin/smtp-source
     # Dovecot's LMTP server: the outbound tests deliver into it (test_outbound.py).
     need_apt dovecot-lmtpd /usr/lib/dovecot/lmtp
+    # dkimpy, the independent DKIM verifier of test_dkim.py (for /usr/bin/python3).
+    need_apt python3-dkim /usr/bin/dkimverify
     install_apt_missing
     ensure_postfix_stopped
     choose_python
@@ -165,8 +168,9 @@ step_clippy() { cargo clippy --workspace --all-targets -- -D warnings; }
 # --no-fail-fast: one failing test binary must not hide the others' results.
 step_test() { cargo test --workspace --no-fail-fast; }
 # The test DNS server (an example, built on the dev-only hickory-server) is
-# run by the integration tests that deliver by MX.
-step_build() { cargo build -p tern --bins --example test-dns; }
+# run by the integration tests that deliver by MX; dkim-sign signs messages
+# with the config's DKIM keys for test_dkim.py.
+step_build() { cargo build -p tern --bins --example test-dns --example dkim-sign; }
 
 # ---------------------------------------------------------------- pytest
 

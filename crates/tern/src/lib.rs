@@ -6,6 +6,7 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod deliver;
+pub mod dkim;
 pub mod dns;
 pub mod fsutil;
 pub mod listener;

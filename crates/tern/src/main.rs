@@ -1,5 +1,6 @@
-//! The `tern` command line: `serve`, `check-config`, and `queue
-//! list|show|flush|hold|release|delete|destinations`.
+//! The `tern` command line: `serve`, `check-config`, `queue
+//! list|show|flush|hold|release|delete|destinations`, `dkim generate` and
+//! `dns-records`.
 
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
@@ -51,6 +52,22 @@ enum Command {
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
+    },
+    /// DKIM signing keys: the server signs mail from a domain with every key
+    /// found under <dkim.dir>/DOMAIN/ (see tern.example.toml, [dkim])
+    Dkim {
+        #[command(subcommand)]
+        command: tern::dkim::cli::DkimCommand,
+    },
+    /// Print the DNS records DOMAIN needs (MX, SPF, DKIM, DMARC, MTA-STS,
+    /// TLS-RPT) in zone-file syntax; values to fill in are marked PLACEHOLDER
+    DnsRecords {
+        /// The mail domain
+        domain: String,
+        /// TOML config file (for hostname and the DKIM keys); without it, the
+        /// embedded default
+        #[arg(short, long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -130,6 +147,57 @@ fn main() -> ExitCode {
             Err(errors) => report_config_errors(&file, &errors),
         },
         Command::Queue { command } => queue(command),
+        Command::Dkim {
+            command: tern::dkim::cli::DkimCommand::Generate(args),
+        } => dkim_generate(&args),
+        Command::DnsRecords { domain, config } => dns_records(&domain, config.as_deref()),
+    }
+}
+
+fn dkim_generate(args: &tern::dkim::cli::GenerateArgs) -> ExitCode {
+    let runtime = match load_runtime(args.config.as_deref()) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match tern::dkim::cli::generate(
+        &runtime,
+        &args.domain,
+        args.selector.as_deref(),
+        args.algorithm,
+        args.force,
+        chrono::Utc::now(),
+    ) {
+        Ok(generated) => {
+            emit(&generated.records);
+            for note in &generated.notes {
+                eprintln!("tern: {note}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("tern: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dns_records(domain: &str, config: Option<&Path>) -> ExitCode {
+    let runtime = match load_runtime(config) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match tern::dkim::cli::dns_records(&runtime, domain, chrono::Utc::now()) {
+        Ok((records, notes)) => {
+            emit(&records);
+            for note in &notes {
+                eprintln!("tern: {note}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("tern: {message}");
+            ExitCode::FAILURE
+        }
     }
 }
 

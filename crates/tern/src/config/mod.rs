@@ -11,11 +11,13 @@
 //! Errors: [`load`] and [`Runtime::from_file_config`] return every problem
 //! found, each naming its key, so `tern check-config` can print them all at once.
 
+mod dkim;
 mod outbound;
 mod recipients;
 mod schema;
 mod validate;
 
+pub use dkim::DkimSettings;
 pub use outbound::OutboundSettings;
 use recipients::MAX_ALIAS_DEPTH;
 pub use recipients::{Destination, Resolution};
@@ -171,6 +173,7 @@ pub struct Runtime {
     /// Certificates offered by STARTTLS and implicit TLS; empty: a
     /// self-signed one kept in `<data_dir>/tls/`.
     pub tls_certificates: Vec<CertificateFiles>,
+    pub dkim: DkimSettings,
     pub log: LogConfig,
 }
 
@@ -460,6 +463,7 @@ impl Runtime {
         let delivery = check_delivery(&file, &mut errors);
         let outbound = outbound::check_outbound(&file, base, &mut errors);
         let tls_certificates = check_tls(&file, base, &mut errors);
+        let dkim = dkim::check_dkim(&file, &data_dir, base, &local_domains, &mut errors);
         if !matches!(file.log.format.as_str(), "text" | "json") {
             errors.push("log.format", "must be \"text\" or \"json\"");
         }
@@ -493,6 +497,7 @@ impl Runtime {
             delivery,
             outbound,
             tls_certificates,
+            dkim,
             log: file.log,
         };
         // Each target must lead somewhere: a loop, a chain deeper than the

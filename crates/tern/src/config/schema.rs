@@ -38,6 +38,8 @@ pub struct FileConfig {
     pub tls: TlsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub dkim: DkimConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -292,4 +294,37 @@ impl Default for LogConfig {
             format: "text".into(),
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DkimConfig {
+    /// Default: `<data_dir>/dkim`.
+    pub dir: Option<PathBuf>,
+    pub discover: bool,
+    /// `x=` is `t=` plus this; "0s": no `x=`.
+    pub signature_lifetime: String,
+    pub key: Vec<DkimKeyConfig>,
+}
+
+impl Default for DkimConfig {
+    fn default() -> Self {
+        DkimConfig {
+            dir: None,
+            discover: true,
+            signature_lifetime: "0s".into(),
+            key: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimKeyConfig {
+    pub domain: String,
+    pub selector: String,
+    /// "rsa-sha256" or "ed25519-sha256"; default: what the file holds.
+    pub algorithm: Option<String>,
+    /// Default: `<dkim.dir>/<domain>/<selector>.key`.
+    pub file: Option<PathBuf>,
 }

@@ -17,7 +17,11 @@
 //! closed.example   REFUSED
 //! slow.example     TIMEOUT                 # never answered
 //! empty.example    EXISTS                  # the name exists, with no records
+//! s1._domainkey.example.com TXT v=DKIM1; k=ed25519; p=...
 //! ```
+//!
+//! A TXT entry's text is the rest of the line, white space runs made one
+//! space, split into 255-octet character-strings when longer.
 //!
 //! A name with no entry at all is NXDOMAIN; a name with entries but none of
 //! the asked type (after following CNAMEs) is NODATA (NOERROR, no answer).
@@ -29,7 +33,7 @@
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Edns, Header, HeaderCounts, Metadata, ResponseCode};
-use hickory_server::proto::rr::rdata::{A, AAAA, CNAME, MX};
+use hickory_server::proto::rr::rdata::{A, AAAA, CNAME, MX, TXT};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -96,6 +100,15 @@ impl Zone {
                 fqdn(exchange)?,
             )),
             ("CNAME", [target]) => RData::CNAME(CNAME(fqdn(target)?)),
+            ("TXT", words) if !words.is_empty() => {
+                let text = words.join(" ");
+                RData::TXT(TXT::new(
+                    text.as_bytes()
+                        .chunks(255)
+                        .map(|chunk| String::from_utf8_lossy(chunk).into_owned())
+                        .collect(),
+                ))
+            }
             ("SERVFAIL" | "REFUSED" | "TIMEOUT" | "EXISTS", []) => {
                 let behaviour = match kind.as_str() {
                     "SERVFAIL" => Behaviour::ServFail,
