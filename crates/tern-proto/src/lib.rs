@@ -7,16 +7,17 @@
 //! the replies it emits.
 //!
 //! Modules: [`address`] (paths and mailboxes), [`command`] (command lines and
-//! ESMTP parameters), [`reply`] (reply codec), [`data`] (DATA/BDAT content
-//! framing and checks), [`ehlo`] (capabilities), [`headers`] (header-section
-//! filtering: forged `Authentication-Results:`), [`server`] (the session
-//! state machine), [`client`] (the SMTP/LMTP client state machine and the
-//! outgoing content encoder).
+//! ESMTP parameters), [`reply`] (reply codec), [`base64`] (for AUTH),
+//! [`data`] (DATA/BDAT content framing and checks), [`ehlo`] (capabilities),
+//! [`headers`] (header-section filtering: forged `Authentication-Results:`),
+//! [`server`] (the session state machine), [`client`] (the SMTP/LMTP client
+//! state machine and the outgoing content encoder).
 //!
 //! Errors: each parser returns a small error enum that maps one-to-one to
 //! the SMTP reply the session sends for it.
 
 pub mod address;
+pub mod base64;
 pub mod client;
 pub mod command;
 pub mod data;
