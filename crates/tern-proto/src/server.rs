@@ -22,7 +22,8 @@
 //! - Replies are emitted strictly in command order; while a query is
 //!   outstanding no further input is processed (it stays buffered).
 //! - Only CRLF ends a command line or a content line; a command line is
-//!   never longer than `max_command_line` in memory.
+//!   never longer than `max_command_line` in memory (an AUTH line or a SASL
+//!   response: 12288 octets, RFC 4954 §4).
 //! - After `Close` nothing else is emitted and input is ignored.
 //! - Nothing that arrived after a STARTTLS line is ever processed: the rest
 //!   of that input is dropped with the 220, and so is anything received

@@ -19,9 +19,9 @@
 //!   error through its 4xx/5xx reply.
 //!
 //! Invariants: a SASL response line is never echoed: the session only
-//! hands its decoded octets to the driver. The only exit from
-//! `Mode::AuthResponse` is one complete line (or an over-long one), after
-//! which the session is back in command mode or waiting for the driver.
+//! hands its decoded octets to the driver. Input leaves
+//! `Mode::AuthResponse` after one line (complete, or over-long), and the
+//! session is then back in command mode or waiting for the driver.
 //!
 //! Not done: SASL security layers (RFC 4954 §4 allows them; no mechanism we
 //! offer negotiates one), and the obsolete `AUTH=` EHLO keyword.
