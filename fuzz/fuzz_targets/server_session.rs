@@ -2,13 +2,22 @@
 //! points, with decisions derived from the input.
 //!
 //! Input layout: byte 0 = config flags, bytes 1..9 = decision and split
-//! seeds, the rest = what the peer sends.
+//! seeds, the rest = what the peer sends. The driver side of STARTTLS and
+//! AUTH is simulated: the handshake succeeds (or fails) as soon as
+//! `StartTls` comes, and a SASL exchange gets up to three challenges, then
+//! Accept, Reject or Disconnect, all from the seeds.
 //!
 //! Invariants checked: no panic; every reply is well-formed (parses back to
-//! the same code, 200..=599); nothing follows Close; a query is the only
-//! way the session waits; `eof()` always ends in Close; no EndOfData
-//! without a Data query before it; no message content carries a NUL; the
-//! forged-results filter the driver runs over content never adds octets.
+//! the same code, 200..=599); nothing follows Close; a query or a TLS
+//! handshake is the only way the session waits, and nothing comes out
+//! during a handshake; `eof()` always ends in Close; no EndOfData without a
+//! Data query before it; no message content carries a NUL; the
+//! forged-results filter the driver runs over content never adds octets; a
+//! 334 only carries the driver's challenge and only a 334 is answered by
+//! `AuthResponse`; AUTH never runs twice, nor without TLS unless allowed,
+//! nor with a -PLUS mechanism without TLS; MAIL reaches the driver only
+//! authenticated when AUTH is required; STARTTLS only once, and only with
+//! its 220 right before.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -16,6 +25,8 @@ use tern_proto::headers::ForgedResultsFilter;
 use tern_proto::{
     BareLfPolicy, Decision, EnhancedCode, Event, NulPolicy, Query, Reply, ServerConfig, Session,
 };
+
+const MECHANISMS: [&str; 3] = ["PLAIN", "LOGIN", "SCRAM-SHA-256-PLUS"];
 
 struct Checker {
     closed: bool,
@@ -25,14 +36,30 @@ struct Checker {
     filter: ForgedResultsFilter,
     content_in: usize,
     content_out: usize,
+    require_auth: bool,
+    auth_without_tls: bool,
+    /// The last reply's code.
+    last_reply: u16,
+    /// The last decision was a challenge: the next event is its 334.
+    challenged: bool,
+    /// Challenges given in the current SASL exchange.
+    steps: usize,
+    /// `StartTls` came; the driver runs the handshake once the session
+    /// stops giving events.
+    handshake: bool,
+    handshakes: usize,
 }
 
 impl Checker {
-    fn check(&mut self, e: &Event) {
+    fn check(&mut self, s: &Session, e: &Event) {
         assert!(!self.closed, "event after Close: {e:?}");
+        assert!(!self.handshake, "event during the TLS handshake: {e:?}");
         match e {
             Event::Reply(r) => {
                 assert!((200..600).contains(&r.code), "bad code {r:?}");
+                assert_eq!(r.code == 334, self.challenged, "334 out of turn: {r:?}");
+                self.challenged = false;
+                self.last_reply = r.code;
                 let bytes = r.to_bytes();
                 let (back, n) = Reply::parse(&bytes).expect("own reply must parse");
                 assert_eq!(n, bytes.len());
@@ -57,6 +84,30 @@ impl Checker {
             }
             Event::MessageAborted => self.new_message(),
             Event::Close => self.closed = true,
+            Event::StartTls => {
+                assert_eq!(self.last_reply, 220);
+                assert!(!s.is_tls() && !s.wants_input());
+                self.handshake = true;
+                self.handshakes += 1;
+                assert_eq!(self.handshakes, 1, "STARTTLS twice");
+            }
+            Event::Query(Query::Mail { .. }) => {
+                assert!(
+                    !self.require_auth || s.is_authenticated(),
+                    "MAIL without AUTH"
+                );
+            }
+            Event::Query(Query::Auth { mechanism, .. }) => {
+                assert!(!s.is_authenticated(), "AUTH twice");
+                assert!(s.is_tls() || self.auth_without_tls, "AUTH without TLS");
+                assert!(
+                    s.is_tls() || !mechanism.ends_with("-PLUS"),
+                    "-PLUS without TLS"
+                );
+                assert!(MECHANISMS.contains(&mechanism.as_str()));
+                self.steps = 0;
+            }
+            Event::Query(Query::AuthResponse(_)) => assert_eq!(self.last_reply, 334),
             _ => {}
         }
     }
@@ -68,7 +119,20 @@ impl Checker {
     }
 }
 
-fn decision(seed: u8, q: &Query) -> Decision {
+fn decision(seed: u8, q: &Query, steps: &mut usize) -> Decision {
+    if matches!(q, Query::Auth { .. } | Query::AuthResponse(_)) {
+        // Up to three challenges (SCRAM takes two, LOGIN two), then a verdict.
+        if *steps < usize::from(seed % 4) {
+            *steps += 1;
+            return Decision::AuthChallenge(vec![seed; usize::from(seed % 5)]);
+        }
+        return match seed % 5 {
+            0 | 1 => Decision::Accept,
+            2 => Decision::Reject(Reply::new(535, Some(EnhancedCode(5, 7, 8)), "no")),
+            3 => Decision::Reject(Reply::new(454, Some(EnhancedCode(4, 7, 0)), "later")),
+            _ => Decision::Disconnect(Reply::new(421, Some(EnhancedCode(4, 7, 0)), "bye")),
+        };
+    }
     match (seed % 8, q) {
         (0..=3, _) => Decision::Accept,
         (4, _) => Decision::Reject(Reply::new(550, Some(EnhancedCode(5, 7, 1)), "no")),
@@ -82,11 +146,26 @@ fn decision(seed: u8, q: &Query) -> Decision {
 }
 
 fn drain(s: &mut Session, c: &mut Checker, seeds: &[u8], turn: &mut usize) {
-    while let Some(e) = s.next_event() {
-        c.check(&e);
-        if let Event::Query(q) = &e {
-            *turn += 1;
-            s.decide(decision(seeds[*turn % seeds.len()], q));
+    loop {
+        while let Some(e) = s.next_event() {
+            c.check(s, &e);
+            if let Event::Query(q) = &e {
+                *turn += 1;
+                let d = decision(seeds[*turn % seeds.len()], q, &mut c.steps);
+                c.challenged = matches!(d, Decision::AuthChallenge(_));
+                s.decide(d);
+            }
+        }
+        if !c.handshake {
+            break;
+        }
+        c.handshake = false;
+        *turn += 1;
+        if seeds[*turn % seeds.len()] % 16 == 15 {
+            s.tls_failed();
+        } else {
+            s.tls_established();
+            assert!(s.is_tls() && !s.is_authenticated() && s.helo_domain().is_none());
         }
     }
     assert!(
@@ -122,9 +201,22 @@ fuzz_target!(|data: &[u8]| {
         } else {
             NulPolicy::Reject
         },
+        starttls: flags & 32 != 0,
+        auth_mechanisms: if flags & 64 != 0 {
+            MECHANISMS.map(String::from).to_vec().into()
+        } else {
+            Vec::new().into()
+        },
+        auth_without_tls: seeds[7] & 1 != 0,
+        require_auth: flags & 128 != 0,
         ..ServerConfig::default()
     };
-    let mut s = Session::new(cfg);
+    let (require_auth, auth_without_tls) = (cfg.require_auth, cfg.auth_without_tls);
+    let mut s = if seeds[7] & 2 != 0 {
+        Session::over_tls(cfg)
+    } else {
+        Session::new(cfg)
+    };
     let mut c = Checker {
         closed: false,
         data_queries: 0,
@@ -132,6 +224,13 @@ fuzz_target!(|data: &[u8]| {
         filter: ForgedResultsFilter::new("mx.fuzz"),
         content_in: 0,
         content_out: 0,
+        require_auth,
+        auth_without_tls,
+        last_reply: 0,
+        challenged: false,
+        steps: 0,
+        handshake: false,
+        handshakes: 0,
     };
     let mut turn = 0;
     drain(&mut s, &mut c, seeds, &mut turn);

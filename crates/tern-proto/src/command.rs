@@ -8,10 +8,14 @@
 //! Invariants: a parsed `Command` is syntactically valid; every
 //! `CommandError` maps to exactly one reply via [`CommandError::reply`].
 //!
+//! AUTH (RFC 4954 §4) and STARTTLS (RFC 3207 §4) are parsed here, their
+//! arguments only as far as syntax goes: whether they are offered, and
+//! decoding the initial response, are the session's.
+//!
 //! Not done here: sequencing (MAIL before HELO...), limits that depend on
-//! configuration (SIZE against the maximum, recipient count), the rule that
-//! UTF-8 addresses need SMTPUTF8, and the rule that ESMTP parameters need
-//! EHLO: all of those are in `server`.
+//! configuration (SIZE against the maximum, recipient count, AUTH's longer
+//! line), the rule that UTF-8 addresses need SMTPUTF8, and the rule that
+//! ESMTP parameters need EHLO: all of those are in `server`.
 //!
 //! Errors: [`CommandError`]: unknown verb 500 5.5.2, a forbidden octet
 //! (NUL, bare CR, another control character, invalid UTF-8) 501 with the
@@ -23,6 +27,8 @@
 //! duplicate or malformed parameter 501 5.5.4.
 
 mod params;
+
+use std::fmt;
 
 use crate::address::{self, AddressError, ForwardPath, ReversePath};
 use crate::reply::{EnhancedCode, Reply};
@@ -51,6 +57,54 @@ pub enum Command {
     Quit,
     Vrfy(String),
     Help(Option<String>),
+    /// `STARTTLS` (RFC 3207 §4); `parameters` when anything followed the
+    /// verb, which the session refuses with 501 5.5.4 once it knows that
+    /// STARTTLS is offered at all.
+    StartTls {
+        parameters: bool,
+    },
+    /// `AUTH mechanism [initial-response]` (RFC 4954 §4). The mechanism
+    /// is upper-cased and has the SASL name syntax (RFC 4422 §3.1); the
+    /// initial response is still base64 (or `=`), since the session decides
+    /// whether the command may run before it decodes anything.
+    Auth {
+        mechanism: String,
+        initial: Option<SaslData>,
+    },
+}
+
+/// Octets of a SASL exchange: credentials, or a step towards them. Kept
+/// out of `Debug` output (not even the length shows), so logging a
+/// command, a query or a session never writes a password into a log.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct SaslData(Vec<u8>);
+
+impl SaslData {
+    pub fn new(octets: Vec<u8>) -> SaslData {
+        SaslData(octets)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for SaslData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SaslData(<redacted>)")
+    }
 }
 
 /// Why a command line was refused; see the module header for the replies.
@@ -61,7 +115,8 @@ pub enum CommandError {
     ForbiddenOctet { octet: BadOctet, place: OctetPlace },
     /// Not an SMTP verb.
     UnknownVerb,
-    /// A verb we recognise but do not implement (AUTH, STARTTLS, EXPN...).
+    /// A verb we recognise but do not implement (EXPN, ETRN...), or AUTH
+    /// and STARTTLS where the session does not offer them.
     NotImplemented(&'static str),
     /// The line looks like an HTTP request: a cross-protocol attack.
     CrossProtocol,
@@ -236,8 +291,7 @@ const HTTP_VERBS: &[&str] = &[
 
 /// Known verbs we do not implement (RFC 5321 §4.2.4: 502).
 const UNIMPLEMENTED: &[&str] = &[
-    "AUTH", "STARTTLS", "ETRN", "EXPN", "TURN", "ATRN", "SEND", "SOML", "SAML", "VERB", "XCLIENT",
-    "XFORWARD",
+    "ETRN", "EXPN", "TURN", "ATRN", "SEND", "SOML", "SAML", "VERB", "XCLIENT", "XFORWARD",
 ];
 
 /// Parses one command line (without CRLF).
@@ -288,6 +342,10 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
             .ok_or(CommandError::Syntax("VRFY address")),
         "HELP" => Ok(Command::Help(args.map(str::to_string))),
         "BDAT" => parse_bdat(args.unwrap_or("")),
+        "STARTTLS" => Ok(Command::StartTls {
+            parameters: args.is_some(),
+        }),
+        "AUTH" => parse_auth(args.unwrap_or("")),
         _ => Err(CommandError::UnknownVerb),
     }
 }
@@ -401,6 +459,28 @@ fn parse_bdat(args: &str) -> Result<Command, CommandError> {
         return Err(CommandError::Syntax(USAGE));
     }
     Ok(Command::Bdat { size, last })
+}
+
+/// `"AUTH" SP sasl-mech [SP initial-response]` (RFC 4954 §4), where
+/// sasl-mech is 1 to 20 of `A-Z 0-9 - _` (RFC 4422 §3.1; matched without
+/// regard to case, as clients differ) and initial-response is base64 or
+/// `=` (checked by the session).
+fn parse_auth(args: &str) -> Result<Command, CommandError> {
+    const USAGE: &str = "AUTH mechanism [initial-response]";
+    let mut it = args.split(' ').filter(|a| !a.is_empty());
+    let mechanism = it.next().unwrap_or("").to_ascii_uppercase();
+    let name_ok = (1..=20).contains(&mechanism.len())
+        && mechanism
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !name_ok {
+        return Err(CommandError::Syntax(USAGE));
+    }
+    let initial = it.next().map(|r| SaslData::new(r.as_bytes().to_vec()));
+    if it.next().is_some() {
+        return Err(CommandError::Syntax(USAGE));
+    }
+    Ok(Command::Auth { mechanism, initial })
 }
 
 /// The chunk size a BDAT line announces, read as far as the line allows:

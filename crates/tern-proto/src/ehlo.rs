@@ -8,17 +8,27 @@
 //! Invariants: we advertise exactly the extensions the session implements:
 //! PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8
 //! (RFC 6531), ENHANCEDSTATUSCODES (RFC 2034), CHUNKING (RFC 3030) and DSN
-//! (RFC 3461). Not BINARYMIME, STARTTLS or AUTH (not implemented yet).
+//! (RFC 3461) always; STARTTLS (RFC 3207) and AUTH (RFC 4954) when the
+//! session offers them at that moment (see [`Offers`]). Not BINARYMIME.
 //!
-//! Not done: choosing extensions per listener (the session has one set).
+//! Not done: the obsolete `AUTH=` EHLO line some old clients looked for.
 //!
 //! Errors: none; `Capabilities::from_reply` ignores lines it cannot read.
 
 use crate::reply::Reply;
 
+/// The extensions a session offers only in some states.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offers<'a> {
+    /// STARTTLS: configured and TLS not active yet.
+    pub starttls: bool,
+    /// The SASL mechanisms for the `AUTH` line, in order; empty: no line.
+    pub auth: &'a [&'a str],
+}
+
 /// Builds the EHLO reply. `max_size` 0 means unlimited: `SIZE` is then
 /// advertised without a number (RFC 1870 §4).
-pub fn ehlo_reply(hostname: &str, client_domain: &str, max_size: u64) -> Reply {
+pub fn ehlo_reply(hostname: &str, client_domain: &str, max_size: u64, offers: Offers<'_>) -> Reply {
     let size = if max_size == 0 {
         "SIZE".to_string()
     } else {
@@ -30,7 +40,7 @@ pub fn ehlo_reply(hostname: &str, client_domain: &str, max_size: u64) -> Reply {
     } else {
         format!("{hostname} Hello")
     };
-    let lines = vec![
+    let mut lines = vec![
         greet,
         "PIPELINING".to_string(),
         size,
@@ -40,6 +50,12 @@ pub fn ehlo_reply(hostname: &str, client_domain: &str, max_size: u64) -> Reply {
         "CHUNKING".to_string(),
         "DSN".to_string(),
     ];
+    if offers.starttls {
+        lines.push("STARTTLS".to_string());
+    }
+    if !offers.auth.is_empty() {
+        lines.push(format!("AUTH {}", offers.auth.join(" ")));
+    }
     Reply {
         code: 250,
         enhanced: None,
@@ -90,7 +106,7 @@ mod tests {
 
     #[test]
     fn advertises_and_reads_back() {
-        let r = ehlo_reply("mx.example", "client.example", 1000);
+        let r = ehlo_reply("mx.example", "client.example", 1000, Offers::default());
         let wire = String::from_utf8(r.to_bytes()).unwrap();
         assert!(wire.starts_with(
             "250-mx.example Hello client.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n"
@@ -109,14 +125,28 @@ mod tests {
             assert!(caps.has(k), "{k}");
         }
         assert!(!caps.has("BINARYMIME"));
+        assert!(!caps.has("STARTTLS"));
+        assert!(!caps.has("AUTH"));
         assert_eq!(caps.size(), Some(1000));
-        let caps = Capabilities::from_reply(&ehlo_reply("h", "d", 0));
+        let caps = Capabilities::from_reply(&ehlo_reply("h", "d", 0, Offers::default()));
         assert_eq!(caps.size(), Some(0));
     }
 
     #[test]
+    fn starttls_and_auth_when_offered() {
+        let offers = Offers {
+            starttls: true,
+            auth: &["PLAIN", "SCRAM-SHA-256"],
+        };
+        let wire = ehlo_reply("h", "d", 0, offers).to_bytes();
+        assert!(wire.ends_with(b"250-DSN\r\n250-STARTTLS\r\n250 AUTH PLAIN SCRAM-SHA-256\r\n"));
+        let caps = Capabilities::from_reply(&Reply::parse(&wire).unwrap().0);
+        assert!(caps.has("STARTTLS") && caps.has("AUTH"));
+    }
+
+    #[test]
     fn greeting_line_stays_seven_bit() {
-        let r = ehlo_reply("mx.example", "jörg.example", 1000);
+        let r = ehlo_reply("mx.example", "jörg.example", 1000, Offers::default());
         assert_eq!(r.lines[0], "mx.example Hello");
         assert!(r.to_bytes().is_ascii());
     }

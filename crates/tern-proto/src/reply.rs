@@ -143,8 +143,9 @@ impl Reply {
             }
             text.push_str(line);
             // "250" alone is a valid last line (§4.2: textstring is optional);
-            // a continuation line always needs its "-".
-            if !text.is_empty() || sep == '-' {
+            // a continuation line always needs its "-", and an empty AUTH
+            // challenge its SP (RFC 4954 §4: continue-req = "334" SP [base64]).
+            if !text.is_empty() || sep == '-' || self.code == 334 {
                 head.push(sep);
             }
             out.extend_from_slice(head.as_bytes());
@@ -297,6 +298,10 @@ mod tests {
         let r = Reply::new(250, None, "");
         assert_eq!(r.to_bytes(), b"250\r\n");
         assert_eq!(Reply::parse(b"250\r\n"), Ok((r, 5)));
+        // An empty AUTH challenge keeps its space (RFC 4954 §4).
+        let r = Reply::new(334, None, "");
+        assert_eq!(r.to_bytes(), b"334 \r\n");
+        assert_eq!(Reply::parse(b"334 \r\n"), Ok((r, 6)));
     }
 
     #[test]

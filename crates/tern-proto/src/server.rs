@@ -1,10 +1,20 @@
 //! The server session state machine (RFC 5321 §4.1.4, §4.3, §4.5; RFC 2920
-//! PIPELINING; RFC 3030 CHUNKING).
+//! PIPELINING; RFC 3030 CHUNKING; RFC 3207 STARTTLS; RFC 4954 AUTH; RFC 6409
+//! submission's "AUTH before MAIL").
 //!
 //! The I/O driver feeds bytes with [`Session::receive`], pulls [`Event`]s
 //! with [`Session::next_event`] and answers each [`Query`] with
 //! [`Session::decide`]. The session answers syntax, sequence and limit
 //! errors itself and frames message content (via [`crate::data`]).
+//!
+//! TLS: on [`Event::StartTls`] the driver writes the replies before it,
+//! runs the handshake and calls [`Session::tls_established`] or
+//! [`Session::tls_failed`]; a session on an implicit-TLS port (RFC 8314) is
+//! made with [`Session::over_tls`]. AUTH: the session does the SMTP side of
+//! RFC 4954 (which commands may start an exchange, the 334 lines, base64,
+//! `*`, line lengths); the driver runs the SASL mechanism behind
+//! [`Query::Auth`] and [`Query::AuthResponse`] and answers each with
+//! [`Decision::AuthChallenge`], `Accept` (235, authenticated) or `Reject`.
 //!
 //! Invariants:
 //! - The first event is `Query(Connect)`; nothing is parsed before the
@@ -12,15 +22,26 @@
 //! - Replies are emitted strictly in command order; while a query is
 //!   outstanding no further input is processed (it stays buffered).
 //! - Only CRLF ends a command line or a content line; a command line is
-//!   never longer than `max_command_line` in memory.
+//!   never longer than `max_command_line` in memory (an AUTH line or a SASL
+//!   response: 12288 octets, RFC 4954 §4).
 //! - After `Close` nothing else is emitted and input is ignored.
+//! - Nothing that arrived after a STARTTLS line is ever processed: the rest
+//!   of that input is dropped with the 220, and so is anything received
+//!   before `tls_established` (CVE-2011-0411: commands injected in plain
+//!   text must not run as if they came through TLS). The handshake gives a
+//!   fresh session (no HELO, no transaction, not authenticated); the error
+//!   and junk counts go on.
+//! - A SASL response is never part of a reply, an event other than
+//!   `Query::AuthResponse`, or `Debug` output (see [`SaslData`]).
 //! - Every 4xx/5xx reply counts towards `max_errors`, and every command that
 //!   makes no progress towards `max_junk_commands`; an accepted message
 //!   starts both counts again. Refused recipients also count towards
 //!   `max_rejected_recipients`, which nothing resets (address probing).
 //!
-//! Not done: I/O, timers (the driver calls [`Session::timeout`]), TLS,
-//! AUTH, policy (all via queries), trace headers.
+//! Not done: I/O, timers (the driver calls [`Session::timeout`]), the TLS
+//! handshake and SASL mechanisms (the driver's), policy (all via queries),
+//! trace headers (the getters for them are here: [`Session::is_tls`],
+//! [`Session::is_authenticated`], [`Session::received_protocol`]).
 //!
 //! Backpressure: input is buffered without limit while a query is
 //! outstanding (a pipelining client may legitimately send a whole BDAT chunk
@@ -29,12 +50,17 @@
 //!
 //! Errors: none returned; protocol errors become replies.
 
+mod auth;
 mod commands;
 mod decide;
 
 use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
 
 use crate::address::{ForwardPath, ReversePath};
+/// In queries; see [`SaslData`].
+pub use crate::command::SaslData;
 use crate::command::{MailParams, RcptParams};
 use crate::data::{ContentDecoder, ContentLimits};
 use crate::reply::{EnhancedCode, Reply};
@@ -92,6 +118,22 @@ pub struct ServerConfig {
     pub max_received_headers: usize,
     pub bare_lf: BareLfPolicy,
     pub nul: NulPolicy,
+    /// Offer STARTTLS (RFC 3207) while TLS is not active. Only for a driver
+    /// that can run a handshake whenever `Event::StartTls` comes.
+    pub starttls: bool,
+    /// SASL mechanisms offered with AUTH (RFC 4954), upper-case names as
+    /// advertised ("PLAIN", "LOGIN", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS");
+    /// empty: no AUTH (the verb gets 502, as before AUTH existed). Shared,
+    /// so each session's copy of the config allocates nothing for it.
+    /// Names ending in `-PLUS` (channel binding) are offered over TLS only.
+    pub auth_mechanisms: Arc<[String]>,
+    /// Offer AUTH before TLS too (e.g. for loopback clients); otherwise
+    /// AUTH waits for TLS and gets 538 5.7.11 before it.
+    pub auth_without_tls: bool,
+    /// Submission (RFC 6409): MAIL before a successful AUTH gets
+    /// `530 5.7.0` (or "Must issue a STARTTLS command first" when AUTH
+    /// itself waits for TLS).
+    pub require_auth: bool,
 }
 
 impl Default for ServerConfig {
@@ -109,6 +151,10 @@ impl Default for ServerConfig {
             max_received_headers: 100,
             bare_lf: BareLfPolicy::Reject,
             nul: NulPolicy::Reject,
+            starttls: false,
+            auth_mechanisms: Arc::from(Vec::new()),
+            auth_without_tls: false,
+            require_auth: false,
         }
     }
 }
@@ -134,6 +180,20 @@ pub enum Query {
     Data,
     /// The whole message arrived and passed every check.
     EndOfData,
+    /// `AUTH` with a mechanism we offer, at a point where AUTH may run
+    /// (RFC 4954 §4). Starts a new SASL exchange: the driver drops any
+    /// state of an earlier one (an exchange the session ended itself, on
+    /// `*`, bad base64 or an over-long line, gets no query of its own).
+    Auth {
+        /// Upper-case, one of `ServerConfig::auth_mechanisms`.
+        mechanism: String,
+        /// The decoded initial response; `Some` and empty for `=`, `None`
+        /// when the client sent none (a client-first mechanism then gets
+        /// an empty challenge from the driver, RFC 4422 §5).
+        initial: Option<SaslData>,
+    },
+    /// The client's decoded answer to the last `Decision::AuthChallenge`.
+    AuthResponse(SaslData),
 }
 
 /// The driver's answer to a query.
@@ -150,6 +210,16 @@ pub enum Decision {
     Disconnect(Reply),
     /// For `EndOfData`: "250 2.0.0 Ok: queued as <id>". Elsewhere: Accept.
     Queued { queue_id: String },
+    /// For `Auth` and `AuthResponse`: send this challenge (`334` and its
+    /// base64; `334 ` alone when empty) and read the client's response,
+    /// which comes back as `Query::AuthResponse`. To any other query it is
+    /// a driver error and refused with 451 4.3.0 (never taken as Accept).
+    ///
+    /// For `Auth`/`AuthResponse`, `Accept` means the client authenticated
+    /// (235 2.7.0, [`Session::is_authenticated`]); `Reject` ends the
+    /// exchange with the driver's reply (535 5.7.8, 454 4.7.0, 534 5.7.9,
+    /// 432 4.7.12, 501 5.7.0...).
+    AuthChallenge(Vec<u8>),
 }
 
 /// Output of the session, in order.
@@ -164,6 +234,12 @@ pub enum Event {
     Body(Vec<u8>),
     /// Discard the content streamed so far for this transaction.
     MessageAborted,
+    /// Write everything before this (the 220), then run the TLS handshake
+    /// and call `tls_established` or `tls_failed`. Until then the session
+    /// takes no input (`wants_input` is false). Octets already read from
+    /// the connection were sent before the client saw the 220: plain text
+    /// to drop, never to hand to the TLS library (`receive` drops them).
+    StartTls,
     /// Close the connection after writing everything before it.
     Close,
 }
@@ -196,6 +272,7 @@ enum Pending {
     Data,
     BdatData { size: u64, last: bool },
     EndOfData,
+    Auth, // or AuthResponse
 }
 
 /// How input is being read right now.
@@ -213,10 +290,20 @@ enum Mode {
     },
     /// Octets of a refused BDAT to swallow, then `reply` (and reset).
     Discard { remaining: u64, reply: Reply },
+    /// The client's line after a 334 challenge (RFC 4954 §4).
+    AuthResponse,
+}
+
+/// Where the session is with TLS (RFC 3207).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    Plain,
+    /// STARTTLS was accepted: waiting for the driver's handshake.
+    Starting,
+    Active,
 }
 
 /// One SMTP server session. See the module header.
-#[derive(Debug)]
 pub struct Session {
     config: ServerConfig,
     /// Unprocessed input; bounded by one command line except while a query
@@ -246,6 +333,34 @@ pub struct Session {
     /// The command line in progress (up to its CRLF) already had a bare LF:
     /// every piece of it is refused, none runs.
     line_tainted: bool,
+    tls: Tls,
+    /// A SASL exchange succeeded (RFC 4954: once per session, forgotten by
+    /// a TLS handshake).
+    authenticated: bool,
+}
+
+/// By hand, so the unprocessed input (which may hold an AUTH line) is never
+/// printed: only its length.
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("config", &self.config)
+            .field("input_len", &self.input.len())
+            .field("events", &self.events)
+            .field("pending", &self.pending)
+            .field("mode", &self.mode)
+            .field("closed", &self.closed)
+            .field("helo", &self.helo)
+            .field("esmtp", &self.esmtp)
+            .field("tx", &self.tx)
+            .field("msg", &self.msg)
+            .field("errors", &self.errors)
+            .field("rejected_recipients", &self.rejected_recipients)
+            .field("junk_commands", &self.junk_commands)
+            .field("tls", &self.tls)
+            .field("authenticated", &self.authenticated)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Input buffers above this capacity are shrunk once drained, so an idle
@@ -275,14 +390,61 @@ impl Session {
             skipping_line: false,
             skip_prev_cr: false,
             line_tainted: false,
+            tls: Tls::Plain,
+            authenticated: false,
         }
     }
 
+    /// A session on an implicit-TLS port (RFC 8314 §3.3, e.g. submissions
+    /// on 465): the driver completed the handshake before this call, so TLS
+    /// is active from the greeting on and STARTTLS is never offered.
+    pub fn over_tls(config: ServerConfig) -> Session {
+        let mut s = Session::new(config);
+        s.tls = Tls::Active;
+        s
+    }
+
     /// Buffers input; may be called at any time (even before the greeting).
+    /// Dropped after Close, and between STARTTLS and the end of the
+    /// handshake (plain text that must never run, see `Event::StartTls`).
     pub fn receive(&mut self, input: &[u8]) {
-        if !self.closed {
+        if !self.closed && self.tls != Tls::Starting {
             self.input.extend_from_slice(input);
         }
+    }
+
+    /// The TLS handshake after [`Event::StartTls`] succeeded. The session
+    /// starts again as after the greeting (RFC 3207 §4.2): no HELO/EHLO,
+    /// no transaction, not authenticated, nothing buffered; the client
+    /// must send EHLO, whose reply no longer offers STARTTLS. Ignored at
+    /// any other time.
+    pub fn tls_established(&mut self) {
+        if self.tls != Tls::Starting {
+            return;
+        }
+        self.tls = Tls::Active;
+        self.reset_transaction();
+        self.helo = None;
+        self.esmtp = false;
+        self.authenticated = false;
+        self.input = Vec::new();
+        self.mode = Mode::Command;
+        self.seen_command = false;
+        self.skipping_line = false;
+        self.skip_prev_cr = false;
+        self.line_tainted = false;
+    }
+
+    /// The TLS handshake after [`Event::StartTls`] failed: the channel is
+    /// unusable (no reply can be written in either form), so the session
+    /// closes without one. Ignored at any other time.
+    pub fn tls_failed(&mut self) {
+        if self.tls != Tls::Starting {
+            return;
+        }
+        self.tls = Tls::Plain;
+        self.events.push_back(Event::Close);
+        self.finish_close();
     }
 
     /// The next event, or `None` when more input or a decision is needed,
@@ -292,7 +454,7 @@ impl Session {
             if let Some(e) = self.events.pop_front() {
                 return Some(e);
             }
-            if self.closed || self.pending.is_some() || !self.step() {
+            if self.closed || self.pending.is_some() || self.tls == Tls::Starting || !self.step() {
                 return None;
             }
         }
@@ -301,7 +463,7 @@ impl Session {
     /// Which timeout applies now.
     pub fn phase(&self) -> Phase {
         match self.mode {
-            Mode::Command => Phase::Command,
+            Mode::Command | Mode::AuthResponse => Phase::Command,
             Mode::Data | Mode::Chunk { .. } | Mode::Discard { .. } => Phase::Data,
         }
     }
@@ -311,13 +473,15 @@ impl Session {
         self.closed
     }
 
-    /// False while a query is outstanding or after Close: the driver should
-    /// stop reading then, so buffered input stays bounded.
+    /// False while a query is outstanding, during a TLS handshake and after
+    /// Close: the driver should stop reading then, so buffered input stays
+    /// bounded.
     pub fn wants_input(&self) -> bool {
-        !self.closed && self.pending.is_none()
+        !self.closed && self.pending.is_none() && self.tls != Tls::Starting
     }
 
-    /// The peer was idle too long (§4.5.3.2): 421 4.4.2 and Close.
+    /// The peer was idle too long (§4.5.3.2): 421 4.4.2 and Close (without
+    /// the reply during a TLS handshake, see `close_with`).
     pub fn timeout(&mut self) {
         let text = format!("{} Error: timeout exceeded", self.config.hostname);
         self.close_with(Reply::new(421, Some(EnhancedCode(4, 4, 2)), text));
@@ -354,6 +518,38 @@ impl Session {
         self.esmtp
     }
 
+    /// True once TLS is active: after `tls_established`, or from the start
+    /// for `over_tls`.
+    pub fn is_tls(&self) -> bool {
+        self.tls == Tls::Active
+    }
+
+    /// True after a successful AUTH (until a TLS handshake, which forgets
+    /// it). Who authenticated is the driver's to remember.
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// The `with` protocol of a `Received:` field (RFC 5321 §4.4) for a
+    /// message received now: `SMTP` after HELO; after EHLO `ESMTP` plus `S`
+    /// over TLS and `A` when authenticated (RFC 3848), or the `UTF8SMTP`
+    /// forms for an SMTPUTF8 transaction (RFC 6531 §3.7.4.2).
+    pub fn received_protocol(&self, smtputf8: bool) -> &'static str {
+        if !self.esmtp {
+            return "SMTP";
+        }
+        match (smtputf8, self.is_tls(), self.authenticated) {
+            (false, false, false) => "ESMTP",
+            (false, false, true) => "ESMTPA",
+            (false, true, false) => "ESMTPS",
+            (false, true, true) => "ESMTPSA",
+            (true, false, false) => "UTF8SMTP",
+            (true, false, true) => "UTF8SMTPA",
+            (true, true, false) => "UTF8SMTPS",
+            (true, true, true) => "UTF8SMTPSA",
+        }
+    }
+
     fn limits(&self) -> ContentLimits {
         ContentLimits {
             max_size: self.config.max_message_size,
@@ -382,13 +578,17 @@ impl Session {
         }
     }
 
-    /// Writes `r` then Close, aborting any message in progress.
+    /// Writes `r` then Close, aborting any message in progress. During a
+    /// TLS handshake the reply is dropped: it could go neither in plain
+    /// text (the client now speaks TLS) nor through TLS (not set up).
     fn close_with(&mut self, r: Reply) {
         if self.closed {
             return;
         }
         self.abort_message();
-        self.events.push_back(Event::Reply(r));
+        if self.tls != Tls::Starting {
+            self.events.push_back(Event::Reply(r));
+        }
         self.events.push_back(Event::Close);
         self.finish_close();
     }
@@ -433,6 +633,7 @@ impl Session {
             Mode::Data => self.step_data(),
             Mode::Chunk { .. } => self.step_chunk(),
             Mode::Discard { .. } => self.step_discard(),
+            Mode::AuthResponse => self.step_auth_response(),
         }
     }
 
@@ -559,3 +760,5 @@ mod tests;
 mod tests_content;
 #[cfg(test)]
 mod tests_hardening;
+#[cfg(test)]
+mod tests_tls_auth;

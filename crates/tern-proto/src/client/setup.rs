@@ -16,7 +16,7 @@
 //! a `LocalFailure`.
 
 use super::{
-    Client, Event, Expect, LocalFailure, Phase, Protocol, Status, TlsPolicy, command_safe, local,
+    Client, Event, Expect, LocalFailure, Phase, Protocol, Status, TlsPolicy, command_safe,
     sanitize, status_of,
 };
 use crate::ehlo::Capabilities;
@@ -131,7 +131,7 @@ impl Client {
             token.extend_from_slice(creds.username.as_bytes());
             token.push(0);
             token.extend_from_slice(creds.password.as_bytes());
-            let line = format!("AUTH PLAIN {}", local::base64(&token));
+            let line = format!("AUTH PLAIN {}", crate::base64::encode(&token));
             self.write_command(line, Expect::AuthDone);
         } else if has("LOGIN") {
             self.write_command("AUTH LOGIN".into(), Expect::AuthUser);
@@ -147,11 +147,11 @@ impl Client {
         };
         match (expect, reply.code / 100) {
             (Expect::AuthUser, 3) => {
-                let line = local::base64(creds.username.as_bytes());
+                let line = crate::base64::encode(creds.username.as_bytes());
                 self.write_command(line, Expect::AuthPassword);
             }
             (Expect::AuthPassword, 3) => {
-                let line = local::base64(creds.password.as_bytes());
+                let line = crate::base64::encode(creds.password.as_bytes());
                 self.write_command(line, Expect::AuthDone);
             }
             (Expect::AuthDone, 2) => {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use super::tests::{message, statuses};
 use super::*;
-use crate::server::{Decision, Event as ServerEvent, Query, ServerConfig, Session};
+use crate::server::{Decision, Event as ServerEvent, Query, SaslData, ServerConfig, Session};
 use proptest::prelude::*;
 
 struct World {
@@ -112,6 +112,7 @@ fn run(
                     server_closed = true;
                     client.eof();
                 }
+                ServerEvent::StartTls => panic!("STARTTLS is not offered here"),
             }
         }
         if !to_client.is_empty() {
@@ -232,4 +233,132 @@ proptest! {
         let w = run(ms.clone(), &seeds, server_max, client_max, &hide);
         check(&w, &ms);
     }
+}
+
+/// Our client with credentials and TLS required against our server on a
+/// submission port (STARTTLS, AUTH before MAIL): both sides run the
+/// handshake when each asks for it, the server's driver checks the
+/// client's PLAIN or LOGIN credentials. Returns the server's queries and
+/// the client's outcomes.
+fn submit(mechanisms: &[&str], password: &str) -> (Vec<Query>, Vec<MessageOutcome>) {
+    let mut server = Session::new(ServerConfig {
+        hostname: "mx.test".into(),
+        starttls: true,
+        auth_mechanisms: mechanisms
+            .iter()
+            .map(|m| m.to_string())
+            .collect::<Vec<_>>()
+            .into(),
+        require_auth: true,
+        ..ServerConfig::default()
+    });
+    let mut client = Client::new(ClientConfig {
+        tls: TlsPolicy::Require,
+        credentials: Some(Credentials {
+            username: "user".into(),
+            password: password.into(),
+        }),
+        ..super::tests::config()
+    });
+    let mut pending = vec![message(
+        "user@b.test",
+        &["r@d.test"],
+        "Subject: s\r\n\r\nhi\r\n",
+    )];
+    let (mut queries, mut outcomes) = (Vec::new(), Vec::new());
+    let mut to_client = Vec::new();
+    let mut server_in_handshake = false;
+    let mut login_step = 0;
+    for _ in 0..1000 {
+        let mut progress = false;
+        while let Some(e) = client.next_event() {
+            progress = true;
+            match e {
+                Event::Write(w) => server.receive(&w),
+                Event::StartTls => {
+                    // The server asked first (its 220 came before the
+                    // client's event); both layers start now.
+                    assert!(server_in_handshake);
+                    server_in_handshake = false;
+                    server.tls_established();
+                    client.tls_established();
+                }
+                Event::Ready => match pending.pop() {
+                    Some(m) => client.send(m).unwrap(),
+                    None => client.quit(),
+                },
+                Event::Outcome(o) => outcomes.push(o),
+                Event::Close => server.eof(),
+                _ => {}
+            }
+        }
+        while let Some(e) = server.next_event() {
+            progress = true;
+            match e {
+                ServerEvent::Reply(r) => to_client.extend(r.to_bytes()),
+                ServerEvent::StartTls => server_in_handshake = true,
+                ServerEvent::Query(q) => {
+                    let ok = Decision::Accept;
+                    let no = Decision::Reject(Reply::enhanced(535, (5, 7, 8), "bad credentials"));
+                    let d = match &q {
+                        Query::Auth { mechanism, initial } if mechanism == "PLAIN" => {
+                            match initial.as_ref().map(SaslData::as_bytes) {
+                                Some(b"\0user\0secret") => ok,
+                                _ => no,
+                            }
+                        }
+                        Query::Auth { .. } => Decision::AuthChallenge(b"Username:".to_vec()),
+                        Query::AuthResponse(r) => {
+                            login_step += 1;
+                            match (login_step, r.as_bytes()) {
+                                (1, b"user") => Decision::AuthChallenge(b"Password:".to_vec()),
+                                (2, b"secret") => ok,
+                                _ => no,
+                            }
+                        }
+                        _ => Decision::Accept,
+                    };
+                    queries.push(q);
+                    server.decide(d);
+                }
+                ServerEvent::Close => client.eof(),
+                _ => {}
+            }
+        }
+        if !to_client.is_empty() {
+            client.receive(&to_client);
+            to_client.clear();
+            progress = true;
+        }
+        if !progress {
+            break;
+        }
+    }
+    assert!(client.is_closed() && server.is_closed());
+    (queries, outcomes)
+}
+
+#[test]
+fn our_client_submits_through_starttls_and_auth() {
+    for mechanisms in [&["PLAIN", "LOGIN"][..], &["LOGIN"]] {
+        let (queries, outcomes) = submit(mechanisms, "secret");
+        assert_eq!(outcomes.len(), 1);
+        assert_eq!(
+            statuses(&outcomes[0]),
+            vec![Status::Delivered],
+            "{mechanisms:?}"
+        );
+        // Connect, EHLO in plain text and again through TLS, AUTH, the mail.
+        let helos = queries
+            .iter()
+            .filter(|q| matches!(q, Query::Helo { .. }))
+            .count();
+        assert_eq!(helos, 2);
+        assert!(matches!(&queries[3], Query::Auth { mechanism, .. } if mechanism == mechanisms[0]));
+    }
+    // Wrong password: the connection fails before the message is handed in.
+    let (queries, outcomes) = submit(&["PLAIN"], "wrong");
+    assert!(queries.iter().any(|q| matches!(q, Query::Auth { .. })));
+    assert!(!queries.iter().any(|q| matches!(q, Query::Mail { .. })));
+    assert!(outcomes.is_empty());
 }

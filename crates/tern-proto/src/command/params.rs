@@ -1,8 +1,8 @@
 //! ESMTP parameters of MAIL and RCPT (RFC 5321 §4.1.2 `Mail-parameters`,
 //! `Rcpt-parameters`) for the extensions we advertise: SIZE (RFC 1870),
 //! BODY (RFC 6152; BINARYMIME of RFC 3030 is not advertised), SMTPUTF8
-//! (RFC 6531), RET/ENVID/NOTIFY/ORCPT (RFC 3461), plus xtext decoding
-//! (RFC 3461 §4).
+//! (RFC 6531), RET/ENVID/NOTIFY/ORCPT (RFC 3461), AUTH (RFC 4954 §5), plus
+//! xtext decoding (RFC 3461 §4).
 //!
 //! Invariants: keywords are case-insensitive; each may appear once; values
 //! are decoded (xtext) before they are stored.
@@ -12,6 +12,7 @@
 //!
 //! Errors: unknown or unadvertised keyword → `UnknownParameter` (555 5.5.4,
 //! RFC 5321 §4.1.1.11); repeated or malformed → `BadParameter` (501 5.5.4).
+//! `AUTH=` is the exception: never an error (see `MailParams::auth`).
 
 use super::CommandError;
 
@@ -73,6 +74,12 @@ pub struct MailParams {
     pub ret: Option<Ret>,
     /// xtext-decoded `ENVID` (RFC 3461 §4.4).
     pub envid: Option<String>,
+    /// `AUTH=` (RFC 4954 §5): the xtext-decoded mailbox the client says
+    /// submitted the message, or `<>`. Never refused: a value that is not
+    /// well-formed xtext, or a repeated one, reads as `<>` ("unknown"),
+    /// which is what a server that does not trust the value must assume
+    /// anyway. Trusting it is the driver's business.
+    pub auth: Option<String>,
 }
 
 /// Parameters of `RCPT TO`.
@@ -126,6 +133,13 @@ impl MailParams {
     pub fn parse(words: &[&str]) -> Result<MailParams, CommandError> {
         let mut out = MailParams::default();
         for w in words {
+            if let Some(value) = auth_param(w) {
+                out.auth = Some(match out.auth {
+                    None => value,
+                    Some(_) => AUTH_UNKNOWN.to_string(),
+                });
+                continue;
+            }
             let (k, v) = split_param(w)?;
             match k.as_str() {
                 "SIZE" => {
@@ -213,6 +227,25 @@ impl RcptParams {
     pub fn is_empty(&self) -> bool {
         *self == RcptParams::default()
     }
+}
+
+/// The `AUTH=` value that names nobody (RFC 4954 §5).
+const AUTH_UNKNOWN: &str = "<>";
+
+/// The value of an `AUTH` parameter word, if `w` is one: `auth-value =
+/// xtext / "<>"` (RFC 4954 §5), decoded; anything else (no value, bad
+/// xtext, octets xtext does not allow, a value that decodes to control
+/// characters) reads as `<>`.
+fn auth_param(w: &str) -> Option<String> {
+    let (k, v) = w.split_once('=').unwrap_or((w, ""));
+    if !k.eq_ignore_ascii_case("AUTH") {
+        return None;
+    }
+    let decoded = match v {
+        AUTH_UNKNOWN => None,
+        v => xtext_decode(v).filter(|d| !d.is_empty() && !d.chars().any(char::is_control)),
+    };
+    Some(decoded.unwrap_or_else(|| AUTH_UNKNOWN.to_string()))
 }
 
 /// `"NEVER" / 1#( "SUCCESS" / "FAILURE" / "DELAY" )` (RFC 3461 §4.1).

@@ -14,6 +14,7 @@
 //! Errors: every refusal here is a reply (see `CommandError::reply` and the
 //! per-verb checks).
 
+use super::auth::{MAX_AUTH_LINE, auth_line_too_long};
 use super::{Mode, Pending, Query, Session, Transaction};
 use crate::address::{ForwardPath, ReversePath};
 use crate::command::{
@@ -41,7 +42,21 @@ impl Session {
             }
             self.seen_command = true;
         }
-        let max = self.config.max_command_line.max(3);
+        // AUTH lines may be longer (RFC 4954 §4); the line is at the start
+        // of the input, so its verb shows once its first five octets came.
+        let auth_line = self.is_auth_line(&self.input);
+        let max = if auth_line {
+            self.config.max_command_line.max(MAX_AUTH_LINE)
+        } else {
+            self.config.max_command_line.max(3)
+        };
+        let too_long = || {
+            if auth_line {
+                auth_line_too_long()
+            } else {
+                Reply::enhanced(500, (5, 5, 2), "Error: line too long")
+            }
+        };
         let Some(lf) = self.input.iter().position(|&b| b == b'\n') else {
             // The CR of a CRLF may already be here: don't count it.
             let content = self.input.len() - usize::from(self.input.last() == Some(&b'\r'));
@@ -55,7 +70,7 @@ impl Session {
                 self.line_tainted = false;
                 self.skip_prev_cr = self.input.last() == Some(&b'\r');
                 self.input = Vec::new();
-                self.reply(Reply::enhanced(500, (5, 5, 2), "Error: line too long"));
+                self.reply(too_long());
                 return true;
             }
             return false;
@@ -86,14 +101,18 @@ impl Session {
                 return true;
             }
             self.consume(i + 2);
-            self.reply(Reply::enhanced(500, (5, 5, 2), "Error: line too long"));
+            self.reply(too_long());
             return true;
         }
         let line = self.input[..i].to_vec();
         self.consume(i + 2);
         // A bare CR (§2.3.8: CR and LF only occur together as a line end) is
         // refused by the parser like any other forbidden octet.
-        match parse_command(&line) {
+        let parsed = match self.disabled_verb(&line) {
+            Some(verb) => Err(CommandError::NotImplemented(verb)),
+            None => parse_command(&line),
+        };
+        match parsed {
             Ok(cmd) => self.command(cmd),
             Err(e) if e.closes_connection() => self.close_with(e.reply()),
             Err(CommandError::UnknownVerb | CommandError::NotImplemented(_)) if self.junk() => {}
@@ -206,7 +225,14 @@ impl Session {
 
     fn command(&mut self, cmd: Command) {
         let junk = match &cmd {
-            Command::Rset | Command::Noop | Command::Vrfy(_) | Command::Help(_) => true,
+            // STARTTLS and AUTH too: they succeed once per session at most
+            // (per TLS layer), so a client repeating them is guessing.
+            Command::Rset
+            | Command::Noop
+            | Command::Vrfy(_)
+            | Command::Help(_)
+            | Command::StartTls { .. }
+            | Command::Auth { .. } => true,
             Command::Helo(_) | Command::Ehlo(_) => self.helo.is_some(),
             _ => false,
         };
@@ -237,6 +263,8 @@ impl Session {
                 (2, 0, 0),
                 "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP",
             )),
+            Command::StartTls { parameters } => self.cmd_starttls(parameters),
+            Command::Auth { mechanism, initial } => self.cmd_auth(mechanism, initial),
         }
     }
 
@@ -264,6 +292,14 @@ impl Session {
                 (5, 5, 1),
                 "Error: nested MAIL command",
             ))
+        } else if self.config.require_auth && !self.authenticated {
+            // RFC 4954 §6 (530 5.7.0); RFC 3207 §4 names the form for
+            // "STARTTLS first", when AUTH itself waits for TLS.
+            Some(if self.auth_waits_for_tls() {
+                Reply::enhanced(530, (5, 7, 0), "Must issue a STARTTLS command first")
+            } else {
+                Reply::enhanced(530, (5, 7, 0), "Error: authentication required")
+            })
         } else if !self.esmtp && !params.is_empty() {
             // Nothing was advertised after HELO (§4.1.1.11).
             Some(Reply::enhanced(

@@ -4,7 +4,8 @@
 //! leaves the state as RFC 5321 says (a refused MAIL starts no transaction, a
 //! refused RCPT is not added, a refused DATA/BDAT ends the transaction);
 //! `Disconnect` always ends in Close; `Queued` outside `EndOfData` means
-//! `Accept`.
+//! `Accept`; `AuthChallenge` outside `Auth`/`AuthResponse` means a 451
+//! refusal, never acceptance.
 //!
 //! Not done: validating that a driver's custom reply has a sensible code
 //! (it is written as given, and counted as an error when 4xx/5xx).
@@ -13,7 +14,6 @@
 
 use super::{Decision, Mode, Pending, Session};
 use crate::data::ContentDecoder;
-use crate::ehlo::ehlo_reply;
 use crate::reply::{EnhancedCode, Reply};
 
 impl Session {
@@ -35,6 +35,17 @@ impl Session {
             }
             Decision::Accept => None,
             Decision::AcceptWith(r) => Some(r),
+            Decision::AuthChallenge(challenge) => {
+                match pending {
+                    Pending::Auth => self.auth_challenge(&challenge),
+                    // A driver bug must not pass for a yes.
+                    other => self.reject(
+                        other,
+                        Reply::enhanced(451, (4, 3, 0), "Error: internal server error"),
+                    ),
+                }
+                return;
+            }
             Decision::Queued { queue_id } => match pending {
                 Pending::EndOfData => Some(Reply::new(
                     250,
@@ -60,8 +71,9 @@ impl Session {
                 self.reply(custom.unwrap_or_else(|| Reply::new(220, None, text)));
             }
             Pending::Helo { domain, extended } => {
+                // What EHLO offers depends on the state (TLS, AUTH).
                 let standard = if extended {
-                    ehlo_reply(&self.config.hostname, &domain, self.config.max_message_size)
+                    self.ehlo_reply(&domain)
                 } else {
                     Reply::new(250, None, self.config.hostname.clone())
                 };
@@ -114,6 +126,7 @@ impl Session {
                 self.junk_commands = 0;
                 self.reply(custom.unwrap_or_else(|| Reply::enhanced(250, (2, 0, 0), "Ok")));
             }
+            Pending::Auth => self.auth_succeeded(custom),
         }
     }
 
@@ -149,6 +162,8 @@ impl Session {
                 self.tx = None;
                 self.reply(r);
             }
+            // The exchange is over; the reply counts as an error.
+            Pending::Auth => self.reply(r),
         }
     }
 }

@@ -206,6 +206,9 @@ impl Runtime {
             max_received_headers: self.limits.max_received_headers,
             bare_lf: self.limits.bare_lf,
             nul: self.limits.nul,
+            // No STARTTLS and no AUTH yet: the session driver does not run
+            // them (the engine's defaults keep the old EHLO reply).
+            ..tern_proto::ServerConfig::default()
         }
     }
 }
