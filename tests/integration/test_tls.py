@@ -197,3 +197,80 @@ def test_check_config_names_a_certificate_that_does_not_load(tmp_path):
                          text=True, timeout=30)
     assert res.returncode != 0
     assert "tls.certificates[0]" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_starttls_on_mx_with_swaks_smtplib_and_openssl(tern):
+    srv = tern()
+    swaks = shutil.which("swaks")
+    assert swaks, "swaks is not installed (scripts/test.sh installs it)"
+    res = subprocess.run(
+        [swaks, "--server", "127.0.0.1", "--port", str(srv.port), "--tls",
+         "--from", "s@remote.test", "--to", "alice@example.test", "--helo", "client.test",
+         "--header", "Subject: swaks-starttls"],
+        capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    out = res.stdout.decode(errors="replace")
+    assert res.returncode == 0, out + res.stderr.decode(errors="replace")
+    assert "250 2.0.0 Ok: queued as" in out, out
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=20) as c:
+        c.ehlo("client.test")
+        assert c.has_extn("starttls")
+        code, _ = c.starttls(context=no_verify())
+        assert code == 220
+        c.ehlo("client.test")
+        assert not c.has_extn("starttls"), "not offered twice"
+        c.sendmail("s@remote.test", ["alice@example.test"], "Subject: smtplib-starttls\r\n\r\nx\r\n")
+    res = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{srv.port}", "-starttls", "smtp",
+         "-quiet", "-ign_eof"],
+        input=b"EHLO client.test\r\nQUIT\r\n", capture_output=True, timeout=60,
+    )
+    out = res.stdout.decode(errors="replace")
+    assert "250" in out and "221 " in out, out
+    mails = srv.wait_for_mail("alice", 2)
+    for m in mails:
+        head = m.split(b"\r\n\r\n", 1)[0].decode()
+        assert " with ESMTPS id " in head and "(using TLSv1." in head, head
+
+
+def test_commands_pipelined_after_starttls_never_run(tern):
+    """CVE-2011-0411: whatever the client sent in the same write as STARTTLS
+    is dropped, before and after the handshake."""
+    srv = tern()
+    raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    f = raw.makefile("rb")
+
+    def reply():
+        lines = []
+        while True:
+            line = f.readline()
+            assert line, "connection closed"
+            lines.append(line)
+            if line[3:4] == b" ":
+                return lines
+
+    assert reply()[0].startswith(b"220")
+    raw.sendall(b"EHLO client.test\r\n")
+    assert any(b"STARTTLS" in l for l in reply())
+    raw.sendall(b"STARTTLS\r\nMAIL FROM:<evil@remote.test>\r\nRCPT TO:<alice@example.test>\r\n")
+    assert reply()[0].startswith(b"220 2.0.0")
+    tls = no_verify().wrap_socket(raw, server_hostname=HOSTNAME)
+    tf = tls.makefile("rb")
+    tls.sendall(b"RCPT TO:<alice@example.test>\r\n")
+    first = tf.readline()
+    # No leftover reply to the injected MAIL/RCPT: the session starts afresh,
+    # so RCPT without EHLO/MAIL is refused in sequence.
+    assert first.startswith(b"503"), first
+    tls.sendall(b"EHLO client.test\r\n")
+    lines = []
+    while True:
+        line = tf.readline()
+        lines.append(line)
+        if line[3:4] == b" ":
+            break
+    assert lines[0].startswith(b"250"), lines
+    assert not any(b"STARTTLS" in l for l in lines), lines
+    tls.sendall(b"QUIT\r\n")
+    assert tf.readline().startswith(b"221")
+    tls.close()
+    assert srv.queue_list().strip() == "queue is empty"

@@ -173,7 +173,12 @@ pub async fn run(
             }
         }
     }
-    let session = Session::new(ctx.runtime.server_config());
+    let config = ctx.runtime.server_config_for(role);
+    let session = if tls.is_some() {
+        Session::over_tls(config)
+    } else {
+        Session::new(config)
+    };
     let deadline = Instant::now() + ctx.runtime.limits.command_timeout;
     let local_ip = local.map(|a| canonical_ip(a.ip()));
     let mut driver = Driver {
@@ -255,6 +260,13 @@ impl Driver {
                     Event::Close => {
                         self.flush(conn).await?;
                         return Ok(());
+                    }
+                    Event::StartTls => {
+                        // The 220 goes out in plain text; then the raw stream
+                        // belongs to the handshake. The engine dropped every
+                        // octet the client sent after STARTTLS.
+                        self.flush(conn).await?;
+                        self.start_tls(conn).await;
                     }
                 }
             }
@@ -342,8 +354,34 @@ impl Driver {
         }
     }
 
+    /// Runs the STARTTLS handshake (RFC 3207 §4) and tells the engine how
+    /// it went; a failed handshake leaves nothing to talk over.
+    async fn start_tls(&mut self, conn: &mut Conn) {
+        let plain = std::mem::replace(conn, Conn::Taken);
+        let limit = self.ctx.runtime.limits.command_timeout;
+        match handshake(plain, &self.ctx.tls, limit).await {
+            Ok((tls_conn, info)) => {
+                info!(event = "session.tls", session_id = self.session_id, version = %info.version, cipher = %info.cipher, sni = info.server_name.as_deref());
+                *conn = tls_conn;
+                self.tls = Some(Box::new(info));
+                self.session.tls_established();
+            }
+            Err(e) => {
+                info!(event = "session.tls_failed", session_id = self.session_id, client = %self.peer, error = %e);
+                self.session.tls_failed();
+            }
+        }
+    }
+
     async fn decide(&mut self, query: Query) -> Decision {
         match query {
+            // Not offered until accounts exist (the engine refuses AUTH
+            // itself while no mechanism is configured).
+            Query::Auth { .. } | Query::AuthResponse(_) => Decision::Reject(Reply::enhanced(
+                454,
+                (4, 7, 0),
+                "Temporary authentication failure",
+            )),
             Query::Connect | Query::Helo { .. } => Decision::Accept,
             Query::Mail { from, params } => self.mail(from, params),
             Query::Rcpt { to, params } => self.rcpt(to, params),
@@ -445,11 +483,10 @@ impl Driver {
 
     async fn data(&mut self) -> Decision {
         let helo = self.session.helo_domain().unwrap_or("unknown").to_string();
-        let esmtp = self.session.used_esmtp();
         let Some(tx) = self.tx.as_mut() else {
             return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
         };
-        let protocol = protocol_keyword(esmtp, tx.params.smtputf8, self.tls.is_some(), false);
+        let protocol = self.session.received_protocol(tx.params.smtputf8);
         let single = match tx.recipients.as_slice() {
             [only] if only.original.is_ascii() || tx.params.smtputf8 => {
                 Some(only.original.as_str())
@@ -615,24 +652,6 @@ fn address_literal(peer: SocketAddr) -> String {
     }
 }
 
-/// The `with` keyword of the `Received:` header: RFC 3848 (ESMTPS, ESMTPA,
-/// ESMTPSA) and RFC 6531 §4.3 (UTF8SMTP with the same suffixes). Plain SMTP
-/// (HELO) has no TLS or AUTH variant.
-fn protocol_keyword(esmtp: bool, smtputf8: bool, tls: bool, authenticated: bool) -> String {
-    let base = match (esmtp, smtputf8) {
-        (true, true) => "UTF8SMTP",
-        (true, false) => "ESMTP",
-        (false, _) => return "SMTP".to_string(),
-    };
-    let suffix = match (tls, authenticated) {
-        (true, true) => "SA",
-        (true, false) => "S",
-        (false, true) => "A",
-        (false, false) => "",
-    };
-    format!("{base}{suffix}")
-}
-
 /// The trace header of RFC 5321 §4.4, with the RFC 3848 / RFC 6531 §4.3
 /// protocol keyword. TCP-info is the address literal of the peer; the HELO
 /// name was validated by the protocol engine (a domain or address literal).
@@ -716,19 +735,6 @@ mod tests {
         ))
         .unwrap();
         assert!(h.starts_with("Received: from abc ([192.0.2.7])"), "{h}");
-    }
-
-    #[test]
-    fn protocol_keywords_follow_rfc3848_and_rfc6531() {
-        let k = protocol_keyword;
-        assert_eq!(k(false, false, false, false), "SMTP");
-        assert_eq!(k(false, false, true, true), "SMTP");
-        assert_eq!(k(true, false, false, false), "ESMTP");
-        assert_eq!(k(true, false, true, false), "ESMTPS");
-        assert_eq!(k(true, false, false, true), "ESMTPA");
-        assert_eq!(k(true, false, true, true), "ESMTPSA");
-        assert_eq!(k(true, true, true, true), "UTF8SMTPSA");
-        assert_eq!(k(true, true, false, false), "UTF8SMTP");
     }
 
     #[test]

@@ -191,7 +191,17 @@ impl Runtime {
         self.trusted_networks.iter().any(|net| net.contains(&ip))
     }
 
-    /// The protocol engine's settings for one session.
+    /// The protocol engine's settings for a session on a listener of `role`.
+    pub fn server_config_for(&self, role: Role) -> tern_proto::ServerConfig {
+        tern_proto::ServerConfig {
+            // There is always a certificate (a self-signed one by default);
+            // implicit TLS has it already.
+            starttls: !role.implicit_tls(),
+            ..self.server_config()
+        }
+    }
+
+    /// The protocol engine's settings shared by every listener.
     pub fn server_config(&self) -> tern_proto::ServerConfig {
         tern_proto::ServerConfig {
             hostname: self.hostname.clone(),
