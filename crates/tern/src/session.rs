@@ -507,7 +507,7 @@ impl Driver {
             self.peer,
             self.tls.as_deref(),
             &self.ctx.runtime.hostname,
-            &protocol,
+            protocol,
             &id.to_string(),
             single,
         );
