@@ -72,6 +72,11 @@ ODD_MESSAGE = (
 def dkimpy():
     """Debian's dkimpy, installed when missing (scripts/test.sh installs it
     too; this keeps a lone `pytest tests/integration/test_dkim.py` working)."""
+    return dkimpy_available()
+
+
+def dkimpy_available() -> str:
+    """The interpreter that has dkimpy, installing python3-dkim if needed."""
     probe = [DEBIAN_PYTHON, "-c", "import dkim, nacl, dns.resolver"]
     if subprocess.run(probe, capture_output=True).returncode != 0:
         assert os.geteuid() == 0, "python3-dkim is missing and only root can install it"

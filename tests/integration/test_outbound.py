@@ -933,3 +933,40 @@ def test_hold_release_delete_while_running(tern, dns, mx_port, peers):
     (tx,) = peer.wait_for(1, 20)
     queue_empty(srv)
     assert len(peer.received()) == 1  # the deleted one never went
+
+
+def test_mail_from_a_trusted_client_is_dkim_signed_and_verifies_at_the_sink(tern, dns, mx_port, tmp_path):
+    """Keys from `tern dkim generate` are found without configuration; mail a
+    trusted client sends From: our domain leaves signed, and Debian's dkimpy
+    verifies what smtp-sink received, the public keys served by a DNS server."""
+    from test_dkim import DEBIAN_PYTHON, dkimpy_available, generate, test_dns_zone, verify_with_dns
+    dkimpy_available()
+    srv = outbound(tern, dns, mx_port, start=False)
+    zone = generate(srv)
+    srv.start()
+    assert "event=\"dkim.key\"" in srv.stderr()
+    sink = Sink(tmp_path, "127.0.0.2", mx_port)
+    try:
+        send(srv, ["someone@remote.test"])
+        queue_empty(srv)
+        (dump,) = wait_until(sink.dumps, 10, what="smtp-sink dump")
+    finally:
+        sink.stop()
+    received = dump.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    assert received.count(b"DKIM-Signature:") == 2, received[:2000]
+    (tmp_path / "dkim-dns").mkdir()
+    with DnsServer(tmp_path / "dkim-dns", test_dns_zone(zone)) as keys:
+        results = verify_with_dns(DEBIAN_PYTHON, tmp_path, keys.addr, received)
+    assert [(r["a"], r["ok"]) for r in results] == [("rsa-sha256", True), ("ed25519-sha256", True)], results
+
+
+def test_mail_from_strangers_is_not_signed(tern, dns, mx_port, tmp_path):
+    """Only our own users' mail is signed: a stranger sending to a local user
+    with From: our domain gets no signature of ours on it."""
+    from test_dkim import generate
+    srv = outbound(tern, dns, mx_port, {"relay": {"trusted_networks": []}}, start=False)
+    generate(srv)
+    srv.start()
+    send(srv, ["bob@example.test"])
+    (mail,) = srv.wait_for_mail("bob")
+    assert b"DKIM-Signature:" not in mail

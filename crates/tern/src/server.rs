@@ -14,6 +14,7 @@
 
 use crate::config::Runtime;
 use crate::control::{self, ControlRequest};
+use crate::dkim::Signers;
 use crate::listener::{ConnectionLimits, accept_loop};
 use crate::outbound::{self, AdminHandle, OutboundHandle, QueueOp};
 use crate::queue;
@@ -80,6 +81,13 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         .map_err(|e| format!("cannot set up TLS: {e}"))?,
     );
     info!(event = "tls.ready", names = ?tls.names());
+    let dkim = Signers::from_config(&runtime.dkim).map_err(|errors| {
+        let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        format!("cannot load the DKIM keys: {}", list.join("; "))
+    })?;
+    for (domain, selector, algorithm) in dkim.keys() {
+        info!(event = "dkim.key", %domain, %selector, algorithm = algorithm.name());
+    }
 
     let mut bound = Vec::new();
     for l in &runtime.listeners {
@@ -131,6 +139,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         shutdown: shutdown.clone(),
         free_space: Default::default(),
         tls: tls.clone(),
+        dkim,
     });
     let limits = ConnectionLimits::new(
         runtime.limits.max_connections,

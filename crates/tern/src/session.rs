@@ -23,9 +23,11 @@
 
 use crate::config::{Role, Runtime, canonical_ip};
 use crate::conn::Conn;
+use crate::dkim::Signers;
 use crate::policy::{Policy, SessionFacts};
 use crate::queue::{QueueHandle, Work};
 use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
+use crate::submission::{self, Submitter};
 use crate::tls::{ServerTls, TlsInfo};
 use std::collections::HashSet;
 use std::io;
@@ -52,6 +54,8 @@ pub struct Context {
     pub shutdown: CancellationToken,
     pub free_space: FreeSpace,
     pub tls: Arc<ServerTls>,
+    /// DKIM keys of our domains, for mail our own users send.
+    pub dkim: Signers,
 }
 
 /// The spool's free space, asked of the file system at most once a second:
@@ -130,6 +134,8 @@ struct Driver {
     /// Set once TLS is up (boxed: most sessions on port 25 stay plain).
     tls: Option<Box<TlsInfo>>,
     role: Role,
+    /// The account that authenticated (SMTP AUTH), if any.
+    user: Option<String>,
 }
 
 /// Runs the server side of a TLS handshake on `conn`, within `limit` (a
@@ -195,6 +201,7 @@ pub async fn run(
         last_reply_code: 0,
         tls,
         role,
+        user: None,
     };
     match driver.drive(&mut conn).await {
         Ok(()) => debug!(event = "session.close", session_id),
@@ -534,6 +541,67 @@ impl Driver {
         }
     }
 
+    /// For mail our own users send (authenticated, or from a trusted
+    /// network): the submission rules when authenticated (RFC 6409: author
+    /// fields must be theirs; missing `Date:`/`Message-ID:` are added), then
+    /// DKIM signatures for the author's domain. Other mail is stored as it
+    /// came. A refusal is the decision to answer with.
+    async fn outgoing_fields(
+        &mut self,
+        draft: &mut Draft,
+        queue_id: Option<MsgId>,
+    ) -> Result<(), Decision> {
+        let runtime = &self.ctx.runtime;
+        let user = self.user.clone();
+        let ours = user.is_some() || runtime.is_trusted(self.peer.ip());
+        if !ours || (user.is_none() && self.ctx.dkim.is_empty()) {
+            return Ok(());
+        }
+        let content = draft.content().await.map_err(|e| {
+            warn!(event = "draft.error", session_id = self.session_id, error = %e);
+            Decision::Reject(Reply::enhanced(
+                451,
+                (4, 3, 0),
+                "Error: local error in processing, try again later",
+            ))
+        })?;
+        let header = submission::header_section(&content);
+        let mut added = Vec::new();
+        if let Some(user) = &user {
+            let submitter = Submitter {
+                user,
+                allowed_senders: &[],
+            };
+            if let Err(reply) = submission::check_author(runtime, &submitter, header) {
+                info!(event = "message.rejected", session_id = self.session_id, user = %user, reason = %reply.lines.join(" "));
+                return Err(Decision::Reject(reply));
+            }
+            let id = queue_id.map(|id| id.to_string()).unwrap_or_default();
+            added = submission::missing_fields(header, &runtime.hostname, &id);
+        }
+        if let Some(domain) = submission::author_domain(header)
+            && self.ctx.dkim.signs_for(&domain)
+        {
+            let mut message = Vec::with_capacity(added.len() + content.len());
+            message.extend_from_slice(&added);
+            message.extend_from_slice(&content);
+            match self.ctx.dkim.sign_async(&domain, message.into()).await {
+                Ok(fields) => {
+                    draft.prepend(&added);
+                    draft.prepend(&fields);
+                    return Ok(());
+                }
+                // Unsigned mail still goes: a receiver may score it lower,
+                // but refusing our own user's mail over our key is worse.
+                Err(e) => {
+                    warn!(event = "dkim.sign_failed", session_id = self.session_id, domain = %domain, error = %e)
+                }
+            }
+        }
+        draft.prepend(&added);
+        Ok(())
+    }
+
     /// What policy needs to know about this session.
     fn facts(&self) -> SessionFacts {
         SessionFacts {
@@ -542,7 +610,7 @@ impl Driver {
             local_ip: self.local_ip,
             role: self.role,
             tls: self.tls.is_some(),
-            user: None,
+            user: self.user.clone(),
         }
     }
 
@@ -581,6 +649,10 @@ impl Driver {
             warn!(event = "draft.error", session_id = self.session_id, error = %e);
             return temp_fail();
         }
+        let queue_id = tx.queue_id;
+        if let Err(decision) = self.outgoing_fields(&mut draft, queue_id).await {
+            return decision;
+        }
         draft.prepend(&tx.received);
         let params = tx.params;
         let envelope = Envelope {
@@ -605,7 +677,6 @@ impl Driver {
         let rcpts = envelope.recipients.len();
         let work = Work::of(&envelope);
         let sender = envelope.sender.clone();
-        let queue_id = tx.queue_id;
         let committed = match queue_id {
             Some(id) => self.ctx.spool.commit_as(id, envelope, draft).await,
             None => self.ctx.spool.commit(envelope, draft).await,

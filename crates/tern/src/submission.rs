@@ -103,6 +103,15 @@ pub fn check_author(
     }
 }
 
+/// The domain of the (first) `From:` address: the DKIM signing domain,
+/// which DMARC aligns with.
+pub fn author_domain(header: &[u8]) -> Option<String> {
+    let message = MessageParser::default().parse_headers(header)?;
+    let address = message.from()?.first()?.address.as_deref()?;
+    let (_, domain) = address.rsplit_once('@')?;
+    Some(domain.to_lowercase())
+}
+
 /// The `Date:` and `Message-ID:` fields a submitted message lacks, ready
 /// to be put in front of it (RFC 6409 §8.2, §8.3).
 pub fn missing_fields(header: &[u8], hostname: &str, queue_id: &str) -> Vec<u8> {
