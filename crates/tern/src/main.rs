@@ -1,5 +1,6 @@
-//! The `tern` command line: `serve`, `check-config`, and `queue
-//! list|show|flush|hold|release|delete|destinations`.
+//! The `tern` command line: `serve`, `check-config`, `queue
+//! list|show|flush|hold|release|delete|destinations`, and `user` (in
+//! `tern::auth::cli`).
 
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
@@ -51,6 +52,15 @@ enum Command {
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
+    },
+    /// Manage SMTP submission logins and app passwords in the users file
+    /// (auth.users_file, default <data_dir>/users.toml); the running server
+    /// picks up changes within a second. Passwords are read from a prompt, or
+    /// from the first line of stdin when it is not a terminal, never from the
+    /// command line
+    User {
+        #[command(subcommand)]
+        command: tern::auth::cli::UserCommand,
     },
 }
 
@@ -130,6 +140,7 @@ fn main() -> ExitCode {
             Err(errors) => report_config_errors(&file, &errors),
         },
         Command::Queue { command } => queue(command),
+        Command::User { command } => tern::auth::cli::run(command),
     }
 }
 

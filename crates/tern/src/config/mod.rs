@@ -11,11 +11,13 @@
 //! Errors: [`load`] and [`Runtime::from_file_config`] return every problem
 //! found, each naming its key, so `tern check-config` can print them all at once.
 
+mod auth;
 mod outbound;
 mod recipients;
 mod schema;
 mod validate;
 
+pub use auth::AuthConfig;
 pub use outbound::OutboundSettings;
 use recipients::MAX_ALIAS_DEPTH;
 pub use recipients::{Destination, Resolution};
@@ -141,6 +143,8 @@ pub struct Runtime {
     pub delivery: DeliverySettings,
     pub outbound: OutboundSettings,
     pub log: LogConfig,
+    /// `[auth]`: the users file and the login limits.
+    pub auth: crate::auth::AuthSettings,
 }
 
 impl Runtime {
@@ -411,6 +415,7 @@ impl Runtime {
         };
         let delivery = check_delivery(&file, &mut errors);
         let outbound = outbound::check_outbound(&file, base, &mut errors);
+        let auth = auth::check_auth(&file.auth, base, &data_dir, &mut errors);
         if !matches!(file.log.format.as_str(), "text" | "json") {
             errors.push("log.format", "must be \"text\" or \"json\"");
         }
@@ -444,6 +449,7 @@ impl Runtime {
             delivery,
             outbound,
             log: file.log,
+            auth,
         };
         // Each target must lead somewhere: a loop, a chain deeper than the
         // expansion allows or a local address nobody owns would otherwise

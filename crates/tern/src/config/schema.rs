@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub outbound: OutboundConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub auth: super::auth::AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
