@@ -87,6 +87,11 @@ pub enum Admission {
     ClientLocked,
     /// The account is locked or its retry slot is taken: refuse (454 4.7.0).
     AccountLocked,
+    /// The slot is taken by an attempt still being checked (a client opening
+    /// several connections at once): ask again in a moment; if that attempt
+    /// succeeds, the slot is free. Counters that cannot tell may answer
+    /// `AccountLocked` instead.
+    AccountBusy,
 }
 
 pub type CounterFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -129,6 +134,8 @@ struct Entry {
     locked_until: UnixMillis,
     /// Accounts: unknown clients wait until then.
     retry_at: UnixMillis,
+    /// Accounts: the attempt holding the slot has not concluded yet.
+    pending: bool,
     touched: UnixMillis,
 }
 
@@ -203,10 +210,18 @@ impl MemoryCounters {
             return Admission::Admitted;
         }
         let entry = entries.entry(account).or_default();
-        if entry.locked_until > now || entry.retry_at > now {
+        if entry.locked_until > now {
             return Admission::AccountLocked;
         }
+        if entry.retry_at > now {
+            return if entry.pending {
+                Admission::AccountBusy
+            } else {
+                Admission::AccountLocked
+            };
+        }
         entry.retry_at = now + millis(self.limits.account_retry_interval);
+        entry.pending = true;
         entry.touched = now;
         self.bound(&mut entries, now);
         Admission::Admitted
@@ -220,6 +235,9 @@ impl MemoryCounters {
             (ip, l.max_failures_per_ip),
             (net, l.max_failures_per_network),
         ];
+        if let Some(e) = entries.get_mut(&account) {
+            e.pending = false;
+        }
         if !Self::known(&entries, &known, now) {
             counted.push((account, l.max_failures_per_account));
         }
@@ -246,6 +264,7 @@ impl MemoryCounters {
         if let Some(e) = entries.get_mut(&account) {
             e.failures.clear();
             e.retry_at = 0;
+            e.pending = false;
         }
         entries.entry(known).or_default().touched = now;
         self.bound(&mut entries, now);

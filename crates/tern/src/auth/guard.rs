@@ -37,6 +37,10 @@ use tokio::sync::Semaphore;
 
 /// Longest a login waits for a hashing slot before it is answered 454.
 pub const HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a login waits for another attempt on the same account to
+/// conclude ([`Admission::AccountBusy`]), and how often it asks again.
+pub const BUSY_ACCOUNT_WAIT: Duration = Duration::from_secs(2);
+const BUSY_ACCOUNT_POLL: Duration = Duration::from_millis(20);
 /// Most (login, secret) verdicts cached; past that the oldest go.
 pub const CACHE_MAX_ENTRIES: usize = 100_000;
 
@@ -161,7 +165,7 @@ impl Accounts {
             client_ip: attempt.client_ip,
             account: &account,
         };
-        if let Some(refused) = self.admit(key, now, attempt, login).await {
+        if let Some(refused) = self.admit(key, attempt, login).await {
             return refused;
         }
         let users = self.store.snapshot();
@@ -230,14 +234,24 @@ impl Accounts {
     async fn admit(
         &self,
         key: LoginKey<'_>,
-        now: UnixMillis,
         attempt: &Attempt,
         login: &str,
     ) -> Option<LoginOutcome> {
-        let outcome = match self.counters.admit(key, now).await {
-            Admission::Admitted => return None,
-            Admission::ClientLocked => LoginOutcome::ClientLocked,
-            Admission::AccountLocked => LoginOutcome::AccountThrottled,
+        let mut waited = Duration::ZERO;
+        let outcome = loop {
+            match self.counters.admit(key, self.clock.now()).await {
+                Admission::Admitted => return None,
+                Admission::ClientLocked => break LoginOutcome::ClientLocked,
+                Admission::AccountLocked => break LoginOutcome::AccountThrottled,
+                // A client opening several connections at once: its first
+                // attempt holds the account's slot; if that one succeeds, the
+                // slot is free and this one is answered from the cache.
+                Admission::AccountBusy if waited < BUSY_ACCOUNT_WAIT => {
+                    tokio::time::sleep(BUSY_ACCOUNT_POLL).await;
+                    waited += BUSY_ACCOUNT_POLL;
+                }
+                Admission::AccountBusy => break LoginOutcome::AccountThrottled,
+            }
         };
         log(attempt, login, &outcome, None, "refused before any hash");
         Some(outcome)
@@ -302,13 +316,12 @@ impl Accounts {
         login: &str,
         attempt: &Attempt,
     ) -> Result<ScramLookup, LoginOutcome> {
-        let now = self.clock.now();
         let account = account_key(login);
         let key = LoginKey {
             client_ip: attempt.client_ip,
             account: &account,
         };
-        if let Some(refused) = self.admit(key, now, attempt, login).await {
+        if let Some(refused) = self.admit(key, attempt, login).await {
             return Err(refused);
         }
         let users = self.store.snapshot();

@@ -88,11 +88,21 @@ fn account_slot_and_lock_and_known_clients() {
     );
     assert_eq!(
         c.admit_now(key("198.51.100.1", "alice"), T + 1),
-        Admission::AccountLocked
+        Admission::AccountBusy
     );
     assert_eq!(
         c.admit_now(key("198.51.100.1", "bob"), T + 1),
         Admission::Admitted
+    );
+    // The slot's holder has not concluded yet: busy, not locked.
+    assert_eq!(
+        c.admit_now(key("198.51.100.1", "bob"), T + 2),
+        Admission::AccountBusy
+    );
+    c.failed_now(key("198.51.100.1", "bob"), T + 2);
+    assert_eq!(
+        c.admit_now(key("198.51.100.1", "bob"), T + 3),
+        Admission::AccountLocked
     );
     // A success frees the slot and makes the network known.
     c.succeeded_now(key("192.0.2.1", "alice"), T + 2);

@@ -159,6 +159,35 @@ async fn account_takes_one_attempt_per_minute_from_strangers() {
 }
 
 #[tokio::test]
+async fn parallel_first_logins_of_one_client_all_succeed() {
+    // A mail client opening three connections at once from a new network:
+    // the first holds the account's slot, the others wait for its verdict
+    // and are then answered from the cache.
+    let f = Fixture::new(vec![user("alice", "correct horse")]);
+    let (a, b, c) = tokio::join!(
+        login(&f, "alice", "correct horse", "192.0.2.1"),
+        login(&f, "alice", "correct horse", "192.0.2.2"),
+        login(&f, "alice", "correct horse", "192.0.2.3"),
+    );
+    assert!(
+        is_success(&a) && is_success(&b) && is_success(&c),
+        "{a:?} {b:?} {c:?}"
+    );
+    assert_eq!(f.accounts.hashes_computed(), 1);
+    // An attacker's parallel guesses: the first fails, the others are refused.
+    f.advance_secs(61);
+    let (a, b) = tokio::join!(
+        login(&f, "alice", "guess1", "203.0.113.1"),
+        login(&f, "alice", "guess2", "203.0.113.2"),
+    );
+    assert_eq!(
+        (a, b),
+        (LoginOutcome::Invalid, LoginOutcome::AccountThrottled)
+    );
+    assert_eq!(f.accounts.hashes_computed(), 2);
+}
+
+#[tokio::test]
 async fn app_passwords_are_for_submission_only_and_revocable() {
     let mut alice = user("alice", "correct horse");
     let phone = add_app_password(&mut alice, "phone");
@@ -411,5 +440,30 @@ async fn measure() {
         "repeated logins of one client: {n} in {secs:.2} s = {:.0}/s on 2 workers, {} hash(es)",
         f64::from(n) / secs,
         accounts.hashes_computed()
+    );
+    // Logins that each need a hash (first logins, all different users).
+    let before = accounts.hashes_computed();
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let accounts = accounts.clone();
+        tasks.push(tokio::spawn(async move {
+            let a = Attempt {
+                client_ip: format!("192.0.{i}.1").parse().unwrap(),
+                ..attempt("192.0.2.1")
+            };
+            accounts
+                .verify_password(&format!("user{i}"), &Secret::new("x"), &a)
+                .await
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), LoginOutcome::Invalid);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "uncached logins: {} hashes in {secs:.2} s = {:.0}/s with hash_concurrency 2",
+        accounts.hashes_computed() - before,
+        100.0 / secs
     );
 }
