@@ -53,11 +53,15 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
-    /// Manage SMTP submission logins and app passwords in the users file
-    /// (auth.users_file, default <data_dir>/users.toml); the running server
-    /// picks up changes within a second. Passwords are read from a prompt, or
-    /// from the first line of stdin when it is not a terminal, never from the
-    /// command line
+    /// Manage SMTP submission logins and app passwords
+    ///
+    /// They are kept in the users file (auth.users_file, default
+    /// <data_dir>/users.toml, mode 0600); the server's login check re-reads it
+    /// within a second of a change. Passwords are read from a prompt without
+    /// echo (asked twice), or from the first line of stdin when it is not a
+    /// terminal, never from the command line. Exit status: 0 done, 1 bad usage
+    /// or unknown user, 66 import file unreadable, 74 users file unreadable or
+    /// unwritable
     User {
         #[command(subcommand)]
         command: tern::auth::cli::UserCommand,

@@ -37,8 +37,9 @@ pub enum UserCommand {
         #[command(flatten)]
         common: UserArgs,
     },
-    /// Set a new password (prompted, or one line on stdin); also gives an
-    /// imported user its SCRAM keys
+    /// Set a new password (prompted, or one line on stdin)
+    ///
+    /// Also gives an imported user SCRAM keys. App passwords stay valid.
     Passwd {
         name: String,
         #[command(flatten)]
@@ -64,11 +65,14 @@ pub enum UserCommand {
         #[command(flatten)]
         common: UserArgs,
     },
-    /// Import a Dovecot passwd-file (user:{SCHEME}hash:...). ARGON2ID, ARGON2I,
-    /// SHA512-CRYPT, SHA256-CRYPT and CRYPT ($6$/$5$) hashes are taken as they
-    /// are; imported logins work with PLAIN and LOGIN, and with SCRAM only once
-    /// `tern user passwd` sets their password again. An existing login gets
-    /// the imported password. Any bad line: nothing is imported (exit 1)
+    /// Import a Dovecot passwd-file (user:{SCHEME}hash:...)
+    ///
+    /// ARGON2ID, ARGON2I, SHA512-CRYPT, SHA256-CRYPT and CRYPT ($6$/$5$)
+    /// hashes are taken as they are; other schemes are refused with their line
+    /// number. Imported logins work with PLAIN and LOGIN, and with SCRAM only
+    /// once `tern user passwd` sets their password again. An existing login
+    /// gets the imported password (its app passwords stay). Any bad line:
+    /// nothing is imported (exit 1), unless --skip-invalid.
     Import {
         /// The passwd-file
         file: PathBuf,
@@ -78,8 +82,10 @@ pub enum UserCommand {
         #[command(flatten)]
         common: UserArgs,
     },
-    /// App passwords: generated secrets for one mail client each, valid for
-    /// SMTP submission only, revocable one by one
+    /// App passwords: one generated secret per mail client
+    ///
+    /// Valid for SMTP submission only, revocable one by one; shown once when
+    /// made, stored as a hash.
     AppPassword {
         #[command(subcommand)]
         command: AppPasswordCommand,
@@ -148,6 +154,22 @@ fn target(common: &UserArgs) -> Result<Target, ExitCode> {
             users_file: rt.auth.users_file,
             params: rt.auth.hash_params,
         }),
+        // The users file itself is what fails: find it anyway, so the
+        // command reports it with its file, line and exit status.
+        Err(errors) if errors.iter().all(|e| e.key == "auth.users_file") => {
+            match crate::config::users_file_of(common.config.as_deref()) {
+                Ok(users_file) => Ok(Target {
+                    users_file,
+                    params: HashParams::DEFAULT,
+                }),
+                Err(_) => {
+                    for e in errors {
+                        eprintln!("{label}: {e}");
+                    }
+                    Err(ExitCode::FAILURE)
+                }
+            }
+        }
         Err(errors) => {
             for e in errors {
                 eprintln!("{label}: {e}");
@@ -601,7 +623,14 @@ fn read_new_password() -> Result<String, ExitCode> {
             .lock()
             .read_line(&mut line)
             .map_err(|e| fail(EXIT_IOERR, &format!("cannot read the password: {e}")))?;
-        trim_line_end(line)
+        let line = trim_line_end(line);
+        if line.is_empty() {
+            return Err(fail(
+                EXIT_USAGE,
+                "no password: stdin is not a terminal and its first line is empty",
+            ));
+        }
+        line
     };
     check_new_password(&password).map_err(|m| fail(EXIT_USAGE, &m))?;
     Ok(password)

@@ -3,6 +3,8 @@
 //! file itself is parsed here too when it exists, so `tern check-config`
 //! names its file and line when it does not parse.
 
+use super::ConfigError;
+use super::schema::FileConfig;
 use super::validate::{DAY, Errors, SECOND, absolute, duration};
 use crate::auth::{AuthSettings, LoginLimits, Users};
 use serde::Deserialize;
@@ -44,17 +46,58 @@ impl Default for AuthConfig {
     }
 }
 
+fn users_file_path(auth: &AuthConfig, base: &Path, data_dir: &Path) -> PathBuf {
+    auth.users_file
+        .as_deref()
+        .map(|f| absolute(base, f))
+        .unwrap_or_else(|| data_dir.join("users.toml"))
+}
+
+/// Where the users file of a config file (or of the embedded default) is,
+/// read without validating anything else: for `tern user` when the users
+/// file itself is what fails validation, so it can still say why (and
+/// with the right exit status).
+pub fn users_file_of(config: Option<&Path>) -> Result<PathBuf, Vec<ConfigError>> {
+    let (text, base) = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                vec![ConfigError {
+                    key: path.display().to_string(),
+                    message: format!("cannot read config file: {e}"),
+                }]
+            })?;
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
+            (text, base)
+        }
+        None => {
+            let cwd = std::env::current_dir().map_err(|e| {
+                vec![ConfigError {
+                    key: "data_dir".into(),
+                    message: format!("cannot read the current directory: {e}"),
+                }]
+            })?;
+            (super::EMBEDDED_DEFAULT.to_string(), cwd)
+        }
+    };
+    let file: FileConfig = toml::from_str(&text).map_err(|e| vec![super::toml_error(&text, &e)])?;
+    let data_dir = absolute(
+        &base,
+        file.data_dir.as_deref().unwrap_or(Path::new("tern-data")),
+    );
+    Ok(users_file_path(&file.auth, &base, &data_dir))
+}
+
 pub(super) fn check_auth(
     auth: &AuthConfig,
     base: &Path,
     data_dir: &Path,
     errors: &mut Errors,
 ) -> AuthSettings {
-    let users_file = auth
-        .users_file
-        .as_deref()
-        .map(|f| absolute(base, f))
-        .unwrap_or_else(|| data_dir.join("users.toml"));
+    let users_file = users_file_path(auth, base, data_dir);
     let count = |errors: &mut Errors, key: &str, value: u32| {
         if !(1..=10_000).contains(&value) {
             errors.push(key, "must be between 1 and 10000");

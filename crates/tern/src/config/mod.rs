@@ -17,7 +17,7 @@ mod recipients;
 mod schema;
 mod validate;
 
-pub use auth::AuthConfig;
+pub use auth::{AuthConfig, users_file_of};
 pub use outbound::OutboundSettings;
 use recipients::MAX_ALIAS_DEPTH;
 pub use recipients::{Destination, Resolution};
