@@ -97,13 +97,20 @@ pub enum Admission {
 pub type CounterFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The counters' store. Every call is for one login attempt: `admit` before
-/// any hash, then exactly one of `failed` or `succeeded` (or neither, when
-/// the attempt ended without a verdict, e.g. a repeated wrong password
-/// answered from the cache).
+/// any hash, then, if admitted, exactly one of `failed`, `succeeded` or
+/// `ended` (a client that disconnects mid-exchange calls none: its slot
+/// simply expires).
 pub trait LoginCounters: Send + Sync {
     fn admit<'a>(&'a self, key: LoginKey<'a>, now: UnixMillis) -> CounterFuture<'a, Admission>;
+    /// Wrong credentials: counted against the IP, network and account.
     fn failed<'a>(&'a self, key: LoginKey<'a>, now: UnixMillis) -> CounterFuture<'a, ()>;
+    /// Right credentials: frees the account's slot, makes the network known.
     fn succeeded<'a>(&'a self, key: LoginKey<'a>, now: UnixMillis) -> CounterFuture<'a, ()>;
+    /// No new verdict (a wrong secret already counted, answered from the
+    /// cache; a malformed exchange; no hashing slot): nothing is counted or
+    /// freed, but attempts waiting on this one ([`Admission::AccountBusy`])
+    /// stop waiting.
+    fn ended<'a>(&'a self, key: LoginKey<'a>, now: UnixMillis) -> CounterFuture<'a, ()>;
 }
 
 /// The network a client address counts in.
@@ -270,6 +277,13 @@ impl MemoryCounters {
         self.bound(&mut entries, now);
     }
 
+    pub fn ended_now(&self, key: LoginKey<'_>) {
+        let (_, _, account, _) = Self::keys(&key);
+        if let Some(e) = self.lock().get_mut(&account) {
+            e.pending = false;
+        }
+    }
+
     /// Keeps at most `max_entries`: idle keys go first, then the least
     /// recently touched, down to 90% so this runs once per many inserts.
     fn bound(&self, entries: &mut HashMap<Key, Entry>, now: UnixMillis) {
@@ -324,6 +338,10 @@ impl LoginCounters for MemoryCounters {
     }
     fn succeeded<'a>(&'a self, key: LoginKey<'a>, now: UnixMillis) -> CounterFuture<'a, ()> {
         self.succeeded_now(key, now);
+        Box::pin(std::future::ready(()))
+    }
+    fn ended<'a>(&'a self, key: LoginKey<'a>, _now: UnixMillis) -> CounterFuture<'a, ()> {
+        self.ended_now(key);
         Box::pin(std::future::ready(()))
     }
 }

@@ -3,7 +3,10 @@
 //! answers; every path ends in one [`LoginOutcome`].
 
 use super::guard::ScramLookup;
-use super::sasl::{ChannelBinding, Mechanism, SaslServer, SaslStep, new_server_nonce};
+use super::sasl::{
+    ChannelBinding, Mechanism, SaslServer, SaslStep, TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN,
+    new_server_nonce,
+};
 use super::{Accounts, Attempt, AuthenticatedUser, LoginOutcome, Service};
 use std::fmt;
 use std::net::IpAddr;
@@ -83,6 +86,20 @@ impl Accounts {
     }
 }
 
+/// The RFC 9266 `tls-exporter` binding data of a server connection (label
+/// "EXPORTER-Channel-Binding", empty context, 32 bytes), for
+/// [`ChannelBinding::tls_exporter`]. Only under TLS 1.3: RFC 9266 §3 makes
+/// TLS 1.2 safe only with the extended master secret, which rustls does not
+/// insist on. `None` also while the handshake is not complete. A session
+/// offers SCRAM-SHA-256-PLUS exactly when this is `Some`.
+pub fn tls_exporter(conn: &rustls::ServerConnection) -> Option<[u8; TLS_EXPORTER_LEN]> {
+    if conn.is_handshaking() || conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return None;
+    }
+    conn.export_keying_material([0u8; TLS_EXPORTER_LEN], TLS_EXPORTER_LABEL, Some(&[]))
+        .ok()
+}
+
 impl Exchange {
     pub fn mechanism(&self) -> Mechanism {
         self.attempt.mechanism
@@ -155,7 +172,8 @@ impl Exchange {
                         _ => {
                             let login = self.scram.as_ref().map(|(l, _)| l.as_str());
                             self.accounts
-                                .refused_exchange(login, failure, &self.attempt)
+                                .refused_exchange(login, login.is_some(), failure, &self.attempt)
+                                .await
                         }
                     };
                     return self.done(outcome);

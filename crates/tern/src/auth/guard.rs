@@ -182,6 +182,7 @@ impl Accounts {
             }
             Some(None) => {
                 // The same wrong secret again: no hash, no new failure.
+                self.counters.ended(key, now).await;
                 log(
                     attempt,
                     login,
@@ -201,6 +202,7 @@ impl Accounts {
             None => (self.decoy_hash.clone(), None),
         };
         let Some(matched) = self.run_hash(hash, secret.clone()).await else {
+            self.counters.ended(key, now).await;
             log(
                 attempt,
                 login,
@@ -402,10 +404,12 @@ impl Accounts {
         }
     }
 
-    /// An exchange that failed for a reason other than wrong credentials.
-    pub(crate) fn refused_exchange(
+    /// An exchange that failed for a reason other than wrong credentials;
+    /// `admitted`: the counters admitted it (SCRAM after its lookup).
+    pub(crate) async fn refused_exchange(
         &self,
         login: Option<&str>,
+        admitted: bool,
         failure: SaslFailure,
         attempt: &Attempt,
     ) -> LoginOutcome {
@@ -413,6 +417,14 @@ impl Accounts {
             SaslFailure::Malformed(_) | SaslFailure::OutOfOrder => LoginOutcome::Malformed,
             _ => LoginOutcome::Invalid,
         };
+        if let (Some(login), true) = (login, admitted) {
+            let account = account_key(login);
+            let key = LoginKey {
+                client_ip: attempt.client_ip,
+                account: &account,
+            };
+            self.counters.ended(key, self.clock.now()).await;
+        }
         log(
             attempt,
             login.unwrap_or(""),

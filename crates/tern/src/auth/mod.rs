@@ -6,6 +6,12 @@
 //!
 //! ```ignore
 //! let accounts = Accounts::open(&runtime.auth)?;            // at start-up
+//! // Per TLS session: the RFC 9266 exporter (TLS 1.3 only); -PLUS is offered
+//! // in EHLO exactly when it is Some.
+//! let binding = ChannelBinding {
+//!     tls_exporter: tls_exporter(tls_conn),                 // None without TLS
+//!     plus_advertised: /* SCRAM-SHA-256-PLUS was in this EHLO reply */,
+//! };
 //! // Query::Auth { mechanism, initial } from tern-proto:
 //! let mut exchange = match accounts.start(&mechanism, client_ip, Service::Submission, binding) {
 //!     Ok(x) => x,
@@ -44,7 +50,7 @@ pub mod store;
 pub(crate) mod testutil;
 
 pub use counters::{Admission, LoginCounters, LoginKey, LoginLimits, MemoryCounters};
-pub use exchange::{AuthStep, Exchange, UnsupportedMechanism};
+pub use exchange::{AuthStep, Exchange, UnsupportedMechanism, tls_exporter};
 pub use guard::Accounts;
 pub use sasl::{ChannelBinding, Mechanism};
 pub use secret::{HashParams, Secret};

@@ -233,3 +233,86 @@ fn failure_kinds_map_to_outcomes() {
     assert!(SaslFailure::InvalidProof.is_wrong_credentials());
     assert!(!SaslFailure::ChannelBindingDowngrade.is_wrong_credentials());
 }
+
+/// A TLS connection pair in memory (test CA from rcgen).
+fn tls_pair(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> (rustls::ClientConnection, rustls::ServerConnection) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["mx.example.test".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let client_config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("mx.example.test").unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(client_config), name).unwrap();
+    let mut server = rustls::ServerConnection::new(Arc::new(server_config)).unwrap();
+    while client.is_handshaking() || server.is_handshaking() {
+        let mut buf = Vec::new();
+        client.write_tls(&mut buf).unwrap();
+        server.read_tls(&mut buf.as_slice()).unwrap();
+        server.process_new_packets().unwrap();
+        let mut buf = Vec::new();
+        server.write_tls(&mut buf).unwrap();
+        client.read_tls(&mut buf.as_slice()).unwrap();
+        client.process_new_packets().unwrap();
+    }
+    (client, server)
+}
+
+#[tokio::test]
+async fn scram_plus_over_a_real_tls_1_3_connection() {
+    let (client, server) = tls_pair(&[&rustls::version::TLS13]);
+    let exporter = tls_exporter(&server).expect("TLS 1.3 gives an exporter");
+    // The client side derives the same 32 bytes (RFC 9266: empty context).
+    let client_side = client
+        .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", Some(&[]))
+        .unwrap();
+    assert_eq!(exporter, client_side);
+    let f = Fixture::new(vec![user("alice", "correct horse")]);
+    let mut c = ScramClient::new("alice", "correct horse", "p=tls-exporter,,", &client_side);
+    let o = scram(
+        &f,
+        "SCRAM-SHA-256-PLUS",
+        binding(Some(exporter), true),
+        &mut c,
+    )
+    .await;
+    assert!(matches!(o, LoginOutcome::Success(_)), "{o:?}");
+    // Another connection's binding (a man in the middle relaying): refused.
+    let (other_client, _) = tls_pair(&[&rustls::version::TLS13]);
+    let theirs = other_client
+        .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", Some(&[]))
+        .unwrap();
+    let mut c = ScramClient::new("alice", "correct horse", "p=tls-exporter,,", &theirs);
+    let o = scram(
+        &f,
+        "SCRAM-SHA-256-PLUS",
+        binding(Some(exporter), true),
+        &mut c,
+    )
+    .await;
+    assert_eq!(o, LoginOutcome::Invalid);
+    // TLS 1.2: no exporter, so no -PLUS.
+    let (_, server12) = tls_pair(&[&rustls::version::TLS12]);
+    assert_eq!(tls_exporter(&server12), None);
+}

@@ -92,6 +92,27 @@ async fn a_repeated_wrong_password_is_one_hash_and_one_failure() {
     assert!(is_success(
         &login(&f, "alice", "correct horse", "192.0.2.1").await
     ));
+    // From strangers: once the slot is free, the repeat is answered from
+    // the cache (no second hash) and frees the slot's waiters at once.
+    assert_eq!(
+        login(&f, "bob", "guess", "198.51.100.1").await,
+        LoginOutcome::Invalid
+    );
+    f.advance_secs(61);
+    assert_eq!(
+        login(&f, "bob", "guess", "198.51.100.2").await,
+        LoginOutcome::Invalid
+    );
+    assert_eq!(f.accounts.hashes_computed(), 3);
+    let started = std::time::Instant::now();
+    assert_eq!(
+        login(&f, "bob", "other", "198.51.100.3").await,
+        LoginOutcome::AccountThrottled
+    );
+    assert!(
+        started.elapsed() < BUSY_ACCOUNT_WAIT / 2,
+        "did not wait on a concluded attempt"
+    );
 }
 
 #[tokio::test]
