@@ -280,7 +280,10 @@ impl Users {
 
     /// Parses the file's text; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Users, StoreError> {
-        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let line_of = |offset: usize| {
+            let before = &text.as_bytes()[..offset.min(text.len())];
+            before.iter().filter(|&&b| b == b'\n').count() + 1
+        };
         let err = |offset: Option<usize>, message: String| StoreError {
             path: path.to_path_buf(),
             line: offset.map(line_of),
