@@ -57,7 +57,7 @@ pub struct LoginLimits {
 impl Default for LoginLimits {
     /// 5 failures per IP, 20 per network, 10 per account in 15 minutes,
     /// locked 15 minutes; one attempt per account per minute from unknown
-    /// clients; 100,000 keys (about 15 MB at most).
+    /// clients; 100,000 keys (about 400 bytes each: 40 MB at most).
     fn default() -> Self {
         LoginLimits {
             max_failures_per_ip: 5,

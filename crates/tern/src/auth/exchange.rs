@@ -76,11 +76,14 @@ impl Accounts {
         })
     }
 
-    /// The mechanisms to advertise: `-PLUS` only with TLS.
-    pub fn mechanisms(tls: bool) -> Vec<&'static str> {
+    /// The mechanisms to advertise, strongest first: SCRAM-SHA-256-PLUS
+    /// only when `channel_binding` (this connection's [`tls_exporter`] is
+    /// `Some`: TLS 1.3). Whether PLAIN/LOGIN may be offered without TLS is
+    /// the session's rule, not this list's.
+    pub fn mechanisms(channel_binding: bool) -> Vec<&'static str> {
         Mechanism::ALL
             .into_iter()
-            .filter(|m| tls || !m.needs_tls())
+            .filter(|m| channel_binding || !m.needs_tls())
             .map(Mechanism::name)
             .collect()
     }

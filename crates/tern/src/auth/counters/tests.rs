@@ -177,3 +177,34 @@ fn memory_is_bounded() {
         Admission::ClientLocked
     );
 }
+
+/// Memory of a full table (`-- --ignored --nocapture`): resident size
+/// before and after 100,000 client IPs with one failure each.
+#[test]
+#[ignore]
+fn measure_memory() {
+    fn resident_kib() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4
+    }
+    let before = resident_kib();
+    let c = MemoryCounters::new(LoginLimits::default());
+    for i in 0..200_000u32 {
+        let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 64));
+        c.failed_now(
+            LoginKey {
+                client_ip: ip,
+                account: "x",
+            },
+            T + u64::from(i),
+        );
+    }
+    let after = resident_kib();
+    println!(
+        "{} keys: {} KiB, {} bytes per key",
+        c.len(),
+        after - before,
+        (after - before) * 1024 / c.len() as u64
+    );
+}
