@@ -167,3 +167,77 @@ async fn users_made_by_the_cli_log_in() {
     .unwrap();
     assert_eq!(code(&tern(&config, &["list"], "")), 74);
 }
+
+/// `auth.login` events: one per attempt, with client, mechanism, user as
+/// given (escaped), outcome and which secret; never the secret itself.
+#[tokio::test]
+async fn every_attempt_is_logged_without_the_secret() {
+    use std::sync::{Arc, Mutex};
+    use tern::auth::secret::{HashParams, hash_secret};
+    use tern::auth::store::{UserRecord, Users};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    // The only subscriber of this test binary: events from the other test
+    // land here too, told apart by their user names.
+    let _ = tracing::subscriber::set_global_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = tern::auth::AuthSettings::new(dir.path().join("users.toml"));
+    settings.hash_params = HashParams::CHEAPEST;
+    let mut logger = UserRecord::new("logger");
+    logger.password = Some(hash_secret("correct horse", HashParams::CHEAPEST).unwrap());
+    Users::edit(&settings.users_file, |u| {
+        u.put(logger);
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+    let accounts = Accounts::open(&settings).unwrap();
+    assert!(matches!(
+        plain(&accounts, "logger", "correct horse").await,
+        LoginOutcome::Success(_)
+    ));
+    assert_eq!(
+        plain(&accounts, "log\"ger", "wrong horse").await,
+        LoginOutcome::Invalid
+    );
+
+    let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("auth.login") && l.contains("user=log"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for expected in [
+        "client=192.0.2.1",
+        "mechanism=PLAIN",
+        "user=logger",
+        "success",
+        "via=password",
+    ] {
+        assert!(lines[0].contains(expected), "{expected}: {}", lines[0]);
+    }
+    for expected in ["user=log\\\"ger", "invalid", "unknown user"] {
+        assert!(lines[1].contains(expected), "{expected}: {}", lines[1]);
+    }
+    for secret in ["correct horse", "wrong horse"] {
+        assert!(!text.contains(secret), "{secret} in the log: {text}");
+    }
+}

@@ -469,10 +469,14 @@ fn candidate<'u>(
 }
 
 fn log(attempt: &Attempt, login: &str, outcome: &LoginOutcome, via: Option<&Via>, detail: &str) {
-    let user: String = crate::control::render::sanitize(login)
+    // As given, escaped: a login with a line feed cannot forge a log line,
+    // and stays told apart from the name without it.
+    let user: String = login
         .chars()
         .take(128)
-        .collect();
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
     let via = via.map(|v| v.to_string()).unwrap_or_default();
     tracing::info!(
         event = "auth.login",

@@ -450,3 +450,50 @@ print("ok", flush=True)
         let _ = child.wait();
     }
 }
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the client sends, in however many steps, no mechanism
+        /// panics, and once an exchange has ended it stays ended.
+        #[test]
+        fn any_input_is_answered(
+            mech in 0usize..4,
+            plus_advertised: bool,
+            exporter: bool,
+            give_credentials: bool,
+            steps in proptest::collection::vec(proptest::option::of(proptest::collection::vec(any::<u8>(), 0..80)), 1..6),
+        ) {
+            let m = Mechanism::ALL[mech];
+            let b = binding(exporter.then_some(EXPORTER), plus_advertised);
+            let mut s = server(m, b);
+            let mut ended = false;
+            for response in &steps {
+                let step = s.step(response.as_deref());
+                if ended {
+                    prop_assert!(matches!(step, SaslStep::Failed(_)), "{step:?} after the end");
+                }
+                match step {
+                    SaslStep::NeedScramCredentials { .. } if give_credentials => {
+                        let _ = s.scram_credentials(creds("pw"));
+                    }
+                    SaslStep::Challenge(_) => {}
+                    _ => ended = true,
+                }
+            }
+        }
+
+        /// Printable SCRAM-looking messages (the interesting corner) too.
+        #[test]
+        fn scram_like_text_is_answered(first in "[nyp=a-z,]{0,12}n=[a-z=,2CD3]{0,8},r=[!-~]{0,10}", last in "c=[A-Za-z0-9+/=]{0,12},r=[!-~]{0,30},p=[A-Za-z0-9+/=]{0,50}") {
+            let mut s = server(Mechanism::ScramSha256, binding(Some(EXPORTER), true));
+            if let SaslStep::NeedScramCredentials { .. } = s.step(Some(first.as_bytes())) {
+                let _ = s.scram_credentials(creds("pw"));
+                let step = s.step(Some(last.as_bytes()));
+                prop_assert!(matches!(step, SaslStep::Failed(_)), "{step:?}");
+            }
+        }
+    }
+}
