@@ -1,6 +1,7 @@
 //! Tern: a durable SMTP mail server. This crate is the daemon around the
 //! sans-IO protocol engine in `tern-proto`.
 
+pub mod auth;
 pub mod bounce;
 pub mod config;
 pub mod conn;

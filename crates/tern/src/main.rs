@@ -1,6 +1,6 @@
 //! The `tern` command line: `serve`, `check-config`, `queue
-//! list|show|flush|hold|release|delete|destinations`, `dkim generate` and
-//! `dns-records`.
+//! list|show|flush|hold|release|delete|destinations`, `dkim generate`,
+//! `dns-records` and `user` (in `tern::auth::cli`).
 
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
@@ -68,6 +68,19 @@ enum Command {
         /// embedded default
         #[arg(short, long)]
         config: Option<PathBuf>,
+    },
+    /// Manage SMTP submission logins and app passwords
+    ///
+    /// They are kept in the users file (auth.users_file, default
+    /// <data_dir>/users.toml, mode 0600); the server's login check re-reads it
+    /// within a second of a change. Passwords are read from a prompt without
+    /// echo (asked twice), or from the first line of stdin when it is not a
+    /// terminal, never from the command line. Exit status: 0 done, 1 bad usage
+    /// or unknown user, 66 import file unreadable, 74 users file unreadable or
+    /// unwritable
+    User {
+        #[command(subcommand)]
+        command: tern::auth::cli::UserCommand,
     },
 }
 
@@ -147,6 +160,7 @@ fn main() -> ExitCode {
             Err(errors) => report_config_errors(&file, &errors),
         },
         Command::Queue { command } => queue(command),
+        Command::User { command } => tern::auth::cli::run(command),
         Command::Dkim {
             command: tern::dkim::cli::DkimCommand::Generate(args),
         } => dkim_generate(&args),

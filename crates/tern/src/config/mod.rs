@@ -11,12 +11,14 @@
 //! Errors: [`load`] and [`Runtime::from_file_config`] return every problem
 //! found, each naming its key, so `tern check-config` can print them all at once.
 
+mod auth;
 mod dkim;
 mod outbound;
 mod recipients;
 mod schema;
 mod validate;
 
+pub use auth::{AuthConfig, users_file_of};
 pub use dkim::DkimSettings;
 pub use outbound::OutboundSettings;
 use recipients::MAX_ALIAS_DEPTH;
@@ -175,6 +177,8 @@ pub struct Runtime {
     pub tls_certificates: Vec<CertificateFiles>,
     pub dkim: DkimSettings,
     pub log: LogConfig,
+    /// `[auth]`: the users file and the login limits.
+    pub auth: crate::auth::AuthSettings,
 }
 
 impl Runtime {
@@ -477,6 +481,7 @@ impl Runtime {
         let outbound = outbound::check_outbound(&file, base, &mut errors);
         let tls_certificates = check_tls(&file, base, &mut errors);
         let dkim = dkim::check_dkim(&file, &data_dir, base, &local_domains, &mut errors);
+        let auth = auth::check_auth(&file.auth, base, &data_dir, &mut errors);
         if !matches!(file.log.format.as_str(), "text" | "json") {
             errors.push("log.format", "must be \"text\" or \"json\"");
         }
@@ -512,6 +517,7 @@ impl Runtime {
             tls_certificates,
             dkim,
             log: file.log,
+            auth,
         };
         // Each target must lead somewhere: a loop, a chain deeper than the
         // expansion allows or a local address nobody owns would otherwise

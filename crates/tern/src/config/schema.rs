@@ -40,6 +40,8 @@ pub struct FileConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub dkim: DkimConfig,
+    #[serde(default)]
+    pub auth: super::auth::AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
