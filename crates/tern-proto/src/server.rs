@@ -152,7 +152,9 @@ impl Default for ServerConfig {
             bare_lf: BareLfPolicy::Reject,
             nul: NulPolicy::Reject,
             starttls: false,
-            auth_mechanisms: Arc::from(Vec::new()),
+            // The empty slice's default is a shared static: no allocation
+            // per session for listeners without AUTH.
+            auth_mechanisms: Arc::default(),
             auth_without_tls: false,
             require_auth: false,
         }

@@ -166,19 +166,17 @@ impl Session {
             refuse(503, (5, 5, 1), "Error: already authenticated")
         } else if self.tx.is_some() {
             refuse(503, (5, 5, 1), "Error: MAIL transaction in progress")
-        } else if !tls && !self.config.auth_without_tls {
-            if self.config.starttls {
-                Some(encryption_required())
-            } else {
-                refuse(503, (5, 5, 1), "Error: authentication not enabled")
-            }
+        } else if !tls && !self.config.auth_without_tls && !self.config.starttls {
+            // Neither now nor after a handshake this session could have.
+            refuse(503, (5, 5, 1), "Error: authentication not enabled")
         } else if !self.config.auth_mechanisms.iter().any(|m| m == mechanism) {
+            // Before 538: TLS would not make an unknown mechanism work.
             refuse(
                 504,
                 (5, 5, 4),
                 "Error: unsupported authentication mechanism",
             )
-        } else if !tls && mechanism.ends_with(PLUS) {
+        } else if !tls && (!self.config.auth_without_tls || mechanism.ends_with(PLUS)) {
             Some(encryption_required())
         } else {
             None

@@ -527,7 +527,7 @@ fn auth_refusals() {
     };
     let auth = format!("AUTH PLAIN {PLAIN_TOKEN}\r\n");
     let twice = format!("EHLO c\r\n{auth}{auth}");
-    let cases: [(&ServerConfig, &[u8], &str); 12] = [
+    let cases: [(&ServerConfig, &[u8], &str); 13] = [
         // Not configured: as before AUTH existed.
         (
             &config(),
@@ -559,6 +559,12 @@ fn auth_refusals() {
             &submission(),
             b"EHLO c\r\nAUTH PLAIN =\r\n",
             "538 5.7.11 Error: encryption required for requested authentication mechanism",
+        ),
+        // An unknown mechanism is unknown with or without TLS.
+        (
+            &submission(),
+            b"EHLO c\r\nAUTH CRAM-MD5\r\n",
+            "504 5.5.4 Error: unsupported authentication mechanism",
         ),
         // Offered only over TLS, and TLS cannot be had here.
         (
@@ -807,6 +813,12 @@ fn idle_session_stays_small_with_auth_configured() {
     assert!(std::sync::Arc::ptr_eq(
         &cfg.auth_mechanisms,
         &copy.auth_mechanisms
+    ));
+    // And a config without AUTH allocates no list at all: the default
+    // empty one is a shared static.
+    assert!(std::sync::Arc::ptr_eq(
+        &ServerConfig::default().auth_mechanisms,
+        &ServerConfig::default().auth_mechanisms
     ));
 }
 
