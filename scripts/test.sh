@@ -154,9 +154,17 @@ step_deps() {
     need_apt dovecot-lmtpd /usr/lib/dovecot/lmtp
     # dkimpy, the independent DKIM verifier of test_dkim.py (for /usr/bin/python3).
     need_apt python3-dkim /usr/bin/dkimverify
+    # A real mail client for test_submission.py.
+    need_apt msmtp msmtp
     install_apt_missing
     ensure_postfix_stopped
     choose_python
+    # scramp: an independent SCRAM-SHA-256 client (test_submission.py).
+    if ! "$PYTHON" -c 'import scramp' >/dev/null 2>&1; then
+        log "installing scramp with pip for $PYTHON"
+        "$PYTHON" -m pip install --quiet --disable-pip-version-check scramp </dev/null ||
+            { apt-get install -y -qq --no-install-recommends python3-scramp </dev/null || true; }
+    fi
     echo "PYTHON=$PYTHON" >"$ROOT/target/.tern-test-python"
     log "python for pytest: $PYTHON ($("$PYTHON" -m pytest --version 2>&1 | head -n1))"
 }

@@ -18,7 +18,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from ternlib import HOSTNAME, Raw, wait_until
+from ternlib import HOSTNAME, TERN_BIN, Raw, wait_until
 
 LISTENERS = {
     "listener": [
@@ -26,6 +26,19 @@ LISTENERS = {
         {"address": "127.0.0.1:0", "role": "smtps"},
     ]
 }
+
+
+PASSWORD = "tls test password"
+
+
+def with_login(tern, overrides: dict):
+    """A server whose smtps listener (submission over TLS: AUTH required)
+    knows the login alice."""
+    srv = tern(overrides, start=False)
+    res = subprocess.run([str(TERN_BIN), "user", "add", "alice", "--config", str(srv.config_path)],
+                         input=(PASSWORD + "\n").encode(), capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")
+    return srv.start()
 
 
 def port_of(srv, role: str) -> int:
@@ -62,18 +75,19 @@ def served_cert(port: int, name: str | None) -> bytes:
 
 
 def test_implicit_tls_submission_with_smtplib_is_recorded_in_received(tern):
-    srv = tern(LISTENERS)
+    srv = with_login(tern, LISTENERS)
     marker = uuid.uuid4().hex
     with smtplib.SMTP_SSL("127.0.0.1", port_of(srv, "smtps"), context=no_verify(), timeout=20) as c:
         c.ehlo("client.test")
-        c.sendmail("sender@remote.test", ["alice@example.test"],
-                   f"Subject: tls {marker}\r\n\r\nbody {marker}\r\n")
+        c.login("alice", PASSWORD)
+        c.sendmail("alice@example.test", ["alice@example.test"],
+                   f"From: <alice@example.test>\r\nSubject: tls {marker}\r\n\r\nbody {marker}\r\n")
         version = c.sock.version()
         cipher = c.sock.cipher()[0]
     (mail,) = srv.wait_for_mail("alice")
     head = mail.split(b"\r\n\r\n", 1)[0].decode()
     assert marker in mail.decode()
-    assert " with ESMTPS id " in head, head
+    assert " with ESMTPSA id " in head, head
     assert f"(using {version} with cipher" in head, (version, head)
     assert cipher, "the client negotiated a cipher"
 
@@ -99,7 +113,7 @@ def test_sni_chooses_the_certificate_and_sighup_reloads_without_dropping_session
     certs.mkdir()
     a_cert, a_key = make_cert(certs, "a", ["mail.a.test"])
     b_cert, b_key = make_cert(certs, "b", ["*.b.test"])
-    srv = tern({**LISTENERS, "tls": {"certificates": [
+    srv = with_login(tern, {**LISTENERS, "tls": {"certificates": [
         {"cert": str(a_cert), "key": str(a_key)},
         {"cert": str(b_cert), "key": str(b_key)},
     ]}})
@@ -111,6 +125,7 @@ def test_sni_chooses_the_certificate_and_sighup_reloads_without_dropping_session
     # A session open across the reload keeps working.
     open_session = smtplib.SMTP_SSL("127.0.0.1", port, context=no_verify(), timeout=20)
     open_session.ehlo("client.test")
+    open_session.login("alice", PASSWORD)
 
     # A broken replacement is refused and the old certificate stays.
     a_key.write_text("not a key\n")
@@ -126,19 +141,22 @@ def test_sni_chooses_the_certificate_and_sighup_reloads_without_dropping_session
                what="the new certificate served")
     code, _ = open_session.noop()
     assert code == 250
-    open_session.sendmail("s@remote.test", ["alice@example.test"], "Subject: across\r\n\r\nx\r\n")
+    open_session.sendmail("alice@example.test", ["alice@example.test"],
+                          "From: <alice@example.test>\r\nSubject: across\r\n\r\nx\r\n")
     open_session.quit()
     srv.wait_for_mail("alice")
 
 
 def test_swaks_and_openssl_speak_implicit_tls(tern):
-    srv = tern(LISTENERS)
+    srv = with_login(tern, LISTENERS)
     port = port_of(srv, "smtps")
     swaks = shutil.which("swaks")
     assert swaks, "swaks is not installed (scripts/test.sh installs it)"
     res = subprocess.run(
         [swaks, "--server", "127.0.0.1", "--port", str(port), "--tlsc",
-         "--from", "s@remote.test", "--to", "alice@example.test", "--helo", "client.test"],
+         "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", PASSWORD,
+         "--from", "alice@example.test", "--to", "alice@example.test", "--helo", "client.test",
+         "--header", "From: <alice@example.test>"],
         capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
     )
     out = res.stdout.decode(errors="replace")

@@ -85,6 +85,8 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
         format!("cannot load the DKIM keys: {}", list.join("; "))
     })?;
+    let accounts = crate::auth::Accounts::open(&runtime.auth)
+        .map_err(|e| format!("cannot open the users file: {e}"))?;
     for (domain, selector, algorithm) in dkim.keys() {
         info!(event = "dkim.key", %domain, %selector, algorithm = algorithm.name());
     }
@@ -140,6 +142,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         free_space: Default::default(),
         tls: tls.clone(),
         dkim,
+        accounts,
     });
     let limits = ConnectionLimits::new(
         runtime.limits.max_connections,
@@ -278,6 +281,21 @@ fn print_test_hint(runtime: &Runtime) {
         user.primary_address
     );
     println!("it lands in {}/new/", user.maildir.display());
+    if let Some(submission) = runtime
+        .listeners
+        .iter()
+        .find(|l| l.role == crate::config::Role::Submission)
+    {
+        println!(
+            "to submit with a login: tern user add {}, then swaks --server {} --port {} --tls --auth PLAIN --auth-user {} --from {} --to {}",
+            user.name,
+            submission.address.ip(),
+            submission.address.port(),
+            user.name,
+            user.primary_address,
+            user.primary_address
+        );
+    }
 }
 
 /// The signals that stop the server (SIGTERM, SIGINT) and SIGHUP, which

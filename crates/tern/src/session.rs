@@ -21,13 +21,16 @@
 //! Errors: socket errors end the session silently (logged); spool errors turn
 //! into `452 4.3.1` for the message concerned and the session goes on.
 
+use crate::auth::{
+    Accounts, AuthStep, AuthenticatedUser, ChannelBinding, Exchange, LoginOutcome, Service,
+};
 use crate::config::{Role, Runtime, canonical_ip};
 use crate::conn::Conn;
 use crate::dkim::Signers;
 use crate::policy::{Policy, SessionFacts};
 use crate::queue::{QueueHandle, Work};
 use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
-use crate::submission::{self, Submitter};
+use crate::submission;
 use crate::tls::{ServerTls, TlsInfo};
 use std::collections::HashSet;
 use std::io;
@@ -38,7 +41,7 @@ use std::time::Duration;
 use tern_proto::headers::ForgedResultsFilter;
 use tern_proto::{
     BodyType, Decision, Event, ForwardPath, MailParams, Phase, Query, RcptParams, Reply, Ret,
-    ReversePath, Session,
+    ReversePath, SaslData, Session,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, timeout, timeout_at};
@@ -56,6 +59,8 @@ pub struct Context {
     pub tls: Arc<ServerTls>,
     /// DKIM keys of our domains, for mail our own users send.
     pub dkim: Signers,
+    /// Logins for SMTP AUTH.
+    pub accounts: Arc<Accounts>,
 }
 
 /// The spool's free space, asked of the file system at most once a second:
@@ -134,8 +139,11 @@ struct Driver {
     /// Set once TLS is up (boxed: most sessions on port 25 stay plain).
     tls: Option<Box<TlsInfo>>,
     role: Role,
-    /// The account that authenticated (SMTP AUTH), if any.
-    user: Option<String>,
+    /// The account that authenticated (SMTP AUTH), if any (boxed: most
+    /// sessions never log in).
+    login: Option<Box<AuthenticatedUser>>,
+    /// A SASL exchange in progress between `334` challenges.
+    exchange: Option<Box<Exchange>>,
 }
 
 /// Runs the server side of a TLS handshake on `conn`, within `limit` (a
@@ -179,7 +187,7 @@ pub async fn run(
             }
         }
     }
-    let config = ctx.runtime.server_config_for(role);
+    let config = ctx.runtime.server_config_for(role, peer.ip());
     let session = if tls.is_some() {
         Session::over_tls(config)
     } else {
@@ -201,7 +209,8 @@ pub async fn run(
         last_reply_code: 0,
         tls,
         role,
-        user: None,
+        login: None,
+        exchange: None,
     };
     match driver.drive(&mut conn).await {
         Ok(()) => debug!(event = "session.close", session_id),
@@ -380,15 +389,76 @@ impl Driver {
         }
     }
 
+    /// AUTH (RFC 4954): starts the mechanism's exchange with the accounts
+    /// store, which checks its limits before any password hash.
+    async fn auth_start(&mut self, mechanism: &str, initial: Option<SaslData>) -> Decision {
+        let tls_exporter = self.tls.as_ref().and_then(|t| t.channel_binding);
+        let binding = ChannelBinding {
+            tls_exporter,
+            // The engine offers -PLUS over TLS only.
+            plus_advertised: self.session.is_tls()
+                && self
+                    .ctx
+                    .runtime
+                    .auth_mechanisms
+                    .iter()
+                    .any(|m| m.ends_with("-PLUS")),
+        };
+        match self
+            .ctx
+            .accounts
+            .start(mechanism, self.peer.ip(), Service::Submission, binding)
+        {
+            Ok(exchange) => {
+                self.exchange = Some(Box::new(exchange));
+                self.auth_step(initial.as_ref().map(SaslData::as_bytes))
+                    .await
+            }
+            Err(e) => {
+                info!(event = "auth.refused", session_id = self.session_id, client = %self.peer, mechanism, error = %e);
+                Decision::Reject(Reply::enhanced(
+                    504,
+                    (5, 5, 4),
+                    "Error: unrecognized authentication type",
+                ))
+            }
+        }
+    }
+
+    /// One more round of the SASL exchange in progress.
+    async fn auth_step(&mut self, response: Option<&[u8]>) -> Decision {
+        let Some(exchange) = self.exchange.as_mut() else {
+            return Decision::Reject(Reply::enhanced(
+                503,
+                (5, 5, 1),
+                "Error: no authentication in progress",
+            ));
+        };
+        match exchange.step(response).await {
+            AuthStep::Challenge(challenge) => Decision::AuthChallenge(challenge),
+            AuthStep::Done(outcome) => {
+                self.exchange = None;
+                let reply = outcome.reply();
+                if let LoginOutcome::Success(user) = outcome {
+                    info!(event = "session.authenticated", session_id = self.session_id, user = %user.name, via = %user.via);
+                    self.login = Some(Box::new(user));
+                    return Decision::Accept;
+                }
+                let (a, b, c) = enhanced_triple(reply.enhanced);
+                let r = Reply::enhanced(reply.code, (a, b, c), reply.text);
+                if reply.disconnect {
+                    Decision::Disconnect(r)
+                } else {
+                    Decision::Reject(r)
+                }
+            }
+        }
+    }
+
     async fn decide(&mut self, query: Query) -> Decision {
         match query {
-            // Not offered until accounts exist (the engine refuses AUTH
-            // itself while no mechanism is configured).
-            Query::Auth { .. } | Query::AuthResponse(_) => Decision::Reject(Reply::enhanced(
-                454,
-                (4, 7, 0),
-                "Temporary authentication failure",
-            )),
+            Query::Auth { mechanism, initial } => self.auth_start(&mechanism, initial).await,
+            Query::AuthResponse(data) => self.auth_step(Some(data.as_bytes())).await,
             Query::Connect | Query::Helo { .. } => Decision::Accept,
             Query::Mail { from, params } => self.mail(from, params),
             Query::Rcpt { to, params } => self.rcpt(to, params),
@@ -431,6 +501,22 @@ impl Driver {
             ReversePath::Null => String::new(),
             ReversePath::Mailbox(m) => m.to_string(),
         };
+        // RFC 6409 §6.1: a submission server may refuse senders the user is
+        // not entitled to; Tern always does (the null sender included: a
+        // user's client never sends bounces).
+        if let Some(login) = &self.login
+            && !login.may_send_as(&sender, &self.ctx.runtime)
+        {
+            info!(event = "mail.reject", session_id = self.session_id, user = %login.name, from = %sender, reason = "sender not owned");
+            return Decision::Reject(Reply::enhanced(
+                553,
+                (5, 7, 1),
+                format!(
+                    "<{sender}>: Sender address rejected: not owned by user {}",
+                    login.name
+                ),
+            ));
+        }
         self.tx = Some(Transaction {
             sender,
             params,
@@ -552,9 +638,9 @@ impl Driver {
         queue_id: Option<MsgId>,
     ) -> Result<(), Decision> {
         let runtime = &self.ctx.runtime;
-        let user = self.user.clone();
-        let ours = user.is_some() || runtime.is_trusted(self.peer.ip());
-        if !ours || (user.is_none() && self.ctx.dkim.is_empty()) {
+        let login = self.login.as_deref();
+        let ours = login.is_some() || runtime.is_trusted(self.peer.ip());
+        if !ours || (login.is_none() && self.ctx.dkim.is_empty()) {
             return Ok(());
         }
         let content = draft.content().await.map_err(|e| {
@@ -567,13 +653,10 @@ impl Driver {
         })?;
         let header = submission::header_section(&content);
         let mut added = Vec::new();
-        if let Some(user) = &user {
-            let submitter = Submitter {
-                user,
-                allowed_senders: &[],
-            };
-            if let Err(reply) = submission::check_author(runtime, &submitter, header) {
-                info!(event = "message.rejected", session_id = self.session_id, user = %user, reason = %reply.lines.join(" "));
+        if let Some(login) = login {
+            let owns = |address: &str| login.may_send_as(address, runtime);
+            if let Err(reply) = submission::check_author(&login.name, owns, header) {
+                info!(event = "message.rejected", session_id = self.session_id, user = %login.name, reason = %reply.lines.join(" "));
                 return Err(Decision::Reject(reply));
             }
             let id = queue_id.map(|id| id.to_string()).unwrap_or_default();
@@ -610,7 +693,7 @@ impl Driver {
             local_ip: self.local_ip,
             role: self.role,
             tls: self.tls.is_some(),
-            user: self.user.clone(),
+            user: self.login.as_ref().map(|l| l.name.clone()),
         }
     }
 
@@ -695,6 +778,17 @@ impl Driver {
                 temp_fail()
             }
         }
+    }
+}
+
+/// "5.7.8" as the triple `Reply::enhanced` takes; a malformed one (never
+/// produced by our own tables) becomes the generic 5.0.0 / 4.0.0.
+fn enhanced_triple(code: &str) -> (u8, u16, u16) {
+    let mut parts = code.split('.').map(|p| p.parse::<u16>().ok());
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(Some(a)), Some(Some(b)), Some(Some(c))) => (a as u8, b, c),
+        (Some(Some(4)), _, _) => (4, 0, 0),
+        _ => (5, 0, 0),
     }
 }
 

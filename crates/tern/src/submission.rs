@@ -18,31 +18,6 @@
 use mail_parser::{HeaderName, MessageParser};
 use tern_proto::Reply;
 
-use crate::config::Runtime;
-
-/// Who is submitting, and which extra senders they may use.
-pub struct Submitter<'a> {
-    pub user: &'a str,
-    /// Extra addresses (`someone@domain`) or whole domains (`@domain`).
-    pub allowed_senders: &'a [String],
-}
-
-impl Submitter<'_> {
-    /// Whether this user may use `address` as a sender (envelope or header).
-    pub fn owns(&self, runtime: &Runtime, address: &str) -> bool {
-        let address = address.to_lowercase();
-        let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
-        let allowed = self.allowed_senders.iter().any(|a| {
-            let a = a.to_lowercase();
-            match a.strip_prefix('@') {
-                Some(d) => d == domain,
-                None => a == address,
-            }
-        });
-        allowed || runtime.sender_belongs_to(&address, self.user)
-    }
-}
-
 /// The header section of a message: up to and including the empty line,
 /// or all of it when there is no body.
 pub fn header_section(content: &[u8]) -> &[u8] {
@@ -53,12 +28,9 @@ pub fn header_section(content: &[u8]) -> &[u8] {
     }
 }
 
-/// Checks the author fields of a submitted message.
-pub fn check_author(
-    runtime: &Runtime,
-    submitter: &Submitter<'_>,
-    header: &[u8],
-) -> Result<(), Reply> {
+/// Checks the author fields of a message `user` submitted; `owns` says
+/// whether an address is theirs (`AuthenticatedUser::may_send_as`).
+pub fn check_author(user: &str, owns: impl Fn(&str) -> bool, header: &[u8]) -> Result<(), Reply> {
     let malformed = |what: &str| Reply::enhanced(550, (5, 6, 0), format!("Error: {what}"));
     let Some(message) = MessageParser::default().parse_headers(header) else {
         return Err(malformed("the message has no header section"));
@@ -85,14 +57,11 @@ pub fn check_author(
         if addresses.is_empty() || addresses.iter().any(|a| !a.contains('@')) {
             return Err(malformed(&format!("the {field} header does not parse")));
         }
-        if let Some(stranger) = addresses.iter().find(|a| !submitter.owns(runtime, a)) {
+        if let Some(stranger) = addresses.iter().find(|a| !owns(a)) {
             return Err(Reply::enhanced(
                 550,
                 (5, 7, 1),
-                format!(
-                    "Error: {field} <{stranger}> is not an address of user {}",
-                    submitter.user
-                ),
+                format!("Error: {field} <{stranger}> is not an address of user {user}"),
             ));
         }
     }
@@ -143,7 +112,7 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn runtime() -> Runtime {
+    fn runtime() -> crate::config::Runtime {
         crate::config::parse(
             r#"
 hostname = "mx.test"
@@ -165,13 +134,19 @@ addresses = ["bob@ours.test"]
         .expect("valid test config")
     }
 
-    const ALICE: Submitter<'static> = Submitter {
-        user: "alice",
-        allowed_senders: &[],
-    };
+    fn alice(allowed: &[&str]) -> crate::auth::AuthenticatedUser {
+        crate::auth::AuthenticatedUser {
+            name: "alice".into(),
+            via: crate::auth::Via::Password,
+            addresses: vec![],
+            allowed_senders: allowed.iter().map(|a| a.to_string()).collect(),
+        }
+    }
 
     fn check(header: &str) -> Result<(), (u16, String)> {
-        check_author(&runtime(), &ALICE, header.as_bytes()).map_err(|r| {
+        let rt = runtime();
+        let user = alice(&[]);
+        check_author("alice", |a| user.may_send_as(a, &rt), header.as_bytes()).map_err(|r| {
             let e = r.enhanced.unwrap();
             (r.code, format!("{}.{}.{}", e.0, e.1, e.2))
         })
@@ -180,16 +155,18 @@ addresses = ["bob@ours.test"]
     #[test]
     fn a_user_owns_their_addresses_tags_and_aliases_that_reach_them() {
         let rt = runtime();
-        for a in [
+        let a = alice(&[]);
+        for addr in [
             "alice@ours.test",
             "Alice@OURS.test",
             "alice+news@ours.test",
             "sales@ours.test",
-            "alice",
         ] {
-            assert_eq!(ALICE.owns(&rt, a), a != "alice", "{a}");
+            assert!(a.may_send_as(addr, &rt), "{addr}");
         }
-        for a in [
+        for addr in [
+            "alice",
+            "",
             "bob@ours.test",
             "fwd@ours.test",
             "nobody@ours.test",
@@ -197,18 +174,14 @@ addresses = ["bob@ours.test"]
             "postmaster@ours.test",
         ] {
             assert!(
-                !ALICE.owns(&rt, a),
-                "{a} (catch-all and postmaster are not ownership)"
+                !a.may_send_as(addr, &rt),
+                "{addr} (catch-all and postmaster are not ownership)"
             );
         }
-        let allowed = vec!["boss@elsewhere.test".to_string(), "@team.test".to_string()];
-        let extra = Submitter {
-            user: "alice",
-            allowed_senders: &allowed,
-        };
-        assert!(extra.owns(&rt, "BOSS@elsewhere.test"));
-        assert!(extra.owns(&rt, "anyone@team.test"));
-        assert!(!extra.owns(&rt, "anyone@sub.team.test"));
+        let extra = alice(&["boss@elsewhere.test", "@team.test"]);
+        assert!(extra.may_send_as("BOSS@elsewhere.test", &rt));
+        assert!(extra.may_send_as("anyone@team.test", &rt));
+        assert!(!extra.may_send_as("anyone@sub.team.test", &rt));
     }
 
     #[test]

@@ -42,8 +42,8 @@ pub struct TlsInfo {
     pub cipher: String,
     /// The name the client asked for (SNI), if any.
     pub server_name: Option<String>,
-    /// RFC 9266 `tls-exporter` channel-binding data: 32 octets exported
-    /// with the label "EXPORTER-Channel-Binding" and no context.
+    /// RFC 9266 `tls-exporter` channel-binding data (TLS 1.3 only: see
+    /// `auth::tls_exporter`).
     pub channel_binding: Option<[u8; 32]>,
 }
 
@@ -61,11 +61,7 @@ impl TlsInfo {
             .and_then(|s| s.suite().as_str())
             .unwrap_or("unknown")
             .to_string();
-        let mut binding = [0u8; 32];
-        let channel_binding = conn
-            .export_keying_material(&mut binding[..], b"EXPORTER-Channel-Binding", None)
-            .is_ok()
-            .then_some(binding);
+        let channel_binding = crate::auth::tls_exporter(conn);
         TlsInfo {
             version,
             cipher,

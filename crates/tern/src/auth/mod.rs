@@ -75,6 +75,9 @@ pub struct AuthSettings {
     /// Cost of the hashes `tern user` makes (not a config key: stored
     /// hashes carry their own parameters).
     pub hash_params: HashParams,
+    /// Offer AUTH before TLS to loopback clients (a local web app or
+    /// script on the same host; nothing crosses a network in clear).
+    pub plaintext_on_loopback: bool,
 }
 
 impl AuthSettings {
@@ -85,6 +88,7 @@ impl AuthSettings {
             cache_ttl: DEFAULT_CACHE_TTL,
             hash_concurrency: default_hash_concurrency(),
             hash_params: HashParams::DEFAULT,
+            plaintext_on_loopback: false,
         }
     }
 }
@@ -155,7 +159,8 @@ pub struct AuthenticatedUser {
 impl AuthenticatedUser {
     /// Whether this user may use `address` as the envelope sender (and,
     /// for the policy that checks it, `From:`): an address the main
-    /// config gives the user of the same name, one of the users file's
+    /// config gives the user of the same name or an alias reaching their
+    /// mailbox (`Runtime::sender_belongs_to`), one of the users file's
     /// `addresses` or `allowed_senders`, or any address of an
     /// `allowed_senders` `@domain`; a subaddress (`alice+tag@`) counts as
     /// its base address. The null sender is not an address: false.
@@ -175,14 +180,11 @@ impl AuthenticatedUser {
             None => address.clone(),
         };
         let owns = |a: &str| {
-            runtime
-                .addresses
-                .get(a)
-                .is_some_and(|user| user.eq_ignore_ascii_case(&self.name))
-                || self.addresses.iter().any(|mine| mine == a)
+            self.addresses.iter().any(|mine| mine == a)
                 || self.allowed_senders.iter().any(|p| p == a)
         };
-        owns(&address)
+        runtime.sender_belongs_to(&address, &self.name)
+            || owns(&address)
             || owns(&base)
             || self
                 .allowed_senders

@@ -24,6 +24,7 @@ pub struct AuthConfig {
     pub cache_ttl: String,
     pub max_tracked: usize,
     pub hash_concurrency: usize,
+    pub plaintext_on_loopback: bool,
 }
 
 impl Default for AuthConfig {
@@ -42,6 +43,7 @@ impl Default for AuthConfig {
             max_tracked: limits.max_entries,
             // 0: one per core.
             hash_concurrency: 0,
+            plaintext_on_loopback: false,
         }
     }
 }
@@ -160,6 +162,7 @@ pub(super) fn check_auth(
             0 => crate::auth::default_hash_concurrency(),
             n => n,
         },
+        plaintext_on_loopback: auth.plaintext_on_loopback,
         ..AuthSettings::new(PathBuf::new())
     }
 }

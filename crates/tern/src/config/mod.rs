@@ -179,6 +179,9 @@ pub struct Runtime {
     pub log: LogConfig,
     /// `[auth]`: the users file and the login limits.
     pub auth: crate::auth::AuthSettings,
+    /// What submission listeners offer in EHLO, strongest first (SCRAM-PLUS
+    /// included: the engine offers it over TLS only).
+    pub auth_mechanisms: std::sync::Arc<[String]>,
 }
 
 impl Runtime {
@@ -195,12 +198,26 @@ impl Runtime {
         self.trusted_networks.iter().any(|net| net.contains(&ip))
     }
 
-    /// The protocol engine's settings for a session on a listener of `role`.
-    pub fn server_config_for(&self, role: Role) -> tern_proto::ServerConfig {
+    /// The protocol engine's settings for a session on a listener of `role`
+    /// with a client at `peer`. `mx` never offers AUTH (RFC 6409 §3.1:
+    /// submission is a separate service); submission roles offer it over
+    /// TLS only, or also in plain text to loopback clients when
+    /// `auth.plaintext_on_loopback` says so, and require it before MAIL.
+    pub fn server_config_for(&self, role: Role, peer: IpAddr) -> tern_proto::ServerConfig {
+        let submission = role != Role::Mx;
         tern_proto::ServerConfig {
             // There is always a certificate (a self-signed one by default);
             // implicit TLS has it already.
             starttls: !role.implicit_tls(),
+            auth_mechanisms: if submission {
+                self.auth_mechanisms.clone()
+            } else {
+                Default::default()
+            },
+            auth_without_tls: submission
+                && self.auth.plaintext_on_loopback
+                && canonical_ip(peer).is_loopback(),
+            require_auth: submission,
             ..self.server_config()
         }
     }
@@ -335,10 +352,6 @@ const MAX_COMMIT_WAIT: Duration = Duration::from_millis(50);
 pub const EMBEDDED_DEFAULT: &str = r#"
 hostname = "localhost"
 data_dir = "tern-data"
-
-[[listener]]
-address = "127.0.0.1:2525"
-role = "mx"
 
 [local]
 domains = ["localhost"]
@@ -517,6 +530,10 @@ impl Runtime {
             tls_certificates,
             dkim,
             log: file.log,
+            auth_mechanisms: crate::auth::Accounts::mechanisms(true)
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
             auth,
         };
         // Each target must lead somewhere: a loop, a chain deeper than the

@@ -35,8 +35,8 @@ fn local(address: &str, mailbox: &str) -> Destination {
 #[test]
 fn embedded_default_is_valid() {
     let rt = embedded_default().expect("embedded default validates");
-    assert_eq!(rt.listeners.len(), 1);
-    assert!(rt.listeners[0].address.ip().is_loopback());
+    assert_eq!(rt.listeners.len(), 3);
+    assert!(rt.listeners.iter().all(|l| l.address.ip().is_loopback()));
     assert!(
         rt.trusted_networks.is_empty(),
         "loopback must not be trusted by default"
@@ -245,6 +245,7 @@ fn example_config_is_valid_and_complete() {
         "format",
         "certificates",
         "commit_wait",
+        "plaintext_on_loopback",
     ] {
         assert!(
             text.contains(&format!("{key} =")),
@@ -266,7 +267,20 @@ fn type_errors_name_the_dotted_key() {
 #[test]
 fn empty_file_is_the_embedded_default() {
     let rt = parse("", Path::new("/srv")).expect("every key is optional");
-    assert_eq!(rt.listeners[0].address, "127.0.0.1:2525".parse().unwrap());
+    let listeners: Vec<(String, String)> = rt
+        .listeners
+        .iter()
+        .map(|l| (l.address.to_string(), l.role.to_string()))
+        .collect();
+    assert_eq!(
+        listeners,
+        [
+            ("127.0.0.1:2525", "mx"),
+            ("127.0.0.1:5587", "submission"),
+            ("127.0.0.1:5465", "smtps")
+        ]
+        .map(|(a, r)| (a.to_string(), r.to_string()))
+    );
     assert_eq!(rt.data_dir, Path::new("/srv/tern-data"));
     assert_eq!(
         rt.resolve("me", "localhost"),

@@ -80,12 +80,22 @@ pub(super) fn split_address(address: &str) -> Option<(&str, &str)> {
     (!local.is_empty() && valid_domain(domain)).then_some((local, domain))
 }
 
+/// The listeners of a config that names none: loopback only, unprivileged
+/// ports, one per role.
+const DEFAULT_LISTENERS: [(&str, &str); 3] = [
+    ("127.0.0.1:2525", "mx"),
+    ("127.0.0.1:5587", "submission"),
+    ("127.0.0.1:5465", "smtps"),
+];
+
 pub(super) fn apply_defaults(file: &mut FileConfig) {
     if file.listener.is_empty() {
-        file.listener.push(ListenerConfig {
-            address: "127.0.0.1:2525".into(),
-            role: "mx".into(),
-        });
+        for (address, role) in DEFAULT_LISTENERS {
+            file.listener.push(ListenerConfig {
+                address: address.into(),
+                role: role.into(),
+            });
+        }
     }
     if file.local.domains.is_empty() {
         file.local.domains.push("localhost".into());
