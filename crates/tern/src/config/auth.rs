@@ -61,20 +61,7 @@ fn users_file_path(auth: &AuthConfig, base: &Path, data_dir: &Path) -> PathBuf {
 /// with the right exit status).
 pub fn users_file_of(config: Option<&Path>) -> Result<PathBuf, Vec<ConfigError>> {
     let (text, base) = match config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                vec![ConfigError {
-                    key: path.display().to_string(),
-                    message: format!("cannot read config file: {e}"),
-                }]
-            })?;
-            let parent = path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
-            (text, base)
-        }
+        Some(path) => super::read_file(path)?,
         None => {
             let cwd = std::env::current_dir().map_err(|e| {
                 vec![ConfigError {

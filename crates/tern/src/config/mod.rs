@@ -272,20 +272,25 @@ fn is_log_filter(filter: &str) -> bool {
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Runtime, Vec<ConfigError>> {
+    let (text, base) = read_file(path)?;
+    parse(&text, &base)
+}
+
+/// A config file's text and the directory its relative paths are relative
+/// to, made absolute so nothing depends on the working directory later.
+pub(crate) fn read_file(path: &Path) -> Result<(String, PathBuf), Vec<ConfigError>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![ConfigError {
             key: path.display().to_string(),
             message: format!("cannot read config file: {e}"),
         }]
     })?;
-    // Relative paths in the file are relative to the file's directory, made
-    // absolute here so nothing depends on the working directory later.
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
-    parse(&text, &base)
+    Ok((text, base))
 }
 
 /// Parses TOML text; relative paths in it are taken relative to `base`.

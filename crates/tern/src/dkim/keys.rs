@@ -191,7 +191,7 @@ impl KeyFile {
             }
             _ => return Err(KeyError::UnknownPkcs8),
         };
-        Ok(base64(&public))
+        Ok(tern_proto::base64::encode(&public))
     }
 
     /// The TXT record text publishing this key: `v=DKIM1; k=...; p=...`.
@@ -260,7 +260,7 @@ fn is_rsa_pkcs8(der: &[u8]) -> bool {
 
 /// PEM text (RFC 7468): base64 lines of 64 characters between the labels.
 pub fn pem(label: &str, der: &[u8]) -> String {
-    let encoded = base64(der);
+    let encoded = tern_proto::base64::encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");
     for line in encoded.as_bytes().chunks(64) {
         // base64 output is ASCII, so every chunk is valid UTF-8.
@@ -268,29 +268,6 @@ pub fn pem(label: &str, der: &[u8]) -> String {
         out.push('\n');
     }
     out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
-/// Standard base64 with padding (RFC 4648 §4).
-pub fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for group in bytes.chunks(3) {
-        let b = [
-            group[0],
-            group.get(1).copied().unwrap_or(0),
-            group.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let sextets = [(n >> 18) & 63, (n >> 12) & 63, (n >> 6) & 63, n & 63];
-        for (i, s) in sextets.iter().enumerate() {
-            if i <= group.len() {
-                out.push(char::from(ALPHABET[*s as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
     out
 }
 
