@@ -253,3 +253,31 @@ def test_guessing_an_account_from_strangers_costs_one_try_per_interval(msa):
     code, text = auth_plain(srv, "guess two")
     assert code == 454 and b"4.7.0" in text, (code, text)
     assert auth_plain(srv, PASSWORD)[0] == 454, "the interval holds for the right password too"
+
+
+def test_a_lockout_ends_by_itself(msa):
+    srv = msa({"auth": {"max_failures_per_ip": 2, "lockout": "1s", "account_retry_interval": "0s"}})
+    assert [auth_plain(srv, f"bad {i}")[0] for i in range(2)] == [535, 535]
+    assert auth_plain(srv, PASSWORD)[0] in (421, "closed"), "locked"
+    # Polled with a deadline: the lockout lasts 1 s.
+    wait_until(lambda: auth_plain(srv, PASSWORD)[0] == 235, 10, interval=0.3,
+               what="the right password accepted once the lockout is over")
+
+
+def test_app_passwords_log_in_and_revocation_is_picked_up_without_a_restart(msa):
+    srv = msa()
+    res = user_cmd(srv, "app-password", "add", "alice", "phone")
+    app = next(w for w in res.stdout.decode().split() if w.count("-") == 4)
+    with smtplib.SMTP_SSL("127.0.0.1", port_of(srv, "smtps"), context=no_verify(), timeout=30) as c:
+        c.login("alice", app)
+    assert "app-password:phone" in srv.stderr()
+    user_cmd(srv, "app-password", "revoke", "alice", "phone")
+
+    def refused() -> bool:
+        try:
+            with smtplib.SMTP_SSL("127.0.0.1", port_of(srv, "smtps"), context=no_verify(), timeout=30) as c:
+                c.login("alice", app)
+            return False
+        except smtplib.SMTPAuthenticationError as e:
+            return e.smtp_code == 535
+    wait_until(refused, 10, interval=0.3, what="the revoked app password refused")

@@ -73,7 +73,7 @@ enum Command {
     ///
     /// They are kept in the users file (auth.users_file, default
     /// <data_dir>/users.toml, mode 0600); the server's login check re-reads it
-    /// within a second of a change. Passwords are read from a prompt without
+    /// at the next login after a change. Passwords are read from a prompt without
     /// echo (asked twice), or from the first line of stdin when it is not a
     /// terminal, never from the command line. Exit status: 0 done, 1 bad usage
     /// or unknown user, 66 import file unreadable, 74 users file unreadable or

@@ -111,7 +111,7 @@ pub enum AppPasswordCommand {
         #[command(flatten)]
         common: UserArgs,
     },
-    /// Revoke one app password: the server refuses it within a second
+    /// Revoke one app password: the server refuses it from the next login on
     Revoke {
         name: String,
         label: String,

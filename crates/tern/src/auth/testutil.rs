@@ -101,7 +101,7 @@ impl Fixture {
         self.clock.fetch_add(secs * 1000, Ordering::Relaxed);
     }
 
-    /// Makes the store look at the file now (instead of within a second).
+    /// Makes the store look at the file now (as the next login would).
     pub(crate) fn reload(&self) {
         let later = std::time::Instant::now() + std::time::Duration::from_secs(3600);
         self.accounts.store().snapshot_at(later);

@@ -119,7 +119,7 @@ fn errors_name_the_file_and_line() {
 }
 
 #[test]
-fn the_server_sees_changes_within_a_second_and_keeps_a_good_version() {
+fn the_server_sees_changes_at_once_and_keeps_a_good_version() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("users.toml");
     let store = UserStore::open(&path).unwrap();
@@ -131,9 +131,8 @@ fn the_server_sees_changes_within_a_second_and_keeps_a_good_version() {
     })
     .unwrap()
     .unwrap();
-    // Looked at no more than once per second: not yet.
-    assert!(store.snapshot_at(t0).get("alice").is_none());
-    let t1 = t0 + Duration::from_millis(1100);
+    // The next login sees it.
+    let t1 = t0 + Duration::from_millis(1);
     assert!(store.snapshot_at(t1).get("alice").is_some());
     assert_eq!(store.reloads(), 1);
     // Unchanged file: no re-read.
