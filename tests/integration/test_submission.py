@@ -281,3 +281,23 @@ def test_app_passwords_log_in_and_revocation_is_picked_up_without_a_restart(msa)
         except smtplib.SMTPAuthenticationError as e:
             return e.smtp_code == 535
     wait_until(refused, 10, interval=0.3, what="the revoked app password refused")
+
+
+def test_submission_ports_greet_at_once_while_mx_waits(msa):
+    """The early-talker delay is for mx: a mail client on a submission port
+    does not pay it on every connection."""
+    import time
+    srv = msa({"limits": {"greeting_delay": "2s"}})
+    for role in ("submission", "smtps"):
+        start = time.monotonic()
+        if role == "smtps":
+            with smtplib.SMTP_SSL("127.0.0.1", port_of(srv, role), context=no_verify(), timeout=30):
+                pass
+        else:
+            with smtplib.SMTP("127.0.0.1", port_of(srv, role), timeout=30):
+                pass
+        assert time.monotonic() - start < 1.5, role
+    start = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", port_of(srv, "mx"), timeout=30):
+        pass
+    assert time.monotonic() - start >= 1.9
