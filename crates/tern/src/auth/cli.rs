@@ -65,6 +65,24 @@ pub enum UserCommand {
         #[command(flatten)]
         common: UserArgs,
     },
+    /// Set a login's egress limits, in place of [submission]'s
+    ///
+    /// Without options: prints them. Each option replaces one limit;
+    /// --default drops this user's own limits first.
+    Limits {
+        name: String,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        messages_per_hour: Option<u32>,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        recipients_per_hour: Option<u32>,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        new_recipients_per_day: Option<u32>,
+        /// Use [submission]'s limits again
+        #[arg(long)]
+        default: bool,
+        #[command(flatten)]
+        common: UserArgs,
+    },
     /// Import a Dovecot passwd-file (user:{SCHEME}hash:...)
     ///
     /// ARGON2ID, ARGON2I, SHA512-CRYPT, SHA256-CRYPT and CRYPT ($6$/$5$)
@@ -219,6 +237,35 @@ pub fn run(command: UserCommand) -> ExitCode {
                 ),
                 None => format!("{} was not held", user.name),
             };
+            users.put(user);
+            Ok(message)
+        }),
+        UserCommand::Limits {
+            name,
+            messages_per_hour,
+            recipients_per_hour,
+            new_recipients_per_day,
+            default,
+            common,
+        } => edit(&common, |users| {
+            let mut user = users
+                .clone_user(&name)
+                .ok_or_else(|| format!("no user {name:?}"))?;
+            if default {
+                user.limits = Default::default();
+            }
+            let l = &mut user.limits;
+            l.max_messages_per_hour = messages_per_hour.or(l.max_messages_per_hour);
+            l.max_recipients_per_hour = recipients_per_hour.or(l.max_recipients_per_hour);
+            l.max_new_recipients_per_day = new_recipients_per_day.or(l.max_new_recipients_per_day);
+            let show = |v: Option<u32>| v.map_or("default".to_string(), |n| n.to_string());
+            let message = format!(
+                "{}: messages per hour {}, recipients per hour {}, new recipients per day {}",
+                user.name,
+                show(l.max_messages_per_hour),
+                show(l.max_recipients_per_hour),
+                show(l.max_new_recipients_per_day)
+            );
             users.put(user);
             Ok(message)
         }),
