@@ -88,6 +88,10 @@ pub enum ControlRequest {
     Delete { id: String },
     /// Per-destination state of the outbound scheduler.
     Destinations,
+    /// `tern user release`: end the circuit breaker's hold of a user in the
+    /// running server and let their queued mail go (the users file's mark
+    /// is cleared by the command itself).
+    ReleaseUser { name: String },
 }
 
 /// The answer to a request: a JSON value, or an error text for the

@@ -33,6 +33,7 @@ pub(crate) fn envelope(n: usize) -> Envelope {
         envid: Some("env-1".into()),
         client_ip: "127.0.0.1".into(),
         helo: "client.example".into(),
+        auth_user: None,
     }
 }
 
