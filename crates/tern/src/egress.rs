@@ -110,8 +110,10 @@ impl UserLimits {
 /// What is counted per user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Counter {
-    /// MAIL commands, refused ones included (the breaker's measure).
-    MessageAttempts,
+    /// MAIL commands refused over the messages limit: with `Messages`, the
+    /// breaker's measure (a MAIL that ends up local-only must not count, and
+    /// its recipients are not known at MAIL).
+    RefusedMessages,
     /// Committed messages with a remote recipient.
     Messages,
     RecipientAttempts,
@@ -342,16 +344,17 @@ impl Egress {
         let (max_messages, _, _) = self.effective(overrides);
         let window = ms(self.limits.rate_window);
         let c = &self.counters;
-        c.add(user, Counter::MessageAttempts, 1, now, window);
-        let attempts = c.count(user, Counter::MessageAttempts, now, window);
+        let sent = c.count(user, Counter::Messages, now, window);
+        if sent < max_messages {
+            return Ok(());
+        }
+        c.add(user, Counter::RefusedMessages, 1, now, window);
+        let attempts = sent.saturating_add(c.count(user, Counter::RefusedMessages, now, window));
         self.check_breaker(user, attempts, max_messages, "message");
         if self.is_held(user) {
             return Err(held_reply(user));
         }
-        if c.count(user, Counter::Messages, now, window) >= max_messages {
-            return Err(limit_reply("messages per hour"));
-        }
-        Ok(())
+        Err(limit_reply("messages per hour"))
     }
 
     /// RCPT of a remote recipient. `pending` and `pending_new` are the remote

@@ -100,6 +100,17 @@ fn known_recipients_are_not_new_and_new_ones_are_limited_per_day() {
 }
 
 #[test]
+fn mail_that_stays_local_never_counts() {
+    let (e, _rx) = egress(small());
+    for i in 0..100 {
+        e.mail("alice", &NONE, i).unwrap();
+        e.committed("alice", &[], i);
+    }
+    assert!(!e.is_held("alice"));
+    send(&e, "alice", &["bob@remote.test"], 200).unwrap();
+}
+
+#[test]
 fn per_user_overrides_replace_the_defaults() {
     let (e, _rx) = egress(small());
     let generous = UserLimits {
