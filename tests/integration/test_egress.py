@@ -252,3 +252,18 @@ def test_release_while_stopped_lets_the_mail_go_at_the_next_start(msa):
     srv.start()
     (got,) = peer.wait_for(1)
     assert marker.encode() in got.data
+
+
+def test_a_transaction_under_way_when_the_breaker_trips_is_refused_at_data(msa):
+    srv, peer = msa({"max_recipients_per_hour": 1, "breaker_factor": 2})
+    with login(srv, "alice") as c:
+        assert c.mail("alice@example.test")[0] == 250
+        assert c.rcpt("a@remote.test")[0] == 250
+        code, text = c.rcpt("b@remote.test")
+        assert code == 451 and b"held" in text, text
+        code, text = c.docmd("DATA")
+        assert code == 451 and b"held" in text, (code, text)
+    time.sleep(1)
+    assert peer.received() == []
+    assert "recipient attempts" in next(
+        ln for ln in srv.stderr().splitlines() if "egress.breaker_tripped" in ln)

@@ -310,6 +310,14 @@ impl Egress {
         self.held_set().contains(&user.to_lowercase())
     }
 
+    /// `451 4.7.1` for a held user: nothing more is taken from them.
+    pub fn not_held(&self, user: &str) -> Result<(), Reply> {
+        if self.is_held(user) {
+            return Err(held_reply(user));
+        }
+        Ok(())
+    }
+
     fn effective(&self, user: &UserLimits) -> (u32, u32, u32) {
         (
             user.max_messages_per_hour
@@ -338,9 +346,7 @@ impl Egress {
     /// MAIL from an authenticated `user`: refused when held or when the
     /// messages-per-hour limit is reached.
     pub fn mail(&self, user: &str, overrides: &UserLimits, now: Millis) -> Result<(), Reply> {
-        if self.is_held(user) {
-            return Err(held_reply(user));
-        }
+        self.not_held(user)?;
         let (max_messages, _, _) = self.effective(overrides);
         let window = ms(self.limits.rate_window);
         let c = &self.counters;

@@ -611,6 +611,13 @@ impl Driver {
 
     async fn data(&mut self) -> Decision {
         let helo = self.session.helo_domain().unwrap_or("unknown").to_string();
+        // The breaker may have tripped since MAIL (at one of this
+        // transaction's RCPTs, or in another session of the same user).
+        if let Some(login) = &self.login
+            && let Err(reply) = self.ctx.egress.not_held(&login.name)
+        {
+            return Decision::Reject(reply);
+        }
         let Some(tx) = self.tx.as_mut() else {
             return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
         };
