@@ -1,6 +1,7 @@
 //! The administrator's control channel: a local Unix stream socket through
 //! which `tern queue ...` asks the running server about its queue and steers
-//! it (flush, hold, release, delete).
+//! it (flush, hold, release, delete), and `tern user release` lets a user's
+//! mail held by the circuit breaker go.
 //!
 //! # Protocol
 //! The client connects to [`socket_path`] (`<data_dir>/control.sock`), writes

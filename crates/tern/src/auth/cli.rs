@@ -60,6 +60,7 @@ pub enum UserCommand {
         common: UserArgs,
     },
     /// Clear a login's hold (set by the circuit breaker): its logins work again
+    /// and its held queued mail goes (now if the server runs, else at its start)
     Release {
         name: String,
         #[command(flatten)]

@@ -5,7 +5,9 @@
 //!
 //! Invariants: answers are JSON values in the shapes `tern queue` renders
 //! (times in unix seconds); holds survive a restart (kept in
-//! `<data_dir>/held`, rewritten whole on every change, one queue ID a line);
+//! `<data_dir>/held`, rewritten whole on every change, one queue ID a line;
+//! a user's mail held by the circuit breaker is held again at start from the
+//! users file's mark, so `tern user release` on a stopped server suffices);
 //! a deleted message is finished in the spool without a bounce, like
 //! Postfix's `postsuper -d`.
 //!
