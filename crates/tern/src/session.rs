@@ -1026,6 +1026,105 @@ mod tests {
         assert!(h.starts_with("Received: from client.test ([192.0.2.7])\r\n\t(using TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384)\r\n\tby mx.test (Tern) with ESMTPS id 1;\r\n"), "{h}");
     }
 
+    fn transaction() -> Transaction {
+        Transaction {
+            sender: "alice@example.test".into(),
+            params: MailParams::default(),
+            recipients: Vec::new(),
+            destinations: HashSet::new(),
+            draft: None,
+            draft_error: None,
+            forged_results: Box::new((ForgedResultsFilter::new("mx.test"), Vec::new())),
+            queue_id: None,
+            received: Vec::new(),
+            new_remote: 0,
+        }
+    }
+
+    #[test]
+    fn egress_counts_only_remote_destinations_once_per_transaction() {
+        let egress = Egress::new(
+            crate::egress::EgressLimits {
+                max_recipients_per_hour: 2,
+                breaker_factor: 100,
+                ..Default::default()
+            },
+            Box::new(crate::egress::MemoryCounters::default()),
+            None,
+            None,
+            Vec::new(),
+        );
+        let limits = UserLimits::default();
+        let mut tx = transaction();
+        let local = |m: &str| {
+            (
+                format!("{m}@example.test"),
+                Route::Local {
+                    mailbox: m.to_string(),
+                },
+            )
+        };
+        let remote = |a: &str| (a.to_string(), Route::Remote);
+        // An alias reaching two local mailboxes and one remote address: one
+        // recipient counts, named twice in the same expansion.
+        let alias = [
+            local("bob"),
+            remote("x@remote.test"),
+            local("carol"),
+            remote("X@remote.test"),
+        ];
+        egress_rcpt(&egress, "alice", &limits, &mut tx, &alias).unwrap();
+        assert_eq!(tx.new_remote, 1);
+        tx.destinations.insert((false, "x@remote.test".into()));
+        tx.recipients.push(Recipient {
+            address: "x@remote.test".into(),
+            original: "team@example.test".into(),
+            orcpt: None,
+            notify: None,
+            route: Route::Remote,
+            status: RcptStatus::Pending,
+        });
+        // Local recipients never reach the limit.
+        for _ in 0..10 {
+            egress_rcpt(&egress, "alice", &limits, &mut tx, &[local("bob")]).unwrap();
+        }
+        // Already in the transaction: not counted again.
+        egress_rcpt(
+            &egress,
+            "alice",
+            &limits,
+            &mut tx,
+            &[remote("x@remote.test")],
+        )
+        .unwrap();
+        // The second remote one is the last the limit of 2 allows.
+        egress_rcpt(
+            &egress,
+            "alice",
+            &limits,
+            &mut tx,
+            &[remote("y@remote.test")],
+        )
+        .unwrap();
+        tx.recipients.push(Recipient {
+            address: "y@remote.test".into(),
+            original: "y@remote.test".into(),
+            orcpt: None,
+            notify: None,
+            route: Route::Remote,
+            status: RcptStatus::Pending,
+        });
+        let refused = egress_rcpt(
+            &egress,
+            "alice",
+            &limits,
+            &mut tx,
+            &[remote("z@remote.test")],
+        )
+        .unwrap_err();
+        assert_eq!(refused.code, 451);
+    }
+
     #[test]
     fn notify_is_stored_in_rfc3461_form() {
         let n = |never, success, failure, delay| tern_proto::Notify {
