@@ -1,6 +1,7 @@
 //! The administrator's control channel: a local Unix stream socket through
 //! which `tern queue ...` asks the running server about its queue and steers
-//! it (flush, hold, release, delete).
+//! it (flush, hold, release, delete), and `tern user release` lets a user's
+//! mail held by the circuit breaker go.
 //!
 //! # Protocol
 //! The client connects to [`socket_path`] (`<data_dir>/control.sock`), writes
@@ -88,6 +89,10 @@ pub enum ControlRequest {
     Delete { id: String },
     /// Per-destination state of the outbound scheduler.
     Destinations,
+    /// `tern user release`: end the circuit breaker's hold of a user in the
+    /// running server and let their queued mail go (the users file's mark
+    /// is cleared by the command itself).
+    ReleaseUser { name: String },
 }
 
 /// The answer to a request: a JSON value, or an error text for the

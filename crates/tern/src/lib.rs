@@ -9,6 +9,7 @@ pub mod control;
 pub mod deliver;
 pub mod dkim;
 pub mod dns;
+pub mod egress;
 pub mod fsutil;
 pub mod listener;
 pub mod outbound;

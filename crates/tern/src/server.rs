@@ -15,6 +15,7 @@
 use crate::config::Runtime;
 use crate::control::{self, ControlRequest};
 use crate::dkim::Signers;
+use crate::egress::{Egress, MemoryCounters};
 use crate::listener::{ConnectionLimits, accept_loop};
 use crate::outbound::{self, AdminHandle, OutboundHandle, QueueOp};
 use crate::queue;
@@ -111,11 +112,22 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         shutdown.clone(),
     )
     .map_err(|e| format!("cannot start the delivery thread: {e}"))?;
+    // The users file's hold marks are the breaker's record across restarts.
+    let (tripped_tx, tripped_rx) = tokio::sync::mpsc::unbounded_channel();
+    let egress = Arc::new(Egress::new(
+        runtime.egress.clone(),
+        Box::new(MemoryCounters::default()),
+        Some(runtime.auth.users_file.clone()),
+        Some(tripped_tx),
+        Egress::held_in(&accounts.store().snapshot()),
+    ));
     let (queue_admin, outbound_task) = outbound::start(
         runtime.clone(),
         spool.clone(),
         queue_handle.clone(),
         outbound_receiver,
+        egress.clone(),
+        tripped_rx,
         shutdown.clone(),
     )
     .map_err(|e| format!("cannot start outbound delivery: {e}"))?;
@@ -143,6 +155,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         tls: tls.clone(),
         dkim,
         accounts,
+        egress,
     });
     let limits = ConnectionLimits::new(
         runtime.limits.max_connections,
@@ -372,5 +385,6 @@ fn queue_op(request: ControlRequest) -> Result<QueueOp, String> {
         ControlRequest::Release { id: text } => QueueOp::Release(id(&text)?),
         ControlRequest::Delete { id: text } => QueueOp::Delete(id(&text)?),
         ControlRequest::Destinations => QueueOp::Destinations,
+        ControlRequest::ReleaseUser { name } => QueueOp::ReleaseUser(name),
     })
 }

@@ -27,6 +27,7 @@ use crate::auth::{
 use crate::config::{Role, Runtime, canonical_ip};
 use crate::conn::Conn;
 use crate::dkim::Signers;
+use crate::egress::{Egress, UserLimits};
 use crate::policy::{Policy, SessionFacts};
 use crate::queue::{QueueHandle, Work};
 use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
@@ -61,6 +62,8 @@ pub struct Context {
     pub dkim: Signers,
     /// Logins for SMTP AUTH.
     pub accounts: Arc<Accounts>,
+    /// Per-user egress limits and the circuit breaker.
+    pub egress: Arc<crate::egress::Egress>,
 }
 
 /// The spool's free space, asked of the file system at most once a second:
@@ -113,6 +116,9 @@ struct Transaction {
     /// Our `Received:` field, made when the content starts and put in front
     /// of the message when it ends (after anything else we add).
     received: Vec<u8>,
+    /// Remote recipients accepted so far that the user never wrote to
+    /// before (egress limits, authenticated sessions only).
+    new_remote: u32,
 }
 
 struct Driver {
@@ -520,6 +526,17 @@ impl Driver {
                 ),
             ));
         }
+        if let Some(login) = &self.login {
+            let limits = self.user_limits(&login.name);
+            if let Err(reply) =
+                self.ctx
+                    .egress
+                    .mail(&login.name, &limits, crate::outbound::now_millis())
+            {
+                info!(event = "mail.reject", session_id = self.session_id, user = %login.name, reason = "egress limit");
+                return Decision::Reject(reply);
+            }
+        }
         self.tx = Some(Transaction {
             sender,
             params,
@@ -533,15 +550,16 @@ impl Driver {
             )),
             queue_id: None,
             received: Vec::new(),
+            new_remote: 0,
         });
         Decision::Accept
     }
 
     fn rcpt(&mut self, to: ForwardPath, params: RcptParams) -> Decision {
         let facts = self.facts();
-        let Some(tx) = self.tx.as_mut() else {
+        if self.tx.is_none() {
             return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
-        };
+        }
         let policy = Policy {
             runtime: &self.ctx.runtime,
         };
@@ -558,6 +576,23 @@ impl Driver {
             .as_ref()
             .map(|o| format!("{};{}", o.addr_type, o.address));
         let notify = params.notify.as_ref().map(notify_string);
+        if let Some(user) = &facts.user {
+            let limits = self.user_limits(user);
+            let Some(tx) = self.tx.as_mut() else {
+                return Decision::Reject(Reply::enhanced(
+                    503,
+                    (5, 5, 1),
+                    "Error: need MAIL command",
+                ));
+            };
+            if let Err(reply) = egress_rcpt(&self.ctx.egress, user, &limits, tx, &destinations) {
+                info!(event = "rcpt.reject", session_id = facts.session_id, user = %user, rcpt = %given, reason = "egress limit");
+                return Decision::Reject(reply);
+            }
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
+        };
         for (address, route) in destinations {
             let key = match &route {
                 Route::Local { mailbox } => (true, mailbox.clone()),
@@ -579,6 +614,13 @@ impl Driver {
 
     async fn data(&mut self) -> Decision {
         let helo = self.session.helo_domain().unwrap_or("unknown").to_string();
+        // The breaker may have tripped since MAIL (at one of this
+        // transaction's RCPTs, or in another session of the same user).
+        if let Some(login) = &self.login
+            && let Err(reply) = self.ctx.egress.not_held(&login.name)
+        {
+            return Decision::Reject(reply);
+        }
         let Some(tx) = self.tx.as_mut() else {
             return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
         };
@@ -688,6 +730,18 @@ impl Driver {
         Ok(())
     }
 
+    /// The users file's egress limits for `user` (read afresh: `tern user
+    /// limits` applies to sessions already logged in).
+    fn user_limits(&self, user: &str) -> UserLimits {
+        self.ctx
+            .accounts
+            .store()
+            .snapshot()
+            .get(user)
+            .map(|u| u.limits)
+            .unwrap_or_default()
+    }
+
     /// What policy needs to know about this session.
     fn facts(&self) -> SessionFacts {
         SessionFacts {
@@ -759,7 +813,15 @@ impl Driver {
             envid: params.envid,
             client_ip: self.peer.ip().to_string(),
             helo: self.session.helo_domain().unwrap_or("").to_string(),
+            auth_user: self.login.as_ref().map(|l| l.name.clone()),
         };
+        // What the egress limits count once the message is ours.
+        let remote: Vec<String> = envelope
+            .recipients
+            .iter()
+            .filter(|r| r.route == Route::Remote)
+            .map(|r| r.address.clone())
+            .collect();
         let rcpts = envelope.recipients.len();
         let work = Work::of(&envelope);
         let sender = envelope.sender.clone();
@@ -770,6 +832,11 @@ impl Driver {
         match committed {
             Ok(id) => {
                 info!(event = "queue.commit", session_id = self.session_id, queue_id = %id, from = %sender, rcpts);
+                if let Some(login) = &self.login {
+                    self.ctx
+                        .egress
+                        .committed(&login.name, &remote, crate::outbound::now_millis());
+                }
                 self.ctx.queue.notify(id, work);
                 Decision::Queued {
                     queue_id: id.to_string(),
@@ -782,6 +849,41 @@ impl Driver {
             }
         }
     }
+}
+
+/// The egress limits for one RCPT of an authenticated user: each remote
+/// destination not yet in the transaction is checked; local ones never
+/// count. A refusal refuses the whole RCPT (an alias expanding to several
+/// remote addresses is all or nothing).
+fn egress_rcpt(
+    egress: &Egress,
+    user: &str,
+    limits: &UserLimits,
+    tx: &mut Transaction,
+    destinations: &[(String, Route)],
+) -> Result<(), Reply> {
+    let now = crate::outbound::now_millis();
+    let mut pending = tx
+        .recipients
+        .iter()
+        .filter(|r| r.route == Route::Remote)
+        .count() as u32;
+    let mut new = tx.new_remote;
+    let mut seen = HashSet::new();
+    for (address, route) in destinations {
+        let key = address.to_lowercase();
+        if *route != Route::Remote
+            || tx.destinations.contains(&(false, key.clone()))
+            || !seen.insert(key)
+        {
+            continue;
+        }
+        let verdict = egress.rcpt(user, limits, address, pending, new, now)?;
+        pending += 1;
+        new += u32::from(verdict.new);
+    }
+    tx.new_remote = new;
+    Ok(())
 }
 
 /// "5.7.8" as the triple `Reply::enhanced` takes; a malformed one (never
@@ -925,6 +1027,105 @@ mod tests {
         ))
         .unwrap();
         assert!(h.starts_with("Received: from client.test ([192.0.2.7])\r\n\t(using TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384)\r\n\tby mx.test (Tern) with ESMTPS id 1;\r\n"), "{h}");
+    }
+
+    fn transaction() -> Transaction {
+        Transaction {
+            sender: "alice@example.test".into(),
+            params: MailParams::default(),
+            recipients: Vec::new(),
+            destinations: HashSet::new(),
+            draft: None,
+            draft_error: None,
+            forged_results: Box::new((ForgedResultsFilter::new("mx.test"), Vec::new())),
+            queue_id: None,
+            received: Vec::new(),
+            new_remote: 0,
+        }
+    }
+
+    #[test]
+    fn egress_counts_only_remote_destinations_once_per_transaction() {
+        let egress = Egress::new(
+            crate::egress::EgressLimits {
+                max_recipients_per_hour: 2,
+                breaker_factor: 100,
+                ..Default::default()
+            },
+            Box::new(crate::egress::MemoryCounters::default()),
+            None,
+            None,
+            Vec::new(),
+        );
+        let limits = UserLimits::default();
+        let mut tx = transaction();
+        let local = |m: &str| {
+            (
+                format!("{m}@example.test"),
+                Route::Local {
+                    mailbox: m.to_string(),
+                },
+            )
+        };
+        let remote = |a: &str| (a.to_string(), Route::Remote);
+        // An alias reaching two local mailboxes and one remote address: one
+        // recipient counts, named twice in the same expansion.
+        let alias = [
+            local("bob"),
+            remote("x@remote.test"),
+            local("carol"),
+            remote("X@remote.test"),
+        ];
+        egress_rcpt(&egress, "alice", &limits, &mut tx, &alias).unwrap();
+        assert_eq!(tx.new_remote, 1);
+        tx.destinations.insert((false, "x@remote.test".into()));
+        tx.recipients.push(Recipient {
+            address: "x@remote.test".into(),
+            original: "team@example.test".into(),
+            orcpt: None,
+            notify: None,
+            route: Route::Remote,
+            status: RcptStatus::Pending,
+        });
+        // Local recipients never reach the limit.
+        for _ in 0..10 {
+            egress_rcpt(&egress, "alice", &limits, &mut tx, &[local("bob")]).unwrap();
+        }
+        // Already in the transaction: not counted again.
+        egress_rcpt(
+            &egress,
+            "alice",
+            &limits,
+            &mut tx,
+            &[remote("x@remote.test")],
+        )
+        .unwrap();
+        // The second remote one is the last the limit of 2 allows.
+        egress_rcpt(
+            &egress,
+            "alice",
+            &limits,
+            &mut tx,
+            &[remote("y@remote.test")],
+        )
+        .unwrap();
+        tx.recipients.push(Recipient {
+            address: "y@remote.test".into(),
+            original: "y@remote.test".into(),
+            orcpt: None,
+            notify: None,
+            route: Route::Remote,
+            status: RcptStatus::Pending,
+        });
+        let refused = egress_rcpt(
+            &egress,
+            "alice",
+            &limits,
+            &mut tx,
+            &[remote("z@remote.test")],
+        )
+        .unwrap_err();
+        assert_eq!(refused.code, 451);
     }
 
     #[test]

@@ -60,8 +60,27 @@ pub enum UserCommand {
         common: UserArgs,
     },
     /// Clear a login's hold (set by the circuit breaker): its logins work again
+    /// and its held queued mail goes (now if the server runs, else at its start)
     Release {
         name: String,
+        #[command(flatten)]
+        common: UserArgs,
+    },
+    /// Set a login's egress limits, in place of [submission]'s
+    ///
+    /// Without options: prints them. Each option replaces one limit;
+    /// --default drops this user's own limits first.
+    Limits {
+        name: String,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        messages_per_hour: Option<u32>,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        recipients_per_hour: Option<u32>,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        new_recipients_per_day: Option<u32>,
+        /// Use [submission]'s limits again
+        #[arg(long)]
+        default: bool,
         #[command(flatten)]
         common: UserArgs,
     },
@@ -139,6 +158,9 @@ pub const MIN_PASSWORD_LEN: usize = 8;
 struct Target {
     users_file: PathBuf,
     params: HashParams,
+    /// Where the running server's control socket is; None when the config
+    /// did not load (only the users file was found).
+    data_dir: Option<PathBuf>,
 }
 
 fn target(common: &UserArgs) -> Result<Target, ExitCode> {
@@ -153,6 +175,7 @@ fn target(common: &UserArgs) -> Result<Target, ExitCode> {
         Ok(rt) => Ok(Target {
             users_file: rt.auth.users_file,
             params: rt.auth.hash_params,
+            data_dir: Some(rt.data_dir),
         }),
         // The users file itself is what fails: find it anyway, so the
         // command reports it with its file, line and exit status.
@@ -161,6 +184,7 @@ fn target(common: &UserArgs) -> Result<Target, ExitCode> {
                 Ok(users_file) => Ok(Target {
                     users_file,
                     params: HashParams::DEFAULT,
+                    data_dir: None,
                 }),
                 Err(_) => {
                     for e in errors {
@@ -208,17 +232,33 @@ pub fn run(command: UserCommand) -> ExitCode {
                 .map(|u| format!("removed {}", u.name))
                 .ok_or_else(|| format!("no user {name:?}"))
         }),
-        UserCommand::Release { name, common } => edit(&common, |users| {
+        UserCommand::Release { name, common } => release(&common, &name),
+        UserCommand::Limits {
+            name,
+            messages_per_hour,
+            recipients_per_hour,
+            new_recipients_per_day,
+            default,
+            common,
+        } => edit(&common, |users| {
             let mut user = users
                 .clone_user(&name)
                 .ok_or_else(|| format!("no user {name:?}"))?;
-            let message = match user.held.take() {
-                Some(held) => format!(
-                    "released {} (held since {}: {})",
-                    user.name, held.since, held.reason
-                ),
-                None => format!("{} was not held", user.name),
-            };
+            if default {
+                user.limits = Default::default();
+            }
+            let l = &mut user.limits;
+            l.max_messages_per_hour = messages_per_hour.or(l.max_messages_per_hour);
+            l.max_recipients_per_hour = recipients_per_hour.or(l.max_recipients_per_hour);
+            l.max_new_recipients_per_day = new_recipients_per_day.or(l.max_new_recipients_per_day);
+            let show = |v: Option<u32>| v.map_or("default".to_string(), |n| n.to_string());
+            let message = format!(
+                "{}: messages per hour {}, recipients per hour {}, new recipients per day {}",
+                user.name,
+                show(l.max_messages_per_hour),
+                show(l.max_recipients_per_hour),
+                show(l.max_new_recipients_per_day)
+            );
             users.put(user);
             Ok(message)
         }),
@@ -230,6 +270,51 @@ pub fn run(command: UserCommand) -> ExitCode {
         UserCommand::AppPassword { command } => app_password(command),
     };
     result.unwrap_or_else(|code| code)
+}
+
+/// Clears the circuit breaker's mark in the users file (logins work again,
+/// and a server started later sends the user's queued mail), then asks a
+/// running server to let the held mail go now and restart the user's
+/// counters.
+fn release(common: &UserArgs, name: &str) -> Result<ExitCode, ExitCode> {
+    let mut canonical = name.to_string();
+    edit(common, |users| {
+        let mut user = users
+            .clone_user(name)
+            .ok_or_else(|| format!("no user {name:?}"))?;
+        canonical = user.name.clone();
+        let message = match user.held.take() {
+            Some(held) => format!(
+                "released {} (held since {}: {})",
+                user.name, held.since, held.reason
+            ),
+            None => format!("{} was not held", user.name),
+        };
+        users.put(user);
+        Ok(message)
+    })?;
+    let Some(data_dir) = target(common)?.data_dir else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let socket = crate::control::socket_path(&data_dir);
+    let request = crate::control::ControlRequest::ReleaseUser { name: canonical };
+    match crate::control::request(&socket, &request) {
+        Ok(reply) => {
+            let n = reply["affected"].as_u64().unwrap_or(0);
+            println!("{n} queued message(s) released");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(crate::control::ControlError::NotRunning(_)) => {
+            println!("tern is not running: the queued mail goes at its next start");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(fail(
+            EXIT_IOERR,
+            &format!(
+                "the hold mark is cleared, but the running server did not release the mail: {e}"
+            ),
+        )),
+    }
 }
 
 /// Applies `change` under the users file's lock and prints its message.

@@ -11,6 +11,10 @@
 //! scram_iterations = 10000
 //! scram_stored_key = "base64"            # of the password (never the password)
 //! scram_server_key = "base64"
+//! [user.limits]                          # egress limits of this user
+//! max_messages_per_hour = 1000           # (each optional; `[submission]`'s
+//! max_recipients_per_hour = 5000         #  values otherwise)
+//! max_new_recipients_per_day = 1000
 //! [user.held]                            # circuit breaker: logins refused
 //! reason = "sent 500 messages in 5 minutes"
 //! since = "2026-12-07T10:00:00Z"
@@ -118,6 +122,8 @@ pub struct UserRecord {
     pub password_scram: Option<ScramKeys>,
     pub app_passwords: Vec<AppPassword>,
     pub held: Option<Held>,
+    /// Overrides of `[submission]`'s egress limits.
+    pub limits: crate::egress::UserLimits,
 }
 
 impl UserRecord {
@@ -131,6 +137,7 @@ impl UserRecord {
             password_scram: None,
             app_passwords: Vec::new(),
             held: None,
+            limits: crate::egress::UserLimits::default(),
         }
     }
 
@@ -462,9 +469,22 @@ struct UserToml {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     scram_server_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    limits: Option<LimitsToml>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     held: Option<HeldToml>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     app_password: Vec<AppPasswordToml>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsToml {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_messages_per_hour: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_recipients_per_hour: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_new_recipients_per_day: Option<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -600,6 +620,26 @@ impl UserToml {
             }
             None => None,
         };
+        let limits = match self.limits {
+            Some(l) => {
+                let limits = crate::egress::UserLimits {
+                    max_messages_per_hour: l.max_messages_per_hour,
+                    max_recipients_per_hour: l.max_recipients_per_hour,
+                    max_new_recipients_per_day: l.max_new_recipients_per_day,
+                };
+                if [
+                    limits.max_messages_per_hour,
+                    limits.max_recipients_per_hour,
+                    limits.max_new_recipients_per_day,
+                ]
+                .contains(&Some(0))
+                {
+                    return Err("limits: each must be at least 1".into());
+                }
+                limits
+            }
+            None => crate::egress::UserLimits::default(),
+        };
         Ok(UserRecord {
             name,
             addresses,
@@ -609,6 +649,7 @@ impl UserToml {
             password_scram,
             app_passwords,
             held,
+            limits,
         })
     }
 
@@ -623,6 +664,11 @@ impl UserToml {
             scram_iterations: u.scram_salt.as_ref().map(|s| s.iterations),
             scram_stored_key: u.password_scram.as_ref().map(|k| key(&k.stored_key)),
             scram_server_key: u.password_scram.as_ref().map(|k| key(&k.server_key)),
+            limits: (!u.limits.is_empty()).then_some(LimitsToml {
+                max_messages_per_hour: u.limits.max_messages_per_hour,
+                max_recipients_per_hour: u.limits.max_recipients_per_hour,
+                max_new_recipients_per_day: u.limits.max_new_recipients_per_day,
+            }),
             held: u.held.as_ref().map(|h| HeldToml {
                 reason: h.reason.clone(),
                 since: h.since.clone(),

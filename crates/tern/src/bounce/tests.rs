@@ -29,6 +29,7 @@ fn envelope(sender: &str, rcpts: Vec<Recipient>) -> Envelope {
         size: ORIGINAL.len() as u64,
         client_ip: "192.0.2.9".into(),
         helo: "client.example.com".into(),
+        auth_user: None,
         ..Envelope::default()
     }
 }

@@ -16,6 +16,7 @@ mod dkim;
 mod outbound;
 mod recipients;
 mod schema;
+mod submission;
 mod validate;
 
 pub use auth::{AuthConfig, users_file_of};
@@ -182,6 +183,8 @@ pub struct Runtime {
     /// What submission listeners offer in EHLO, strongest first (SCRAM-PLUS
     /// included: the engine offers it over TLS only).
     pub auth_mechanisms: std::sync::Arc<[String]>,
+    /// `[submission]`: per-user egress limits and the circuit breaker.
+    pub egress: crate::egress::EgressLimits,
 }
 
 impl Runtime {
@@ -500,6 +503,7 @@ impl Runtime {
         let tls_certificates = check_tls(&file, base, &mut errors);
         let dkim = dkim::check_dkim(&file, &data_dir, base, &local_domains, &mut errors);
         let auth = auth::check_auth(&file.auth, base, &data_dir, &mut errors);
+        let egress = submission::check_submission(&file, &mut errors);
         if !matches!(file.log.format.as_str(), "text" | "json") {
             errors.push("log.format", "must be \"text\" or \"json\"");
         }
@@ -540,6 +544,7 @@ impl Runtime {
                 .map(str::to_string)
                 .collect(),
             auth,
+            egress,
         };
         // Each target must lead somewhere: a loop, a chain deeper than the
         // expansion allows or a local address nobody owns would otherwise

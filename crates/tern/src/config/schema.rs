@@ -42,6 +42,8 @@ pub struct FileConfig {
     pub dkim: DkimConfig,
     #[serde(default)]
     pub auth: super::auth::AuthConfig,
+    #[serde(default)]
+    pub submission: super::submission::SubmissionConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -5,7 +5,9 @@
 //!
 //! Invariants: answers are JSON values in the shapes `tern queue` renders
 //! (times in unix seconds); holds survive a restart (kept in
-//! `<data_dir>/held`, rewritten whole on every change, one queue ID a line);
+//! `<data_dir>/held`, rewritten whole on every change, one queue ID a line;
+//! a user's mail held by the circuit breaker is held again at start from the
+//! users file's mark, so `tern user release` on a stopped server suffices);
 //! a deleted message is finished in the spool without a bounce, like
 //! Postfix's `postsuper -d`.
 //!
@@ -31,6 +33,8 @@ pub enum QueueOp {
     Release(MsgId),
     Delete(MsgId),
     Destinations,
+    /// `tern user release`: the circuit breaker lets this user's mail go.
+    ReleaseUser(String),
 }
 
 /// Where the hold list lives.
@@ -119,6 +123,18 @@ impl Manager {
                     Err(e) => Err(format!("cannot delete {id}: {e}")),
                 }
             }
+            QueueOp::ReleaseUser(user) => {
+                let was_held = self.egress.release(&user);
+                let mut affected = 0;
+                for (id, env) in self.spool.live() {
+                    // A message the administrator held on its own stays held.
+                    if submitted_by(&env, &user) && !self.held.contains(&id) {
+                        affected += usize::from(self.scheduler.release(id, now));
+                    }
+                }
+                info!(event = "egress.released", user = %user, was_held, messages = affected);
+                Ok(json!({ "affected": affected, "was_held": was_held }))
+            }
             QueueOp::Destinations => {
                 let list: Vec<Value> = self
                     .scheduler
@@ -129,6 +145,18 @@ impl Manager {
                 Ok(json!({ "destinations": list }))
             }
         }
+    }
+
+    /// The circuit breaker tripped for `user`: every queued message they
+    /// submitted stops (the users file's mark keeps it so across a restart).
+    pub(super) fn hold_user(&mut self, user: &str) {
+        let mut held = 0;
+        for (id, env) in self.spool.live() {
+            if submitted_by(&env, user) {
+                held += usize::from(self.scheduler.hold(id));
+            }
+        }
+        warn!(event = "queue.hold_user", user, messages = held);
     }
 
     fn save_held(&self) -> Result<(), String> {
@@ -142,7 +170,7 @@ impl Manager {
     /// give-up time and why it waits.
     fn message_json(&self, id: MsgId, env: &Envelope, now: Millis, details: bool) -> Value {
         let mut m = crate::control::render::message_json(id, env, details);
-        m["held"] = json!(self.held.contains(&id));
+        m["held"] = json!(self.held.contains(&id) || self.user_held(env));
         let explained: HashMap<usize, RcptExplain> = self
             .scheduler
             .explain_message(id, now)
@@ -208,6 +236,13 @@ fn wait_json(wait: &Wait, last_reply: Option<&str>) -> Value {
             json!({ "reason": "busy", "in_flight": in_flight, "window": limit })
         }
     }
+}
+
+fn submitted_by(envelope: &Envelope, user: &str) -> bool {
+    envelope
+        .auth_user
+        .as_deref()
+        .is_some_and(|u| u.eq_ignore_ascii_case(user))
 }
 
 fn destination_json(d: &DestinationSummary) -> Value {

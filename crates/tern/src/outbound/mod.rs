@@ -40,6 +40,7 @@ mod settle;
 pub use admin::QueueOp;
 
 use crate::config::Runtime;
+use crate::egress::Egress;
 use crate::queue::QueueHandle;
 use crate::scheduler::{
     Destination, Job, JobReport, Millis, NewRecipient, RatePolicy, RetryPolicy, Scheduler,
@@ -131,6 +132,11 @@ struct Manager {
     /// Messages on hold (persisted in `held_path`).
     held: BTreeSet<MsgId>,
     held_path: PathBuf,
+    /// Whose mail is held (the circuit breaker), and where remote refusals
+    /// of a user's recipients are counted.
+    egress: Arc<Egress>,
+    /// Users the breaker just tripped: their queued mail is held.
+    tripped: mpsc::UnboundedReceiver<String>,
 }
 
 /// A `tern queue` command and where its answer goes.
@@ -161,6 +167,8 @@ pub fn start(
     spool: Spool,
     queue: QueueHandle,
     receiver: OutboundReceiver,
+    egress: Arc<Egress>,
+    tripped: mpsc::UnboundedReceiver<String>,
     shutdown: CancellationToken,
 ) -> Result<(AdminHandle, tokio::task::JoinHandle<()>), String> {
     let context = Arc::new(AttemptContext::new(runtime.clone(), spool.clone(), queue)?);
@@ -182,6 +190,8 @@ pub fn start(
         idle: idle::IdleConnections::default(),
         held: admin::load_held(&held_path),
         held_path,
+        egress,
+        tripped,
     };
     manager.load_spool();
     let task = tokio::spawn(async move { manager.run().await });
@@ -195,12 +205,23 @@ impl Manager {
         let now = now_millis();
         for (id, envelope) in self.spool.live() {
             self.add(id, &envelope, now);
+            if self.user_held(&envelope) {
+                self.scheduler.hold(id);
+            }
         }
         // Holds of messages finished since are forgotten.
         self.held.retain(|id| self.spool.get(*id).is_some());
         for &id in &self.held {
             self.scheduler.hold(id);
         }
+    }
+
+    /// Whether `envelope` was submitted by a user the breaker holds.
+    fn user_held(&self, envelope: &Envelope) -> bool {
+        envelope
+            .auth_user
+            .as_deref()
+            .is_some_and(|u| self.egress.is_held(u))
     }
 
     fn add(&mut self, id: MsgId, envelope: &Envelope, now: Millis) {
@@ -270,6 +291,7 @@ impl Manager {
                     None => break,
                 },
                 Some(done) = self.finished_rx.recv() => self.finish(done),
+                Some(user) = self.tripped.recv() => self.hold_user(&user),
                 Some((op, reply)) = self.admin_rx.recv() => {
                     let answer = self.queue_op(op).await;
                     let _ = reply.send(answer);
@@ -284,7 +306,7 @@ impl Manager {
     fn take_new(&mut self, id: MsgId) {
         if let Some(envelope) = self.spool.get(id) {
             self.add(id, &envelope, now_millis());
-            if self.held.contains(&id) {
+            if self.held.contains(&id) || self.user_held(&envelope) {
                 self.scheduler.hold(id);
             }
         }
@@ -327,6 +349,15 @@ impl Manager {
                 Vec::new()
             }
         };
+        // Recipients refused for good by remote servers count toward the
+        // submitting user's breaker (a list of bought or guessed addresses).
+        if let Some(user) = &envelope.auth_user {
+            for s in &settled {
+                if s.fate == crate::scheduler::Fate::Failed {
+                    self.egress.remote_reject(user, now);
+                }
+            }
+        }
         // Who answered is kept only for recipients that will be tried again.
         for s in &settled {
             let key = (s.key.msg, s.key.rcpt);

@@ -254,6 +254,7 @@ async fn spool_notice(context: &AttemptContext, notice: &Notice) -> Result<MsgId
         envid: None,
         client_ip: String::new(),
         helo: runtime.hostname.clone(),
+        auth_user: None,
     };
     let mut draft = context.spool.draft();
     draft

@@ -126,7 +126,24 @@ async fn run_with(runtime: Arc<Runtime>, spool: Option<Spool>) -> Running {
         shutdown.clone(),
     )
     .unwrap();
-    let (admin, task) = start(runtime, spool.clone(), queue, receiver, shutdown.clone()).unwrap();
+    let (tripped_tx, tripped) = tokio::sync::mpsc::unbounded_channel();
+    let egress = Arc::new(crate::egress::Egress::new(
+        runtime.egress.clone(),
+        Box::new(crate::egress::MemoryCounters::default()),
+        None,
+        Some(tripped_tx),
+        Vec::new(),
+    ));
+    let (admin, task) = start(
+        runtime,
+        spool.clone(),
+        queue,
+        receiver,
+        egress,
+        tripped,
+        shutdown.clone(),
+    )
+    .unwrap();
     Running {
         spool,
         admin,

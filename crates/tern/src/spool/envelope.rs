@@ -27,6 +27,11 @@ pub struct Envelope {
     pub envid: Option<String>,
     pub client_ip: String,
     pub helo: String,
+    /// The SMTP AUTH user who submitted it: the circuit breaker holds a
+    /// user's queued mail by it. Absent in records written before it
+    /// existed and for mail not submitted by a user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_user: Option<String>,
 }
 
 impl Envelope {

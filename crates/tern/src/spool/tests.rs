@@ -33,6 +33,7 @@ pub(crate) fn envelope(n: usize) -> Envelope {
         envid: Some("env-1".into()),
         client_ip: "127.0.0.1".into(),
         helo: "client.example".into(),
+        auth_user: None,
     }
 }
 
@@ -691,4 +692,23 @@ async fn body_reads_racing_compaction_always_return_the_whole_body() {
     for (id, want) in all {
         assert_eq!(spool.read_body(id).await.unwrap(), want);
     }
+}
+
+/// Records written before envelopes carried the submitting user still read
+/// (no user), and mail without one is written as before.
+#[test]
+fn envelope_auth_user_is_optional_in_records() {
+    let old = envelope(1);
+    let mut json: serde_json::Value = serde_json::to_value(&old).unwrap();
+    assert!(json.get("auth_user").is_none(), "{json}");
+    json.as_object_mut().unwrap().remove("auth_user");
+    let read: Envelope = serde_json::from_value(json).unwrap();
+    assert_eq!(read.auth_user, None);
+    let with_user = Envelope {
+        auth_user: Some("alice".into()),
+        ..old
+    };
+    let text = serde_json::to_string(&with_user).unwrap();
+    let back: Envelope = serde_json::from_str(&text).unwrap();
+    assert_eq!(back.auth_user.as_deref(), Some("alice"));
 }

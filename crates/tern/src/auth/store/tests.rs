@@ -183,3 +183,30 @@ fn edit_refusal_writes_nothing() {
     assert_eq!(r, Err("no".into()));
     assert!(!path.exists());
 }
+
+#[test]
+fn egress_limits_of_a_user_round_trip_and_zero_is_refused() {
+    let path = Path::new("/x/users.toml");
+    let text = "[[user]]\nname = \"a\"\n[user.limits]\nmax_messages_per_hour = 7\n";
+    let users = Users::parse(text, path).unwrap();
+    let limits = users.get("a").unwrap().limits;
+    assert_eq!(limits.max_messages_per_hour, Some(7));
+    assert_eq!(limits.max_recipients_per_hour, None);
+    let again = Users::parse(&users.to_toml().unwrap(), path).unwrap();
+    assert_eq!(again.get("a").unwrap().limits, limits);
+    // A user without limits writes no table.
+    let plain = Users::parse("[[user]]\nname = \"b\"\n", path).unwrap();
+    assert!(!plain.to_toml().unwrap().contains("limits"));
+    let err = Users::parse(
+        "[[user]]\nname = \"a\"\n[user.limits]\nmax_recipients_per_hour = 0\n",
+        path,
+    )
+    .unwrap_err();
+    assert!(err.message.contains("limits"), "{err}");
+    let err = Users::parse(
+        "[[user]]\nname = \"a\"\n[user.limits]\nmax_mesages_per_hour = 1\n",
+        path,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("max_mesages_per_hour"), "{err}");
+}

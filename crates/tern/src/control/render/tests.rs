@@ -245,6 +245,7 @@ fn spool_view_has_the_server_shape_without_live_state() {
         envid: None,
         client_ip: "127.0.0.1".into(),
         helo: "me".into(),
+        auth_user: None,
     };
     let m = message_json(MsgId(0xab), &envelope, false);
     assert_eq!(m["id"], "00000000000000AB");
