@@ -286,6 +286,7 @@ tls = "none"
 
 [log]
 level = "warn,tern::auth=info"
+format = "json"
 EOF
     "$TERN_BIN" dkim generate bench.test --algorithm rsa --selector bench --config "$cfg" \
         >"$BENCH_OUT/tern.dkim" 2>&1 || { log "tern dkim generate failed: $(tail -3 "$BENCH_OUT/tern.dkim")"; stop_sinks; return 0; }
@@ -357,30 +358,36 @@ EOF
 # computed none. Counted per login, with the most in any 60 s window.
 spray_hashes() {
     python3 - "$1" "$2" <<'EOF'
-import re, sys
+import json, re, sys
 from datetime import datetime
 accounts = {l.strip() for l in open(sys.argv[2]) if l.strip()}
-ts_re = re.compile(r"^\S*?(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)")
-def field(line, name):
-    m = re.search(name + r'=("(?:[^"\\]|\\.)*"|\S*)', line)
-    return m.group(1).strip('"') if m else ""
+def when(ts):
+    # RFC 3339 with up to 9 fractional digits and a Z: keep microseconds for fromisoformat.
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?", ts or "")
+    if not m:
+        return 0.0
+    return datetime.fromisoformat(m.group(1)).timestamp() + float(m.group(2) or 0)
 hashes, lines, outcomes, users_seen = {}, 0, {}, set()
 for line in open(sys.argv[1], errors="replace"):
     if "auth.login" not in line:
         continue
-    user = field(line, "user")
-    if user not in accounts:
+    try:
+        obj = json.loads(line)
+    except ValueError:
         continue
+    f = obj.get("fields", {})
+    if f.get("event") != "auth.login" or f.get("user") not in accounts:
+        continue
+    user = f["user"]
     lines += 1
     users_seen.add(user)
-    outcome, detail = field(line, "outcome"), field(line, "detail")
-    outcomes[f"{outcome}/{detail or '-'}"] = outcomes.get(f"{outcome}/{detail or '-'}", 0) + 1
+    outcome, detail = f.get("outcome", ""), f.get("detail", "")
+    k = f"{outcome}/{detail or '-'}"
+    outcomes[k] = outcomes.get(k, 0) + 1
     hashed = (outcome == "invalid" and detail in ("wrong secret", "unknown user")) or \
              (outcome == "success" and detail != "cached")
     if hashed:
-        m = ts_re.search(line)
-        t = datetime.fromisoformat(m.group(1)).timestamp() if m else 0.0
-        hashes.setdefault(user, []).append(t)
+        hashes.setdefault(user, []).append(when(obj.get("timestamp")))
 worst = 0
 for ts in hashes.values():
     ts.sort()
