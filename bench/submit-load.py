@@ -138,10 +138,16 @@ async def send_session(a, ctx, st, stats, msg):
         c = None
     st["n"] += 1
     if st["n"] >= st["want"] and not st["ready"].is_set():
+        # Every process's sessions logged in (a barrier across the processes, at most
+        # --timeout): all windows start together, so the end-to-end time is one window's.
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, st["barrier"].wait, a.timeout)
+        except Exception:  # threading.BrokenBarrierError: go on alone
+            pass
         st["t0"], st["wall0"] = time.monotonic(), time.time()
         st["ready"].set()
     try:
-        await asyncio.wait_for(st["ready"].wait(), a.timeout * 2)
+        await asyncio.wait_for(st["ready"].wait(), a.timeout * 3)
     except asyncio.TimeoutError:
         if not st["ready"].is_set():
             st["t0"], st["wall0"] = time.monotonic(), time.time()
@@ -210,7 +216,7 @@ async def spray_attempt(a, ctx, i, login, password, stats):
         await close(c)
 
 
-async def run_worker(a, idx, start_at, out):
+async def run_worker(a, idx, start_at, out, barrier):
     ctx = tls_context()
     stats = {"ok": 0, "fail": 0}
     await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -219,7 +225,8 @@ async def run_worker(a, idx, start_at, out):
     mine = [s for s in range(a.sessions) if s % a.procs == idx]
     if a.mode == "send":
         msg = make_message(a.sender, a.rcpt, a.size, idx)
-        st = {"n": 0, "want": len(mine), "ready": asyncio.Event(), "t0": t0, "wall0": time.time()}
+        st = {"n": 0, "want": len(mine), "ready": asyncio.Event(), "t0": t0, "wall0": time.time(),
+              "barrier": barrier}
         await asyncio.gather(*(send_session(a, ctx, st, stats, msg) for _ in mine))
         stats["secs"] = max(time.monotonic() - st["t0"], 1e-6)
         stats["wall0"] = st["wall0"]
@@ -243,9 +250,9 @@ async def run_worker(a, idx, start_at, out):
     out.send(stats)
 
 
-def worker_main(a, idx, start_at, conn):
+def worker_main(a, idx, start_at, conn, barrier):
     try:
-        asyncio.run(run_worker(a, idx, start_at, conn))
+        asyncio.run(run_worker(a, idx, start_at, conn, barrier))
     except Exception as e:  # reported to the parent: a dead worker must not hang it
         conn.send({"error": repr(e)})
 
@@ -291,14 +298,15 @@ def main():
     start_at = time.time() + 0.3
     pipes, procs = [], []
     ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(a.procs)
     for i in range(a.procs):
         r, w = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=worker_main, args=(a, i, start_at, w), daemon=True)
+        p = ctx.Process(target=worker_main, args=(a, i, start_at, w, barrier), daemon=True)
         p.start()
         pipes.append(r)
         procs.append(p)
     t_start = time.monotonic() + max(0.0, start_at - time.time())
-    limit = (a.timeout * 4 + a.secs + 30) if a.mode != "spray" else 3600
+    limit = (a.timeout * 5 + a.secs + 30) if a.mode != "spray" else 3600
     results = []
     for r, p in zip(pipes, procs):
         if r.poll(max(1.0, limit - (time.monotonic() - t_start))):
