@@ -150,6 +150,38 @@ trap 'log "failed (status $?) at line $LINENO: $BASH_COMMAND"' ERR
 
 record() { tee -a "$RESULTS" >&2; }
 
+# cpu_secs PID...: CPU seconds (user + system) of these processes and their live descendants,
+# children they already reaped included (cutime/cstime): Postfix's smtpd and cleanup processes
+# come and go, and their time lands in their parent's counters when they exit.
+cpu_secs() {
+    python3 - "$HERE" "$@" <<'EOF'
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import benchlib
+pids = set()
+for root in sys.argv[2:]:
+    if root:
+        pids.update(benchlib.descendants(int(root)))
+ticks = 0
+for pid in pids:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        continue
+    ticks += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+print(f"{ticks / os.sysconf('SC_CLK_TCK'):.2f}")
+EOF
+}
+
+# per_event NAME.ROW COUNTKEY CPU_BEFORE CPU_AFTER: the server's CPU ms per message/login of a run.
+per_event() {
+    local key="$1" countkey="$2" before="$3" after="$4" n
+    n=$(sed -n "s/^$key\.$countkey=//p" "$RESULTS" | tail -1)
+    [ -n "$n" ] && [ "$n" -gt 0 ] || return 0
+    python3 -c "print('$key.cpu_s=%.2f' % ($after - $before)); print('$key.cpu_ms=%.3f' % (($after - $before) * 1000 / $n))" | record
+}
+
 wait_port() { # PORT SECONDS: poll until something accepts on 127.0.0.1:PORT
     local deadline=$((SECONDS + $2))
     while ((SECONDS < deadline)); do
@@ -215,18 +247,26 @@ dkim_check() {
     echo "$name.dkim_sigs=$(grep -c "^DKIM-Signature:" "$f" 2>/dev/null || true)" | record
 }
 
-# rates NAME ROUND: warm-up (unrecorded), messages, logins.
+# rates NAME ROUND PID...: warm-up (unrecorded), messages, logins; the CPU the server's
+# processes (PID... and their children) used per message and per login.
 rates() {
-    local name="$1" r="$2"
+    local name="$1" r="$2" c0 c1
+    shift 2
     if [ "$BENCH_WARMUP_SECS" != 0 ]; then
         gen send "$name.warmup" --secs "$BENCH_WARMUP_SECS" --rcpt "sink@relay.test" \
             --sink-count "${SINK_FILE[relay]}" >/dev/null || log "$name: warm-up failed"
     fi
     log "$name: round $r: $BENCH_SESSIONS sessions, STARTTLS + AUTH PLAIN, 4 KiB messages for ${BENCH_TARGET_SECS}s"
+    c0=$(cpu_secs "$@")
     gen send "$name.send4k" --secs "$BENCH_TARGET_SECS" --rcpt "sink@relay.test" --size 4096 \
         --sink-count "${SINK_FILE[relay]}" | record || log "$name: send run failed"
+    c1=$(cpu_secs "$@")
+    per_event "$name.send4k" msgs "$c0" "$c1"
     log "$name: round $r: $BENCH_SESSIONS loops of connect, STARTTLS, AUTH PLAIN, QUIT for ${BENCH_TARGET_SECS}s"
+    c0=$(cpu_secs "$@")
     gen login "$name.login" --secs "$BENCH_TARGET_SECS" | record || log "$name: login run failed"
+    c1=$(cpu_secs "$@")
+    per_event "$name.login" logins "$c0" "$c1"
 }
 
 # ---------------------------------------------------------------- Tern
@@ -334,7 +374,7 @@ EOF
     fi
     log "Tern PID $TERN_PID on 127.0.0.1:$PORT (submission)"
     dkim_check tern
-    for ((r = 1; r <= BENCH_ROUNDS; r++)); do rates tern "$r"; done
+    for ((r = 1; r <= BENCH_ROUNDS; r++)); do rates tern "$r" "$TERN_PID"; done
     if [ "$BENCH_SPRAY" = 1 ]; then
         n=$((BENCH_SPRAY_ACCOUNTS * BENCH_SPRAY_PASSWORDS))
         log "tern: spraying $BENCH_SPRAY_ACCOUNTS logins x $BENCH_SPRAY_PASSWORDS passwords ($n attempts, each from its own 127.A.B.C)"
@@ -532,7 +572,7 @@ EOF
     wait_port "$PORT" 10 || { log "Postfix did not listen on $PORT"; stop_all; return 0; }
     log "Postfix master PID $PF_MASTER on 127.0.0.1:$PORT"
     dkim_check postfix
-    for ((r = 1; r <= BENCH_ROUNDS; r++)); do rates postfix "$r"; done
+    for ((r = 1; r <= BENCH_ROUNDS; r++)); do rates postfix "$r" "$PF_MASTER" "$DOVE_PID" "$DKIM_PID"; done
     cp "$d/maillog" "$BENCH_OUT/postfix.maillog" 2>/dev/null || true
     cp "$d/dovecot/dovecot.log" "$BENCH_OUT/dovecot.log" 2>/dev/null || true
     stop_all
@@ -568,6 +608,16 @@ for label, key, target in (
     p, t = med(f"postfix.{key}"), med(f"tern.{key}")
     r = f"{t / p:.2f}x" if p and t else "n/a"
     rows.append([label, fmt(p), fmt(t), r, target])
+cores = float(sys.argv[3])
+for label, key in (("server CPU ms per message (sending run)", "send4k.cpu_ms"),
+                   ("server CPU ms per login (login run)", "login.cpu_ms")):
+    p, t = med(f"postfix.{key}"), med(f"tern.{key}")
+    rows.append([label, f"{p:.3f}" if p else "n/a", f"{t:.3f}" if t else "n/a",
+                 f"{t / p:.2f}x" if p and t else "n/a", "lower is better"])
+p, t = med("postfix.login.cpu_ms"), med("tern.login.cpu_ms")
+rows.append([f"logins/s the server's CPU allows on {cores:.0f} cores", fmt(cores * 1000 / p) if p else "n/a",
+             fmt(cores * 1000 / t) if t else "n/a", f"{p / t:.2f}x" if p and t else "n/a",
+             f">= 500 on {cores:.0f} cores"])
 h = med("tern.spray.max_hashes_per_login_per_min")
 rows.append(["spray: most hashes per login in 60 s", "", fmt(h), "", "<= 1"])
 rows.append(["spray: hashes / attempts", "", f"{fmt(med('tern.spray.hashes'))} / {fmt(med('tern.spray.attempts'))}",
@@ -587,6 +637,9 @@ if fails:
     print("failed transactions/logins: " + " ".join(f"{k}={sum(v):.0f}" for k, v in fails.items()))
 print("Rates: accepted = replies 250 to the final '.' per second over the run; end to end = until the")
 print("sink has received them. Spray hashes: Tern's auth.login log lines that imply a hash.")
+print("Server CPU: Tern's process; Postfix's master, Dovecot's and OpenDKIM's process trees (reaped")
+print("children included), over each run; 'the server's CPU allows' = cores x 1000 / CPU ms per login,")
+print("the rate if the server had the machine to itself (the Python client takes a large share).")
 EOF
 }
 
