@@ -301,3 +301,17 @@ def test_submission_ports_greet_at_once_while_mx_waits(msa):
     with smtplib.SMTP("127.0.0.1", port_of(srv, "mx"), timeout=30):
         pass
     assert time.monotonic() - start >= 1.9
+
+
+def test_received_can_leave_the_submitting_client_out(msa):
+    srv = msa({"submission": {"received_client_address": False}})
+    with smtplib.SMTP_SSL("127.0.0.1", port_of(srv, "smtps"), context=no_verify(), timeout=30) as c:
+        c.ehlo("home-laptop.test")
+        c.login("alice", PASSWORD)
+        c.sendmail("alice@example.test", ["bob@example.test"], message("alice@example.test", "private"))
+    (mail,) = srv.wait_for_mail("bob")
+    head = mail.split(b"\r\n\r\n", 1)[0].decode()
+    ours = head[head.index("Received: "):]
+    ours = ours[:ours.index(";")]
+    assert "home-laptop" not in ours and "127.0.0.1" not in ours, ours
+    assert "with ESMTPSA" in ours and "(using TLSv1." in ours, ours

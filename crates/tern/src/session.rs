@@ -640,9 +640,9 @@ impl Driver {
         };
         let id = self.ctx.spool.reserve_id();
         tx.queue_id = Some(id);
+        let show_client = self.login.is_none() || self.ctx.runtime.received_client_address;
         let header = received_header(
-            &helo,
-            self.peer,
+            show_client.then_some((helo.as_str(), self.peer)),
             self.tls.as_deref(),
             &self.ctx.runtime.hostname,
             protocol,
@@ -927,27 +927,39 @@ fn address_literal(peer: SocketAddr) -> String {
 /// name was validated by the protocol engine (a domain or address literal).
 /// A TLS session's version and cipher go in a comment, as Postfix writes
 /// them, so a reader of the header sees how the hop was protected.
+/// `client` is the HELO name and address; `None` leaves the from-clause
+/// out (`submission.received_client_address = false`: a user's home address
+/// is nobody's business), as large providers do for their own users.
 pub fn received_header(
-    helo: &str,
-    peer: SocketAddr,
+    client: Option<(&str, SocketAddr)>,
     tls: Option<&TlsInfo>,
     hostname: &str,
     protocol: &str,
     queue_id: &str,
     rcpt: Option<&str>,
 ) -> Vec<u8> {
-    let ip = address_literal(peer);
-    let helo: String = helo
-        .chars()
-        .filter(|c| !c.is_control() && !"()\\".contains(*c))
-        .collect();
+    let from = match client {
+        Some((helo, peer)) => {
+            let helo: String = helo
+                .chars()
+                .filter(|c| !c.is_control() && !"()\\".contains(*c))
+                .collect();
+            format!("from {helo} ({})", address_literal(peer))
+        }
+        None => String::new(),
+    };
     let tls = tls
-        .map(|t| format!("\r\n\t(using {} with cipher {})", t.version, t.cipher))
+        .map(|t| format!("(using {} with cipher {})", t.version, t.cipher))
         .unwrap_or_default();
+    let head = [from, tls]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("\r\n\t");
+    let by_sep = if head.is_empty() { "" } else { "\r\n\t" };
     // §4.4: Opt-info is [Via] [With] [ID] [For], in that order.
-    let mut h = format!(
-        "Received: from {helo} ({ip}){tls}\r\n\tby {hostname} (Tern) with {protocol} id {queue_id}"
-    );
+    let mut h =
+        format!("Received: {head}{by_sep}by {hostname} (Tern) with {protocol} id {queue_id}");
     if let Some(rcpt) = rcpt {
         h.push_str(&format!("\r\n\tfor <{rcpt}>"));
     }
@@ -963,8 +975,7 @@ mod tests {
     fn received_header_follows_rfc5321_4_4() {
         let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
         let h = String::from_utf8(received_header(
-            "client.test",
-            peer,
+            Some(("client.test", peer)),
             None,
             "mx.test",
             "ESMTP",
@@ -983,8 +994,7 @@ mod tests {
         );
         let v6: SocketAddr = "[2001:db8::1]:25".parse().unwrap();
         let h = String::from_utf8(received_header(
-            "[IPv6:2001:db8::1]",
-            v6,
+            Some(("[IPv6:2001:db8::1]", v6)),
             None,
             "mx.test",
             "SMTP",
@@ -1001,10 +1011,25 @@ mod tests {
     fn received_header_never_carries_parentheses_or_controls_from_helo() {
         let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
         let h = String::from_utf8(received_header(
-            "a(b)\\c", peer, None, "mx.test", "ESMTP", "1", None,
+            Some(("a(b)\\c", peer)),
+            None,
+            "mx.test",
+            "ESMTP",
+            "1",
+            None,
         ))
         .unwrap();
         assert!(h.starts_with("Received: from abc ([192.0.2.7])"), "{h}");
+    }
+
+    #[test]
+    fn received_header_can_leave_the_client_out() {
+        let h = String::from_utf8(received_header(None, None, "mx.test", "ESMTPSA", "1", None))
+            .unwrap();
+        assert!(
+            h.starts_with("Received: by mx.test (Tern) with ESMTPSA id 1;\r\n"),
+            "{h}"
+        );
     }
 
     #[test]
@@ -1017,8 +1042,7 @@ mod tests {
             channel_binding: None,
         };
         let h = String::from_utf8(received_header(
-            "client.test",
-            peer,
+            Some(("client.test", peer)),
             Some(&tls),
             "mx.test",
             "ESMTPS",

@@ -185,6 +185,9 @@ pub struct Runtime {
     pub auth_mechanisms: std::sync::Arc<[String]>,
     /// `[submission]`: per-user egress limits and the circuit breaker.
     pub egress: crate::egress::EgressLimits,
+    /// `submission.received_client_address`: whether the `Received:` field
+    /// of an authenticated user's mail names their client.
+    pub received_client_address: bool,
 }
 
 impl Runtime {
@@ -545,6 +548,7 @@ impl Runtime {
                 .collect(),
             auth,
             egress,
+            received_client_address: file.submission.received_client_address,
         };
         // Each target must lead somewhere: a loop, a chain deeper than the
         // expansion allows or a local address nobody owns would otherwise

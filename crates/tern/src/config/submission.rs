@@ -18,6 +18,7 @@ pub struct SubmissionConfig {
     pub breaker_remote_rejects: u32,
     pub rate_window: String,
     pub new_recipients_window: String,
+    pub received_client_address: bool,
 }
 
 impl Default for SubmissionConfig {
@@ -32,6 +33,7 @@ impl Default for SubmissionConfig {
             breaker_remote_rejects: d.breaker_remote_rejects,
             rate_window: text(d.rate_window),
             new_recipients_window: text(d.new_recipients_window),
+            received_client_address: true,
         }
     }
 }

@@ -246,6 +246,7 @@ fn example_config_is_valid_and_complete() {
         "certificates",
         "commit_wait",
         "plaintext_on_loopback",
+        "received_client_address",
     ] {
         assert!(
             text.contains(&format!("{key} =")),
