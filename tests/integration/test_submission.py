@@ -315,3 +315,21 @@ def test_received_can_leave_the_submitting_client_out(msa):
     ours = ours[:ours.index(";")]
     assert "home-laptop" not in ours and "127.0.0.1" not in ours, ours
     assert "with ESMTPSA" in ours and "(using TLSv1." in ours, ours
+
+
+def test_channel_binding_is_offered_only_where_it_can_work(msa):
+    """SCRAM-SHA-256-PLUS binds to the RFC 9266 tls-exporter, which needs
+    TLS 1.3: a TLS 1.2 session is not offered it, and gets 504 if it asks."""
+    srv = msa()
+    ctx = no_verify()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with smtplib.SMTP("127.0.0.1", port_of(srv, "submission"), timeout=30) as c:
+        c.ehlo("laptop.test")
+        c.starttls(context=ctx)
+        assert c.sock.version() == "TLSv1.2"
+        c.ehlo("laptop.test")
+        mechs = c.esmtp_features["auth"].split()
+        assert "SCRAM-SHA-256-PLUS" not in mechs and "SCRAM-SHA-256" in mechs, mechs
+        code, _ = c.docmd("AUTH", "SCRAM-SHA-256-PLUS")
+        assert code == 504
+        c.login("alice", PASSWORD)

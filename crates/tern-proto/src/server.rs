@@ -338,6 +338,10 @@ pub struct Session {
     tls: Tls,
     /// A SASL exchange succeeded (RFC 4954: once per session, forgotten by
     /// a TLS handshake).
+    /// The TLS channel can be bound to (RFC 9266 tls-exporter needs TLS
+    /// 1.3): `-PLUS` mechanisms are offered only then. The driver says so
+    /// with `set_channel_binding` after the handshake.
+    channel_binding: bool,
     authenticated: bool,
 }
 
@@ -394,6 +398,7 @@ impl Session {
             line_tainted: false,
             tls: Tls::Plain,
             authenticated: false,
+            channel_binding: true,
         }
     }
 
@@ -435,6 +440,12 @@ impl Session {
         self.skipping_line = false;
         self.skip_prev_cr = false;
         self.line_tainted = false;
+    }
+
+    /// Whether this session's TLS channel supports channel binding; without
+    /// it `-PLUS` mechanisms are neither offered nor accepted (`504`).
+    pub fn set_channel_binding(&mut self, available: bool) {
+        self.channel_binding = available;
     }
 
     /// The TLS handshake after [`Event::StartTls`] failed: the channel is

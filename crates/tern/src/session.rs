@@ -194,10 +194,13 @@ pub async fn run(
         }
     }
     let config = ctx.runtime.server_config_for(role, peer.ip());
-    let session = if tls.is_some() {
-        Session::over_tls(config)
-    } else {
-        Session::new(config)
+    let session = match &tls {
+        Some(info) => {
+            let mut s = Session::over_tls(config);
+            s.set_channel_binding(info.channel_binding.is_some());
+            s
+        }
+        None => Session::new(config),
     };
     let deadline = Instant::now() + ctx.runtime.limits.command_timeout;
     let local_ip = local.map(|a| canonical_ip(a.ip()));
@@ -388,8 +391,10 @@ impl Driver {
             Ok((tls_conn, info)) => {
                 info!(event = "session.tls", session_id = self.session_id, version = %info.version, cipher = %info.cipher, sni = info.server_name.as_deref());
                 *conn = tls_conn;
-                self.tls = Some(Box::new(info));
                 self.session.tls_established();
+                self.session
+                    .set_channel_binding(info.channel_binding.is_some());
+                self.tls = Some(Box::new(info));
             }
             Err(e) => {
                 info!(event = "session.tls_failed", session_id = self.session_id, client = %self.peer, error = %e);
@@ -404,8 +409,8 @@ impl Driver {
         let tls_exporter = self.tls.as_ref().and_then(|t| t.channel_binding);
         let binding = ChannelBinding {
             tls_exporter,
-            // The engine offers -PLUS over TLS only.
-            plus_advertised: self.session.is_tls()
+            // The engine offers -PLUS only over a channel that can be bound.
+            plus_advertised: tls_exporter.is_some()
                 && self
                     .ctx
                     .runtime

@@ -86,9 +86,9 @@ impl Session {
         if !self.auth_available() {
             return Vec::new();
         }
-        let tls = self.tls == Tls::Active;
+        let bindable = self.tls == Tls::Active && self.channel_binding;
         (self.config.auth_mechanisms.iter())
-            .filter(|m| tls || !m.ends_with(PLUS))
+            .filter(|m| bindable || !m.ends_with(PLUS))
             .map(String::as_str)
             .collect()
     }
@@ -169,7 +169,9 @@ impl Session {
         } else if !tls && !self.config.auth_without_tls && !self.config.starttls {
             // Neither now nor after a handshake this session could have.
             refuse(503, (5, 5, 1), "Error: authentication not enabled")
-        } else if !self.config.auth_mechanisms.iter().any(|m| m == mechanism) {
+        } else if !self.config.auth_mechanisms.iter().any(|m| m == mechanism)
+            || (tls && !self.channel_binding && mechanism.ends_with(PLUS))
+        {
             // Before 538: TLS would not make an unknown mechanism work.
             refuse(
                 504,

@@ -109,6 +109,22 @@ fn offers(wire: &str) -> (bool, Option<String>) {
     )
 }
 
+/// A TLS channel without channel binding (TLS 1.2: no RFC 9266 exporter)
+/// neither offers nor accepts the -PLUS mechanism.
+#[test]
+fn plus_needs_a_bindable_channel() {
+    let mut d = Driver::new(submission(), plain_driver);
+    d.say(b"EHLO c\r\n");
+    d.start_tls();
+    d.s.set_channel_binding(false);
+    let (_, auth) = offers(&d.say(b"EHLO c\r\n"));
+    assert_eq!(auth.as_deref(), Some("AUTH PLAIN LOGIN SCRAM-SHA-256"));
+    assert!(
+        d.say(b"AUTH SCRAM-SHA-256-PLUS\r\n")
+            .starts_with("504 5.5.4")
+    );
+}
+
 #[test]
 fn ehlo_offers_depend_on_tls_and_auth() {
     let mut d = Driver::new(submission(), plain_driver);
