@@ -1,9 +1,10 @@
 //! Policy: what a session may do, decided per SMTP phase. The session driver
 //! asks; it does I/O and nothing else.
 //!
-//! One hook per phase (`connect`, `helo`, `mail`, `rcpt`, `end_of_data`;
-//! AUTH's credential checks live in `auth`), each returning a [`Verdict`] the
-//! driver hands to the protocol engine. Filtering (blocklists, greylisting,
+//! One hook per phase (`connect`, `helo`, `mail`, `rcpt`, `data`,
+//! `end_of_data`; AUTH's checks, limits before any hash and held accounts,
+//! live in `auth::Accounts`), each returning a [`Verdict`] (or the reply of
+//! a refusal) the driver hands to the protocol engine. Filtering (blocklists, greylisting,
 //! SPF, milters) plugs into the same hooks.
 //!
 //! Invariants:
@@ -23,8 +24,11 @@ use std::net::{IpAddr, SocketAddr};
 use tern_proto::{Decision, ForwardPath, Mailbox, Reply};
 use tracing::info;
 
+use crate::auth::AuthenticatedUser;
 use crate::config::{Resolution, Role, Runtime};
+use crate::egress::{Egress, UserLimits};
 use crate::spool::Route;
+use crate::submission;
 
 /// What a session is, as far as policy cares.
 #[derive(Debug, Clone)]
@@ -48,9 +52,90 @@ pub type Destinations = Vec<(String, Route)>;
 /// The rules of one server configuration.
 pub struct Policy<'a> {
     pub runtime: &'a Runtime,
+    /// Per-user egress limits and the circuit breaker.
+    pub egress: &'a Egress,
 }
 
 impl Policy<'_> {
+    /// Connection: every client may talk (RFC 5321 §3.1); early talkers are
+    /// the engine's business. Connect-time filters (DNS blocklists) answer
+    /// here.
+    pub fn connect(&self, _facts: &SessionFacts) -> Verdict {
+        Decision::Accept
+    }
+
+    /// HELO/EHLO: the engine checked the syntax; no name is refused for
+    /// what it says (RFC 5321 §4.1.4: a mismatch is no reason). HELO
+    /// filters answer here.
+    pub fn helo(&self, _facts: &SessionFacts, _domain: &str) -> Verdict {
+        Decision::Accept
+    }
+
+    /// MAIL: an authenticated user sends only as an address they own
+    /// (RFC 6409 §6.1; the null sender included: a user's client never
+    /// sends bounces), and within their egress limits (`451 4.7.1`).
+    pub fn mail(
+        &self,
+        facts: &SessionFacts,
+        login: Option<&AuthenticatedUser>,
+        sender: &str,
+        limits: &UserLimits,
+    ) -> Verdict {
+        let Some(login) = login else {
+            return Decision::Accept;
+        };
+        if !login.may_send_as(sender, self.runtime) {
+            info!(event = "mail.reject", session_id = facts.session_id, user = %login.name, from = %sender, reason = "sender not owned");
+            return Decision::Reject(Reply::enhanced(
+                553,
+                (5, 7, 1),
+                format!(
+                    "<{sender}>: Sender address rejected: not owned by user {}",
+                    login.name
+                ),
+            ));
+        }
+        if let Err(reply) = self
+            .egress
+            .mail(&login.name, limits, crate::outbound::now_millis())
+        {
+            info!(event = "mail.reject", session_id = facts.session_id, user = %login.name, reason = "egress limit");
+            return Decision::Reject(reply);
+        }
+        Decision::Accept
+    }
+
+    /// DATA: the breaker may have tripped since MAIL (at one of this
+    /// transaction's RCPTs, or in another session of the same user).
+    pub fn data(&self, login: Option<&AuthenticatedUser>) -> Verdict {
+        match login.map(|l| self.egress.not_held(&l.name)) {
+            Some(Err(reply)) => Decision::Reject(reply),
+            _ => Decision::Accept,
+        }
+    }
+
+    /// End of data, for an authenticated user's message: its author fields
+    /// must be theirs (`550 5.7.1`); the answer is the `Date:` and
+    /// `Message-ID:` fields it lacks (RFC 6409 §8), to be put in front.
+    pub fn end_of_data(
+        &self,
+        facts: &SessionFacts,
+        login: &AuthenticatedUser,
+        header: &[u8],
+        queue_id: &str,
+    ) -> Result<Vec<u8>, Reply> {
+        let owns = |address: &str| login.may_send_as(address, self.runtime);
+        if let Err(reply) = submission::check_author(&login.name, owns, header) {
+            info!(event = "message.rejected", session_id = facts.session_id, user = %login.name, reason = %reply.lines.join(" "));
+            return Err(reply);
+        }
+        Ok(submission::missing_fields(
+            header,
+            &self.runtime.hostname,
+            queue_id,
+        ))
+    }
+
     /// RCPT: who the recipient is and whether this client may send there.
     pub fn rcpt(&self, facts: &SessionFacts, to: &ForwardPath) -> Result<Destinations, Reply> {
         let runtime = self.runtime;
@@ -206,7 +291,18 @@ addresses = ["alice@ours.test"]
 
     fn rcpt(rt: &Runtime, f: &SessionFacts, path: &str) -> Result<Destinations, Reply> {
         let (to, _) = tern_proto::parse_forward_path(path).expect(path);
-        Policy { runtime: rt }.rcpt(f, &to)
+        let egress = Egress::new(
+            crate::egress::EgressLimits::default(),
+            Box::new(crate::egress::MemoryCounters::default()),
+            None,
+            None,
+            Vec::new(),
+        );
+        Policy {
+            runtime: rt,
+            egress: &egress,
+        }
+        .rcpt(f, &to)
     }
 
     #[test]
@@ -259,6 +355,58 @@ addresses = ["alice@ours.test"]
             rcpt(&rt, &facts(None, "203.0.113.9:1"), "<nobody@ours.test>").is_ok(),
             "catch-all"
         );
+    }
+
+    #[test]
+    fn mail_hook_holds_a_user_to_their_own_addresses() {
+        let rt = runtime("");
+        let egress = Egress::new(
+            crate::egress::EgressLimits::default(),
+            Box::new(crate::egress::MemoryCounters::default()),
+            None,
+            None,
+            Vec::new(),
+        );
+        let policy = Policy {
+            runtime: &rt,
+            egress: &egress,
+        };
+        let alice = AuthenticatedUser {
+            name: "alice".into(),
+            via: crate::auth::Via::Password,
+            addresses: vec![],
+            allowed_senders: vec![],
+        };
+        let f = facts(Some("alice"), "203.0.113.9:1");
+        let limits = UserLimits::default();
+        let code = |v: Verdict| match v {
+            Decision::Reject(r) => r.code,
+            _ => 250,
+        };
+        assert_eq!(
+            code(policy.mail(&f, Some(&alice), "alice@ours.test", &limits)),
+            250
+        );
+        assert_eq!(
+            code(policy.mail(&f, Some(&alice), "alice+x@ours.test", &limits)),
+            250
+        );
+        assert_eq!(
+            code(policy.mail(&f, Some(&alice), "bob@ours.test", &limits)),
+            553
+        );
+        assert_eq!(code(policy.mail(&f, Some(&alice), "", &limits)), 553);
+        // Strangers on mx: no sender rule (SPF and friends come later).
+        assert_eq!(
+            code(policy.mail(
+                &facts(None, "203.0.113.9:1"),
+                None,
+                "bob@ours.test",
+                &limits
+            )),
+            250
+        );
+        assert_eq!(code(policy.data(Some(&alice))), 250);
     }
 
     #[test]

@@ -473,7 +473,8 @@ impl Driver {
         match query {
             Query::Auth { mechanism, initial } => self.auth_start(&mechanism, initial).await,
             Query::AuthResponse(data) => self.auth_step(Some(data.as_bytes())).await,
-            Query::Connect | Query::Helo { .. } => Decision::Accept,
+            Query::Connect => self.policy().connect(&self.facts()),
+            Query::Helo { domain, .. } => self.policy().helo(&self.facts(), &domain),
             Query::Mail { from, params } => self.mail(from, params),
             Query::Rcpt { to, params } => self.rcpt(to, params),
             Query::Data => self.data().await,
@@ -515,32 +516,15 @@ impl Driver {
             ReversePath::Null => String::new(),
             ReversePath::Mailbox(m) => m.to_string(),
         };
-        // RFC 6409 §6.1: a submission server may refuse senders the user is
-        // not entitled to; Tern always does (the null sender included: a
-        // user's client never sends bounces).
-        if let Some(login) = &self.login
-            && !login.may_send_as(&sender, &self.ctx.runtime)
-        {
-            info!(event = "mail.reject", session_id = self.session_id, user = %login.name, from = %sender, reason = "sender not owned");
-            return Decision::Reject(Reply::enhanced(
-                553,
-                (5, 7, 1),
-                format!(
-                    "<{sender}>: Sender address rejected: not owned by user {}",
-                    login.name
-                ),
-            ));
-        }
-        if let Some(login) = &self.login {
-            let limits = self.user_limits(&login.name);
-            if let Err(reply) =
-                self.ctx
-                    .egress
-                    .mail(&login.name, &limits, crate::outbound::now_millis())
-            {
-                info!(event = "mail.reject", session_id = self.session_id, user = %login.name, reason = "egress limit");
-                return Decision::Reject(reply);
-            }
+        let limits = match &self.login {
+            Some(login) => self.user_limits(&login.name),
+            None => UserLimits::default(),
+        };
+        let verdict = self
+            .policy()
+            .mail(&self.facts(), self.login.as_deref(), &sender, &limits);
+        if verdict != Decision::Accept {
+            return verdict;
         }
         self.tx = Some(Transaction {
             sender,
@@ -565,10 +549,7 @@ impl Driver {
         if self.tx.is_none() {
             return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
         }
-        let policy = Policy {
-            runtime: &self.ctx.runtime,
-        };
-        let destinations = match policy.rcpt(&facts, &to) {
+        let destinations = match self.policy().rcpt(&facts, &to) {
             Ok(destinations) => destinations,
             Err(reply) => return Decision::Reject(reply),
         };
@@ -619,12 +600,9 @@ impl Driver {
 
     async fn data(&mut self) -> Decision {
         let helo = self.session.helo_domain().unwrap_or("unknown").to_string();
-        // The breaker may have tripped since MAIL (at one of this
-        // transaction's RCPTs, or in another session of the same user).
-        if let Some(login) = &self.login
-            && let Err(reply) = self.ctx.egress.not_held(&login.name)
-        {
-            return Decision::Reject(reply);
+        let verdict = self.policy().data(self.login.as_deref());
+        if verdict != Decision::Accept {
+            return verdict;
         }
         let Some(tx) = self.tx.as_mut() else {
             return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
@@ -704,13 +682,11 @@ impl Driver {
         let header = submission::header_section(&content);
         let mut added = Vec::new();
         if let Some(login) = login {
-            let owns = |address: &str| login.may_send_as(address, runtime);
-            if let Err(reply) = submission::check_author(&login.name, owns, header) {
-                info!(event = "message.rejected", session_id = self.session_id, user = %login.name, reason = %reply.lines.join(" "));
-                return Err(Decision::Reject(reply));
-            }
             let id = queue_id.map(|id| id.to_string()).unwrap_or_default();
-            added = submission::missing_fields(header, &runtime.hostname, &id);
+            added = self
+                .policy()
+                .end_of_data(&self.facts(), login, header, &id)
+                .map_err(Decision::Reject)?;
         }
         if let Some(domain) = submission::author_domain(header)
             && self.ctx.dkim.signs_for(&domain)
@@ -745,6 +721,14 @@ impl Driver {
             .get(user)
             .map(|u| u.limits)
             .unwrap_or_default()
+    }
+
+    /// The policy hooks of this server.
+    fn policy(&self) -> Policy<'_> {
+        Policy {
+            runtime: &self.ctx.runtime,
+            egress: &self.ctx.egress,
+        }
     }
 
     /// What policy needs to know about this session.
