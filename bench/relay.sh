@@ -45,8 +45,8 @@ LIB="$HERE/benchlib.py"
 SESSIONS=20
 SLOW_SESSIONS=5
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [ "$(id -u)" = 0 ] || die "run as root (apt-get, strace -p, a private Postfix instance)"
 
@@ -77,31 +77,6 @@ log "temp dir $TMP, results in $BENCH_OUT"
 
 # PIDs of everything started; the trap stops each one by its PID.
 SINK_PIDS=() PF_MASTER="" PF_CONF="" TERN_PID="" STRACE_PID="" SLOWSRC_PID="" PERF_PID=""
-
-stop_pid() { # PID [seconds]: TERM, wait with a deadline, then KILL
-    local pid="$1" secs="${2:-20}" i
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < secs * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    log "PID $pid ignored SIGTERM for ${secs}s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-stop_postfix() {
-    [ -n "$PF_MASTER" ] || return 0
-    postfix -c "$PF_CONF" stop >/dev/null 2>&1 || true
-    stop_pid "$PF_MASTER" 60
-    PF_MASTER=""
-}
-
-stop_sinks() {
-    local p
-    for p in "${SINK_PIDS[@]}"; do stop_pid "$p" 5; done
-    SINK_PIDS=()
-}
 
 cleanup() {
     local rc=$?

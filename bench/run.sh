@@ -50,8 +50,8 @@ ROUND=1
 : "${BENCH_OUT:=/tmp/tern-bench-results-$(date +%Y%m%d-%H%M%S)}"
 SESSIONS=20
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # Frees DIR only if the disk is short (below 16 GiB free): see the note at TMP.
 free_if_low() {
     [ "${BENCH_KEEP:-0}" = 1 ] && return 0
@@ -114,25 +114,6 @@ fi
 
 # PIDs of everything started; the trap stops each one by its PID.
 SINK_PID="" PF_MASTER="" PF_CONF="" TERN_PID="" STRACE_PID="" IDLE_PID=""
-
-stop_pid() { # PID [seconds]: TERM, wait with a deadline, then KILL
-    local pid="$1" secs="${2:-20}" i
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < secs * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    log "PID $pid ignored SIGTERM for ${secs}s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-stop_postfix() {
-    [ -n "$PF_MASTER" ] || return 0
-    postfix -c "$PF_CONF" stop >/dev/null 2>&1 || true
-    stop_pid "$PF_MASTER" 60
-    PF_MASTER=""
-}
 
 cleanup() {
     local rc=$?

@@ -58,8 +58,8 @@ USER_NAME=bench
 USER_ADDR=bench@bench.test
 PASSWORD="bench-$(head -c 9 /dev/urandom | base64 | tr '+/' '-_')"
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [ "$(id -u)" = 0 ] || die "run as root (apt-get, a private Postfix/Dovecot/OpenDKIM)"
 
@@ -97,31 +97,6 @@ SINK_PIDS=() PF_MASTER="" PF_CONF="" TERN_PID="" DOVE_PID="" DKIM_PID=""
 # files live in a root-only directory under /run, removed by the trap.
 DKIM_DIR="$(mktemp -d /run/tern-submission-dkim.XXXXXX)"
 chmod 700 "$DKIM_DIR"
-
-stop_pid() { # PID [seconds]: TERM, wait with a deadline, then KILL
-    local pid="$1" secs="${2:-20}" i
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < secs * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    log "PID $pid ignored SIGTERM for ${secs}s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-stop_postfix() {
-    [ -n "$PF_MASTER" ] || return 0
-    postfix -c "$PF_CONF" stop >/dev/null 2>&1 || true
-    stop_pid "$PF_MASTER" 60
-    PF_MASTER=""
-}
-
-stop_sinks() {
-    local p
-    for p in "${SINK_PIDS[@]}"; do stop_pid "$p" 5; done
-    SINK_PIDS=()
-}
 
 stop_all() {
     stop_pid "$TERN_PID" 20
