@@ -65,6 +65,30 @@ def test_check_config_not_toml(tmp_path):
     assert res.returncode == 1, output(res)
 
 
+def test_check_config_reports_every_error_with_its_key_and_line(tmp_path):
+    """Syntax, unknown keys, wrong types and invalid values: one run lists them all."""
+    f = tmp_path / "many.toml"
+    f.write_text(
+        'hostname = "mx.example.org"\n'      # 1
+        "[limits]\n"                          # 2
+        'max_errors = "many"\n'              # 3 wrong type
+        "max_recipients = 0\n"               # 4 invalid value
+        "bogus = 1\n"                        # 5 unknown key
+        "[spool]\n"                          # 6
+        "segment_size = = 3\n"               # 7 TOML syntax
+        "[log]\n"                            # 8
+        'format = "xml"\n'                   # 9 invalid value
+    )
+    res = run("check-config", str(f))
+    assert res.returncode == 1, output(res)
+    lines = res.stderr.decode().splitlines()
+    for line_no, key in [(3, "limits.max_errors"), (4, "limits.max_recipients"), (5, "limits.bogus"),
+                         (7, None), (9, "log.format")]:
+        prefix = f"{f}:{line_no}: "
+        hits = [l for l in lines if l.startswith(prefix) and (key is None or l.startswith(prefix + key + ": "))]
+        assert hits, f"no error for line {line_no} ({key}) in:\n" + "\n".join(lines)
+
+
 def serve_expecting_failure(config_path):
     """Runs `tern serve` that must refuse to start; returns (exit code, stdout, stderr)."""
     proc = subprocess.Popen([str(TERN_BIN), "serve", "--config", str(config_path)],

@@ -216,8 +216,12 @@ fn dns_records(domain: &str, config: Option<&Path>) -> ExitCode {
 }
 
 fn report_config_errors(file: &Path, errors: &[ConfigError]) -> ExitCode {
+    // `file:line: key: message`, the form editors and grep jump to.
     for e in errors {
-        eprintln!("{}: {e}", file.display());
+        match e.line {
+            Some(line) => eprintln!("{}:{line}: {}: {}", file.display(), e.key, e.message),
+            None => eprintln!("{}: {}: {}", file.display(), e.key, e.message),
+        }
     }
     ExitCode::FAILURE
 }

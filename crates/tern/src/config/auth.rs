@@ -67,6 +67,7 @@ pub fn users_file_of(config: Option<&Path>) -> Result<PathBuf, Vec<ConfigError>>
                 vec![ConfigError {
                     key: "data_dir".into(),
                     message: format!("cannot read the current directory: {e}"),
+                    line: None,
                 }]
             })?;
             (super::EMBEDDED_DEFAULT.to_string(), cwd)

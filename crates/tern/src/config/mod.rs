@@ -13,6 +13,7 @@
 
 mod auth;
 mod dkim;
+mod locate;
 mod outbound;
 mod recipients;
 mod schema;
@@ -101,11 +102,16 @@ pub struct User {
 pub struct ConfigError {
     pub key: String,
     pub message: String,
+    /// The line of the config file it is about, when it can be told.
+    pub line: Option<usize>,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
+        match self.line {
+            Some(line) => write!(f, "{}: {} (line {line})", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
     }
 }
 
@@ -289,6 +295,7 @@ pub(crate) fn read_file(path: &Path) -> Result<(String, PathBuf), Vec<ConfigErro
         vec![ConfigError {
             key: path.display().to_string(),
             message: format!("cannot read config file: {e}"),
+            line: None,
         }]
     })?;
     let parent = path
@@ -300,9 +307,20 @@ pub(crate) fn read_file(path: &Path) -> Result<(String, PathBuf), Vec<ConfigErro
 }
 
 /// Parses TOML text; relative paths in it are taken relative to `base`.
+/// Every error is reported, TOML syntax and unknown keys included, each
+/// with its line where it can be told (see `locate`).
 pub fn parse(text: &str, base: &Path) -> Result<Runtime, Vec<ConfigError>> {
-    let file: FileConfig = toml::from_str(text).map_err(|e| vec![toml_error(text, &e)])?;
-    Runtime::from_file_config(file, base)
+    let (file, mut errors) = locate::deserialize_all(text);
+    let checked = file.map(|file| Runtime::from_file_config(file, base));
+    match checked {
+        Some(Ok(runtime)) if errors.is_empty() => return Ok(runtime),
+        Some(Err(more)) => errors.extend(more.into_iter().map(|mut e| {
+            e.line = e.line.or_else(|| locate::line_of_key(text, &e.key));
+            e
+        })),
+        _ => {}
+    }
+    Err(errors)
 }
 
 fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
@@ -311,7 +329,11 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
         .span()
         .map(|span| key_at(text, span.start))
         .unwrap_or_else(|| "toml".to_string());
-    ConfigError { key, message }
+    ConfigError {
+        key,
+        message,
+        line: None,
+    }
 }
 
 /// The dotted key whose value starts at byte `offset` of `text`: the key on
@@ -380,6 +402,7 @@ pub fn embedded_default() -> Result<Runtime, Vec<ConfigError>> {
         vec![ConfigError {
             key: "data_dir".into(),
             message: format!("cannot read the current directory: {e}"),
+            line: None,
         }]
     })?;
     parse(EMBEDDED_DEFAULT, &cwd)

@@ -19,6 +19,7 @@ impl Errors {
         self.0.push(ConfigError {
             key: key.into(),
             message: message.into(),
+            line: None,
         });
     }
 }

@@ -181,6 +181,7 @@ impl Signers {
                         spec.domain,
                         spec.path.display()
                     ),
+                    line: None,
                 }),
             }
         }

@@ -87,6 +87,7 @@ impl DnsSettings {
                 Err(message) => errors.push(ConfigError {
                     key: format!("{NAMESERVERS_KEY}[{i}]"),
                     message,
+                    line: None,
                 }),
             }
         }
@@ -99,6 +100,7 @@ impl DnsSettings {
                 errors.push(ConfigError {
                     key: TIMEOUT_KEY.into(),
                     message: "must be between 100ms and 1m".into(),
+                    line: None,
                 });
                 min
             }
@@ -108,6 +110,7 @@ impl DnsSettings {
                     message: format!(
                         "invalid duration {timeout:?}: {e} (examples: \"2s\", \"500ms\")"
                     ),
+                    line: None,
                 });
                 min
             }
@@ -116,6 +119,7 @@ impl DnsSettings {
             errors.push(ConfigError {
                 key: ATTEMPTS_KEY.into(),
                 message: "must be between 1 and 10".into(),
+                line: None,
             });
         }
         if !errors.is_empty() {

@@ -278,6 +278,7 @@ impl Routes {
                         "{domain:?} is not a domain (\"example.org\", or \".example.org\" \
                          for its subdomains)"
                     ),
+                    line: None,
                 });
                 continue;
             }
@@ -344,12 +345,17 @@ fn checked_route(
             errors.push(ConfigError {
                 key,
                 message: "a relay host speaks SMTP: use a per-domain transport for LMTP".into(),
+                line: None,
             });
             None
         }
         Ok(spec) => Some(spec),
         Err(message) => {
-            errors.push(ConfigError { key, message });
+            errors.push(ConfigError {
+                key,
+                message,
+                line: None,
+            });
             None
         }
     }
