@@ -242,7 +242,8 @@ impl EgressCounters for MemoryCounters {
 /// The running server's egress state: limits, counters, held users, and
 /// where a trip is announced.
 pub struct Egress {
-    pub limits: EgressLimits,
+    /// Replaced by a config reload; counters and holds stay.
+    limits: arc_swap::ArcSwap<EgressLimits>,
     counters: Box<dyn EgressCounters>,
     /// Lower-cased names of held users.
     held: Mutex<HashSet<String>>,
@@ -282,12 +283,18 @@ impl Egress {
         held_users: impl IntoIterator<Item = String>,
     ) -> Egress {
         Egress {
-            limits,
+            limits: arc_swap::ArcSwap::from_pointee(limits),
             counters,
             held: Mutex::new(held_users.into_iter().map(|u| u.to_lowercase()).collect()),
             users_file,
             tripped,
         }
+    }
+
+    /// A reload's limits apply from the next message on; what was counted
+    /// still counts.
+    pub fn set_limits(&self, limits: EgressLimits) {
+        self.limits.store(std::sync::Arc::new(limits));
     }
 
     /// The names the users file marks held.
@@ -321,23 +328,23 @@ impl Egress {
     fn effective(&self, user: &UserLimits) -> (u32, u32, u32) {
         (
             user.max_messages_per_hour
-                .unwrap_or(self.limits.max_messages_per_hour),
+                .unwrap_or(self.limits.load().max_messages_per_hour),
             user.max_recipients_per_hour
-                .unwrap_or(self.limits.max_recipients_per_hour),
+                .unwrap_or(self.limits.load().max_recipients_per_hour),
             user.max_new_recipients_per_day
-                .unwrap_or(self.limits.max_new_recipients_per_day),
+                .unwrap_or(self.limits.load().max_new_recipients_per_day),
         )
     }
 
     /// Trips the breaker when `attempts` reached `breaker_factor` x `limit`.
     fn check_breaker(&self, user: &str, attempts: u32, limit: u32, what: &str) {
-        let trip_at = limit.saturating_mul(self.limits.breaker_factor.max(1));
+        let trip_at = limit.saturating_mul(self.limits.load().breaker_factor.max(1));
         if attempts >= trip_at {
             self.trip(
                 user,
                 &format!(
                     "{attempts} {what} attempts, {}x the limit of {limit}",
-                    self.limits.breaker_factor
+                    self.limits.load().breaker_factor
                 ),
             );
         }
@@ -348,7 +355,7 @@ impl Egress {
     pub fn mail(&self, user: &str, overrides: &UserLimits, now: Millis) -> Result<(), Reply> {
         self.not_held(user)?;
         let (max_messages, _, _) = self.effective(overrides);
-        let window = ms(self.limits.rate_window);
+        let window = ms(self.limits.load().rate_window);
         let c = &self.counters;
         let sent = c.count(user, Counter::Messages, now, window);
         if sent < max_messages {
@@ -380,8 +387,8 @@ impl Egress {
             return Err(held_reply(user));
         }
         let (_, max_rcpts, max_new) = self.effective(overrides);
-        let hour = ms(self.limits.rate_window);
-        let day = ms(self.limits.new_recipients_window);
+        let hour = ms(self.limits.load().rate_window);
+        let day = ms(self.limits.load().new_recipients_window);
         let c = &self.counters;
         let recipient = recipient.to_lowercase();
         c.add(user, Counter::RecipientAttempts, 1, now, hour);
@@ -414,8 +421,8 @@ impl Egress {
         if remote.is_empty() {
             return;
         }
-        let hour = ms(self.limits.rate_window);
-        let day = ms(self.limits.new_recipients_window);
+        let hour = ms(self.limits.load().rate_window);
+        let day = ms(self.limits.load().new_recipients_window);
         let c = &self.counters;
         c.add(user, Counter::Messages, 1, now, hour);
         let n = u32::try_from(remote.len()).unwrap_or(u32::MAX);
@@ -435,11 +442,11 @@ impl Egress {
 
     /// A remote server refused one of `user`'s recipients for good.
     pub fn remote_reject(&self, user: &str, now: Millis) {
-        let hour = ms(self.limits.rate_window);
+        let hour = ms(self.limits.load().rate_window);
         self.counters
             .add(user, Counter::RemoteRejects, 1, now, hour);
         let rejects = self.counters.count(user, Counter::RemoteRejects, now, hour);
-        if rejects >= self.limits.breaker_remote_rejects.max(1) && !self.is_held(user) {
+        if rejects >= self.limits.load().breaker_remote_rejects.max(1) && !self.is_held(user) {
             self.trip(
                 user,
                 &format!("{rejects} recipients refused by remote servers within an hour"),

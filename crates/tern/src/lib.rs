@@ -15,6 +15,7 @@ pub mod listener;
 pub mod outbound;
 pub mod policy;
 pub mod queue;
+pub mod reload;
 pub mod route;
 pub mod scheduler;
 pub mod server;

@@ -12,6 +12,7 @@ use crate::conn::Conn;
 use crate::session::{self, Context};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -21,8 +22,10 @@ use tracing::{info, warn};
 
 /// Connection counts, total and per client address.
 pub struct ConnectionLimits {
-    max_total: usize,
-    max_per_ip: usize,
+    /// Atomics: a reload changes them under open sessions (which keep
+    /// their slots even when now over a lowered limit).
+    max_total: AtomicUsize,
+    max_per_ip: AtomicUsize,
     counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
@@ -49,20 +52,25 @@ impl Drop for Slot {
 impl ConnectionLimits {
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
-            max_total,
-            max_per_ip,
+            max_total: AtomicUsize::new(max_total),
+            max_per_ip: AtomicUsize::new(max_per_ip),
             counts: Mutex::new((0, HashMap::new())),
         })
+    }
+
+    pub fn set(&self, max_total: usize, max_per_ip: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
 
     /// A slot, or the reason there is none.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
         let mut counts = self.counts.lock().map_err(|_| "limits unavailable")?;
-        if counts.0 >= self.max_total {
+        if counts.0 >= self.max_total.load(Ordering::Relaxed) {
             return Err("too many connections");
         }
         let per_ip = counts.1.get(&ip).copied().unwrap_or(0);
-        if per_ip >= self.max_per_ip {
+        if per_ip >= self.max_per_ip.load(Ordering::Relaxed) {
             return Err("too many connections from your address");
         }
         counts.0 += 1;
@@ -107,7 +115,7 @@ pub async fn accept_loop(
             }
             Err(reason) => {
                 info!(event = "session.refused", client = %peer, reason);
-                let hostname = ctx.runtime.hostname.clone();
+                let hostname = ctx.runtime.load().hostname.clone();
                 tracker.spawn(refuse(stream, peer, hostname, reason));
             }
         }

@@ -34,7 +34,9 @@ enum Command {
     /// Run the mail server until SIGTERM/SIGINT. Prints "listening on ADDR role=ROLE"
     /// per listener and then "ready" on stdout; logs go to stderr (level from the
     /// config's [log] section, overridden by the TERN_LOG environment variable).
-    /// SIGHUP reloads the TLS certificates (other config changes need a restart).
+    /// SIGHUP reads the config file again and puts it in force without dropping a
+    /// connection (listeners, data_dir, [spool], [auth] and [log] need a restart);
+    /// a config that does not validate is refused and the running one stays.
     Serve {
         /// TOML config file (see tern.example.toml); without it, the embedded default
         #[arg(short, long)]
@@ -250,7 +252,7 @@ fn serve(path: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match tokio.block_on(tern::server::serve(runtime, path.is_none())) {
+    match tokio.block_on(tern::server::serve(runtime, path.map(Path::to_path_buf))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("tern: {message}");

@@ -24,7 +24,7 @@
 //! a spool error while recording leaves the recipient pending, so it is
 //! attempted again later, as a redelivery.
 
-use crate::config::Runtime;
+use crate::config::LiveRuntime;
 use crate::deliver::maildir::{CopyKey, Delivered, LocalCopy, MaildirNamer, deliver_batch};
 use crate::deliver::worker::{DELIVERY_NICE, DeliveryThread};
 use crate::outbound::OutboundHandle;
@@ -140,7 +140,9 @@ struct LocalJob {
 }
 
 pub struct Queue {
-    runtime: Arc<Runtime>,
+    /// Read afresh for each batch: a reload's users and limits apply to
+    /// the next batch.
+    runtime: Arc<LiveRuntime>,
     spool: Spool,
     namer: Arc<MaildirNamer>,
     worker: DeliveryThread,
@@ -158,13 +160,13 @@ pub struct Queue {
 /// finishes the batch in hand. Fails only if the delivery thread cannot be
 /// started.
 pub fn start(
-    runtime: Arc<Runtime>,
+    runtime: Arc<LiveRuntime>,
     spool: Spool,
     outbound: OutboundHandle,
     shutdown: CancellationToken,
 ) -> std::io::Result<(QueueHandle, tokio::task::JoinHandle<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let namer = Arc::new(MaildirNamer::new(&runtime.hostname));
+    let namer = Arc::new(MaildirNamer::new(&runtime.load().hostname));
     let mut queue = Queue {
         runtime,
         spool,
@@ -197,8 +199,8 @@ impl Queue {
     }
 
     async fn run(&mut self, shutdown: CancellationToken) {
-        let batch_size = self.runtime.delivery.batch_size;
         loop {
+            let batch_size = self.runtime.load().delivery.batch_size;
             // Retries (and everything recovered at start) first: under
             // sustained load new mail alone would fill every batch.
             self.schedule.take_due(now(), batch_size, &mut self.ready);
@@ -326,6 +328,7 @@ impl Queue {
         // Per due recipient: its job, its copy and its mailbox. A user
         // removed from the config since acceptance is deferred right here
         // (kept until an administrator decides), never written anywhere.
+        let runtime = self.runtime.load_full();
         let mut plan: Vec<(usize, CopyKey, bool, CopyTarget)> = Vec::new();
         for (j, job) in jobs.iter().enumerate() {
             let LocalJob {
@@ -334,7 +337,7 @@ impl Queue {
             for &i in due {
                 let rcpt = &envelope.recipients[i];
                 let user = match &rcpt.route {
-                    Route::Local { mailbox } => self.runtime.users.get(mailbox),
+                    Route::Local { mailbox } => runtime.users.get(mailbox),
                     Route::Remote => None,
                 };
                 let target = match user {
@@ -412,7 +415,7 @@ impl Queue {
         results: Vec<Result<Delivered, String>>,
         at: i64,
     ) {
-        let delivery = self.runtime.delivery.clone();
+        let delivery = self.runtime.load().delivery.clone();
         let mut results = results.into_iter();
         let mut outcomes = Vec::with_capacity(jobs.len());
         let mut recorded_jobs = Vec::with_capacity(jobs.len());
@@ -584,6 +587,7 @@ mod tests {
 mod run_tests {
     //! The queue manager end to end over a real spool and Maildir.
     use super::*;
+    use crate::config::Runtime;
     use crate::spool::tests::wait_until;
     use crate::spool::{Recipient, SpoolConfig};
 
@@ -622,6 +626,10 @@ mod run_tests {
         std::fs::read_dir(dir.join("mail/alice/Maildir/new")).map_or(0, |d| d.count())
     }
 
+    fn live(runtime: &Arc<Runtime>) -> Arc<LiveRuntime> {
+        Arc::new(LiveRuntime::from(runtime.clone()))
+    }
+
     fn runtime(dir: &std::path::Path) -> Arc<Runtime> {
         let toml = format!(
             "hostname = \"mx.test\"\ndata_dir = \"{}\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
@@ -638,7 +646,8 @@ mod run_tests {
         let runtime = runtime(tmp.path());
         let (spool, _) = Spool::open(SpoolConfig::new(runtime.spool.dir.clone())).unwrap();
         let shutdown = CancellationToken::new();
-        let (queue, task) = start(runtime, spool.clone(), outbound(), shutdown.clone()).unwrap();
+        let (queue, task) =
+            start(live(&runtime), spool.clone(), outbound(), shutdown.clone()).unwrap();
         // One message at a quiet queue, then a burst (which lingers).
         let first = commit(&spool, b"Subject: one\r\n\r\n1\r\n").await;
         queue.notify(first, LOCAL);
@@ -705,7 +714,7 @@ mod run_tests {
             // The start-up after the crash.
             let shutdown = CancellationToken::new();
             let (_queue, task) =
-                start(runtime.clone(), spool.clone(), outbound(), shutdown.clone()).unwrap();
+                start(live(&runtime), spool.clone(), outbound(), shutdown.clone()).unwrap();
             wait_until(|| spool.live().is_empty()).await;
             shutdown.cancel();
             task.await.unwrap();
@@ -727,7 +736,7 @@ mod run_tests {
         let (spool, _) = Spool::open(SpoolConfig::new(runtime.spool.dir.clone())).unwrap();
         let shutdown = CancellationToken::new();
         let (queue, task) =
-            start(runtime.clone(), spool.clone(), outbound(), shutdown.clone()).unwrap();
+            start(live(&runtime), spool.clone(), outbound(), shutdown.clone()).unwrap();
         let id = commit(&spool, b"Subject: once\r\n\r\nx\r\n").await;
         spool.faults().fail_writes(1);
         queue.notify(id, LOCAL);

@@ -788,6 +788,22 @@ impl Scheduler {
         }
     }
 
+    /// A reloaded config: what was learned (windows, rates, dead
+    /// destinations, the queue) stays, brought within the new bounds. Jobs
+    /// in flight over a lowered global limit finish; no new one starts
+    /// until the count is under it.
+    pub fn set_config(&mut self, config: SchedulerConfig) {
+        self.cfg = config.normalized();
+        let (window, rate) = (&self.cfg.window, &self.cfg.rate);
+        for dest in &mut self.dests {
+            dest.window = dest.window.clamp(1, window.max);
+            dest.rate = dest
+                .rate
+                .map(|r| r.max(rate.min_per_minute))
+                .filter(|r| *r < rate.unlimited_above);
+        }
+    }
+
     /// The config in effect (after [`Scheduler::new`] brought it into range).
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg

@@ -12,16 +12,18 @@
 //! spool that cannot be opened) is returned with a message naming the path or
 //! address; the caller prints it and exits non-zero.
 
-use crate::config::Runtime;
+use crate::config::{LiveRuntime, Runtime};
 use crate::control::{self, ControlRequest};
 use crate::dkim::Signers;
 use crate::egress::{Egress, MemoryCounters};
 use crate::listener::{ConnectionLimits, accept_loop};
 use crate::outbound::{self, AdminHandle, OutboundHandle, QueueOp};
 use crate::queue;
+use crate::reload::Reloader;
 use crate::session::Context;
 use crate::spool::{Spool, SpoolConfig};
 use crate::tls::{ServerTls, TlsSource};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -32,8 +34,12 @@ use tracing::{info, warn};
 /// How long open sessions get to finish after SIGTERM before we stop waiting.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), String> {
+/// `config_path`: the file `runtime` came from (SIGHUP reads it again);
+/// `None` for the embedded default.
+pub async fn serve(runtime: Runtime, config_path: Option<PathBuf>) -> Result<(), String> {
+    let embedded_default = config_path.is_none();
     let runtime = Arc::new(runtime);
+    let live = Arc::new(LiveRuntime::from(runtime.clone()));
     crate::fsutil::create_dir_durable(&runtime.data_dir)
         .map_err(|e| format!("cannot create data_dir {}: {e}", runtime.data_dir.display()))?;
     let spool_config = SpoolConfig {
@@ -106,7 +112,7 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
     let shutdown = CancellationToken::new();
     let (outbound_handle, outbound_receiver) = OutboundHandle::channel();
     let (queue_handle, queue_task) = queue::start(
-        runtime.clone(),
+        live.clone(),
         spool.clone(),
         outbound_handle,
         shutdown.clone(),
@@ -145,15 +151,15 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
             None
         }
     };
-    tokio::spawn(answer_queue_commands(control_rx, queue_admin));
+    tokio::spawn(answer_queue_commands(control_rx, queue_admin.clone()));
     let ctx = Arc::new(Context {
-        runtime: runtime.clone(),
+        runtime: live.clone(),
         spool: spool.clone(),
         queue: queue_handle,
         shutdown: shutdown.clone(),
         free_space: Default::default(),
         tls: tls.clone(),
-        dkim,
+        dkim: Arc::new(dkim).into(),
         accounts,
         egress,
     });
@@ -180,10 +186,17 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
     if embedded_default {
         print_test_hint(&runtime);
     }
+    let reloader = Reloader {
+        path: config_path,
+        runtime: live,
+        ctx: ctx.clone(),
+        limits: limits.clone(),
+        outbound: queue_admin,
+    };
     let signals = Signals::install();
     println!("ready");
 
-    Signals::stop_requested(signals, &tls).await;
+    Signals::stop_requested(signals, &reloader).await;
     info!(
         event = "server.shutdown",
         "stopping: no new connections, open sessions get 421"
@@ -331,7 +344,7 @@ impl Signals {
         })
     }
 
-    async fn stop_requested(signals: Option<Signals>, tls: &ServerTls) {
+    async fn stop_requested(signals: Option<Signals>, reloader: &Reloader) {
         let Some(mut s) = signals else {
             // Without signal handlers we can only run until killed.
             std::future::pending::<()>().await;
@@ -342,11 +355,9 @@ impl Signals {
                 _ = s.term.recv() => return,
                 _ = s.int.recv() => return,
                 Some(()) = async { s.hup.as_mut()?.recv().await } => {
-                    match tls.reload() {
-                        Ok(()) => info!(event = "tls.reloaded", names = ?tls.names()),
-                        Err(e) => warn!(event = "tls.reload_failed", error = %e, "the certificates in use stay"),
-                    }
-                    warn!(event = "server.sighup", "certificates reloaded; other configuration changes need a restart");
+                    info!(event = "server.sighup", "reloading the configuration");
+                    // Refusals are logged by the reloader, key by key.
+                    let _ = reloader.reload().await;
                 }
             }
         }

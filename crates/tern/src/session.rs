@@ -24,7 +24,7 @@
 use crate::auth::{
     Accounts, AuthStep, AuthenticatedUser, ChannelBinding, Exchange, LoginOutcome, Service,
 };
-use crate::config::{Role, Runtime, canonical_ip};
+use crate::config::{LiveRuntime, Role, Runtime, canonical_ip};
 use crate::conn::Conn;
 use crate::dkim::Signers;
 use crate::egress::{Egress, UserLimits};
@@ -51,15 +51,17 @@ use tracing::{debug, info, warn};
 
 /// What every session shares.
 pub struct Context {
-    pub runtime: Arc<Runtime>,
+    /// The config in force; each session keeps the one it started with.
+    pub runtime: Arc<LiveRuntime>,
     pub spool: Spool,
     pub queue: QueueHandle,
     /// Cancelled on SIGTERM: idle sessions answer `421 4.3.2` and close.
     pub shutdown: CancellationToken,
     pub free_space: FreeSpace,
     pub tls: Arc<ServerTls>,
-    /// DKIM keys of our domains, for mail our own users send.
-    pub dkim: Signers,
+    /// DKIM keys of our domains, for mail our own users send (replaced by a
+    /// reload).
+    pub dkim: arc_swap::ArcSwap<Signers>,
     /// Logins for SMTP AUTH.
     pub accounts: Arc<Accounts>,
     /// Per-user egress limits and the circuit breaker.
@@ -123,6 +125,8 @@ struct Transaction {
 
 struct Driver {
     ctx: Arc<Context>,
+    /// The config this session started with.
+    runtime: Arc<Runtime>,
     session: Session,
     peer: SocketAddr,
     /// Our end of the connection: mail to its address literal is ours.
@@ -178,9 +182,12 @@ pub async fn run(
 ) {
     let session_id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
     info!(event = "session.connect", session_id, client = %peer, %role);
+    // The whole session runs on the config it started with: a reload
+    // changes what new sessions get, never the rules mid-transaction.
+    let runtime = ctx.runtime.load_full();
     let mut tls = None;
     if role.implicit_tls() {
-        let limit = ctx.runtime.limits.command_timeout;
+        let limit = runtime.limits.command_timeout;
         match handshake(conn, &ctx.tls, limit).await {
             Ok((tls_conn, info)) => {
                 info!(event = "session.tls", session_id, version = %info.version, cipher = %info.cipher, sni = info.server_name.as_deref());
@@ -193,7 +200,7 @@ pub async fn run(
             }
         }
     }
-    let config = ctx.runtime.server_config_for(role, peer.ip());
+    let config = runtime.server_config_for(role, peer.ip());
     let session = match &tls {
         Some(info) => {
             let mut s = Session::over_tls(config);
@@ -202,10 +209,11 @@ pub async fn run(
         }
         None => Session::new(config),
     };
-    let deadline = Instant::now() + ctx.runtime.limits.command_timeout;
+    let deadline = Instant::now() + runtime.limits.command_timeout;
     let local_ip = local.map(|a| canonical_ip(a.ip()));
     let mut driver = Driver {
         ctx,
+        runtime,
         session,
         peer,
         local_ip,
@@ -301,7 +309,7 @@ impl Driver {
             let phase = self.session.phase();
             let progressed = phase == Phase::Data && self.progress >= DATA_PROGRESS;
             if !self.out.is_empty() || phase != self.deadline_phase || progressed {
-                let limits = &self.ctx.runtime.limits;
+                let limits = &self.runtime.limits;
                 let limit = match phase {
                     Phase::Command => limits.command_timeout,
                     Phase::Data => limits.data_timeout,
@@ -322,7 +330,7 @@ impl Driver {
     /// are not spam bots, and would pay the delay on every connection (at
     /// 300 ms, 20 sessions top out at ~66 logins/s).
     async fn greeting_delay(&mut self, conn: &mut Conn) -> io::Result<()> {
-        let delay = self.ctx.runtime.limits.greeting_delay;
+        let delay = self.runtime.limits.greeting_delay;
         if delay.is_zero() || self.role != Role::Mx {
             return Ok(());
         }
@@ -370,7 +378,7 @@ impl Driver {
         if self.out.is_empty() {
             return Ok(());
         }
-        let limit = self.ctx.runtime.limits.command_timeout;
+        let limit = self.runtime.limits.command_timeout;
         let written = timeout(limit, conn.send(&self.out)).await;
         self.out.clear();
         if self.out.capacity() > 4096 {
@@ -386,7 +394,7 @@ impl Driver {
     /// it went; a failed handshake leaves nothing to talk over.
     async fn start_tls(&mut self, conn: &mut Conn) {
         let plain = std::mem::replace(conn, Conn::Taken);
-        let limit = self.ctx.runtime.limits.command_timeout;
+        let limit = self.runtime.limits.command_timeout;
         match handshake(plain, &self.ctx.tls, limit).await {
             Ok((tls_conn, info)) => {
                 info!(event = "session.tls", session_id = self.session_id, version = %info.version, cipher = %info.cipher, sni = info.server_name.as_deref());
@@ -412,7 +420,6 @@ impl Driver {
             // The engine offers -PLUS only over a channel that can be bound.
             plus_advertised: tls_exporter.is_some()
                 && self
-                    .ctx
                     .runtime
                     .auth_mechanisms
                     .iter()
@@ -483,7 +490,7 @@ impl Driver {
     }
 
     fn mail(&mut self, from: ReversePath, params: MailParams) -> Decision {
-        let limits = &self.ctx.runtime.limits;
+        let limits = &self.runtime.limits;
         let needed = limits
             .min_free_space
             .saturating_add(params.size.unwrap_or(0));
@@ -534,7 +541,7 @@ impl Driver {
             draft: None,
             draft_error: None,
             forged_results: Box::new((
-                ForgedResultsFilter::new(&self.ctx.runtime.hostname),
+                ForgedResultsFilter::new(&self.runtime.hostname),
                 Vec::new(),
             )),
             queue_id: None,
@@ -623,11 +630,11 @@ impl Driver {
         };
         let id = self.ctx.spool.reserve_id();
         tx.queue_id = Some(id);
-        let show_client = self.login.is_none() || self.ctx.runtime.received_client_address;
+        let show_client = self.login.is_none() || self.runtime.received_client_address;
         let header = received_header(
             show_client.then_some((helo.as_str(), self.peer)),
             self.tls.as_deref(),
-            &self.ctx.runtime.hostname,
+            &self.runtime.hostname,
             protocol,
             &id.to_string(),
             single,
@@ -665,10 +672,11 @@ impl Driver {
         draft: &mut Draft,
         queue_id: Option<MsgId>,
     ) -> Result<(), Decision> {
-        let runtime = &self.ctx.runtime;
+        let runtime = &self.runtime;
+        let dkim = self.ctx.dkim.load_full();
         let login = self.login.as_deref();
         let ours = login.is_some() || runtime.is_trusted(self.peer.ip());
-        if !ours || (login.is_none() && self.ctx.dkim.is_empty()) {
+        if !ours || (login.is_none() && dkim.is_empty()) {
             return Ok(());
         }
         let content = draft.content().await.map_err(|e| {
@@ -689,12 +697,12 @@ impl Driver {
                 .map_err(Decision::Reject)?;
         }
         if let Some(domain) = submission::author_domain(header)
-            && self.ctx.dkim.signs_for(&domain)
+            && dkim.signs_for(&domain)
         {
             let mut message = Vec::with_capacity(added.len() + content.len());
             message.extend_from_slice(&added);
             message.extend_from_slice(&content);
-            match self.ctx.dkim.sign_async(&domain, message.into()).await {
+            match dkim.sign_async(&domain, message.into()).await {
                 Ok(fields) => {
                     draft.prepend(&added);
                     draft.prepend(&fields);
@@ -726,7 +734,7 @@ impl Driver {
     /// The policy hooks of this server.
     fn policy(&self) -> Policy<'_> {
         Policy {
-            runtime: &self.ctx.runtime,
+            runtime: &self.runtime,
             egress: &self.ctx.egress,
         }
     }

@@ -132,8 +132,15 @@ pub struct TlsSource {
 pub struct ServerTls {
     pub acceptor: TlsAcceptor,
     resolver: Arc<Resolver>,
-    source: TlsSource,
+    /// What a plain reload reads again; a config reload replaces it.
+    source: RwLock<TlsSource>,
     provider: Arc<CryptoProvider>,
+}
+
+/// Certificates loaded for a config reload, not yet in use.
+pub struct PreparedTls {
+    set: CertSet,
+    source: TlsSource,
 }
 
 impl ServerTls {
@@ -152,14 +159,37 @@ impl ServerTls {
         Ok(ServerTls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             resolver,
-            source,
+            source: RwLock::new(source),
             provider,
         })
     }
 
+    /// Loads the certificates of a new config without using them yet: a
+    /// reload installs them only once every other part of the new config
+    /// has loaded too.
+    pub fn prepare(&self, source: TlsSource) -> Result<PreparedTls, String> {
+        let set = load_set(&source, &self.provider)?;
+        Ok(PreparedTls { set, source })
+    }
+
+    /// New handshakes use `prepared` from now on; open sessions keep theirs.
+    pub fn install(&self, prepared: PreparedTls) {
+        *self.source.write().unwrap_or_else(|p| p.into_inner()) = prepared.source;
+        *self
+            .resolver
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(prepared.set);
+    }
+
     /// Reads the certificate files again; on any error the ones in use stay.
     pub fn reload(&self) -> Result<(), String> {
-        let set = load_set(&self.source, &self.provider)?;
+        let source = self
+            .source
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let set = load_set(&source, &self.provider)?;
         *self
             .resolver
             .current

@@ -158,6 +158,11 @@ pub struct DeliverySettings {
     pub delay_notice: Option<Duration>,
 }
 
+/// The configuration in force, replaced whole by a reload: readers take a
+/// snapshot (`load_full`) and keep it for a session or a delivery batch, so
+/// no reader ever sees half of one config and half of another.
+pub type LiveRuntime = arc_swap::ArcSwap<Runtime>;
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Runtime {

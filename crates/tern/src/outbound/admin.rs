@@ -35,7 +35,24 @@ pub enum QueueOp {
     Destinations,
     /// `tern user release`: the circuit breaker lets this user's mail go.
     ReleaseUser(String),
+    /// A reloaded config: routes, outbound settings and retry policy for
+    /// the attempts that start from now on (those in flight finish on the
+    /// old ones). Refused, with the old config kept, when its resolver or
+    /// TLS settings cannot be set up.
+    Reconfigure(NewConfig),
 }
+
+/// A reloaded config; two are equal when they are the same one.
+#[derive(Debug, Clone)]
+pub struct NewConfig(pub std::sync::Arc<crate::config::Runtime>);
+
+impl PartialEq for NewConfig {
+    fn eq(&self, other: &NewConfig) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for NewConfig {}
 
 /// Where the hold list lives.
 pub(super) fn held_path(data_dir: &Path) -> PathBuf {
@@ -122,6 +139,16 @@ impl Manager {
                     }
                     Err(e) => Err(format!("cannot delete {id}: {e}")),
                 }
+            }
+            QueueOp::Reconfigure(NewConfig(runtime)) => {
+                let context = super::AttemptContext::new(
+                    runtime.clone(),
+                    self.spool.clone(),
+                    self.context.queue.clone(),
+                )?;
+                self.context = std::sync::Arc::new(context);
+                self.scheduler.set_config(super::scheduler_config(&runtime));
+                Ok(json!({ "affected": 0 }))
             }
             QueueOp::ReleaseUser(user) => {
                 let was_held = self.egress.release(&user);

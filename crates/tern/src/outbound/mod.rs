@@ -37,7 +37,7 @@ mod attempt;
 mod idle;
 mod settle;
 
-pub use admin::QueueOp;
+pub use admin::{NewConfig, QueueOp};
 
 use crate::config::Runtime;
 use crate::egress::Egress;

@@ -120,7 +120,7 @@ async fn run_with(runtime: Arc<Runtime>, spool: Option<Spool>) -> Running {
     let shutdown = CancellationToken::new();
     let (notify, receiver) = OutboundHandle::channel();
     let (queue, _local) = crate::queue::start(
-        runtime.clone(),
+        Arc::new(crate::config::LiveRuntime::from(runtime.clone())),
         spool.clone(),
         notify.clone(),
         shutdown.clone(),

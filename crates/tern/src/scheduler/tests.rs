@@ -1476,3 +1476,31 @@ fn the_same_inputs_and_seed_give_the_same_decisions() {
     assert!(first == run(7), "the same seed replays the same run");
     assert!(first != run(8), "the seed feeds the jitter");
 }
+
+#[test]
+fn a_reloaded_config_keeps_what_was_learned_within_its_new_bounds() {
+    let cfg = SchedulerConfig {
+        window: WindowPolicy { initial: 2, max: 6 },
+        ..SchedulerConfig::default()
+    };
+    let mut s = Scheduler::new(cfg.clone(), 1);
+    add_many(&mut s, 1, 200, "d", T0);
+    let mut now = T0;
+    while dest(&s, "d").window < 6 {
+        for job in s.poll(now).jobs {
+            s.complete(job.id, &delivered(&job), now).unwrap();
+        }
+        now += SEC;
+    }
+    let queued = s.pending();
+    s.set_config(SchedulerConfig {
+        window: WindowPolicy { initial: 1, max: 3 },
+        max_in_flight: 2,
+        ..cfg
+    });
+    assert_eq!(dest(&s, "d").window, 3, "clamped to the new maximum");
+    assert_eq!(s.pending(), queued, "the queue is kept");
+    let jobs = s.poll(now).jobs;
+    assert_eq!(jobs.len(), 2, "the new global limit");
+    s.check_invariants();
+}

@@ -1,0 +1,164 @@
+//! SIGHUP: the config file is read again and put in force without dropping
+//! a connection.
+//!
+//! All or nothing. Everything the new config needs is loaded first (the
+//! file and its validation, the TLS certificates, the DKIM keys, the users
+//! file, the outbound resolver and TLS settings); only when all of it
+//! loaded is anything replaced, so a reload never leaves the server
+//! half-configured. A config that does not validate is refused, each error
+//! logged with its key and line, and the running one stays in force.
+//!
+//! What changes at once: local domains, users, aliases, catch-alls,
+//! trusted networks, limits (new sessions; a session keeps the config it
+//! started with), connection limits, routes and outbound settings (attempts
+//! that start from now on), retry policy, egress limits, certificates, DKIM
+//! keys, submission settings. What needs a restart, because it is bound
+//! to a socket, a file or a thread made at start-up: listeners, data_dir,
+//! the spool, `[auth]` and `[log]`; a change there is logged with its key,
+//! and the running value stays while the rest of the reload goes ahead.
+
+use crate::config::{self, ConfigError, LiveRuntime, Runtime};
+use crate::dkim::Signers;
+use crate::listener::ConnectionLimits;
+use crate::outbound::{AdminHandle, NewConfig, QueueOp};
+use crate::session::Context;
+use crate::tls::TlsSource;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// What a reload replaces, and where the config comes from.
+pub struct Reloader {
+    /// The config file; `None`: the embedded default (read again too, so a
+    /// reload of it is a harmless no-op).
+    pub path: Option<PathBuf>,
+    pub runtime: Arc<LiveRuntime>,
+    pub ctx: Arc<Context>,
+    pub limits: Arc<ConnectionLimits>,
+    pub outbound: AdminHandle,
+}
+
+/// Why a reload was refused.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The new config does not validate.
+    Invalid(Vec<ConfigError>),
+    /// It validated, but a part of it could not be loaded.
+    Unloadable { key: &'static str, message: String },
+}
+
+impl Reloader {
+    /// Reads the config again and puts it in force, or logs why not.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let result = self.try_reload().await;
+        match &result {
+            Ok(()) => {}
+            Err(ReloadError::Invalid(errors)) => {
+                for e in errors {
+                    warn!(event = "config.reload_refused", key = %e.key, line = e.line, error = %e.message, "the running config stays in force");
+                }
+            }
+            Err(ReloadError::Unloadable { key, message }) => {
+                warn!(event = "config.reload_refused", key, error = %message, "the running config stays in force");
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<(), ReloadError> {
+        let new = match &self.path {
+            Some(path) => config::load(path),
+            None => config::embedded_default(),
+        }
+        .map_err(ReloadError::Invalid)?;
+        let old = self.runtime.load_full();
+        let new = Arc::new(keep_restart_only(&old, new));
+
+        let tls = self
+            .ctx
+            .tls
+            .prepare(TlsSource {
+                files: new.tls_certificates.clone(),
+                data_dir: new.data_dir.clone(),
+                hostname: new.hostname.clone(),
+            })
+            .map_err(|message| ReloadError::Unloadable {
+                key: "tls.certificates",
+                message,
+            })?;
+        let dkim = Signers::from_config(&new.dkim).map_err(ReloadError::Invalid)?;
+        // Logins read the users file themselves; one that cannot be read
+        // now would fail every login after the reload.
+        crate::auth::store::Users::load(&new.auth.users_file).map_err(|e| {
+            ReloadError::Unloadable {
+                key: "auth.users_file",
+                message: e.to_string(),
+            }
+        })?;
+        // The last step that can fail: it replaces the outbound context
+        // only when the new one could be built.
+        self.outbound
+            .request(QueueOp::Reconfigure(NewConfig(new.clone())))
+            .await
+            .map_err(|message| ReloadError::Unloadable {
+                key: "outbound",
+                message,
+            })?;
+
+        self.ctx.tls.install(tls);
+        self.ctx.dkim.store(Arc::new(dkim));
+        self.ctx.egress.set_limits(new.egress.clone());
+        self.limits.set(
+            new.limits.max_connections,
+            new.limits.max_connections_per_ip,
+        );
+        self.runtime.store(new.clone());
+        info!(
+            event = "config.reloaded",
+            domains = new.local_domains.len(),
+            users = new.users.len(),
+            aliases = new.aliases.len(),
+            certificates = ?self.ctx.tls.names(),
+        );
+        Ok(())
+    }
+}
+
+/// `new` with the values that only a restart can change put back to the
+/// running ones, each change logged with its key.
+fn keep_restart_only(old: &Runtime, mut new: Runtime) -> Runtime {
+    let mut kept = Vec::new();
+    let listeners = |rt: &Runtime| -> Vec<String> {
+        rt.listeners
+            .iter()
+            .map(|l| format!("{}={}", l.address, l.role))
+            .collect()
+    };
+    if listeners(old) != listeners(&new) {
+        kept.push("listener");
+        new.listeners = old.listeners.clone();
+    }
+    if old.data_dir != new.data_dir {
+        kept.push("data_dir");
+        new.data_dir = old.data_dir.clone();
+    }
+    if format!("{:?}", old.spool) != format!("{:?}", new.spool) {
+        kept.push("spool");
+        new.spool = old.spool.clone();
+    }
+    if format!("{:?}", old.auth) != format!("{:?}", new.auth) {
+        kept.push("auth");
+        new.auth = old.auth.clone();
+    }
+    if format!("{:?}", old.log) != format!("{:?}", new.log) {
+        kept.push("log");
+        new.log = old.log.clone();
+    }
+    for key in kept {
+        warn!(
+            event = "config.reload_needs_restart",
+            key, "this section changed but takes effect only at a restart; its running value stays"
+        );
+    }
+    new
+}
