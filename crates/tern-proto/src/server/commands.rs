@@ -20,6 +20,7 @@ use crate::address::{ForwardPath, ReversePath};
 use crate::command::{
     Command, CommandError, MailParams, Orcpt, RcptParams, announced_chunk_size, parse_command,
 };
+use crate::data::ContentError;
 use crate::reply::Reply;
 
 impl Session {
@@ -173,6 +174,9 @@ impl Session {
     /// gets the answer at once and the session ends, since what follows on
     /// the wire is that chunk.
     fn chunk_too_large(&mut self) {
+        if let Some(msg) = self.msg.as_mut() {
+            msg.fail(ContentError::TooLarge);
+        }
         self.discard_input_and_close(Reply::enhanced(
             552,
             (5, 3, 4),

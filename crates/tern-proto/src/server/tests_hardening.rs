@@ -29,7 +29,11 @@ fn nul_in_data_is_refused_at_the_real_end_and_the_session_goes_on() {
         replies(&ev)
     );
     assert_eq!(count(&ev, |e| *e == Event::Query(Query::EndOfData)), 0);
-    assert_eq!(count(&ev, |e| *e == Event::MessageAborted), 1);
+    assert_eq!(
+        count(&ev, |e| *e
+            == Event::MessageAborted(Some(ContentError::Nul))),
+        1
+    );
     assert!(!body(&ev).contains(&0));
 }
 
@@ -94,6 +98,17 @@ fn a_bdat_chunk_over_the_size_limit_is_refused_at_once_and_closes() {
         );
         assert_eq!(ev.last(), Some(&Event::Close));
     }
+    // Mid-message, the content streamed so far is dropped as too large.
+    let ev = run_events_with(
+        cfg.clone(),
+        &[HEAD, b"BDAT 3\r\nabc", b"BDAT 4294967296 LAST\r\n"],
+        queued,
+    );
+    assert_eq!(
+        count(&ev, |e| *e
+            == Event::MessageAborted(Some(ContentError::TooLarge))),
+        1
+    );
     // A BDAT line refused for its syntax but with a readable size, too.
     let ev = run_events_with(cfg.clone(), &[HEAD, b"BDAT 1001 FOO\r\n"], queued);
     assert!(replies(&ev).ends_with(

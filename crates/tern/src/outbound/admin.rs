@@ -35,6 +35,8 @@ pub enum QueueOp {
     Destinations,
     /// `tern user release`: the circuit breaker lets this user's mail go.
     ReleaseUser(String),
+    /// Pending recipients by state, for the metrics endpoint.
+    Counts,
 }
 
 /// Where the hold list lives.
@@ -134,6 +136,9 @@ impl Manager {
                 }
                 info!(event = "egress.released", user = %user, was_held, messages = affected);
                 Ok(json!({ "affected": affected, "was_held": was_held }))
+            }
+            QueueOp::Counts => {
+                serde_json::to_value(self.scheduler.counts()).map_err(|e| e.to_string())
             }
             QueueOp::Destinations => {
                 let list: Vec<Value> = self
