@@ -398,7 +398,7 @@ pub fn message_refused(
     queue_id: Option<MsgId>,
     reason: Refusal,
 ) {
-    let queue_id = queue_id.map(|id| id.to_string());
+    let queue_id = queue_id.map(tracing::field::display);
     info!(event = "message.refused", session_id, %client, queue_id, reason = reason.name());
     METRICS
         .messages_refused

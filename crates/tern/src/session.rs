@@ -339,7 +339,11 @@ impl Driver {
         )
         .await
         {
-            Err(_) | Ok(Ok(1..)) => Ok(()),
+            Err(_) => Ok(()),
+            Ok(Ok(n @ 1..)) => {
+                metrics::bytes_received(n);
+                Ok(())
+            }
             Ok(Ok(0)) => {
                 session.eof();
                 Ok(())
