@@ -73,8 +73,9 @@ def message(subject: str, body: bytes = b"Hello.\r\n") -> bytes:
 
 
 def send_traffic(srv) -> dict:
-    """One accepted message, one too large, one with a bare LF, one refused
-    recipient, one client gone mid-DATA, one remote recipient. Returns what
+    """One accepted message, two too large (by their content, and by the
+    SIZE= declared at MAIL), one with a bare LF, one refused recipient, one
+    client gone mid-DATA, one remote recipient. Returns what
     it sent, for the assertions."""
     accepted = message("accepted")
     with smtplib.SMTP("127.0.0.1", srv.port, timeout=10) as s:
@@ -90,6 +91,10 @@ def send_traffic(srv) -> dict:
         assert s.rcpt("alice@example.test")[0] == 250
         code, text = s.data(message("big", (b"x" * 70 + b"\r\n") * (MAX_SIZE // 50)))
         assert (code, text[:5]) == (552, b"5.3.4"), (code, text)
+        # Too large by its SIZE= (sendmail declares it): refused at MAIL.
+        with pytest.raises(smtplib.SMTPSenderRefused) as e:
+            s.sendmail("sender@remote.test", ["alice@example.test"], b"x" * (MAX_SIZE + 1))
+        assert e.value.smtp_code == 552
         # A remote recipient: relayed (and deferred: nothing listens there).
         s.sendmail("sender@remote.test", ["someone@remote.test"], message("remote"))
     with srv.connect() as c:
@@ -140,7 +145,7 @@ def test_counters_move_by_the_traffic_sent(tern):
     assert moved("tern_connections_accepted_total", role="mx") == sent["connections"]
     assert moved("tern_connections_refused_total", role="mx") == 0
     assert moved("tern_messages_accepted_total") == 2  # local and remote
-    assert moved("tern_messages_refused_total", reason="too_large") == 1
+    assert moved("tern_messages_refused_total", reason="too_large") == 2
     assert moved("tern_messages_refused_total", reason="bare_lf") == 1
     assert moved("tern_messages_refused_total", reason="client_gone") == 1
     assert moved("tern_messages_refused_total", reason="storage_full") == 0
@@ -167,13 +172,16 @@ def test_the_log_names_each_refusal_reason(tern):
     send_traffic(srv)
     lines = [l for l in srv.stderr().splitlines() if "message.refused" in l]
     for reason in ["too_large", "bare_lf", "client_gone"]:
-        line = next((l for l in lines if f'reason="{reason}"' in l), None)
-        assert line is not None, f"no message.refused with reason={reason}:\n" + "\n".join(lines)
         # One event with the session, the client and the queue ID the
         # message's Received: field had.
-        assert "session_id=" in line and "client=127.0.0.1:" in line and "queue_id=" in line, line
+        assert any(
+            f'reason="{reason}"' in l and "session_id=" in l and "client=127.0.0.1:" in l and "queue_id=" in l
+            for l in lines
+        ), f"no message.refused with reason={reason} and its IDs:\n" + "\n".join(lines)
+    # Refused at MAIL for its SIZE=: no content, so no queue ID yet.
+    assert any('reason="too_large"' in l and "queue_id=" not in l for l in lines), "\n".join(lines)
     # A refused recipient alone does not refuse a message.
-    assert len(lines) == 3, "\n".join(lines)
+    assert len(lines) == 4, "\n".join(lines)
     assert "message.aborted" not in srv.stderr()
 
 

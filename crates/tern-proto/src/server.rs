@@ -239,6 +239,11 @@ pub enum Event {
     /// `None` when it was cut off (end of input, timeout, RSET between
     /// chunks, the session closing).
     MessageAborted(Option<ContentError>),
+    /// A message refused before any of its content was read, for a rule of
+    /// its content: a MAIL whose SIZE is over the limit (RFC 1870 §6.2), a
+    /// first BDAT chunk over it. Its reply follows; the transaction, if
+    /// any, is over.
+    MessageRefused(ContentError),
     /// Write everything before this (the 220), then run the TLS handshake
     /// and call `tls_established` or `tls_failed`. Until then the session
     /// takes no input (`wants_input` is false). Octets already read from

@@ -288,6 +288,10 @@ impl Driver {
                     Event::MessageAborted(broken) => {
                         self.abort_message(broken.map_or(Refusal::Aborted, Refusal::Content))
                     }
+                    Event::MessageRefused(broken) => {
+                        self.tx = None;
+                        self.refused(None, Refusal::Content(broken));
+                    }
                     Event::Close => {
                         self.flush(conn).await?;
                         return Ok(());

@@ -475,6 +475,11 @@ fn esmtp_parameter_errors() {
             "555 5.5.4"
         ]
     );
+    // The declared size alone refused a message, before its content.
+    assert_eq!(
+        count(&ev, |e| *e == Event::MessageRefused(ContentError::TooLarge)),
+        1
+    );
 }
 
 #[test]

@@ -87,8 +87,17 @@ fn a_bdat_chunk_over_the_size_limit_is_refused_at_once_and_closes() {
     };
     // Accepted transaction, refused transaction, and no transaction at all:
     // the answer comes before a single octet of the chunk is read.
-    for head in [HEAD, b"EHLO c\r\nMAIL FROM:<a@b>\r\n", b"EHLO c\r\n"] {
+    for (head, messages) in [
+        (HEAD, 1),
+        (b"EHLO c\r\nMAIL FROM:<a@b>\r\n", 1),
+        (b"EHLO c\r\n", 0),
+    ] {
         let ev = run_events_with(cfg.clone(), &[head, b"BDAT 4294967296 LAST\r\n"], queued);
+        // A refused message when there was a transaction.
+        assert_eq!(
+            count(&ev, |e| *e == Event::MessageRefused(ContentError::TooLarge)),
+            messages
+        );
         let r = replies(&ev);
         assert!(
             r.ends_with(
