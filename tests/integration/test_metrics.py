@@ -18,7 +18,7 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ternlib import TernStartError, wait_until
+from ternlib import TernStartError, deep_merge, wait_until
 
 METRICS_START_RE = re.compile(r"metrics\.start.*address=(\S+)")
 MAX_SIZE = 10000
@@ -206,3 +206,20 @@ def test_a_metrics_address_in_use_is_a_startup_error_naming_the_key(tern):
             srv.start()
     assert f"metrics.address: cannot listen on 127.0.0.1:{port}: Address already in use" in str(e.value)
     assert srv.proc.returncode not in (0, None)
+
+
+def test_a_full_spool_counts_and_logs_storage_full(tern):
+    # A free-space reserve no disk has: every MAIL meets a full spool.
+    srv = tern(deep_merge(config(), {"limits": {"min_free_space": 2 ** 62}}))
+    url = metrics_url(srv)
+    before = scrape(url)
+    with srv.connect() as c:
+        c.ehlo()
+        r = c.cmd("MAIL FROM:<sender@remote.test>")
+        assert (r.code, r.enhanced) == (452, "4.3.1"), r
+    after = scrape(url)
+    assert value(after, "tern_messages_refused_total", reason="storage_full") - value(
+        before, "tern_messages_refused_total", reason="storage_full"
+    ) == 1
+    assert value(after, "tern_messages_accepted_total") == value(before, "tern_messages_accepted_total")
+    wait_until(lambda: 'reason="storage_full"' in srv.stderr(), 10, what="storage_full logged")
