@@ -223,3 +223,26 @@ def test_a_full_spool_counts_and_logs_storage_full(tern):
     ) == 1
     assert value(after, "tern_messages_accepted_total") == value(before, "tern_messages_accepted_total")
     wait_until(lambda: 'reason="storage_full"' in srv.stderr(), 10, what="storage_full logged")
+
+
+def test_connections_over_the_limit_count_as_refused_and_sessions_as_open(tern):
+    srv = tern(deep_merge(config(), {"limits": {"max_connections_per_ip": 1}}))
+    url = metrics_url(srv)
+    before = scrape(url)
+    with srv.connect() as first:
+        first.ehlo()
+        assert value(scrape(url), "tern_sessions_open") == 1
+        with srv.connect(greet=False) as second:
+            second.expect(421, "4.7.0")
+    after = wait_until(
+        lambda: (lambda s: s if value(s, "tern_sessions_open") == 0 else None)(scrape(url)),
+        10,
+        interval=0.1,
+        what="the session closed",
+    )
+    assert value(after, "tern_connections_refused_total", role="mx") - value(
+        before, "tern_connections_refused_total", role="mx"
+    ) == 1
+    assert value(after, "tern_connections_accepted_total", role="mx") - value(
+        before, "tern_connections_accepted_total", role="mx"
+    ) == 1
