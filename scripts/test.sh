@@ -165,6 +165,12 @@ step_deps() {
         "$PYTHON" -m pip install --quiet --disable-pip-version-check scramp </dev/null ||
             { apt-get install -y -qq --no-install-recommends python3-scramp </dev/null || true; }
     fi
+    # prometheus_client: its text-format parser reads Tern's /metrics (test_metrics.py).
+    if ! "$PYTHON" -c 'import prometheus_client.parser' >/dev/null 2>&1; then
+        log "installing prometheus_client with pip for $PYTHON"
+        "$PYTHON" -m pip install --quiet --disable-pip-version-check prometheus_client </dev/null ||
+            { apt-get install -y -qq --no-install-recommends python3-prometheus-client </dev/null || true; }
+    fi
     echo "PYTHON=$PYTHON" >"$ROOT/target/.tern-test-python"
     log "python for pytest: $PYTHON ($("$PYTHON" -m pytest --version 2>&1 | head -n1))"
 }

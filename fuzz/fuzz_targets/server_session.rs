@@ -82,7 +82,7 @@ impl Checker {
                 self.content_in += b.len();
                 self.content_out += self.filter.feed(b, &mut scratch).len();
             }
-            Event::MessageAborted => self.new_message(),
+            Event::MessageAborted(_) => self.new_message(),
             Event::Close => self.closed = true,
             Event::StartTls => {
                 assert_eq!(self.last_reply, 220);

@@ -93,9 +93,9 @@ def test_size_exceeded_during_data_552(tern):
         assert c.cmd("RSET").code == 250
     prove_nothing_delivered(srv)
     # The refused message is logged under the ID its Received: header had.
-    wait_until(lambda: "message.aborted" in srv.stderr(), 10, what="message.aborted logged")
-    line = next(l for l in srv.stderr().splitlines() if "message.aborted" in l)
-    assert "queue_id=" in line, line
+    wait_until(lambda: "message.refused" in srv.stderr(), 10, what="message.refused logged")
+    line = next(l for l in srv.stderr().splitlines() if "message.refused" in l)
+    assert "queue_id=" in line and 'reason="too_large"' in line, line
 
 
 def test_size_exceeded_in_bdat_552(tern):

@@ -49,6 +49,26 @@ pub enum ContentError {
 }
 
 impl ContentError {
+    /// Every kind, for callers that list them all (metrics start each at 0).
+    pub const ALL: [ContentError; 5] = [
+        ContentError::BareLineEnding,
+        ContentError::LineTooLong,
+        ContentError::Nul,
+        ContentError::TooLarge,
+        ContentError::TooManyHops,
+    ];
+
+    /// A stable name for logs and metrics labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ContentError::BareLineEnding => "bare_lf",
+            ContentError::LineTooLong => "line_too_long",
+            ContentError::Nul => "nul",
+            ContentError::TooLarge => "too_large",
+            ContentError::TooManyHops => "loop",
+        }
+    }
+
     /// The reply the session sends after reading the rejected content.
     pub fn reply(&self) -> Reply {
         match self {
@@ -362,7 +382,7 @@ impl ContentDecoder {
         }
     }
 
-    fn fail(&mut self, e: ContentError) {
+    pub(crate) fn fail(&mut self, e: ContentError) {
         if self.error.is_none() {
             self.error = Some(e);
         }

@@ -62,7 +62,7 @@ use crate::address::{ForwardPath, ReversePath};
 /// In queries; see [`SaslData`].
 pub use crate::command::SaslData;
 use crate::command::{MailParams, RcptParams};
-use crate::data::{ContentDecoder, ContentLimits};
+use crate::data::{ContentDecoder, ContentError, ContentLimits};
 use crate::reply::{EnhancedCode, Reply};
 
 /// What to do with a bare LF or bare CR inside message content.
@@ -234,8 +234,16 @@ pub enum Event {
     /// Message content of the current transaction (dot-unstuffed, CRLF
     /// line ends), in order.
     Body(Vec<u8>),
-    /// Discard the content streamed so far for this transaction.
-    MessageAborted,
+    /// Discard the content streamed so far for this transaction; with the
+    /// rule the content broke, when that is why (its reply follows), or
+    /// `None` when it was cut off (end of input, timeout, RSET between
+    /// chunks, the session closing).
+    MessageAborted(Option<ContentError>),
+    /// A message refused before any of its content was read, for a rule of
+    /// its content: a MAIL whose SIZE is over the limit (RFC 1870 §6.2), a
+    /// first BDAT chunk over it. Its reply follows; the transaction, if
+    /// any, is over.
+    MessageRefused(ContentError),
     /// Write everything before this (the 220), then run the TLS handshake
     /// and call `tls_established` or `tls_failed`. Until then the session
     /// takes no input (`wants_input` is false). Octets already read from
@@ -615,8 +623,8 @@ impl Session {
 
     /// Drops streamed content, telling the driver (MessageAborted).
     fn abort_message(&mut self) {
-        if self.msg.take().is_some() {
-            self.events.push_back(Event::MessageAborted);
+        if let Some(msg) = self.msg.take() {
+            self.events.push_back(Event::MessageAborted(msg.error()));
         }
     }
 

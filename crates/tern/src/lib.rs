@@ -12,6 +12,7 @@ pub mod dns;
 pub mod egress;
 pub mod fsutil;
 pub mod listener;
+pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod queue;

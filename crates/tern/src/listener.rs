@@ -106,6 +106,7 @@ pub async fn accept_loop(
         let _ = stream.set_nodelay(true);
         match limits.acquire(peer.ip()) {
             Ok(slot) => {
+                crate::metrics::connection_accepted(role);
                 let ctx = ctx.clone();
                 let local = stream.local_addr().ok();
                 tracker.spawn(async move {
@@ -114,6 +115,7 @@ pub async fn accept_loop(
                 });
             }
             Err(reason) => {
+                crate::metrics::connection_refused(role);
                 info!(event = "session.refused", client = %peer, reason);
                 let hostname = ctx.runtime.load().hostname.clone();
                 tracker.spawn(refuse(stream, peer, hostname, reason));

@@ -20,8 +20,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Tern: a durable SMTP mail server.
 ///
 /// Without a config file, `tern serve` runs on an embedded default: it
-/// listens on 127.0.0.1:2525, keeps its data in ./tern-data, accepts mail for
-/// me@localhost (and postmaster) and prints how to send a test message.
+/// listens on 127.0.0.1:2525, serves Prometheus metrics on
+/// http://127.0.0.1:9525/metrics, keeps its data in ./tern-data, accepts mail
+/// for me@localhost (and postmaster) and prints how to send a test message.
 #[derive(Parser)]
 #[command(name = "tern", version, about, long_about)]
 struct Cli {
@@ -32,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the mail server until SIGTERM/SIGINT. Prints "listening on ADDR role=ROLE"
-    /// per listener and then "ready" on stdout; logs go to stderr (level from the
+    /// per listener ("metrics on URL" for [metrics]) and then "ready" on stdout; logs go to stderr (level from the
     /// config's [log] section, overridden by the TERN_LOG environment variable).
     /// SIGHUP reads the config file again and puts it in force without dropping a
     /// connection (listeners, data_dir, [spool], [auth] and [log] need a restart);

@@ -27,6 +27,7 @@
 use crate::config::LiveRuntime;
 use crate::deliver::maildir::{CopyKey, Delivered, LocalCopy, MaildirNamer, deliver_batch};
 use crate::deliver::worker::{DELIVERY_NICE, DeliveryThread};
+use crate::metrics::{self, DeliveryClass, DeliveryOutcome};
 use crate::outbound::OutboundHandle;
 use crate::scheduler::backoff;
 use crate::spool::{Envelope, MsgId, Outcome, RcptStatus, Route, Spool, SpoolError};
@@ -438,6 +439,7 @@ impl Queue {
                             Delivered::EarlierInCur => "earlier copy in cur/",
                         };
                         info!(event = "delivery.result", queue_id = %id, rcpt = %rcpt.address, route = "maildir", status = "delivered", copy);
+                        metrics::delivery(DeliveryClass::Maildir, DeliveryOutcome::Delivered);
                         RcptStatus::Delivered {
                             reply: "250 2.0.0 delivered to maildir".into(),
                             at,
@@ -452,6 +454,7 @@ impl Queue {
                         let delay =
                             backoff(delivery.retry_initial, delivery.retry_max, attempts, jitter);
                         warn!(event = "delivery.result", queue_id = %id, rcpt = %rcpt.address, route = "maildir", status = "deferred", error = %e, retry_in = ?delay);
+                        metrics::delivery(DeliveryClass::Maildir, DeliveryOutcome::Deferred);
                         RcptStatus::Deferred {
                             reply: format!("451 4.3.0 {e}"),
                             attempts,

@@ -542,6 +542,15 @@ pub struct DestinationSummary {
     pub last_success_at: Option<Millis>,
 }
 
+/// Pending recipients by state ([`Scheduler::counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QueueCounts {
+    pub queued: usize,
+    pub deferred: usize,
+    pub held: usize,
+    pub in_flight: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SchedulerError {
     #[error("{0} is not in flight")]
@@ -812,6 +821,27 @@ impl Scheduler {
     /// Pending recipients (waiting, held or in flight).
     pub fn pending(&self) -> usize {
         self.dests.iter().map(|d| d.queued).sum()
+    }
+
+    /// Pending recipients by state (metrics): waiting for a first attempt,
+    /// waiting after a failed one, held, in flight.
+    pub fn counts(&self) -> QueueCounts {
+        let mut c = QueueCounts::default();
+        for m in self.msgs.values() {
+            for r in m.rcpts.values() {
+                let n = if r.job.is_some() {
+                    &mut c.in_flight
+                } else if m.held {
+                    &mut c.held
+                } else if r.attempts > 0 {
+                    &mut c.deferred
+                } else {
+                    &mut c.queued
+                };
+                *n += 1;
+            }
+        }
+        c
     }
 
     /// Jobs in flight.

@@ -108,6 +108,10 @@ pub async fn serve(runtime: Runtime, config_path: Option<PathBuf>) -> Result<(),
         })?;
         bound.push((listener, l.role));
     }
+    let metrics_listener = match runtime.metrics {
+        Some(address) => Some(crate::metrics::bind(address).await?),
+        None => None,
+    };
 
     let shutdown = CancellationToken::new();
     let (outbound_handle, outbound_receiver) = OutboundHandle::channel();
@@ -151,6 +155,13 @@ pub async fn serve(runtime: Runtime, config_path: Option<PathBuf>) -> Result<(),
             None
         }
     };
+    if let Some(listener) = metrics_listener {
+        let sources = crate::metrics::Sources {
+            spool: Some(spool.clone()),
+            queue: Some(queue_admin.clone()),
+        };
+        crate::metrics::start(listener, sources, shutdown.clone());
+    }
     tokio::spawn(answer_queue_commands(control_rx, queue_admin.clone()));
     let ctx = Arc::new(Context {
         runtime: live.clone(),
@@ -320,6 +331,12 @@ fn print_test_hint(runtime: &Runtime) {
             user.name,
             user.primary_address,
             user.primary_address
+        );
+    }
+    if let Some(metrics) = runtime.metrics {
+        println!(
+            "Prometheus metrics: curl http://{metrics}{}",
+            crate::metrics::PATH
         );
     }
 }

@@ -28,6 +28,7 @@ use crate::config::{LiveRuntime, Role, Runtime, canonical_ip};
 use crate::conn::Conn;
 use crate::dkim::Signers;
 use crate::egress::{Egress, UserLimits};
+use crate::metrics::{self, Refusal};
 use crate::policy::{Policy, SessionFacts};
 use crate::queue::{QueueHandle, Work};
 use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
@@ -181,6 +182,7 @@ pub async fn run(
     ctx: Arc<Context>,
 ) {
     let session_id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+    let _open = metrics::OpenSession::new();
     info!(event = "session.connect", session_id, client = %peer, %role);
     // The whole session runs on the config it started with: a reload
     // changes what new sessions get, never the rules mid-transaction.
@@ -233,6 +235,8 @@ pub async fn run(
         Ok(()) => debug!(event = "session.close", session_id),
         Err(e) => debug!(event = "session.close", session_id, error = %e),
     }
+    // A socket error mid-message (reset, write timeout) ends it here.
+    driver.abort_message(Refusal::ClientGone);
     // Only a session we end over an error lingers: after a 221 the client
     // has nothing left to send, and its close is all that would be read.
     // A task of its own, so its state is not part of every session's.
@@ -289,7 +293,13 @@ impl Driver {
                         self.session.decide(decision);
                     }
                     Event::Body(chunk) => self.body(&chunk).await,
-                    Event::MessageAborted => self.abort_message(),
+                    Event::MessageAborted(broken) => {
+                        self.abort_message(broken.map_or(Refusal::Aborted, Refusal::Content))
+                    }
+                    Event::MessageRefused(broken) => {
+                        self.tx = None;
+                        self.refused(None, Refusal::Content(broken));
+                    }
                     Event::Close => {
                         self.flush(conn).await?;
                         return Ok(());
@@ -341,7 +351,11 @@ impl Driver {
         )
         .await
         {
-            Err(_) | Ok(Ok(1..)) => Ok(()),
+            Err(_) => Ok(()),
+            Ok(Ok(n @ 1..)) => {
+                metrics::bytes_received(n);
+                Ok(())
+            }
             Ok(Ok(0)) => {
                 session.eof();
                 Ok(())
@@ -359,16 +373,22 @@ impl Driver {
         };
         match read {
             None => {
-                self.abort_message();
+                self.abort_message(Refusal::Shutdown);
                 self.session.shutdown();
             }
             Some(Err(_)) => {
                 info!(event = "session.timeout", session_id = self.session_id);
-                self.abort_message();
+                self.abort_message(Refusal::Timeout);
                 self.session.timeout();
             }
-            Some(Ok(Ok(0))) => self.session.eof(),
-            Some(Ok(Ok(n))) => self.progress = self.progress.saturating_add(n),
+            Some(Ok(Ok(0))) => {
+                self.abort_message(Refusal::ClientGone);
+                self.session.eof();
+            }
+            Some(Ok(Ok(n))) => {
+                metrics::bytes_received(n);
+                self.progress = self.progress.saturating_add(n);
+            }
             Some(Ok(Err(e))) => return Err(e),
         }
         Ok(())
@@ -459,6 +479,7 @@ impl Driver {
             AuthStep::Challenge(challenge) => Decision::AuthChallenge(challenge),
             AuthStep::Done(outcome) => {
                 self.exchange = None;
+                metrics::login(matches!(outcome, LoginOutcome::Success(_)));
                 let reply = outcome.reply();
                 if let LoginOutcome::Success(user) = outcome {
                     info!(event = "session.authenticated", session_id = self.session_id, user = %user.name, via = %user.via);
@@ -504,6 +525,7 @@ impl Driver {
                     needed,
                     "spool disk below reserve"
                 );
+                self.refused(None, Refusal::StorageFull);
                 return Decision::Reject(Reply::enhanced(
                     452,
                     (4, 3, 1),
@@ -512,6 +534,7 @@ impl Driver {
             }
             Err(e) => {
                 warn!(event = "mail.reject", session_id = self.session_id, error = %e, "cannot read spool free space");
+                self.refused(None, Refusal::storage(&e));
                 return Decision::Reject(Reply::enhanced(
                     451,
                     (4, 3, 0),
@@ -531,6 +554,7 @@ impl Driver {
             .policy()
             .mail(&self.facts(), self.login.as_deref(), &sender, &limits);
         if verdict != Decision::Accept {
+            self.refused(None, Refusal::Policy);
             return verdict;
         }
         self.tx = Some(Transaction {
@@ -558,7 +582,10 @@ impl Driver {
         }
         let destinations = match self.policy().rcpt(&facts, &to) {
             Ok(destinations) => destinations,
-            Err(reply) => return Decision::Reject(reply),
+            Err(reply) => {
+                metrics::recipient_refused();
+                return Decision::Reject(reply);
+            }
         };
         let given = match &to {
             ForwardPath::Postmaster => "Postmaster".to_string(),
@@ -580,6 +607,7 @@ impl Driver {
             };
             if let Err(reply) = egress_rcpt(&self.ctx.egress, user, &limits, tx, &destinations) {
                 info!(event = "rcpt.reject", session_id = facts.session_id, user = %user, rcpt = %given, reason = "egress limit");
+                metrics::recipient_refused();
                 return Decision::Reject(reply);
             }
         }
@@ -609,6 +637,7 @@ impl Driver {
         let helo = self.session.helo_domain().unwrap_or("unknown").to_string();
         let verdict = self.policy().data(self.login.as_deref());
         if verdict != Decision::Accept {
+            self.refused(None, Refusal::Policy);
             return verdict;
         }
         let Some(tx) = self.tx.as_mut() else {
@@ -751,15 +780,20 @@ impl Driver {
         }
     }
 
-    fn abort_message(&mut self) {
+    fn abort_message(&mut self, reason: Refusal) {
         if let Some(tx) = self.tx.take() {
             // Content had started (refused by the engine, timed out, cut
             // off): the reserved ID names it in the log, never in the queue.
             if let Some(id) = tx.queue_id {
-                info!(event = "message.aborted", session_id = self.session_id, queue_id = %id);
+                self.refused(Some(id), reason);
             }
             drop(tx.draft);
         }
+    }
+
+    /// Logs and counts a message that ends without a 250.
+    fn refused(&self, queue_id: Option<MsgId>, reason: Refusal) {
+        metrics::message_refused(self.session_id, self.peer, queue_id, reason);
     }
 
     async fn end_of_data(&mut self) -> Decision {
@@ -773,8 +807,15 @@ impl Driver {
                 "Error: insufficient system storage, try again later",
             ))
         };
-        let (Some(mut draft), None) = (tx.draft, tx.draft_error) else {
-            return temp_fail();
+        let mut draft = match (tx.draft, tx.draft_error) {
+            (Some(draft), None) => draft,
+            (_, error) => {
+                let reason = error
+                    .as_ref()
+                    .map_or(Refusal::StorageError, Refusal::storage);
+                self.refused(tx.queue_id, reason);
+                return temp_fail();
+            }
         };
         // A message that is all header section ends inside it.
         let mut rest = Vec::new();
@@ -784,10 +825,18 @@ impl Driver {
             && let Err(e) = draft.write(&rest).await
         {
             warn!(event = "draft.error", session_id = self.session_id, error = %e);
+            self.refused(tx.queue_id, Refusal::storage(&e));
             return temp_fail();
         }
         let queue_id = tx.queue_id;
         if let Err(decision) = self.outgoing_fields(&mut draft, queue_id).await {
+            // A permanent refusal is the submission rules'; a temporary one
+            // is the draft that could not be read back.
+            let reason = match &decision {
+                Decision::Reject(r) if r.code >= 500 => Refusal::Policy,
+                _ => Refusal::StorageError,
+            };
+            self.refused(queue_id, reason);
             return decision;
         }
         draft.prepend(&tx.received);
@@ -828,6 +877,7 @@ impl Driver {
         };
         match committed {
             Ok(id) => {
+                metrics::message_accepted();
                 info!(event = "queue.commit", session_id = self.session_id, queue_id = %id, from = %sender, rcpts);
                 if let Some(login) = &self.login {
                     self.ctx
@@ -840,6 +890,7 @@ impl Driver {
                 }
             }
             Err(e) => {
+                self.refused(queue_id, Refusal::spool(&e));
                 let queue_id = queue_id.map(|id| id.to_string());
                 warn!(event = "queue.commit_failed", session_id = self.session_id, queue_id, error = %e);
                 temp_fail()

@@ -107,7 +107,7 @@ fn run(
                     server.decide(d);
                 }
                 ServerEvent::Body(b) => body.extend_from_slice(&b),
-                ServerEvent::MessageAborted => body.clear(),
+                ServerEvent::MessageAborted(_) | ServerEvent::MessageRefused(_) => body.clear(),
                 ServerEvent::Close => {
                     server_closed = true;
                     client.eof();

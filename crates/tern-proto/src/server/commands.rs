@@ -15,11 +15,12 @@
 //! per-verb checks).
 
 use super::auth::{MAX_AUTH_LINE, auth_line_too_long};
-use super::{Mode, Pending, Query, Session, Transaction};
+use super::{Event, Mode, Pending, Query, Session, Transaction};
 use crate::address::{ForwardPath, ReversePath};
 use crate::command::{
     Command, CommandError, MailParams, Orcpt, RcptParams, announced_chunk_size, parse_command,
 };
+use crate::data::ContentError;
 use crate::reply::Reply;
 
 impl Session {
@@ -173,6 +174,13 @@ impl Session {
     /// gets the answer at once and the session ends, since what follows on
     /// the wire is that chunk.
     fn chunk_too_large(&mut self) {
+        match self.msg.as_mut() {
+            Some(msg) => msg.fail(ContentError::TooLarge),
+            None if self.tx.is_some() => self
+                .events
+                .push_back(Event::MessageRefused(ContentError::TooLarge)),
+            None => {}
+        }
         self.discard_input_and_close(Reply::enhanced(
             552,
             (5, 3, 4),
@@ -309,6 +317,8 @@ impl Session {
             ))
         } else if max != 0 && params.size.is_some_and(|s| s > max) {
             // RFC 1870 §6.2.
+            self.events
+                .push_back(Event::MessageRefused(ContentError::TooLarge));
             Some(Reply::enhanced(
                 552,
                 (5, 3, 4),

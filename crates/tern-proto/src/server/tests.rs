@@ -475,6 +475,11 @@ fn esmtp_parameter_errors() {
             "555 5.5.4"
         ]
     );
+    // The declared size alone refused a message, before its content.
+    assert_eq!(
+        count(&ev, |e| *e == Event::MessageRefused(ContentError::TooLarge)),
+        1
+    );
 }
 
 #[test]
@@ -623,14 +628,22 @@ fn data_limits() {
         accept,
     );
     assert!(replies(&ev).ends_with("552 5.3.4 Error: message too large\r\n250 2.0.0 Ok\r\n"));
-    assert_eq!(count(&ev, |e| *e == Event::MessageAborted), 1);
+    assert_eq!(
+        count(&ev, |e| *e
+            == Event::MessageAborted(Some(ContentError::TooLarge))),
+        1
+    );
     assert_eq!(count(&ev, |e| *e == Event::Query(Query::EndOfData)), 0);
     assert!(body(&ev).len() <= 10);
 
     let long = vec![b'x'; 2000];
     let ev = run_events_with(config(), &[head, &long, b"\r\n.\r\n"], accept);
     assert!(replies(&ev).ends_with("554 5.6.0 Error: message line too long\r\n"));
-    assert_eq!(count(&ev, |e| *e == Event::MessageAborted), 1);
+    assert_eq!(
+        count(&ev, |e| *e
+            == Event::MessageAborted(Some(ContentError::LineTooLong))),
+        1
+    );
 
     let cfg = ServerConfig {
         max_received_headers: 2,
@@ -678,7 +691,7 @@ fn rejected_data_and_end_of_data_reset_the_transaction() {
         },
     );
     assert!(replies(&ev).ends_with("554 5.7.1 spam\r\n503 5.5.1 Error: need MAIL command\r\n"));
-    assert_eq!(count(&ev, |e| *e == Event::MessageAborted), 0);
+    assert_eq!(count(&ev, |e| matches!(e, Event::MessageAborted(_))), 0);
 }
 
 #[test]
@@ -723,7 +736,7 @@ fn timeout_shutdown_eof() {
     drain(&mut s, &mut accept, &mut log);
     s.eof();
     let tail: Vec<Event> = std::iter::from_fn(|| s.next_event()).collect();
-    assert_eq!(tail, vec![Event::MessageAborted, Event::Close]);
+    assert_eq!(tail, vec![Event::MessageAborted(None), Event::Close]);
 }
 
 #[test]

@@ -41,7 +41,12 @@ fn smuggling_is_rejected_as_one_message() {
             0,
             "{sep:?}"
         );
-        assert_eq!(count(&ev, |e| *e == Event::MessageAborted), 1, "{sep:?}");
+        assert_eq!(
+            count(&ev, |e| *e
+                == Event::MessageAborted(Some(ContentError::BareLineEnding))),
+            1,
+            "{sep:?}"
+        );
     }
 }
 
@@ -144,7 +149,11 @@ fn bdat_size_limit_spans_chunks() {
     assert!(replies(&ev).ends_with(
         "250 2.0.0 5 octets received\r\n552 5.3.4 Error: message too large\r\n503 5.5.1 Error: need MAIL command\r\n250 2.0.0 Ok\r\n"
     ));
-    assert_eq!(count(&ev, |e| *e == Event::MessageAborted), 1);
+    assert_eq!(
+        count(&ev, |e| *e
+            == Event::MessageAborted(Some(ContentError::TooLarge))),
+        1
+    );
 }
 
 #[test]
@@ -162,7 +171,7 @@ fn bdat_sequencing() {
 250 2.0.0 Ok\r\n503 5.5.1 Error: need MAIL command\r\n"
     ));
     // RSET aborted the streamed chunk.
-    assert_eq!(count(&ev, |e| *e == Event::MessageAborted), 1);
+    assert_eq!(count(&ev, |e| *e == Event::MessageAborted(None)), 1);
 }
 
 #[test]

@@ -29,7 +29,11 @@ fn nul_in_data_is_refused_at_the_real_end_and_the_session_goes_on() {
         replies(&ev)
     );
     assert_eq!(count(&ev, |e| *e == Event::Query(Query::EndOfData)), 0);
-    assert_eq!(count(&ev, |e| *e == Event::MessageAborted), 1);
+    assert_eq!(
+        count(&ev, |e| *e
+            == Event::MessageAborted(Some(ContentError::Nul))),
+        1
+    );
     assert!(!body(&ev).contains(&0));
 }
 
@@ -83,8 +87,17 @@ fn a_bdat_chunk_over_the_size_limit_is_refused_at_once_and_closes() {
     };
     // Accepted transaction, refused transaction, and no transaction at all:
     // the answer comes before a single octet of the chunk is read.
-    for head in [HEAD, b"EHLO c\r\nMAIL FROM:<a@b>\r\n", b"EHLO c\r\n"] {
+    for (head, messages) in [
+        (HEAD, 1),
+        (b"EHLO c\r\nMAIL FROM:<a@b>\r\n", 1),
+        (b"EHLO c\r\n", 0),
+    ] {
         let ev = run_events_with(cfg.clone(), &[head, b"BDAT 4294967296 LAST\r\n"], queued);
+        // A refused message when there was a transaction.
+        assert_eq!(
+            count(&ev, |e| *e == Event::MessageRefused(ContentError::TooLarge)),
+            messages
+        );
         let r = replies(&ev);
         assert!(
             r.ends_with(
@@ -94,6 +107,17 @@ fn a_bdat_chunk_over_the_size_limit_is_refused_at_once_and_closes() {
         );
         assert_eq!(ev.last(), Some(&Event::Close));
     }
+    // Mid-message, the content streamed so far is dropped as too large.
+    let ev = run_events_with(
+        cfg.clone(),
+        &[HEAD, b"BDAT 3\r\nabc", b"BDAT 4294967296 LAST\r\n"],
+        queued,
+    );
+    assert_eq!(
+        count(&ev, |e| *e
+            == Event::MessageAborted(Some(ContentError::TooLarge))),
+        1
+    );
     // A BDAT line refused for its syntax but with a readable size, too.
     let ev = run_events_with(cfg.clone(), &[HEAD, b"BDAT 1001 FOO\r\n"], queued);
     assert!(replies(&ev).ends_with(

@@ -14,6 +14,7 @@
 mod auth;
 mod dkim;
 mod locate;
+mod metrics;
 mod outbound;
 mod recipients;
 mod schema;
@@ -199,6 +200,8 @@ pub struct Runtime {
     /// `submission.received_client_address`: whether the `Received:` field
     /// of an authenticated user's mail names their client.
     pub received_client_address: bool,
+    /// `metrics.address`: where `GET /metrics` is served; `None`: off.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Runtime {
@@ -398,6 +401,9 @@ postmaster = "me"
 [[user]]
 name = "me"
 addresses = ["me@localhost"]
+
+[metrics]
+address = "127.0.0.1:9525"
 "#;
 
 /// Runtime for the embedded default, with `data_dir` relative to the
@@ -535,6 +541,7 @@ impl Runtime {
         let dkim = dkim::check_dkim(&file, &data_dir, base, &local_domains, &mut errors);
         let auth = auth::check_auth(&file.auth, base, &data_dir, &mut errors);
         let egress = submission::check_submission(&file, &mut errors);
+        let metrics = metrics::check_metrics(&file, &listeners, &mut errors);
         if !matches!(file.log.format.as_str(), "text" | "json") {
             errors.push("log.format", "must be \"text\" or \"json\"");
         }
@@ -577,6 +584,7 @@ impl Runtime {
             auth,
             egress,
             received_client_address: file.submission.received_client_address,
+            metrics,
         };
         // Each target must lead somewhere: a loop, a chain deeper than the
         // expansion allows or a local address nobody owns would otherwise

@@ -423,3 +423,45 @@ fn outbound_keys_validate_with_their_key_named() {
         assert!(keys.contains(&key), "no error for {key}: {errors:?}");
     }
 }
+
+#[test]
+fn metrics_are_off_by_default_and_on_loopback_in_the_embedded_default() {
+    assert_eq!(rt().metrics, None);
+    assert_eq!(parse("", Path::new("/srv")).unwrap().metrics, None);
+    let embedded = embedded_default().expect("embedded default validates");
+    let address = embedded.metrics.expect("embedded default serves metrics");
+    assert!(address.ip().is_loopback());
+    assert!(embedded.listeners.iter().all(|l| l.address != address));
+    let on = parse(
+        &format!("{BASE}\n[metrics]\naddress = \"[::1]:9100\"\n"),
+        Path::new("/"),
+    )
+    .expect("valid");
+    assert_eq!(on.metrics, Some("[::1]:9100".parse().unwrap()));
+    let example = include_str!("../../../../tern.example.toml");
+    assert!(example.contains("[metrics]\n") && example.contains("# address = \"127.0.0.1:"));
+}
+
+#[test]
+fn a_bad_metrics_address_is_an_error_naming_the_key() {
+    for (address, says) in [
+        ("localhost:9100", "not an IP address and port"),
+        ("127.0.0.1", "not an IP address and port"),
+        ("127.0.0.1:2525", "also the address of listener 1"),
+    ] {
+        let text = format!(
+            "{}\n[metrics]\naddress = \"{address}\"\n",
+            BASE.replace("127.0.0.1:0", "127.0.0.1:2525")
+        );
+        let errors = parse(&text, Path::new("/")).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "metrics.address", "{errors:?}");
+        assert!(errors[0].message.contains(says), "{errors:?}");
+    }
+    let errors = parse(
+        &format!("{BASE}\n[metrics]\nadress = \"127.0.0.1:9100\"\n"),
+        Path::new("/"),
+    )
+    .unwrap_err();
+    assert!(errors[0].message.contains("adress"), "{errors:?}");
+}

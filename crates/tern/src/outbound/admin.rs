@@ -40,6 +40,8 @@ pub enum QueueOp {
     /// old ones). Refused, with the old config kept, when its resolver or
     /// TLS settings cannot be set up.
     Reconfigure(NewConfig),
+    /// Pending recipients by state, for the metrics endpoint.
+    Counts,
 }
 
 /// A reloaded config; two are equal when they are the same one.
@@ -161,6 +163,9 @@ impl Manager {
                 }
                 info!(event = "egress.released", user = %user, was_held, messages = affected);
                 Ok(json!({ "affected": affected, "was_held": was_held }))
+            }
+            QueueOp::Counts => {
+                serde_json::to_value(self.scheduler.counts()).map_err(|e| e.to_string())
             }
             QueueOp::Destinations => {
                 let list: Vec<Value> = self

@@ -16,6 +16,7 @@ use super::attempt::{AttemptContext, RcptDetail};
 use super::seconds;
 use crate::bounce::{Notice, NoticeContext, NoticeKind, NoticeRecipient, build_notice};
 use crate::config::Resolution;
+use crate::metrics::{self, DeliveryClass, DeliveryOutcome};
 use crate::queue::Work;
 use crate::scheduler::{Expired, Fate, Millis, Settled};
 use crate::spool::{Envelope, MsgId, Outcome, RcptStatus, Recipient, Route, SpoolError};
@@ -56,6 +57,7 @@ pub(super) fn job(
                 .map_or("", |r| r.address.as_str());
             let answered_by = detail.and_then(|d| d.answered_by.clone());
             let host = answered_by.as_deref().unwrap_or("");
+            let class = DeliveryClass::of_destination(context.destination_of(address).as_str());
             let notice = |will_retry_until| NoticeRecipient {
                 index: s.key.rcpt,
                 reply: reply.clone(),
@@ -66,6 +68,7 @@ pub(super) fn job(
             let status = match s.fate {
                 Fate::Delivered => {
                     info!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "delivered", host, reply = %reply);
+                    metrics::delivery(class, DeliveryOutcome::Delivered);
                     RcptStatus::Delivered {
                         reply,
                         at: seconds(now),
@@ -73,6 +76,7 @@ pub(super) fn job(
                 }
                 Fate::Failed => {
                     warn!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "failed", host, reply = %reply);
+                    metrics::delivery(class, DeliveryOutcome::Failed);
                     failed.push(notice(None));
                     RcptStatus::Failed {
                         reply,
@@ -81,6 +85,7 @@ pub(super) fn job(
                 }
                 Fate::Retry { at, attempts } => {
                     info!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "deferred", host, reply = %reply, attempts, retry_at = seconds(at));
+                    metrics::delivery(class, DeliveryOutcome::Deferred);
                     let notified = was_delay_notified(&envelope, s.key.rcpt);
                     if delay_due && !notified {
                         let give_up = envelope.received_at
@@ -96,6 +101,7 @@ pub(super) fn job(
                 }
                 Fate::Expired { attempts } => {
                     warn!(event = "delivery.result", queue_id = %msg, rcpt = %address, status = "expired", host, reply = %reply, attempts);
+                    metrics::delivery(class, DeliveryOutcome::Failed);
                     let status = expired_status(&reply, attempts, now);
                     if let RcptStatus::Failed { reply, .. } = &status {
                         failed.push(NoticeRecipient {

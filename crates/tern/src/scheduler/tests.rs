@@ -1504,3 +1504,25 @@ fn a_reloaded_config_keeps_what_was_learned_within_its_new_bounds() {
     assert_eq!(jobs.len(), 2, "the new global limit");
     s.check_invariants();
 }
+
+#[test]
+fn counts_give_each_pending_recipient_one_state() {
+    let mut s = Scheduler::new(SchedulerConfig::default(), 5);
+    s.add(MsgId(1), T0, [rcpt(0, "d", T0)], T0);
+    s.add(MsgId(2), T0, [rcpt(0, "e", T0), rcpt(1, "e", T0)], T0);
+    s.add(MsgId(3), T0, [rcpt(0, "f", T0 + HOUR)], T0);
+    s.hold(MsgId(3));
+    let counts = |s: &Scheduler| {
+        let c = s.counts();
+        (c.queued, c.deferred, c.held, c.in_flight)
+    };
+    assert_eq!(counts(&s), (3, 0, 1, 0));
+    let jobs = s.poll(T0).jobs;
+    assert_eq!(counts(&s), (0, 0, 1, 3));
+    let job = jobs.iter().find(|j| j.msg == MsgId(1)).unwrap();
+    s.complete(job.id, &deferred(job, ReplyClass::TempFail), T0)
+        .unwrap();
+    assert_eq!(counts(&s), (0, 1, 1, 2));
+    let c = s.counts();
+    assert_eq!(c.queued + c.deferred + c.held + c.in_flight, s.pending());
+}

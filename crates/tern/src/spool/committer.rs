@@ -294,7 +294,9 @@ impl Log {
         }
         if !recs.is_empty() {
             let n = recs.len();
+            let started = Instant::now();
             let res = self.commit_records(&mut recs);
+            crate::metrics::spool_commit(started.elapsed(), n);
             // Drop the records (a failed batch leaves them here) before
             // answering: that removes the scratch files of spilled bodies,
             // so a waiter never sees its scratch file after its answer.
