@@ -17,6 +17,7 @@ pub mod policy;
 pub mod queue;
 pub mod route;
 pub mod scheduler;
+pub mod sendmail;
 pub mod server;
 pub mod session;
 pub mod spool;

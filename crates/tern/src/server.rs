@@ -146,6 +146,23 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         }
     };
     tokio::spawn(answer_queue_commands(control_rx, queue_admin));
+    // Local injection (`tern sendmail`). Unlike the control socket, a
+    // failure stops the start: cron's and the applications' mail would
+    // otherwise fail on every attempt while the server looks healthy.
+    let sendmail = if runtime.sendmail.enabled {
+        let default_folder = crate::config::default_socket(&runtime.data_dir);
+        let listener = crate::sendmail::bind(&runtime.sendmail.socket, default_folder.parent())
+            .map_err(|e| {
+                format!(
+                    "cannot listen on the sendmail socket (sendmail.socket): {e}; \
+                     sendmail.enabled = false runs without it"
+                )
+            })?;
+        info!(event = "sendmail.listening", path = %listener.path().display());
+        Some(listener)
+    } else {
+        None
+    };
     let ctx = Arc::new(Context {
         runtime: runtime.clone(),
         spool: spool.clone(),
@@ -176,6 +193,9 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
             limits.clone(),
             tracker.clone(),
         )));
+    }
+    if let Some(listener) = sendmail {
+        loops.push(tokio::spawn(listener.serve(ctx.clone(), tracker.clone())));
     }
     if embedded_default {
         print_test_hint(&runtime);

@@ -44,6 +44,8 @@ pub struct FileConfig {
     pub auth: super::auth::AuthConfig,
     #[serde(default)]
     pub submission: super::submission::SubmissionConfig,
+    #[serde(default)]
+    pub sendmail: super::sendmail::SendmailConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
