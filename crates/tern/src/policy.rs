@@ -342,6 +342,64 @@ addresses = ["alice@ours.test"]
         .rcpt(f, &to)
     }
 
+    fn local(uid: u32, login: &str) -> SessionFacts {
+        SessionFacts {
+            local: Some(LocalClient {
+                uid,
+                pid: Some(42),
+                login: Some(login.into()),
+            }),
+            role: Role::Local,
+            ..facts(None, "127.0.0.1:0")
+        }
+    }
+
+    fn mail(rt: &Runtime, f: &SessionFacts, sender: &str) -> Verdict {
+        let egress = Egress::new(
+            crate::egress::EgressLimits::default(),
+            Box::new(crate::egress::MemoryCounters::default()),
+            None,
+            None,
+            Vec::new(),
+        );
+        Policy {
+            runtime: rt,
+            egress: &egress,
+        }
+        .mail(f, None, sender, &UserLimits::default())
+    }
+
+    #[test]
+    fn local_clients_relay_and_the_sender_rule_applies_to_them() {
+        let rt = runtime("");
+        // Not trusted by address (loopback is not), yet a local user may
+        // send anywhere, as Postfix's sendmail may.
+        assert!(rcpt(&rt, &facts(None, "127.0.0.1:0"), "<x@remote.test>").is_err());
+        let user = local(4242, "cron");
+        assert_eq!(
+            rcpt(&rt, &user, "<x@remote.test>").unwrap(),
+            vec![("x@remote.test".to_string(), Route::Remote)]
+        );
+        // Default "any": every sender.
+        assert_eq!(mail(&rt, &user, "ceo@bank.test"), Decision::Accept);
+        let own = runtime("[sendmail]\nsender = \"own\"");
+        assert_eq!(mail(&own, &user, "cron@ours.test"), Decision::Accept);
+        assert_eq!(mail(&own, &user, "CRON@Ours.Test"), Decision::Accept);
+        assert_eq!(mail(&own, &user, ""), Decision::Accept);
+        match mail(&own, &user, "alice@ours.test") {
+            Decision::Reject(r) => assert_eq!(
+                (r.code, r.enhanced.map(|e| (e.0, e.1, e.2))),
+                (553, Some((5, 7, 1)))
+            ),
+            other => panic!("{other:?}"),
+        }
+        // root may name any sender.
+        assert_eq!(
+            mail(&own, &local(0, "root"), "alice@ours.test"),
+            Decision::Accept
+        );
+    }
+
     #[test]
     fn relay_tricks_are_refused_even_with_a_catch_all_and_for_trusted_clients() {
         let rt = runtime("[relay]\ntrusted_networks = [\"198.51.100.0/24\"]");

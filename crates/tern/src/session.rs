@@ -1097,6 +1097,23 @@ mod tests {
     }
 
     #[test]
+    fn received_header_of_a_local_client_names_its_uid() {
+        let h = String::from_utf8(received_header_from(
+            local_from_clause(1000),
+            None,
+            "mx.test",
+            "ESMTP",
+            "1",
+            Some("root@mx.test"),
+        ))
+        .unwrap();
+        assert!(
+            h.starts_with("Received: from local (uid 1000)\r\n\tby mx.test (Tern) with ESMTP id 1\r\n\tfor <root@mx.test>;\r\n"),
+            "{h}"
+        );
+    }
+
+    #[test]
     fn received_header_names_the_tls_version_and_cipher() {
         let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
         let tls = TlsInfo {

@@ -166,3 +166,75 @@ pub fn sendmail_settings_of(config: Option<&Path>) -> Result<SendmailSettings, V
         Err(errors.0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    const BASE: &str = r#"
+data_dir = "/var/lib/tern"
+[local]
+domains = ["Example.Test", "other.test"]
+[[user]]
+name = "alice"
+addresses = ["alice@example.test"]
+"#;
+
+    #[test]
+    fn defaults_derive_from_data_dir_and_the_first_domain() {
+        let rt = parse(BASE, Path::new("/etc/tern")).unwrap();
+        assert_eq!(
+            rt.sendmail,
+            SendmailSettings {
+                enabled: true,
+                socket: PathBuf::from("/var/lib/tern/public/submit.sock"),
+                sender: SenderRule::Any,
+                origin: "example.test".into(),
+            }
+        );
+        // The command reads the same values without a full validation.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tern.toml");
+        std::fs::write(&file, BASE).unwrap();
+        assert_eq!(sendmail_settings_of(Some(&file)).unwrap(), rt.sendmail);
+    }
+
+    #[test]
+    fn keys_are_read_and_relative_socket_paths_follow_the_config() {
+        let text = format!(
+            "{BASE}[sendmail]\nenabled = false\nsocket = \"run/s.sock\"\nsender = \"own\"\norigin = \"Mail.Example.Test\"\n"
+        );
+        let rt = parse(&text, Path::new("/etc/tern")).unwrap();
+        assert_eq!(
+            rt.sendmail,
+            SendmailSettings {
+                enabled: false,
+                socket: PathBuf::from("/etc/tern/run/s.sock"),
+                sender: SenderRule::Own,
+                origin: "mail.example.test".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let long = "x".repeat(120);
+        let text = format!(
+            "{BASE}[sendmail]\nsender = \"anyone\"\norigin = \"not a domain\"\nsocket = \"/{long}\"\n"
+        );
+        let errors = parse(&text, Path::new("/etc/tern")).unwrap_err();
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["sendmail.sender", "sendmail.socket", "sendmail.origin"],
+            "{errors:?}"
+        );
+        let errors = parse(
+            &format!("{BASE}[sendmail]\nsocket_path = \"x\"\n"),
+            Path::new("/etc/tern"),
+        )
+        .unwrap_err();
+        assert!(errors[0].message.contains("socket_path"), "{errors:?}");
+    }
+}

@@ -299,6 +299,22 @@ pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Bare LF line ends as CRLF: scripts that speak SMTP to `sendmail -bs`
+/// through a pipe write LF, which Sendmail and Postfix take, and the
+/// session engine refuses from network clients. `after_cr`: the previous
+/// piece ended in CR; the second value says whether this one does.
+fn lf_to_crlf(piece: &[u8], mut after_cr: bool) -> (Vec<u8>, bool) {
+    let mut out = Vec::with_capacity(piece.len() + piece.len() / 16);
+    for &b in piece {
+        if b == b'\n' && !after_cr {
+            out.push(b'\r');
+        }
+        out.push(b);
+        after_cr = b == b'\r';
+    }
+    (out, after_cr)
+}
+
 /// `-bs`: relays stdin to the server and its replies to stdout until
 /// either side closes.
 pub fn relay_stdio(stream: UnixStream) -> Result<(), Failure> {
@@ -308,7 +324,22 @@ pub fn relay_stdio(stream: UnixStream) -> Result<(), Failure> {
     // Not joined: when the server ends the session (QUIT), the client may
     // still hold stdin open, and the reply is all that matters.
     std::thread::spawn(move || {
-        let _ = io::copy(&mut io::stdin().lock(), &mut to_server);
+        let mut stdin = io::stdin().lock();
+        let mut buf = [0u8; 16 * 1024];
+        let mut after_cr = false;
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            let (crlf, cr) = lf_to_crlf(&buf[..n], after_cr);
+            after_cr = cr;
+            if to_server.write_all(&crlf).is_err() {
+                break;
+            }
+        }
         let _ = to_server.shutdown(std::net::Shutdown::Write);
     });
     let mut from_server = stream;
@@ -343,6 +374,17 @@ mod tests {
     fn dot_stuffing_doubles_leading_dots_only() {
         assert_eq!(dot_stuff(b".\r\na.b\r\n..x\r\n"), b"..\r\na.b\r\n...x\r\n");
         assert_eq!(dot_stuff(b""), b"");
+    }
+
+    #[test]
+    fn bare_lf_becomes_crlf_across_pieces() {
+        assert_eq!(
+            lf_to_crlf(b"EHLO x\nQUIT\r\n", false),
+            (b"EHLO x\r\nQUIT\r\n".to_vec(), false)
+        );
+        let (first, cr) = lf_to_crlf(b"NOOP\r", false);
+        assert_eq!((first.as_slice(), cr), (&b"NOOP\r"[..], true));
+        assert_eq!(lf_to_crlf(b"\nX\n", cr).0, b"\nX\r\n");
     }
 
     #[test]
