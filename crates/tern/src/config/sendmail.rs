@@ -218,6 +218,24 @@ addresses = ["alice@example.test"]
     }
 
     #[test]
+    fn the_example_documents_every_key() {
+        let text = include_str!("../../../../tern.example.toml");
+        let section = text
+            .split("\n[sendmail]\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n[").next())
+            .expect("tern.example.toml has a [sendmail] section");
+        for key in ["enabled", "socket", "sender", "origin"] {
+            assert!(
+                section.contains(&format!("{key} =")),
+                "tern.example.toml does not document sendmail.{key}"
+            );
+        }
+        let rt = parse(text, Path::new("/etc/tern")).unwrap();
+        assert_eq!(rt.sendmail.socket, default_socket(&rt.data_dir));
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let long = "x".repeat(120);
         let text = format!(
