@@ -146,20 +146,21 @@ pub async fn serve(runtime: Runtime, embedded_default: bool) -> Result<(), Strin
         }
     };
     tokio::spawn(answer_queue_commands(control_rx, queue_admin));
-    // Local injection (`tern sendmail`). Unlike the control socket, a
-    // failure stops the start: cron's and the applications' mail would
-    // otherwise fail on every attempt while the server looks healthy.
+    // Local injection (`tern sendmail`). As with the control socket, mail
+    // from the network matters more: a socket that cannot be bound is
+    // logged (local senders then exit 75 and try again) and the server runs.
     let sendmail = if runtime.sendmail.enabled {
         let default_folder = crate::config::default_socket(&runtime.data_dir);
-        let listener = crate::sendmail::bind(&runtime.sendmail.socket, default_folder.parent())
-            .map_err(|e| {
-                format!(
-                    "cannot listen on the sendmail socket (sendmail.socket): {e}; \
-                     sendmail.enabled = false runs without it"
-                )
-            })?;
-        info!(event = "sendmail.listening", path = %listener.path().display());
-        Some(listener)
+        match crate::sendmail::bind(&runtime.sendmail.socket, default_folder.parent()) {
+            Ok(listener) => {
+                info!(event = "sendmail.listening", path = %listener.path().display());
+                Some(listener)
+            }
+            Err(e) => {
+                warn!(event = "sendmail.unavailable", key = "sendmail.socket", path = %runtime.sendmail.socket.display(), error = %e, "tern sendmail cannot reach this server (sendmail.enabled = false turns the socket off)");
+                None
+            }
+        }
     } else {
         None
     };

@@ -95,8 +95,10 @@ pub(super) fn check_sendmail(
         .as_deref()
         .map(|p| absolute(base, p))
         .unwrap_or_else(|| default_socket(data_dir));
-    // sun_path holds 108 octets with its terminating NUL.
-    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+    // sun_path holds 108 octets with its terminating NUL. Only a path the
+    // administrator wrote is refused here: a deep data_dir must not stop a
+    // server that never asked for the socket (it starts without, and says so).
+    if s.socket.is_some() && socket.as_os_str().len() > MAX_SOCKET_PATH {
         errors.push(
             "sendmail.socket",
             format!(
@@ -233,6 +235,13 @@ addresses = ["alice@example.test"]
         }
         let rt = parse(text, Path::new("/etc/tern")).unwrap();
         assert_eq!(rt.sendmail.socket, default_socket(&rt.data_dir));
+    }
+
+    #[test]
+    fn a_deep_data_dir_does_not_stop_the_server() {
+        let deep = format!("/{}", "d".repeat(100));
+        let rt = parse(&BASE.replace("/var/lib/tern", &deep), Path::new("/")).unwrap();
+        assert!(rt.sendmail.socket.starts_with(&deep));
     }
 
     #[test]

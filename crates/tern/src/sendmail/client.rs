@@ -52,7 +52,7 @@ pub fn connect(path: &Path) -> Result<UnixStream, Failure> {
             Err(Failure::new(
                 exit::TEMPFAIL,
                 format!(
-                    "tern is not running (nothing listens on {}); the message was not sent, try again once it runs",
+                    "tern is not running (nothing listens on {}; if it runs, its log says why it has no sendmail socket); the message was not sent",
                     path.display()
                 ),
             ))
