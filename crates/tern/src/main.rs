@@ -84,10 +84,11 @@ enum Command {
         command: tern::auth::cli::UserCommand,
     },
     /// Hand a message on stdin to the running server, as sendmail(8) does
-    /// (-t, -f, -F, -i/-oi, -bs, -bp...; `tern sendmail --help` lists them).
-    /// Also what the binary does when called `sendmail` (a symlink
-    /// /usr/sbin/sendmail -> tern). Exit status from sysexits.h: 0 queued,
-    /// 75 server not running
+    ///
+    /// Takes sendmail's flags (-t, -f, -F, -i/-oi, -bs, -bp...; `tern
+    /// sendmail --help` lists them). Also what the binary does when called
+    /// `sendmail` (a symlink /usr/sbin/sendmail -> tern). Exit status from
+    /// sysexits.h: 0 queued, 75 server not running
     #[command(disable_help_flag = true)]
     Sendmail {
         /// sendmail's options, then the recipients

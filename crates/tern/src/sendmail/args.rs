@@ -220,6 +220,7 @@ Exit status 0 means the message is in the server's queue, on disk.
   -f ADDR     envelope sender (-fADDR too; -f '<>' for the null sender);
   -r ADDR     default: LOGIN@origin ([sendmail] origin)
   -F NAME     full name for the From: field added to a message without one
+              (default: $NAME)
   -i, -oi     a line with a single dot does not end the message
   -C FILE     the Tern config file (default: $TERN_CONFIG, else
               /etc/tern/tern.toml, else the embedded default)

@@ -135,3 +135,32 @@ impl Listener {
         info!(event = "sendmail.stopped", path = %self.path.display());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn binds_public_replaces_a_stale_socket_and_never_a_live_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("public");
+        let path = folder.join("submit.sock");
+        let first = bind(&path, Some(&folder)).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&path), mode(&folder)), (0o666, 0o755));
+        // Someone answers on it: not ours to take.
+        let err = bind(&path, Some(&folder))
+            .err()
+            .expect("a live socket is kept");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        // A dead server's socket (nobody answers) is replaced.
+        drop(first);
+        let again = bind(&path, Some(&folder)).unwrap();
+        assert_eq!(again.path(), path);
+        // A folder the administrator chose keeps its mode.
+        let own = dir.path().join("own");
+        std::fs::DirBuilder::new().mode(0o750).create(&own).unwrap();
+        bind(&own.join("s.sock"), Some(&folder)).unwrap();
+        assert_eq!(mode(&own), 0o750);
+    }
+}
