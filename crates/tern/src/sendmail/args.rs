@@ -236,7 +236,8 @@ Exit status 0 means the message is in the server's queue, on disk.
   -p X, -X FILE     accepted and ignored
   --help      this text
 
-Unqualified recipients (\"root\") get @origin. A missing From: is added
+Unqualified addresses (\"root\"), as recipients and in the header's address
+fields, get @origin. A missing From: is added
 (\"NAME <sender>\"), the server adds a missing Date: and Message-ID:, and Bcc:
 fields are removed. If the server refuses any recipient, nothing is sent.
 

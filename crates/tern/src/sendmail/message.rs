@@ -103,9 +103,16 @@ pub struct Prepared {
 /// `To:`, `Cc:` and `Bcc:` fields (or of its `Resent-To:`, `Resent-Cc:`
 /// and `Resent-Bcc:` when it has any: it is being resent, RFC 5322
 /// §3.6.6); every `Bcc:` and `Resent-Bcc:` field removed (whoever gave the
-/// recipients: a blind copy must stay blind); a `From:` field of `from`
+/// recipients: a blind copy must stay blind); unqualified addresses of the
+/// address fields given `@origin` (as Postfix does for its `sendmail`: a
+/// reader elsewhere could not answer `root`); a `From:` field of `from`
 /// (address, and full name) added when it has none.
-pub fn prepare(message: &[u8], extract: bool, from: (&str, Option<&str>)) -> Prepared {
+pub fn prepare(
+    message: &[u8],
+    extract: bool,
+    from: (&str, Option<&str>),
+    origin: &str,
+) -> Prepared {
     let (end, blank) = header_end(message);
     let (header, body) = message.split_at(end);
     let extracted = if extract {
@@ -124,7 +131,10 @@ pub fn prepare(message: &[u8], extract: bool, from: (&str, Option<&str>)) -> Pre
         Address::new_address(name, address).write_header(&mut content, "From: ".len());
     }
     for field in kept {
-        content.extend_from_slice(field);
+        match qualified_field(field, origin) {
+            Some(rewritten) => content.extend_from_slice(&rewritten),
+            None => content.extend_from_slice(field),
+        }
     }
     if !blank && !body.is_empty() {
         // The first line was not a header field: it starts the body, which
@@ -133,6 +143,59 @@ pub fn prepare(message: &[u8], extract: bool, from: (&str, Option<&str>)) -> Pre
     }
     content.extend_from_slice(body);
     Prepared { content, extracted }
+}
+
+/// The fields whose addresses a reader answers or writes to.
+const ADDRESS_FIELDS: [&str; 9] = [
+    "from",
+    "sender",
+    "reply-to",
+    "to",
+    "cc",
+    "resent-from",
+    "resent-sender",
+    "resent-to",
+    "resent-cc",
+];
+
+/// `field` written anew with `@origin` on its unqualified addresses; None
+/// when it has none (or is a group, or holds something that is not an
+/// address): then it stays byte for byte as it came.
+fn qualified_field(field: &[u8], origin: &str) -> Option<Vec<u8>> {
+    let name = field_name(field)?;
+    if !ADDRESS_FIELDS
+        .iter()
+        .any(|f| name.eq_ignore_ascii_case(f.as_bytes()))
+    {
+        return None;
+    }
+    let mut section = field.to_vec();
+    section.extend_from_slice(b"\r\n");
+    let parsed = MessageParser::default().parse_headers(&section)?;
+    let mail_parser::Address::List(list) = parsed.headers().first()?.value.as_address()? else {
+        return None;
+    };
+    let mut unqualified = false;
+    let mut out = Vec::with_capacity(list.len());
+    for addr in list {
+        let address = address_of(addr)?;
+        // A bare word came back as the name: it is the address itself.
+        let name = addr.address.as_ref().and(addr.name.as_deref());
+        if !address.contains('@') {
+            unqualified = true;
+        }
+        out.push(Address::new_address(
+            name.map(str::to_string),
+            qualify(&address, origin),
+        ));
+    }
+    if !unqualified {
+        return None;
+    }
+    let mut rewritten = name.to_vec();
+    rewritten.extend_from_slice(b": ");
+    Address::new_list(out).write_header(&mut rewritten, name.len() + 2);
+    Some(rewritten)
 }
 
 /// The addresses of the destination fields of `header`.
@@ -227,7 +290,7 @@ mod tests {
               Bcc: dave@example.test,\n  erin@example.test\nSubject: hi\n\nBcc: body line\n",
             true,
         );
-        let p = prepare(&msg, true, ("root@example.test", None));
+        let p = prepare(&msg, true, ("root@example.test", None), "example.test");
         assert_eq!(
             p.extracted,
             [
@@ -243,7 +306,7 @@ mod tests {
         assert!(!header.to_lowercase().contains("bcc:"), "{out}");
         assert!(!out.contains("erin"), "{out}");
         assert!(
-            out.starts_with("From: <root@example.test>\r\nTo: Alice"),
+            out.starts_with("From: <root@example.test>\r\nTo: \"Alice\" <alice@example.test>, <bob@example.test>\r\n"),
             "{out}"
         );
         assert!(
@@ -259,7 +322,7 @@ mod tests {
               Resent-Bcc: hidden@example.test\n\nbody\n",
             true,
         );
-        let p = prepare(&msg, true, ("x@example.test", None));
+        let p = prepare(&msg, true, ("x@example.test", None), "example.test");
         assert_eq!(p.extracted, ["new@example.test", "hidden@example.test"]);
         assert!(!text(&p.content).contains("hidden"));
     }
@@ -267,7 +330,12 @@ mod tests {
     #[test]
     fn bcc_is_removed_without_t_and_from_is_kept() {
         let msg = normalize(b"From: me@example.test\nBCC: x@example.test\n\nhi\n", true);
-        let p = prepare(&msg, false, ("other@example.test", Some("Other")));
+        let p = prepare(
+            &msg,
+            false,
+            ("other@example.test", Some("Other")),
+            "example.test",
+        );
         assert!(p.extracted.is_empty());
         assert_eq!(text(&p.content), "From: me@example.test\r\n\r\nhi\r\n");
     }
@@ -278,6 +346,7 @@ mod tests {
             b"Subject: s\r\n\r\nx\r\n",
             false,
             ("root@example.test", Some("Cron Daemon")),
+            "example.test",
         );
         assert!(
             text(&p.content)
@@ -285,7 +354,12 @@ mod tests {
             "{}",
             text(&p.content)
         );
-        let p = prepare(b"\r\nx\r\n", false, ("j@example.test", Some("Jörg")));
+        let p = prepare(
+            b"\r\nx\r\n",
+            false,
+            ("j@example.test", Some("Jörg")),
+            "example.test",
+        );
         let parsed = MessageParser::default().parse(&p.content).unwrap();
         let from = parsed.from().unwrap().first().unwrap();
         assert_eq!(from.name.as_deref(), Some("Jörg"));
@@ -294,16 +368,43 @@ mod tests {
 
     #[test]
     fn a_message_without_header_gets_the_empty_line_before_its_body() {
-        let p = prepare(b"just text\r\nmore\r\n", false, ("r@example.test", None));
+        let p = prepare(
+            b"just text\r\nmore\r\n",
+            false,
+            ("r@example.test", None),
+            "example.test",
+        );
         assert_eq!(
             text(&p.content),
             "From: <r@example.test>\r\n\r\njust text\r\nmore\r\n"
         );
-        let p = prepare(b"Subject: only\r\n", false, ("r@example.test", None));
+        let p = prepare(
+            b"Subject: only\r\n",
+            false,
+            ("r@example.test", None),
+            "example.test",
+        );
         assert_eq!(
             text(&p.content),
             "From: <r@example.test>\r\nSubject: only\r\n"
         );
+    }
+
+    #[test]
+    fn unqualified_header_addresses_get_the_origin() {
+        let msg = normalize(
+            b"To: root, Alice <alice>\nCc: bob@other.test\nReply-To: undisclosed:;\n\
+              Subject: root\nX-Note: carol\n\nTo: body\n",
+            true,
+        );
+        let p = prepare(&msg, false, ("me@example.test", None), "example.test");
+        let out = text(&p.content);
+        assert!(
+            out.contains("\r\nTo: <root@example.test>, \"Alice\" <alice@example.test>\r\n"),
+            "{out}"
+        );
+        // Qualified, group, and other fields stay byte for byte.
+        assert!(out.contains("\r\nCc: bob@other.test\r\nReply-To: undisclosed:;\r\nSubject: root\r\nX-Note: carol\r\n\r\nTo: body\r\n"), "{out}");
     }
 
     #[test]

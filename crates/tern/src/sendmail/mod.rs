@@ -153,6 +153,7 @@ fn deliver(opts: &Options, settings: &SendmailSettings) -> Result<(), Failure> {
         &normalized,
         opts.extract_recipients,
         (&author, full_name.as_deref().filter(|n| !n.is_empty())),
+        &settings.origin,
     );
     let recipients = recipients(opts, &prepared.extracted, &settings.origin);
     if recipients.is_empty() {
