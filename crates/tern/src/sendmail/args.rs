@@ -242,9 +242,9 @@ fields, get @origin. A missing From: is added
 fields are removed. If the server refuses any recipient, nothing is sent.
 
 Exit status (sysexits.h): 0 queued, 64 usage, 65 bad message or address,
-67 unknown recipient, 69 refused, 70 internal error, 71 system error,
-74 I/O error, 75 server not running or temporary failure (try again),
-77 not permitted, 78 bad config.
+67 unknown recipient, 69 refused, 71 system error, 74 I/O error,
+75 server not running or temporary failure (try again), 76 a reply that is
+not SMTP, 77 not permitted, 78 bad config.
 ";
 
 #[cfg(test)]

@@ -40,7 +40,6 @@ pub mod exit {
     pub const DATAERR: u8 = 65;
     pub const NOUSER: u8 = 67;
     pub const UNAVAILABLE: u8 = 69;
-    pub const SOFTWARE: u8 = 70;
     pub const OSERR: u8 = 71;
     pub const IOERR: u8 = 74;
     pub const TEMPFAIL: u8 = 75;
