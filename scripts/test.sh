@@ -156,6 +156,10 @@ step_deps() {
     need_apt python3-dkim /usr/bin/dkimverify
     # A real mail client for test_submission.py.
     need_apt msmtp msmtp
+    # Mail clients that hand mail to `tern sendmail` (test_sendmail.py).
+    # bsd-mailx needs an MTA package: Postfix, above, is it.
+    need_apt bsd-mailx bsd-mailx
+    need_apt s-nail s-nail
     install_apt_missing
     ensure_postfix_stopped
     choose_python

@@ -203,7 +203,7 @@ fn with_path(e: io::Error, path: &Path) -> io::Error {
 
 /// Removes a socket file nobody answers on; refuses to touch a live socket
 /// or anything that is not a socket.
-fn remove_stale(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_stale(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

@@ -19,6 +19,7 @@ pub mod queue;
 pub mod reload;
 pub mod route;
 pub mod scheduler;
+pub mod sendmail;
 pub mod server;
 pub mod session;
 pub mod spool;

@@ -1,6 +1,7 @@
 //! The `tern` command line: `serve`, `check-config`, `queue
 //! list|show|flush|hold|release|delete|destinations`, `dkim generate`,
-//! `dns-records` and `user` (in `tern::auth::cli`).
+//! `dns-records`, `user` (in `tern::auth::cli`) and `sendmail` (in
+//! `tern::sendmail`, also run when the binary is called `sendmail`).
 
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
@@ -36,7 +37,8 @@ enum Command {
     /// per listener ("metrics on URL" for [metrics]) and then "ready" on stdout; logs go to stderr (level from the
     /// config's [log] section, overridden by the TERN_LOG environment variable).
     /// SIGHUP reads the config file again and puts it in force without dropping a
-    /// connection (listeners, data_dir, [spool], [auth] and [log] need a restart);
+    /// connection (listeners, data_dir, [spool], [auth], [log], [metrics] and [sendmail]
+    /// need a restart);
     /// a config that does not validate is refused and the running one stays.
     Serve {
         /// TOML config file (see tern.example.toml); without it, the embedded default
@@ -84,6 +86,18 @@ enum Command {
     User {
         #[command(subcommand)]
         command: tern::auth::cli::UserCommand,
+    },
+    /// Hand a message on stdin to the running server, as sendmail(8) does
+    ///
+    /// Takes sendmail's flags (-t, -f, -F, -i/-oi, -bs, -bp...; `tern
+    /// sendmail --help` lists them). Also what the binary does when called
+    /// `sendmail` (a symlink /usr/sbin/sendmail -> tern). Exit status from
+    /// sysexits.h: 0 queued, 75 server not running
+    #[command(disable_help_flag = true)]
+    Sendmail {
+        /// sendmail's options, then the recipients
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -152,6 +166,33 @@ struct QueueArgs {
 const EXIT_NOT_RUNNING: u8 = 75;
 
 fn main() -> ExitCode {
+    // sendmail's options are not clap's (`-oi`, `-fADDR`): its command
+    // line goes to its own parser, whichever name it came under.
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let program = args
+        .first()
+        .map(|a| {
+            Path::new(a)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    match (program.as_str(), args.get(1).map(String::as_str)) {
+        ("sendmail", _) => return sendmail(args[1..].to_vec()),
+        ("mailq", _) => {
+            return sendmail(
+                std::iter::once("-bp".to_string())
+                    .chain(args[1..].iter().cloned())
+                    .collect(),
+            );
+        }
+        (_, Some("sendmail")) => return sendmail(args[2..].to_vec()),
+        _ => {}
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(config.as_deref()),
@@ -168,6 +209,17 @@ fn main() -> ExitCode {
             command: tern::dkim::cli::DkimCommand::Generate(args),
         } => dkim_generate(&args),
         Command::DnsRecords { domain, config } => dns_records(&domain, config.as_deref()),
+        Command::Sendmail { args } => sendmail(args),
+    }
+}
+
+fn sendmail(args: Vec<String>) -> ExitCode {
+    match tern::sendmail::run(args) {
+        tern::sendmail::Action::Done(code) => code,
+        tern::sendmail::Action::ListQueue(config) => queue_list(&QueueArgs {
+            config,
+            json: false,
+        }),
     }
 }
 

@@ -25,8 +25,9 @@ use tern_proto::{Decision, ForwardPath, Mailbox, Reply};
 use tracing::info;
 
 use crate::auth::AuthenticatedUser;
-use crate::config::{Resolution, Role, Runtime};
+use crate::config::{Resolution, Role, Runtime, SenderRule};
 use crate::egress::{Egress, UserLimits};
+use crate::sendmail::LocalClient;
 use crate::spool::Route;
 use crate::submission;
 
@@ -41,6 +42,8 @@ pub struct SessionFacts {
     pub tls: bool,
     /// The authenticated user, once AUTH succeeded.
     pub user: Option<String>,
+    /// The local user's program on the sendmail socket, if that is the client.
+    pub local: Option<LocalClient>,
 }
 
 /// A hook's answer.
@@ -81,6 +84,9 @@ impl Policy<'_> {
         sender: &str,
         limits: &UserLimits,
     ) -> Verdict {
+        if let Some(client) = &facts.local {
+            return self.local_sender(facts, client, sender);
+        }
         let Some(login) = login else {
             return Decision::Accept;
         };
@@ -103,6 +109,36 @@ impl Policy<'_> {
             return Decision::Reject(reply);
         }
         Decision::Accept
+    }
+
+    /// MAIL from a local user's program: `sendmail.sender = "own"` keeps
+    /// an ordinary user to `login@origin` (and the null sender); root and
+    /// the server's own user run bounces and the administrator's scripts and
+    /// may name any sender, as may everyone under the default `"any"`.
+    fn local_sender(&self, facts: &SessionFacts, client: &LocalClient, sender: &str) -> Verdict {
+        let settings = &self.runtime.sendmail;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let ours = client.uid == 0 || client.uid == unsafe { libc::geteuid() };
+        if settings.sender == SenderRule::Any || ours || sender.is_empty() {
+            return Decision::Accept;
+        }
+        let own = client.login.as_deref().is_some_and(|login| {
+            sender.eq_ignore_ascii_case(&format!("{login}@{}", settings.origin))
+        });
+        if own {
+            return Decision::Accept;
+        }
+        info!(event = "mail.reject", session_id = facts.session_id, uid = client.uid, from = %sender, reason = "sender not owned");
+        Decision::Reject(Reply::enhanced(
+            553,
+            (5, 7, 1),
+            format!(
+                "<{sender}>: Sender address rejected: uid {} may only send as {}@{}",
+                client.uid,
+                client.login.as_deref().unwrap_or("?"),
+                settings.origin
+            ),
+        ))
     }
 
     /// DATA: the breaker may have tripped since MAIL (at one of this
@@ -178,7 +214,7 @@ impl Policy<'_> {
     /// RFC 5321 §3.6.2: relaying is for clients we know: trusted networks
     /// and authenticated users.
     fn may_relay(&self, facts: &SessionFacts) -> bool {
-        facts.user.is_some() || self.runtime.is_trusted(facts.peer.ip())
+        facts.user.is_some() || facts.local.is_some() || self.runtime.is_trusted(facts.peer.ip())
     }
 }
 
@@ -286,6 +322,7 @@ addresses = ["alice@ours.test"]
             role: Role::Mx,
             tls: false,
             user: user.map(str::to_string),
+            local: None,
         }
     }
 
@@ -303,6 +340,64 @@ addresses = ["alice@ours.test"]
             egress: &egress,
         }
         .rcpt(f, &to)
+    }
+
+    fn local(uid: u32, login: &str) -> SessionFacts {
+        SessionFacts {
+            local: Some(LocalClient {
+                uid,
+                pid: Some(42),
+                login: Some(login.into()),
+            }),
+            role: Role::Local,
+            ..facts(None, "127.0.0.1:0")
+        }
+    }
+
+    fn mail(rt: &Runtime, f: &SessionFacts, sender: &str) -> Verdict {
+        let egress = Egress::new(
+            crate::egress::EgressLimits::default(),
+            Box::new(crate::egress::MemoryCounters::default()),
+            None,
+            None,
+            Vec::new(),
+        );
+        Policy {
+            runtime: rt,
+            egress: &egress,
+        }
+        .mail(f, None, sender, &UserLimits::default())
+    }
+
+    #[test]
+    fn local_clients_relay_and_the_sender_rule_applies_to_them() {
+        let rt = runtime("");
+        // Not trusted by address (loopback is not), yet a local user may
+        // send anywhere, as Postfix's sendmail may.
+        assert!(rcpt(&rt, &facts(None, "127.0.0.1:0"), "<x@remote.test>").is_err());
+        let user = local(4242, "cron");
+        assert_eq!(
+            rcpt(&rt, &user, "<x@remote.test>").unwrap(),
+            vec![("x@remote.test".to_string(), Route::Remote)]
+        );
+        // Default "any": every sender.
+        assert_eq!(mail(&rt, &user, "ceo@bank.test"), Decision::Accept);
+        let own = runtime("[sendmail]\nsender = \"own\"");
+        assert_eq!(mail(&own, &user, "cron@ours.test"), Decision::Accept);
+        assert_eq!(mail(&own, &user, "CRON@Ours.Test"), Decision::Accept);
+        assert_eq!(mail(&own, &user, ""), Decision::Accept);
+        match mail(&own, &user, "alice@ours.test") {
+            Decision::Reject(r) => assert_eq!(
+                (r.code, r.enhanced.map(|e| (e.0, e.1, e.2))),
+                (553, Some((5, 7, 1)))
+            ),
+            other => panic!("{other:?}"),
+        }
+        // root may name any sender.
+        assert_eq!(
+            mail(&own, &local(0, "root"), "alice@ours.test"),
+            Decision::Accept
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! that start from now on), retry policy, egress limits, certificates, DKIM
 //! keys, submission settings. What needs a restart, because it is bound
 //! to a socket, a file or a thread made at start-up: listeners, data_dir,
-//! the spool, `[auth]` and `[log]`; a change there is logged with its key,
+//! the spool, `[auth]`, `[log]`, `[metrics]` and `[sendmail]`; a change there is logged with its key,
 //! and the running value stays while the rest of the reload goes ahead.
 
 use crate::config::{self, ConfigError, LiveRuntime, Runtime};
@@ -153,6 +153,14 @@ fn keep_restart_only(old: &Runtime, mut new: Runtime) -> Runtime {
     if format!("{:?}", old.log) != format!("{:?}", new.log) {
         kept.push("log");
         new.log = old.log.clone();
+    }
+    if old.metrics != new.metrics {
+        kept.push("metrics");
+        new.metrics = old.metrics;
+    }
+    if format!("{:?}", old.sendmail) != format!("{:?}", new.sendmail) {
+        kept.push("sendmail");
+        new.sendmail = old.sendmail.clone();
     }
     for key in kept {
         warn!(

@@ -163,6 +163,24 @@ pub async fn serve(runtime: Runtime, config_path: Option<PathBuf>) -> Result<(),
         crate::metrics::start(listener, sources, shutdown.clone());
     }
     tokio::spawn(answer_queue_commands(control_rx, queue_admin.clone()));
+    // Local injection (`tern sendmail`). As with the control socket, mail
+    // from the network matters more: a socket that cannot be bound is
+    // logged (local senders then exit 75 and try again) and the server runs.
+    let sendmail = if runtime.sendmail.enabled {
+        let default_folder = crate::config::default_socket(&runtime.data_dir);
+        match crate::sendmail::bind(&runtime.sendmail.socket, default_folder.parent()) {
+            Ok(listener) => {
+                info!(event = "sendmail.listening", path = %listener.path().display());
+                Some(listener)
+            }
+            Err(e) => {
+                warn!(event = "sendmail.unavailable", key = "sendmail.socket", path = %runtime.sendmail.socket.display(), error = %e, "tern sendmail cannot reach this server (sendmail.enabled = false turns the socket off)");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let ctx = Arc::new(Context {
         runtime: live.clone(),
         spool: spool.clone(),
@@ -193,6 +211,9 @@ pub async fn serve(runtime: Runtime, config_path: Option<PathBuf>) -> Result<(),
             limits.clone(),
             tracker.clone(),
         )));
+    }
+    if let Some(listener) = sendmail {
+        loops.push(tokio::spawn(listener.serve(ctx.clone(), tracker.clone())));
     }
     if embedded_default {
         print_test_hint(&runtime);

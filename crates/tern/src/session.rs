@@ -31,6 +31,7 @@ use crate::egress::{Egress, UserLimits};
 use crate::metrics::{self, Refusal};
 use crate::policy::{Policy, SessionFacts};
 use crate::queue::{QueueHandle, Work};
+use crate::sendmail::LocalClient;
 use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
 use crate::submission;
 use crate::tls::{ServerTls, TlsInfo};
@@ -155,6 +156,9 @@ struct Driver {
     login: Option<Box<AuthenticatedUser>>,
     /// A SASL exchange in progress between `334` challenges.
     exchange: Option<Box<Exchange>>,
+    /// The local user on the other end of the sendmail socket (boxed: most
+    /// sessions come over TCP).
+    local_client: Option<Box<LocalClient>>,
 }
 
 /// Runs the server side of a TLS handshake on `conn`, within `limit` (a
@@ -175,15 +179,48 @@ const DATA_PROGRESS: usize = 64 * 1024;
 
 /// Runs one connection to its end. `local` is our end of it.
 pub async fn run(
-    mut conn: Conn,
+    conn: Conn,
     peer: SocketAddr,
     local: Option<SocketAddr>,
     role: Role,
     ctx: Arc<Context>,
 ) {
     let session_id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
-    let _open = metrics::OpenSession::new();
     info!(event = "session.connect", session_id, client = %peer, %role);
+    run_session(conn, peer, local, role, None, session_id, ctx).await;
+}
+
+/// Runs one session of a local user's program on the sendmail socket
+/// (`tern sendmail`): trusted to relay as Postfix's local submission is,
+/// and known by its uid instead of an address.
+pub async fn run_local(conn: Conn, client: LocalClient, ctx: Arc<Context>) {
+    let session_id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+    info!(event = "session.connect", session_id, client = "local", uid = client.uid, pid = client.pid, login = client.login.as_deref(), role = %Role::Local);
+    // No address: the loopback one stands in where a session needs one
+    // (the uid decides trust, and the headers and envelope name the uid).
+    let peer = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+    run_session(
+        conn,
+        peer,
+        None,
+        Role::Local,
+        Some(Box::new(client)),
+        session_id,
+        ctx,
+    )
+    .await;
+}
+
+async fn run_session(
+    mut conn: Conn,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    role: Role,
+    local_client: Option<Box<LocalClient>>,
+    session_id: u64,
+    ctx: Arc<Context>,
+) {
+    let _open = metrics::OpenSession::new();
     // The whole session runs on the config it started with: a reload
     // changes what new sessions get, never the rules mid-transaction.
     let runtime = ctx.runtime.load_full();
@@ -230,6 +267,7 @@ pub async fn run(
         role,
         login: None,
         exchange: None,
+        local_client,
     };
     match driver.drive(&mut conn).await {
         Ok(()) => debug!(event = "session.close", session_id),
@@ -660,8 +698,13 @@ impl Driver {
         let id = self.ctx.spool.reserve_id();
         tx.queue_id = Some(id);
         let show_client = self.login.is_none() || self.runtime.received_client_address;
-        let header = received_header(
-            show_client.then_some((helo.as_str(), self.peer)),
+        let from = match &self.local_client {
+            Some(client) => local_from_clause(client.uid),
+            None if show_client => from_clause(&helo, self.peer),
+            None => String::new(),
+        };
+        let header = received_header_from(
+            from,
             self.tls.as_deref(),
             &self.runtime.hostname,
             protocol,
@@ -691,11 +734,13 @@ impl Driver {
         }
     }
 
-    /// For mail our own users send (authenticated, or from a trusted
-    /// network): the submission rules when authenticated (RFC 6409: author
-    /// fields must be theirs; missing `Date:`/`Message-ID:` are added), then
-    /// DKIM signatures for the author's domain. Other mail is stored as it
-    /// came. A refusal is the decision to answer with.
+    /// For mail our own users send (authenticated, local through the
+    /// sendmail socket, or from a trusted network): the submission rules
+    /// when authenticated (RFC 6409: author fields must be theirs; missing
+    /// `Date:`/`Message-ID:` are added), missing `Date:`/`Message-ID:` for
+    /// local mail too (cron and scripts often write neither), then DKIM
+    /// signatures for the author's domain. Other mail is stored as it came.
+    /// A refusal is the decision to answer with.
     async fn outgoing_fields(
         &mut self,
         draft: &mut Draft,
@@ -704,8 +749,9 @@ impl Driver {
         let runtime = &self.runtime;
         let dkim = self.ctx.dkim.load_full();
         let login = self.login.as_deref();
-        let ours = login.is_some() || runtime.is_trusted(self.peer.ip());
-        if !ours || (login.is_none() && dkim.is_empty()) {
+        let local = self.local_client.is_some();
+        let ours = login.is_some() || local || runtime.is_trusted(self.peer.ip());
+        if !ours || (login.is_none() && !local && dkim.is_empty()) {
             return Ok(());
         }
         let content = draft.content().await.map_err(|e| {
@@ -724,6 +770,9 @@ impl Driver {
                 .policy()
                 .end_of_data(&self.facts(), login, header, &id)
                 .map_err(Decision::Reject)?;
+        } else if local {
+            let id = queue_id.map(|id| id.to_string()).unwrap_or_default();
+            added = submission::missing_fields(header, &runtime.hostname, &id);
         }
         if let Some(domain) = submission::author_domain(header)
             && dkim.signs_for(&domain)
@@ -777,6 +826,7 @@ impl Driver {
             role: self.role,
             tls: self.tls.is_some(),
             user: self.login.as_ref().map(|l| l.name.clone()),
+            local: self.local_client.as_deref().cloned(),
         }
     }
 
@@ -857,7 +907,10 @@ impl Driver {
                 Ret::Hdrs => "HDRS".to_string(),
             }),
             envid: params.envid,
-            client_ip: self.peer.ip().to_string(),
+            client_ip: match &self.local_client {
+                Some(client) => format!("local uid {}", client.uid),
+                None => self.peer.ip().to_string(),
+            },
             helo: self.session.helo_domain().unwrap_or("").to_string(),
             auth_user: self.login.as_ref().map(|l| l.name.clone()),
         };
@@ -987,15 +1040,37 @@ pub fn received_header(
     rcpt: Option<&str>,
 ) -> Vec<u8> {
     let from = match client {
-        Some((helo, peer)) => {
-            let helo: String = helo
-                .chars()
-                .filter(|c| !c.is_control() && !"()\\".contains(*c))
-                .collect();
-            format!("from {helo} ({})", address_literal(peer))
-        }
+        Some((helo, peer)) => from_clause(helo, peer),
         None => String::new(),
     };
+    received_header_from(from, tls, hostname, protocol, queue_id, rcpt)
+}
+
+/// The from-clause of a TCP client: its HELO name and address literal.
+fn from_clause(helo: &str, peer: SocketAddr) -> String {
+    let helo: String = helo
+        .chars()
+        .filter(|c| !c.is_control() && !"()\\".contains(*c))
+        .collect();
+    format!("from {helo} ({})", address_literal(peer))
+}
+
+/// The from-clause of a local user's program: it has no address, and its
+/// HELO name is whatever it likes, so the uid the kernel vouched for is
+/// what names it (Postfix writes "from userid N" for the same reason).
+fn local_from_clause(uid: u32) -> String {
+    format!("from local (uid {uid})")
+}
+
+/// [`received_header`] with the from-clause made already (empty: none).
+fn received_header_from(
+    from: String,
+    tls: Option<&TlsInfo>,
+    hostname: &str,
+    protocol: &str,
+    queue_id: &str,
+    rcpt: Option<&str>,
+) -> Vec<u8> {
     let tls = tls
         .map(|t| format!("(using {} with cipher {})", t.version, t.cipher))
         .unwrap_or_default();
@@ -1076,6 +1151,23 @@ mod tests {
             .unwrap();
         assert!(
             h.starts_with("Received: by mx.test (Tern) with ESMTPSA id 1;\r\n"),
+            "{h}"
+        );
+    }
+
+    #[test]
+    fn received_header_of_a_local_client_names_its_uid() {
+        let h = String::from_utf8(received_header_from(
+            local_from_clause(1000),
+            None,
+            "mx.test",
+            "ESMTP",
+            "1",
+            Some("root@mx.test"),
+        ))
+        .unwrap();
+        assert!(
+            h.starts_with("Received: from local (uid 1000)\r\n\tby mx.test (Tern) with ESMTP id 1\r\n\tfor <root@mx.test>;\r\n"),
             "{h}"
         );
     }

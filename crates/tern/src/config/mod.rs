@@ -18,6 +18,7 @@ mod metrics;
 mod outbound;
 mod recipients;
 mod schema;
+mod sendmail;
 mod submission;
 mod validate;
 
@@ -27,6 +28,7 @@ pub use outbound::OutboundSettings;
 use recipients::MAX_ALIAS_DEPTH;
 pub use recipients::{Destination, Resolution};
 pub use schema::{FileConfig, LimitsConfig, ListenerConfig, LogConfig};
+pub use sendmail::{SenderRule, SendmailSettings, default_socket, sendmail_settings_of};
 /// Shared with route parsing, so a route names hosts by the same rules.
 pub(crate) use validate::valid_domain;
 use validate::*;
@@ -49,6 +51,9 @@ pub enum Role {
     Submission,
     /// Submission over implicit TLS (RFC 8314, port 465).
     Smtps,
+    /// `tern sendmail` on this host, over the local submission socket
+    /// (`[sendmail]`); not a listener role.
+    Local,
 }
 
 impl Role {
@@ -67,10 +72,13 @@ impl Role {
 
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = Role::NAMES
-            .iter()
-            .find(|(_, r)| *r == *self)
-            .map_or("?", |(n, _)| n);
+        let name = match self {
+            Role::Local => "local",
+            _ => Role::NAMES
+                .iter()
+                .find(|(_, r)| *r == *self)
+                .map_or("?", |(n, _)| n),
+        };
         f.write_str(name)
     }
 }
@@ -202,6 +210,8 @@ pub struct Runtime {
     pub received_client_address: bool,
     /// `metrics.address`: where `GET /metrics` is served; `None`: off.
     pub metrics: Option<SocketAddr>,
+    /// `[sendmail]`: the local submission socket.
+    pub sendmail: SendmailSettings,
 }
 
 impl Runtime {
@@ -224,6 +234,11 @@ impl Runtime {
     /// TLS only, or also in plain text to loopback clients when
     /// `auth.plaintext_on_loopback` says so, and require it before MAIL.
     pub fn server_config_for(&self, role: Role, peer: IpAddr) -> tern_proto::ServerConfig {
+        // A local user's program: no TLS to offer over a Unix socket, and
+        // the kernel's peer credentials stand in for AUTH.
+        if role == Role::Local {
+            return self.server_config();
+        }
         let submission = role != Role::Mx;
         tern_proto::ServerConfig {
             // There is always a certificate (a self-signed one by default);
@@ -542,6 +557,7 @@ impl Runtime {
         let auth = auth::check_auth(&file.auth, base, &data_dir, &mut errors);
         let egress = submission::check_submission(&file, &mut errors);
         let metrics = metrics::check_metrics(&file, &listeners, &mut errors);
+        let sendmail = sendmail::check_sendmail(&file, base, &data_dir, &mut errors);
         if !matches!(file.log.format.as_str(), "text" | "json") {
             errors.push("log.format", "must be \"text\" or \"json\"");
         }
@@ -585,6 +601,7 @@ impl Runtime {
             egress,
             received_client_address: file.submission.received_client_address,
             metrics,
+            sendmail,
         };
         // Each target must lead somewhere: a loop, a chain deeper than the
         // expansion allows or a local address nobody owns would otherwise

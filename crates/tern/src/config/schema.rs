@@ -46,6 +46,8 @@ pub struct FileConfig {
     pub submission: super::submission::SubmissionConfig,
     #[serde(default)]
     pub metrics: super::metrics::MetricsConfig,
+    #[serde(default)]
+    pub sendmail: super::sendmail::SendmailConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -127,7 +127,9 @@ impl Draft {
     }
 
     /// Hand the body over to the committer.
-    pub(crate) async fn into_body(mut self) -> std::io::Result<Body> {
+    /// The body, taken out; the draft still counts as being received
+    /// until it is dropped (see `Spool::commit_as`).
+    pub(crate) async fn take_body(&mut self) -> std::io::Result<Body> {
         let prefix = std::mem::take(&mut self.prefix);
         let content = self.content_body().await?;
         Ok(if prefix.is_empty() {

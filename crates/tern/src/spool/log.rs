@@ -180,7 +180,7 @@ impl Spool {
         &self,
         id: MsgId,
         mut envelope: Envelope,
-        draft: Draft,
+        mut draft: Draft,
     ) -> Result<MsgId, SpoolError> {
         if self.inner.shared.closed.load(Ordering::Acquire) {
             return Err(SpoolError::Closed);
@@ -194,14 +194,18 @@ impl Spool {
         // scratch file.
         let head = msg_head(id, &envelope).map_err(SpoolError::Corrupt)?;
         check_payload_len(head.len() as u64 + envelope.size)?;
-        let body = draft.into_body().await?;
-        self.request(Op::Msg {
+        let body = draft.take_body().await?;
+        let sent = self.send(Op::Msg {
             id,
             env: Box::new(envelope),
             head,
             body,
-        })
-        .await?;
+        });
+        // The committer's gather waits while bodies are still being
+        // received: this one counts as such until its request is queued,
+        // or a batch could leave without it for one sync of its own.
+        drop(draft);
+        sent?.await.map_err(|_| SpoolError::Closed)??;
         Ok(id)
     }
 

@@ -76,7 +76,7 @@ async fn bad_records_fail_alone(prealloc: bool) {
     let mut d = Draft::new(dcfg.clone());
     let big = vec![b'B'; 6 << 20];
     d.write(&big).await.unwrap();
-    let short = d.into_body().await.unwrap();
+    let short = d.take_body().await.unwrap();
     let Body::File(s) = &short else {
         panic!("spilled")
     };
