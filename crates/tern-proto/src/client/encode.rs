@@ -12,8 +12,9 @@
 //!   nobody smuggles a message through us). A NUL octet is dropped: it is
 //!   not text (RFC 5322, RFC 6152), and a server that strips NULs would read
 //!   `<CRLF>NUL.<CRLF>` as the end of data.
-//! - No line is longer than 998 octets before its CRLF (RFC 5321
-//!   §4.5.3.1.6, RFC 5322 §2.1.1), not counting a stuffing dot. A longer
+//! - Unless folding is off (below), no line is longer than 998 octets
+//!   before its CRLF (RFC 5321 §4.5.3.1.6, RFC 5322 §2.1.1), not counting
+//!   a stuffing dot. A longer
 //!   line is folded, never cut:
 //!   - in the header section, CRLF is inserted before the last space or tab
 //!     that leaves some text on the line (RFC 5322 §2.2.3 folding: unfolding
@@ -33,8 +34,9 @@
 //!   [`ContentEncoder::keep_long_lines`] turns folding off, for LMTP into a
 //!   mailbox store: the message arrives as it was received (a store has no
 //!   1000-octet limit to meet, and nobody relays after it).
-//! - In DATA mode every line starting with `.` gets one more `.` (also the
-//!   second half of a folded line), and `.` CRLF appears only at the end.
+//! - In DATA mode every line starting with `.` gets one more `.` (the rest
+//!   of a folded line starts with white space and never needs it), and
+//!   `.` CRLF appears only at the end.
 //! - Content that does not end with CRLF gets one, so the terminator is
 //!   always on a line of its own.
 //! - Memory is bounded: at most one line (998 octets) is held back, also
