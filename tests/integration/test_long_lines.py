@@ -6,7 +6,8 @@ accepted with no line limit configured (the default), each copy in the
 Maildir byte for byte what swaks sent after our trace fields; a 5,000-octet
 body line and a 2,000-octet header line without white space delivered locally
 byte for byte; a configured `limits.max_text_line` answered 554 5.6.0 with
-the session going on; relaying to the scripted peer (smtpeer) folds: no line
+the session going on; a 40 MiB line held to the size limit (552 5.3.4, the
+server's peak memory does not grow with it); relaying to the scripted peer (smtpeer) folds: no line
 over 998 octets, the long header field unfolds back to the original, and the
 body line comes back when the CRLF SP breaks are joined; LMTP (into a store)
 gets the long lines whole; a message Tern DKIM-signs with long lines still
@@ -149,6 +150,34 @@ def test_a_configured_line_limit_refuses_554_and_the_session_goes_on(tern):
         queued_id(c.cmd(b"Subject: fits\r\n\r\n" + b"z" * 998 + b"\r\n."))
     (mail,) = srv.wait_for_mail("alice", 1)
     assert b"Subject: fits" in mail and b"z" * 998 in mail
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_one_huge_line_is_bounded_by_the_message_size_limit(tern):
+    # No line limit, so only the size limit stands between a 40 MiB line and
+    # memory: the server's peak resident size must not grow with the line.
+    srv = tern({"limits": {"max_message_size": 1 << 20}})
+    with srv.connect() as c:
+        c.ehlo()
+        assert c.cmd("MAIL FROM:<sender@remote.test>").code == 250
+        assert c.cmd("RCPT TO:<alice@example.test>").code == 250
+        assert c.cmd("DATA").code == 354
+        before = peak_rss_kib(srv.proc.pid)
+        c.send(b"Subject: huge\r\n\r\n")
+        chunk = b"x" * (1 << 20)
+        for _ in range(40):
+            c.send(chunk)
+        c.send(b"\r\n.\r\n")
+        c.expect(552, "5.3.4", timeout=60)
+        grown = peak_rss_kib(srv.proc.pid) - before
+        assert grown < 16 * 1024, f"peak RSS grew by {grown} KiB for a 40 MiB line"
+        assert c.cmd("RSET").code == 250
 
 
 def test_relay_folds_long_lines_to_998(tern, dns, peers):
