@@ -26,12 +26,21 @@ const RECIPIENTS: [&str; 4] = [
 
 fn message(flags: u8) -> Message {
     let n = 1 + usize::from(flags & 3);
-    let content: &[u8] = match flags >> 2 & 3 {
-        0 => b"Subject: t\r\n\r\nbody\r\n",
-        1 => b"Subject: t\r\n\r\n.dot\r\n.\r\nbare\nlf\r",
-        2 => b"Subject: caf\xc3\xa9\r\n\r\n8bit \xe9\r\n",
-        _ => b"",
+    let mut content: Vec<u8> = match flags >> 2 & 3 {
+        0 => b"Subject: t\r\n\r\nbody\r\n".to_vec(),
+        1 => b"Subject: t\r\n\r\n.dot\r\n.\r\nbare\nlf\r".to_vec(),
+        2 => b"Subject: caf\xc3\xa9\r\n\r\n8bit \xe9\r\n".to_vec(),
+        _ => Vec::new(),
     };
+    if flags & 3 == 3 {
+        // Lines over 998 octets: folded over SMTP, whole over LMTP.
+        let mut long = b"To: ".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 1200));
+        long.extend_from_slice(b"\r\n\r\n.");
+        long.extend(std::iter::repeat_n(b'b', 2100));
+        long.extend_from_slice(b"\r\n");
+        content.splice(0..0, long);
+    }
     let recipients = RECIPIENTS[..n]
         .iter()
         // Only flag 16 puts the UTF-8 address in.
@@ -52,7 +61,7 @@ fn message(flags: u8) -> Message {
             ..MailParams::default()
         },
         recipients,
-        content: content.to_vec().into(),
+        content: content.into(),
     }
 }
 

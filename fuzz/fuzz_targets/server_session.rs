@@ -190,7 +190,8 @@ fuzz_target!(|data: &[u8]| {
             BareLfPolicy::Reject
         },
         max_command_line: if small { 512 } else { 4096 },
-        max_text_line: if small { 40 } else { 1000 },
+        // 0: no line limit, the default (lines of any length are content).
+        max_text_line: if small { 40 } else { 0 },
         max_message_size: if small { 200 } else { 0 },
         max_recipients: if small { 2 } else { 100 },
         max_errors: if flags & 4 != 0 { 0 } else { 20 },

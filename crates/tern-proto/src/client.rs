@@ -45,7 +45,8 @@
 //!   is (its conversion to 7 bits is itself, RFC 6152 §3), and SMTPUTF8 is
 //!   needed for a UTF-8 envelope, or for a message received with SMTPUTF8
 //!   whose header section holds non-ASCII (as Postfix decides).
-//! - No bare CR or LF and no line over 998 octets is sent ([`ContentEncoder`]).
+//! - No bare CR or LF is sent, and over SMTP no line over 998 octets
+//!   ([`ContentEncoder`]; over LMTP long lines go whole, into a store).
 //! - A reply 421 to anything, or any reply out of sequence, malformed or
 //!   unsolicited, ends the connection; recipients without a final outcome
 //!   then fail temporarily.

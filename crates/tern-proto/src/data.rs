@@ -17,12 +17,17 @@
 //!   other octet for framing: `<CRLF>NUL.<CRLF>` does not end DATA.
 //! - Once a problem is found, no more output is produced; the first problem
 //!   found is the one reported.
-//! - Memory is constant: a few counters and a 16-byte header prefix.
+//! - Memory is constant: a few counters and a 16-byte header prefix. A line
+//!   is never held: its octets go to the output as they arrive, so a single
+//!   line of any length (with no line limit set) costs nothing here, and the
+//!   output stops at the message size limit like any other content.
 //!
-//! Checks: line length (§4.5.3.1.6, not counting a stuffing dot), message
-//! size (RFC 1870), `Received:` count in the header section (loop
-//! detection, §6.3). BDAT content gets the same checks (CHUNKING without
-//! BINARYMIME still carries text lines), but no dot handling.
+//! Checks: line length (§4.5.3.1.6, not counting a stuffing dot; off with
+//! `max_line` 0, the server's default: real senders write longer lines and
+//! refusing them loses their mail), message size (RFC 1870), `Received:`
+//! count in the header section (loop detection, §6.3). BDAT content gets the
+//! same checks (CHUNKING without BINARYMIME still carries text lines), but
+//! no dot handling.
 //!
 //! Not done: MIME or header parsing beyond the `Received:` prefix, adding
 //! trace headers.
@@ -37,8 +42,7 @@ use crate::server::{BareLfPolicy, NulPolicy};
 pub enum ContentError {
     /// A bare CR or LF under `BareLfPolicy::Reject`: 550 5.5.2.
     BareLineEnding,
-    /// A line longer than the limit (§4.5.3.1.6): 554 5.6.0, a content
-    /// error, not a command syntax error.
+    /// A line longer than the configured limit (§4.5.3.1.6): 554 5.6.0.
     LineTooLong,
     /// A NUL octet under `NulPolicy::Reject`: 550 5.6.0.
     Nul,
@@ -77,6 +81,13 @@ impl ContentError {
                 Some(EnhancedCode(5, 5, 2)),
                 "Error: bare <LF> or <CR> in message",
             ),
+            // RFC 3463 X.6.0 ("something about the content of a message
+            // caused it to be considered undeliverable"): a line length is a
+            // property of the content. X.3.4 with 552 says the message is
+            // too big for the system, which is the size limit's reply and
+            // would have the sender retry a smaller message, not the same
+            // one with shorter lines. 554: the transaction failed (§4.2.2),
+            // as for every other content refusal here.
             ContentError::LineTooLong => Reply::new(
                 554,
                 Some(EnhancedCode(5, 6, 0)),
@@ -102,7 +113,8 @@ impl ContentError {
 pub struct ContentLimits {
     /// Maximum message octets after unstuffing; 0 = unlimited.
     pub max_size: u64,
-    /// Maximum line length including CRLF; 0 = unlimited.
+    /// Maximum line length including CRLF; 0 = unlimited (memory stays
+    /// bounded either way: see the module header).
     pub max_line: usize,
     /// Maximum `Received:` fields in the header section.
     pub max_received: usize,

@@ -2,6 +2,28 @@
 
 use super::*;
 
+#[test]
+fn no_line_limit_passes_any_line_length() {
+    let mut dec = ContentDecoder::dot(ContentLimits {
+        max_line: 0,
+        ..limits(BareLfPolicy::Reject)
+    });
+    let mut input = b"To: ".to_vec();
+    input.extend(std::iter::repeat_n(b'a', 100_000));
+    input.extend_from_slice(b"\r\n\r\n.x\r\n.\r\n");
+    for step in [1, 7, 4096, input.len()] {
+        let mut dec = dec.clone();
+        let (out, used, done) = decode(&mut dec, &input, step);
+        assert!(done && used == input.len() && dec.error().is_none());
+        assert_eq!(out, [&input[..input.len() - 7], b"x\r\n"].concat());
+    }
+    // A limit set: the same line is refused.
+    dec = ContentDecoder::dot(limits(BareLfPolicy::Reject));
+    let (_, _, done) = decode(&mut dec, &input, 4096);
+    assert!(done);
+    assert_eq!(dec.error(), Some(ContentError::LineTooLong));
+}
+
 fn limits(bare_lf: BareLfPolicy) -> ContentLimits {
     ContentLimits {
         max_size: 0,
@@ -254,7 +276,8 @@ mod split_equivalence {
         #[test]
         fn whole_input_equals_byte_at_a_time(
             input in content(),
-            max_line in 3usize..60,
+            // 0: no line limit (the server's default).
+            max_line in prop_oneof![Just(0usize), 3usize..60],
             max_size in 0u64..300,
             max_received in 0usize..3,
             dot in any::<bool>(),

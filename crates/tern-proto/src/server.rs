@@ -97,7 +97,10 @@ pub struct ServerConfig {
     pub greeting_text: String,
     /// Longest command line including CRLF (§4.5.3.1.4 requires ≥ 512).
     pub max_command_line: usize,
-    /// Longest DATA line including CRLF (§4.5.3.1.6: 1000).
+    /// Longest content line including CRLF (§4.5.3.1.6 names 1000 as the
+    /// least a server must take); 0 = no limit, the default. A longer line
+    /// gets 554 5.6.0 after the content. Memory does not depend on it: the
+    /// decoder never holds a line (see [`crate::data`]).
     pub max_text_line: usize,
     /// SIZE limit in octets of message content; 0 = unlimited.
     pub max_message_size: u64,
@@ -142,7 +145,7 @@ impl Default for ServerConfig {
             hostname: "localhost".to_string(),
             greeting_text: "ESMTP Tern".to_string(),
             max_command_line: 4096,
-            max_text_line: 1000,
+            max_text_line: 0,
             max_message_size: 25 * 1024 * 1024,
             max_recipients: 100,
             max_errors: 20,

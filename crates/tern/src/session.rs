@@ -777,6 +777,27 @@ impl Driver {
         if let Some(domain) = submission::author_domain(header)
             && dkim.signs_for(&domain)
         {
+            let content = match as_relayed(&content) {
+                Some(folded) => {
+                    // A relay would fold the long lines after we signed
+                    // them, and the signature would fail at the receiver:
+                    // store (and so deliver and relay) the folded form, and
+                    // sign that. Called before any prepend, so the new
+                    // draft holds all there is.
+                    let mut replacement = self.ctx.spool.draft();
+                    if let Err(e) = replacement.write(&folded).await {
+                        warn!(event = "draft.error", session_id = self.session_id, error = %e);
+                        return Err(Decision::Reject(Reply::enhanced(
+                            451,
+                            (4, 3, 0),
+                            "Error: local error in processing, try again later",
+                        )));
+                    }
+                    *draft = replacement;
+                    folded
+                }
+                None => content,
+            };
             let mut message = Vec::with_capacity(added.len() + content.len());
             message.extend_from_slice(&added);
             message.extend_from_slice(&content);
@@ -950,6 +971,18 @@ impl Driver {
             }
         }
     }
+}
+
+/// `content` as the SMTP client sends it (lines over 998 octets folded, see
+/// `tern_proto::client::ContentEncoder`), or `None` when that is `content`
+/// itself: the form a signature must cover to survive our own relaying.
+fn as_relayed(content: &[u8]) -> Option<Vec<u8>> {
+    // Folding adds a few octets per 998: room for them up front.
+    let mut out = Vec::with_capacity(content.len() + content.len() / 256 + 2);
+    let mut encoder = tern_proto::client::ContentEncoder::chunked();
+    encoder.feed(content, &mut out);
+    encoder.finish(&mut out);
+    (out != content).then_some(out)
 }
 
 /// The egress limits for one RCPT of an authenticated user: each remote
@@ -1306,5 +1339,22 @@ mod tests {
             "SUCCESS,FAILURE"
         );
         assert_eq!(notify_string(&n(false, false, false, true)), "DELAY");
+    }
+
+    #[test]
+    fn signed_content_is_what_a_relay_sends() {
+        let plain = b"From: a@ours.test\r\nTo: b@x.test\r\n\r\nhi\r\n";
+        assert_eq!(as_relayed(plain), None);
+        let mut long = b"From: a@ours.test\r\nTo: ".to_vec();
+        for i in 0..150 {
+            long.extend_from_slice(format!("user{i}@x.test, ").as_bytes());
+        }
+        long.extend_from_slice(b"end@x.test\r\n\r\n");
+        long.extend(std::iter::repeat_n(b'b', 5000));
+        long.extend_from_slice(b"\r\n");
+        let folded = as_relayed(&long).expect("long lines are folded");
+        assert!(folded.split(|&b| b == b'\n').all(|l| l.len() <= 1000));
+        // Already folded: a relay sends it unchanged, so the signature holds.
+        assert_eq!(as_relayed(&folded), None);
     }
 }

@@ -127,20 +127,74 @@ fn long_header_without_whitespace_gets_a_continuation_space() {
 }
 
 #[test]
-fn long_body_line_breaks_at_998_and_stuffs_the_rest() {
+fn long_body_line_breaks_at_998_with_a_space_as_postfix_does() {
     let mut input = b"H: v\r\n\r\n".to_vec();
     input.extend(std::iter::repeat_n(b'x', MAX_TEXT_LINE));
     input.extend_from_slice(b".tail\r\n");
     let out = encode(true, &input, 333);
     let ls = lines(&out);
     assert_eq!(ls[2].len(), MAX_TEXT_LINE);
-    // The second half starts with a dot: it is stuffed like any line.
-    assert_eq!(ls[3], b"..tail");
+    // The rest follows CRLF SP, so it never starts with a dot to stuff.
+    assert_eq!(ls[3], b" .tail");
     let (content, n, done, err) = decode(&out);
     assert!(done && err.is_none() && n == out.len());
     let mut expected = input[..8 + MAX_TEXT_LINE].to_vec();
-    expected.extend_from_slice(b"\r\n.tail\r\n");
+    expected.extend_from_slice(b"\r\n .tail\r\n");
     assert_eq!(content, expected);
+}
+
+/// Encodes with folding off, in pieces of `step` octets.
+fn encode_whole(dot: bool, input: &[u8], step: usize) -> Vec<u8> {
+    let e = if dot {
+        ContentEncoder::dot()
+    } else {
+        ContentEncoder::chunked()
+    };
+    let mut e = e.keep_long_lines();
+    let mut out = Vec::new();
+    for piece in input.chunks(step.max(1)) {
+        e.feed(piece, &mut out);
+    }
+    e.finish(&mut out);
+    out
+}
+
+/// The server's decoder without a line limit.
+fn decode_unlimited(wire: &[u8]) -> (Vec<u8>, usize, bool, Option<crate::data::ContentError>) {
+    let mut d = ContentDecoder::dot(ContentLimits {
+        max_size: 0,
+        max_line: 0,
+        max_received: usize::MAX,
+        bare_lf: BareLfPolicy::Reject,
+        nul: NulPolicy::Reject,
+    });
+    let mut out = Vec::new();
+    let (n, done) = d.feed(wire, &mut out);
+    (out, n, done, d.error())
+}
+
+#[test]
+fn keep_long_lines_sends_them_whole_and_stuffed() {
+    let mut input = b"To: ".to_vec();
+    input.extend(std::iter::repeat_n(b'a', 3000));
+    input.extend_from_slice(b"\r\n\r\n.");
+    input.extend(std::iter::repeat_n(b'b', 5000));
+    input.extend_from_slice(b"\r\nend");
+    for step in [1, 100, 999, 10_000] {
+        let out = encode_whole(true, &input, step);
+        let ls = lines(&out);
+        assert_eq!(ls.len(), 5, "step {step}");
+        assert_eq!(ls[0].len(), 3004);
+        assert!(ls[1].is_empty());
+        assert_eq!(&ls[2][..2], b"..", "stuffed once, at the line's start");
+        assert_eq!(ls[2].len(), 5002);
+        assert_eq!((ls[3], ls[4]), (&b"end"[..], &b"."[..]));
+        let (content, n, done, err) = decode_unlimited(&out);
+        assert!(done && err.is_none() && n == out.len());
+        assert_eq!(content, [&input[..], b"\r\n"].concat());
+        let chunked = encode_whole(false, &input, step);
+        assert_eq!(chunked, [&input[..], b"\r\n"].concat());
+    }
 }
 
 #[test]
@@ -174,6 +228,111 @@ fn join_crlf(ls: &[Vec<u8>]) -> Vec<u8> {
         v.extend_from_slice(b"\r\n");
     }
     v
+}
+
+/// RFC 5322 §2.2.3 unfolding: every CRLF followed by a space or tab goes.
+fn unfold(v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    while i < v.len() {
+        if v[i..].starts_with(b"\r\n") && matches!(v.get(i + 2), Some(b' ' | b'\t')) {
+            i += 2;
+            continue;
+        }
+        out.push(v[i]);
+        i += 1;
+    }
+    out
+}
+
+/// A header field with words of 1..`max_word` octets between single spaces
+/// or tabs, fewer than `max_words` of them.
+fn arb_field(max_word: usize, max_words: usize) -> impl Strategy<Value = Vec<u8>> {
+    (
+        prop::collection::vec(
+            (
+                prop::collection::vec(
+                    prop_oneof![Just(b'a'), Just(b'.'), Just(b','), 33u8..=126],
+                    1..max_word,
+                ),
+                prop_oneof![Just(b' '), Just(b'\t')],
+            ),
+            1..max_words,
+        ),
+        "[A-Za-z-]{1,20}",
+    )
+        .prop_map(|(words, name)| {
+            let mut f = name.into_bytes();
+            f.extend_from_slice(b": ");
+            for (w, sep) in words {
+                f.extend_from_slice(&w);
+                f.push(sep);
+            }
+            f.extend_from_slice(b"end");
+            f
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Folding a long header field at its whitespace: no line over 998
+    /// octets, and unfolding gives the field back exactly.
+    #[test]
+    fn folded_headers_unfold_to_the_original(
+        field in arb_field(60, 400),
+        step in 1usize..2000,
+        dot in any::<bool>(),
+    ) {
+        let mut input = field.clone();
+        input.extend_from_slice(b"\r\nSubject: x\r\n\r\nbody\r\n");
+        let out = encode(dot, &input, step);
+        for l in lines(&out) {
+            let stuffed = usize::from(dot && l.starts_with(b".."));
+            prop_assert!(l.len() - stuffed <= MAX_TEXT_LINE);
+        }
+        let sent = if dot { decode(&out).0 } else { out };
+        prop_assert_eq!(unfold(&sent), unfold(&input));
+        // Only the long field was touched.
+        prop_assert!(sent.ends_with(b"\r\nSubject: x\r\n\r\nbody\r\n"));
+    }
+
+    /// A field with words too long to fold at whitespace still ends up in
+    /// lines of at most 998 octets, each continuation starting with
+    /// whitespace (still the same field), with no octet lost.
+    #[test]
+    fn unfoldable_headers_are_broken_within_the_field(
+        field in arb_field(3000, 12),
+        step in prop_oneof![1usize..10, 500usize..5000],
+    ) {
+        let mut input = field.clone();
+        input.extend_from_slice(b"\r\n\r\n");
+        let out = encode(false, &input, step);
+        let ls = lines(&out);
+        prop_assert!(ls.iter().all(|l| l.len() <= MAX_TEXT_LINE));
+        let blank = ls.iter().position(|l| l.is_empty());
+        prop_assert_eq!(blank, Some(ls.len() - 1), "one field, then the blank line");
+        prop_assert!(ls[1..ls.len() - 1].iter().all(|l| matches!(l[0], b' ' | b'\t')));
+        let strip = |v: &[u8]| -> Vec<u8> { v.iter().copied().filter(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n')).collect() };
+        prop_assert_eq!(strip(&out), strip(&input));
+    }
+
+    /// Without folding, any clean content comes out as it went in.
+    #[test]
+    fn keep_long_lines_round_trips(
+        ls in prop::collection::vec(arb_text_line(), 0..20),
+        step in 1usize..3000,
+    ) {
+        let input = join_crlf(&ls);
+        let out = encode_whole(true, &input, step);
+        let (content, n, done, err) = decode_unlimited(&out);
+        prop_assert!(done);
+        prop_assert_eq!(err, None);
+        prop_assert_eq!(n, out.len());
+        prop_assert_eq!(content, input.clone());
+        prop_assert_eq!(encode_whole(false, &input, step), input);
+    }
+
 }
 
 proptest! {

@@ -76,6 +76,23 @@ struct Body {
     offset: usize,
 }
 
+/// The content encoder for DATA (`dot`) or BDAT. Over LMTP, long lines go
+/// as they are: LMTP delivers into the final store (RFC 2033 §1), where the
+/// message should be what we received, and no relay follows that could
+/// refuse them. Over SMTP they are folded to 998 octets.
+fn content_encoder(dot: bool, lmtp: bool) -> ContentEncoder {
+    let encoder = if dot {
+        ContentEncoder::dot()
+    } else {
+        ContentEncoder::chunked()
+    };
+    if lmtp {
+        encoder.keep_long_lines()
+    } else {
+        encoder
+    }
+}
+
 impl Body {
     /// Encodes the next `chunk_size` octets of content; true when that was
     /// the end (the encoder is then finished).
@@ -386,7 +403,7 @@ impl Client {
             // RFC 3030 §4.2: BDAT may be pipelined after the RCPTs; if
             // none is accepted the chunk is read and refused, nothing more.
             let mut body = Body {
-                encoder: ContentEncoder::chunked(),
+                encoder: content_encoder(false, self.config.protocol == Protocol::Lmtp),
                 offset: 0,
             };
             let content = run.message.content.clone();
@@ -485,7 +502,7 @@ impl Client {
             Expect::Data => match class {
                 3 => {
                     tx.body = Some(Body {
-                        encoder: ContentEncoder::dot(),
+                        encoder: content_encoder(true, lmtp),
                         offset: 0,
                     });
                     self.expect.push_back(Expect::Final);
@@ -598,7 +615,7 @@ impl Client {
         if tx.chunked {
             if !tx.pipelined {
                 tx.body = Some(Body {
-                    encoder: ContentEncoder::chunked(),
+                    encoder: content_encoder(false, self.config.protocol == Protocol::Lmtp),
                     offset: 0,
                 });
             }

@@ -636,8 +636,17 @@ fn data_limits() {
     assert_eq!(count(&ev, |e| *e == Event::Query(Query::EndOfData)), 0);
     assert!(body(&ev).len() <= 10);
 
+    // No line limit by default: a long line is content like any other.
     let long = vec![b'x'; 2000];
     let ev = run_events_with(config(), &[head, &long, b"\r\n.\r\n"], accept);
+    assert!(replies(&ev).ends_with("354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok\r\n"));
+    assert_eq!(body(&ev), [&long[..], b"\r\n"].concat());
+    // With one, the message is refused.
+    let cfg = ServerConfig {
+        max_text_line: 1000,
+        ..config()
+    };
+    let ev = run_events_with(cfg, &[head, &long, b"\r\n.\r\n"], accept);
     assert!(replies(&ev).ends_with("554 5.6.0 Error: message line too long\r\n"));
     assert_eq!(
         count(&ev, |e| *e

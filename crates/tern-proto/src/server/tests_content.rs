@@ -198,6 +198,94 @@ const TRANSCRIPT: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@b> SIZE=20\r\nRCPT TO:<x
 Subject: x\r\n\r\n..a\r\nb\n.\r\n.\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\nBDAT 3\r\n\r\n.BDAT 2 LAST\r\n\r\n\
 NOOP\r\nFOO\r\nNOOP \x01\r\nVRFY x\r\nQUIT\r\n";
 
+#[test]
+fn long_lines_are_content_by_default() {
+    // A 3.5 KB To: line (swaks, 150 recipients) and a 5000-octet body line,
+    // in DATA and in BDAT, arrive byte for byte.
+    let mut msg = b"To: ".to_vec();
+    for i in 0..150 {
+        msg.extend_from_slice(format!("user{i:03}@example.test, ").as_bytes());
+    }
+    msg.extend_from_slice(b"last@example.test\r\n\r\n");
+    msg.extend(std::iter::repeat_n(b'b', 5000));
+    msg.extend_from_slice(b"\r\n");
+    let mut data = msg.clone();
+    data.extend_from_slice(b".\r\n");
+    let ev = run_events_with(config(), &[HEAD, &data], accept);
+    assert!(replies(&ev).ends_with("354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok\r\n"));
+    assert_eq!(body(&ev), msg);
+    let bdat = format!("BDAT {} LAST\r\n", msg.len());
+    let head: &[u8] = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\n";
+    let ev = run_events_with(config(), &[head, bdat.as_bytes(), &msg], accept);
+    assert!(replies(&ev).ends_with("250 2.0.0 Ok\r\n"));
+    assert_eq!(body(&ev), msg);
+}
+
+#[test]
+fn a_configured_line_limit_refuses_the_message_and_the_session_goes_on() {
+    let cfg = ServerConfig {
+        max_text_line: 1000,
+        ..config()
+    };
+    let mut long = vec![b'x'; 1001];
+    long.extend_from_slice(b"\r\n.\r\n");
+    let ev = run_events_with(
+        cfg,
+        &[
+            HEAD,
+            &long,
+            b"RSET\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@b>\r\nDATA\r\n",
+            b"ok\r\n.\r\n",
+        ],
+        accept,
+    );
+    assert!(
+        replies(&ev).ends_with(
+            "554 5.6.0 Error: message line too long\r\n250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n\
+             250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok\r\n"
+        ),
+        "{}",
+        replies(&ev)
+    );
+    assert_eq!(count(&ev, |e| *e == Event::Query(Query::EndOfData)), 1);
+    // Exactly 1000 octets with CRLF is within the limit.
+    let mut fits = vec![b'x'; 998];
+    fits.extend_from_slice(b"\r\n.\r\n");
+    let cfg = ServerConfig {
+        max_text_line: 1000,
+        ..config()
+    };
+    let ev = run_events_with(cfg, &[HEAD, &fits], accept);
+    assert!(replies(&ev).ends_with("250 2.0.0 Ok\r\n"));
+}
+
+#[test]
+fn one_huge_line_is_bounded_by_the_size_limit() {
+    // 4 MiB without a line end, fed in 64 KiB reads (as the driver does):
+    // the session holds no more than one read, emits no more than the size
+    // limit, and refuses the message as too large.
+    let cfg = ServerConfig {
+        max_message_size: 100_000,
+        ..config()
+    };
+    let mut s = Session::new(cfg);
+    let mut log = Vec::new();
+    let mut decide = accept;
+    drain(&mut s, &mut decide, &mut log);
+    s.receive(HEAD);
+    drain(&mut s, &mut decide, &mut log);
+    let read = vec![b'y'; 64 * 1024];
+    for _ in 0..64 {
+        s.receive(&read);
+        drain(&mut s, &mut decide, &mut log);
+        assert!(s.input.is_empty());
+    }
+    s.receive(b"\r\n.\r\n");
+    drain(&mut s, &mut decide, &mut log);
+    assert!(body(&log).len() <= 100_000);
+    assert!(replies(&log).ends_with("552 5.3.4 Error: message too large\r\n"));
+}
+
 fn transcript_decide(q: &Query) -> Decision {
     match q {
         Query::Rcpt {
@@ -283,10 +371,11 @@ proptest! {
         chunks in prop::collection::vec(arb_chunk(), 0..30),
         verdicts in prop::collection::vec(0u8..5, 1..8),
         normalize in any::<bool>(),
+        line_limit in any::<bool>(),
     ) {
         let cfg = ServerConfig {
             max_command_line: 64,
-            max_text_line: 32,
+            max_text_line: if line_limit { 32 } else { 0 },
             max_message_size: 100,
             max_recipients: 3,
             max_errors: 10,
@@ -312,6 +401,8 @@ proptest! {
             // Waiting for input (never for a decision we already gave).
             prop_assert!(s.is_closed() || s.wants_input());
             prop_assert!(s.input.len() <= 64 + 40 || !matches!(s.mode, Mode::Command));
+            // Content is never held back, whatever its line lengths.
+            prop_assert!(s.input.is_empty() || !matches!(s.mode, Mode::Data));
         }
         check_invariants(&log)?;
         s.eof();

@@ -135,7 +135,11 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_command_line: 4096,
-            max_text_line: 1000,
+            // No limit: real senders write longer lines (swaks puts 150
+            // recipients on one 3.5 KB To: line) and refusing them loses
+            // their mail; memory is bounded by max_message_size either way,
+            // and relaying folds what it sends (tern_proto::client).
+            max_text_line: 0,
             max_message_size: 25 * 1024 * 1024,
             max_recipients: 100,
             max_errors: 20,

@@ -50,13 +50,19 @@ fn embedded_default_is_valid() {
 #[test]
 fn users_aliases_subaddress_postmaster_catch_all() {
     let rt = rt();
+    // The copy names the address as given: the local part's case and its
+    // tag kept, the domain lower-cased (Postfix's Delivered-To).
     assert_eq!(
         rt.resolve("ALICE", "Example.Test"),
-        Resolution::Local(vec![local("alice@example.test", "alice")])
+        Resolution::Local(vec![local("ALICE@example.test", "alice")])
     );
     assert_eq!(
         rt.resolve("alice+news", "example.test"),
-        Resolution::Local(vec![local("alice@example.test", "alice")])
+        Resolution::Local(vec![local("alice+news@example.test", "alice")])
+    );
+    assert_eq!(
+        rt.resolve("Alice.Smith+Lists", "example.test"),
+        Resolution::Local(vec![local("Alice.Smith+Lists@example.test", "alice")])
     );
     assert_eq!(rt.resolve("nobody", "example.test"), Resolution::Unknown);
     assert_eq!(rt.resolve("x", "remote.test"), Resolution::Relay);
@@ -68,9 +74,28 @@ fn users_aliases_subaddress_postmaster_catch_all() {
         rt.resolve_postmaster(),
         Resolution::Local(vec![local("alice@example.test", "alice")])
     );
+    // A catch-all reaches its user by name: the name at that domain.
     assert_eq!(
         rt.resolve("anything", "other.test"),
-        Resolution::Local(vec![local("bob@example.test", "bob")])
+        Resolution::Local(vec![local("bob@other.test", "bob")])
+    );
+    // An alias names its target as written; a bare user name is qualified
+    // with the alias's domain (Postfix: with $myorigin).
+    assert_eq!(
+        rt.resolve("Keep+x", "example.test"),
+        Resolution::Local(vec![
+            local("bob@example.test", "bob"),
+            Destination {
+                address: "bob@elsewhere.test".into(),
+                mailbox: None
+            },
+        ])
+    );
+    let text = BASE.to_string() + "\"sales@other.test\" = [\"alice\"]\n";
+    let rt2 = parse(&text, Path::new("/")).expect("valid");
+    assert_eq!(
+        rt2.resolve("Sales", "other.test"),
+        Resolution::Local(vec![local("alice@other.test", "alice")])
     );
     // one alias, many targets; alice named twice collapses to one copy.
     assert_eq!(
@@ -346,6 +371,19 @@ fn a_log_level_that_would_silence_every_log_is_refused() {
         let text = format!("[log]\nlevel = {good:?}\n");
         parse(&text, Path::new("/")).unwrap_or_else(|e| panic!("{good}: {e:?}"));
     }
+}
+
+#[test]
+fn text_lines_are_unlimited_by_default_and_a_limit_is_at_least_1000() {
+    assert_eq!(rt().limits.max_text_line, 0);
+    assert_eq!(rt().server_config().max_text_line, 0);
+    let set = parse("[limits]\nmax_text_line = 1000\n", Path::new("/")).expect("valid");
+    assert_eq!(set.limits.max_text_line, 1000);
+    assert_eq!(set.server_config().max_text_line, 1000);
+    parse("[limits]\nmax_text_line = 0\n", Path::new("/")).expect("0 = no limit");
+    let errors = parse("[limits]\nmax_text_line = 999\n", Path::new("/")).expect_err("too small");
+    assert_eq!(errors[0].key, "limits.max_text_line", "{errors:?}");
+    assert!(errors[0].message.contains("0 (no limit)"), "{errors:?}");
 }
 
 #[test]

@@ -417,10 +417,10 @@ pub(super) fn check_limits(l: &LimitsConfig, errors: &mut Errors) -> Limits {
             "must be at least 512 (RFC 5321 §4.5.3.1.4)",
         );
     }
-    if l.max_text_line < 1000 {
+    if l.max_text_line != 0 && l.max_text_line < 1000 {
         errors.push(
             "limits.max_text_line",
-            "must be at least 1000 (RFC 5321 §4.5.3.1.6)",
+            "must be 0 (no limit) or at least 1000 (RFC 5321 §4.5.3.1.6)",
         );
     }
     if l.max_recipients < 1 {
