@@ -19,7 +19,9 @@
 //! (tern-proto).
 //!
 //! Errors: socket errors end the session silently (logged); spool errors turn
-//! into `452 4.3.1` for the message concerned and the session goes on.
+//! into `452 4.3.1` (out of space, quota or file-size limit) or `451 4.3.0`
+//! (any other storage failure) for the message concerned, never a 250, and
+//! the session goes on.
 
 use crate::auth::{
     Accounts, AuthStep, AuthenticatedUser, ChannelBinding, Exchange, LoginOutcome, Service,
@@ -30,7 +32,7 @@ use crate::dkim::Signers;
 use crate::egress::{Egress, UserLimits};
 use crate::policy::{Policy, SessionFacts};
 use crate::queue::{QueueHandle, Work};
-use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
+use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool, SpoolError};
 use crate::submission;
 use crate::tls::{ServerTls, TlsInfo};
 use std::collections::HashSet;
@@ -68,7 +70,10 @@ pub struct Context {
 
 /// The spool's free space, asked of the file system at most once a second:
 /// every MAIL needs it, and it moves slowly compared with a MAIL rate in the
-/// thousands per second.
+/// thousands per second. A cached figure only ever accepts: one below the
+/// reserve is measured again before it refuses, so the first MAIL after
+/// space came back is accepted (a `statvfs` costs microseconds, and only a
+/// refusal pays it).
 #[derive(Default)]
 pub struct FreeSpace {
     bytes: AtomicU64,
@@ -77,14 +82,18 @@ pub struct FreeSpace {
 }
 
 impl FreeSpace {
-    fn get(&self, spool: &Spool) -> io::Result<u64> {
+    /// Free bytes, from the cache when that covers `needed`.
+    fn get(&self, spool: &Spool, needed: u64) -> io::Result<u64> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let checked = self.checked_at.load(Ordering::Relaxed);
         if checked != 0 && now.saturating_sub(checked) < 1000 {
-            return Ok(self.bytes.load(Ordering::Relaxed));
+            let cached = self.bytes.load(Ordering::Relaxed);
+            if cached >= needed {
+                return Ok(cached);
+            }
         }
         let bytes = spool.free_space()?;
         self.bytes.store(bytes, Ordering::Relaxed);
@@ -487,7 +496,7 @@ impl Driver {
         let needed = limits
             .min_free_space
             .saturating_add(params.size.unwrap_or(0));
-        match self.ctx.free_space.get(&self.ctx.spool) {
+        match self.ctx.free_space.get(&self.ctx.spool, needed) {
             Ok(free) if free >= needed => {}
             Ok(free) => {
                 warn!(
@@ -497,19 +506,11 @@ impl Driver {
                     needed,
                     "spool disk below reserve"
                 );
-                return Decision::Reject(Reply::enhanced(
-                    452,
-                    (4, 3, 1),
-                    "Error: insufficient system storage, try again later",
-                ));
+                return Decision::Reject(storage_full());
             }
             Err(e) => {
                 warn!(event = "mail.reject", session_id = self.session_id, error = %e, "cannot read spool free space");
-                return Decision::Reject(Reply::enhanced(
-                    451,
-                    (4, 3, 0),
-                    "Error: local error in processing, try again later",
-                ));
+                return Decision::Reject(local_error());
             }
         }
         let sender = match &from {
@@ -673,11 +674,7 @@ impl Driver {
         }
         let content = draft.content().await.map_err(|e| {
             warn!(event = "draft.error", session_id = self.session_id, error = %e);
-            Decision::Reject(Reply::enhanced(
-                451,
-                (4, 3, 0),
-                "Error: local error in processing, try again later",
-            ))
+            Decision::Reject(storage_failure(&e))
         })?;
         let header = submission::header_section(&content);
         let mut added = Vec::new();
@@ -758,15 +755,10 @@ impl Driver {
         let Some(tx) = self.tx.take() else {
             return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
         };
-        let temp_fail = || {
-            Decision::Reject(Reply::enhanced(
-                452,
-                (4, 3, 1),
-                "Error: insufficient system storage, try again later",
-            ))
-        };
-        let (Some(mut draft), None) = (tx.draft, tx.draft_error) else {
-            return temp_fail();
+        let mut draft = match (tx.draft, tx.draft_error) {
+            (Some(draft), None) => draft,
+            (_, Some(e)) => return Decision::Reject(storage_failure(&e)),
+            (None, None) => return Decision::Reject(local_error()),
         };
         // A message that is all header section ends inside it.
         let mut rest = Vec::new();
@@ -776,7 +768,7 @@ impl Driver {
             && let Err(e) = draft.write(&rest).await
         {
             warn!(event = "draft.error", session_id = self.session_id, error = %e);
-            return temp_fail();
+            return Decision::Reject(storage_failure(&e));
         }
         let queue_id = tx.queue_id;
         if let Err(decision) = self.outgoing_fields(&mut draft, queue_id).await {
@@ -834,9 +826,49 @@ impl Driver {
             Err(e) => {
                 let queue_id = queue_id.map(|id| id.to_string());
                 warn!(event = "queue.commit_failed", session_id = self.session_id, queue_id, error = %e);
-                temp_fail()
+                Decision::Reject(match &e {
+                    SpoolError::Io(io) => storage_failure(io),
+                    _ => local_error(),
+                })
             }
         }
+    }
+}
+
+/// `452 4.3.1`: the spool's storage is full (RFC 3463 "mail system full").
+fn storage_full() -> Reply {
+    Reply::enhanced(
+        452,
+        (4, 3, 1),
+        "Error: insufficient system storage, try again later",
+    )
+}
+
+/// `451 4.3.0`: the spool could not store the message for another reason.
+fn local_error() -> Reply {
+    Reply::enhanced(
+        451,
+        (4, 3, 0),
+        "Error: local error in processing, try again later",
+    )
+}
+
+/// The reply for a message the spool could not store. Out of space, out of
+/// quota and past the file-size limit (`EFBIG`, `ulimit -f`) are "mail
+/// system full", `452 4.3.1`; anything else (`EIO`, a file system turned
+/// read-only) is `451 4.3.0`. Always temporary: every one of them is the
+/// host's state, which the administrator can fix, not the message's. For
+/// `EFBIG` RFC 3463 would also allow `552 5.3.4` ("message too big for
+/// system"), but the limit is a process setting, lower than the size we
+/// advertise, that the client cannot know of: a bounce would lose a message
+/// that the same server takes once the limit is raised, and a segment may
+/// hit the limit with a message that fits the next one.
+fn storage_failure(e: &io::Error) -> Reply {
+    match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge => {
+            storage_full()
+        }
+        _ => local_error(),
     }
 }
 

@@ -274,10 +274,7 @@ impl SpoolError {
     /// A copy for every waiter of a failed batch (`io::Error` is not `Clone`).
     pub(crate) fn duplicate(&self) -> SpoolError {
         match self {
-            SpoolError::Io(e) => SpoolError::Io(match e.raw_os_error() {
-                Some(code) => std::io::Error::from_raw_os_error(code),
-                None => std::io::Error::new(e.kind(), e.to_string()),
-            }),
+            SpoolError::Io(e) => SpoolError::Io(committer::copy_io_error(e)),
             SpoolError::Corrupt(s) => SpoolError::Corrupt(s.clone()),
             SpoolError::NotFound(id) => SpoolError::NotFound(*id),
             SpoolError::Closed => SpoolError::Closed,
