@@ -156,6 +156,10 @@ step_deps() {
     need_apt python3-dkim /usr/bin/dkimverify
     # A real mail client for test_submission.py.
     need_apt msmtp msmtp
+    # test_disk_full.py: prlimit starts the server under a file-size limit;
+    # libfuse2 is what fusepy (below) mounts faultfs.py with.
+    need_apt util-linux prlimit
+    ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2 ' || apt_missing+=(libfuse2)
     install_apt_missing
     ensure_postfix_stopped
     choose_python
@@ -164,6 +168,13 @@ step_deps() {
         log "installing scramp with pip for $PYTHON"
         "$PYTHON" -m pip install --quiet --disable-pip-version-check scramp </dev/null ||
             { apt-get install -y -qq --no-install-recommends python3-scramp </dev/null || true; }
+    fi
+    # fusepy: the FUSE binding of faultfs.py, the fault-injecting file system
+    # of test_disk_full.py.
+    if ! "$PYTHON" -c 'import fuse' >/dev/null 2>&1; then
+        log "installing fusepy with pip for $PYTHON"
+        "$PYTHON" -m pip install --quiet --disable-pip-version-check fusepy </dev/null ||
+            { apt-get install -y -qq --no-install-recommends python3-fusepy </dev/null || true; }
     fi
     echo "PYTHON=$PYTHON" >"$ROOT/target/.tern-test-python"
     log "python for pytest: $PYTHON ($("$PYTHON" -m pytest --version 2>&1 | head -n1))"

@@ -283,25 +283,27 @@ def subjects_of(srv, user="alice") -> set:
             for m in srv.mails(user) if b"Subject: " in m}
 
 
-def test_read_only_storage_tempfails_then_recovers_by_itself(tern, faulty_fs):
-    """The spool's and the mailbox's file system turns read-only under the
-    running server: new messages get 451 4.3.0, a message accepted before
-    stays queued; once it is writable again, the very next message is
-    accepted and everything accepted is delivered, without a restart."""
+@pytest.mark.parametrize("fault", ["erofs", "eio"])
+def test_failing_storage_tempfails_then_recovers_by_itself(tern, faulty_fs, fault):
+    """The spool's and the mailbox's file system turns read-only (or fails
+    every write with EIO) under the running server: new messages get 451
+    4.3.0, a message accepted before stays queued; once it works again, the
+    very next message is accepted and everything accepted is delivered,
+    without a restart."""
     srv = tern(on_faulty_fs(faulty_fs))
     with srv.connect() as c:
         c.ehlo()
         assert send(c, "before", 1024)[0] == "ok"
     srv.wait_for_mail("alice", 1)
     # Only the mailbox is read-only: accepted, its delivery deferred.
-    set_fault(faulty_fs, "erofs alice/")
+    set_fault(faulty_fs, f"{fault} alice/")
     with srv.connect() as c:
         c.ehlo()
         outcome, deferred_id = send(c, "deferred", 1024)
         assert outcome == "ok", deferred_id
     wait_until(lambda: "deferred" in srv.queue_list(), 15, what="the delivery to be deferred")
     # Now the spool too.
-    set_fault(faulty_fs, "erofs")
+    set_fault(faulty_fs, fault)
     with srv.connect() as c:
         c.ehlo()
         for marker in ("refused-1", "refused-2"):

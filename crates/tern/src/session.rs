@@ -993,6 +993,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn storage_failures_are_temporary_and_name_their_cause() {
+        let reply = |errno| {
+            let r = storage_failure(&io::Error::from_raw_os_error(errno));
+            (r.code, r.enhanced.map(|e| e.to_string()))
+        };
+        for full in [libc::ENOSPC, libc::EDQUOT, libc::EFBIG] {
+            assert_eq!(reply(full), (452, Some("4.3.1".into())), "errno {full}");
+        }
+        for broken in [libc::EIO, libc::EROFS, libc::EACCES] {
+            assert_eq!(reply(broken), (451, Some("4.3.0".into())), "errno {broken}");
+        }
+    }
+
+    #[test]
     fn received_header_follows_rfc5321_4_4() {
         let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
         let h = String::from_utf8(received_header(
