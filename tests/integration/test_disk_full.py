@@ -226,7 +226,8 @@ def test_file_size_limit_tempfails_what_would_pass_it(tern):
 @pytest.fixture
 def faulty_fs(tmp_path):
     """A faultfs mount (see faultfs.py); yields its mount point. The fault
-    switch is `set_fault(mount, "erofs")` and so on."""
+    switch is `set_fault(mount, "erofs")` and so on. Ask for it before
+    `tern`, so that the servers on it are stopped before it is unmounted."""
     probe = subprocess.run([sys.executable, "-c", "import fuse"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.fail("fusepy (with libfuse2) is missing; scripts/test.sh step_deps installs it: "
@@ -284,7 +285,7 @@ def subjects_of(srv, user="alice") -> set:
 
 
 @pytest.mark.parametrize("fault", ["erofs", "eio"])
-def test_failing_storage_tempfails_then_recovers_by_itself(tern, faulty_fs, fault):
+def test_failing_storage_tempfails_then_recovers_by_itself(faulty_fs, tern, fault):
     """The spool's and the mailbox's file system turns read-only (or fails
     every write with EIO) under the running server: new messages get 451
     4.3.0, a message accepted before stays queued; once it works again, the
@@ -320,7 +321,7 @@ def test_failing_storage_tempfails_then_recovers_by_itself(tern, faulty_fs, faul
     wait_until(lambda: deferred_id not in srv.queue_list(), 15, what="the queue to drain")
 
 
-def test_a_failed_fsync_is_never_acknowledged_nor_resurrected(tern, faulty_fs):
+def test_a_failed_fsync_is_never_acknowledged_nor_resurrected(faulty_fs, tern):
     """The spool's fdatasync fails (EIO) while its writes succeed: the
     message gets 451 4.3.0, so does the next one while syncs still fail;
     once syncs work the next message is accepted, and after a crash and
@@ -349,7 +350,7 @@ def test_a_failed_fsync_is_never_acknowledged_nor_resurrected(tern, faulty_fs):
 
 
 @pytest.mark.parametrize("fault", ["eio", "erofs", "syncfail"])
-def test_failing_mailbox_storage_defers_then_delivers(tern, faulty_fs, fault):
+def test_failing_mailbox_storage_defers_then_delivers(faulty_fs, tern, fault):
     """The spool is fine but the mailbox's file system fails: the message is
     accepted, its delivery deferred (never marked delivered, never lost),
     and delivered by a retry once the storage works again."""
