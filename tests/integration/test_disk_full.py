@@ -318,6 +318,7 @@ def test_failing_storage_tempfails_then_recovers_by_itself(faulty_fs, tern, faul
     wait_until(lambda: subjects_of(srv) >= {"before", "deferred", "after"}, 20,
                what="every accepted message delivered")
     assert subjects_of(srv) == {"before", "deferred", "after"}
+    assert len(srv.mail_files("alice")) == 3, "one copy each, none twice"
     wait_until(lambda: deferred_id not in srv.queue_list(), 15, what="the queue to drain")
 
 
@@ -347,6 +348,7 @@ def test_a_failed_fsync_is_never_acknowledged_nor_resurrected(faulty_fs, tern):
     wait_until(lambda: srv.queue_list().strip() == "queue is empty", 15,
                what="the queue to drain")
     assert subjects_of(srv) == {"before", "after", "after-restart"}
+    assert len(srv.mail_files("alice")) == 3, "one copy each, none twice"
 
 
 @pytest.mark.parametrize("fault", ["eio", "erofs", "syncfail"])
