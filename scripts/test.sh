@@ -160,6 +160,10 @@ step_deps() {
     # bsd-mailx needs an MTA package: Postfix, above, is it.
     need_apt bsd-mailx bsd-mailx
     need_apt s-nail s-nail
+    # test_disk_full.py: prlimit starts the server under a file-size limit;
+    # libfuse2 is what fusepy (below) mounts faultfs.py with.
+    need_apt util-linux prlimit
+    ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2 ' || apt_missing+=(libfuse2)
     install_apt_missing
     ensure_postfix_stopped
     choose_python
@@ -174,6 +178,13 @@ step_deps() {
         log "installing prometheus_client with pip for $PYTHON"
         "$PYTHON" -m pip install --quiet --disable-pip-version-check prometheus_client </dev/null ||
             { apt-get install -y -qq --no-install-recommends python3-prometheus-client </dev/null || true; }
+    fi
+    # fusepy: the FUSE binding of faultfs.py, the fault-injecting file system
+    # of test_disk_full.py.
+    if ! "$PYTHON" -c 'import fuse' >/dev/null 2>&1; then
+        log "installing fusepy with pip for $PYTHON"
+        "$PYTHON" -m pip install --quiet --disable-pip-version-check fusepy </dev/null ||
+            { apt-get install -y -qq --no-install-recommends python3-fusepy </dev/null || true; }
     fi
     echo "PYTHON=$PYTHON" >"$ROOT/target/.tern-test-python"
     log "python for pytest: $PYTHON ($("$PYTHON" -m pytest --version 2>&1 | head -n1))"

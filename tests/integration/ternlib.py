@@ -168,6 +168,9 @@ class Tern:
         self.config_path = self.workdir / "tern.toml"
         self.config_path.write_text(to_toml(self.config), encoding="utf-8")
         self.proc: subprocess.Popen | None = None
+        # Words put in front of the command line, e.g. ["prlimit",
+        # "--fsize=1048576", "--"] to start the server under a limit.
+        self.launcher: list[str] = []
         self.listeners: list[tuple[str, int, str]] = []
         self.starts = 0
         self._stdout_lines: queue.Queue = queue.Queue()
@@ -197,7 +200,7 @@ class Tern:
         self._stdout_lines = queue.Queue()
         err = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
-            [str(TERN_BIN), "serve", "--config", str(self.config_path)],
+            [*self.launcher, str(TERN_BIN), "serve", "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=err,

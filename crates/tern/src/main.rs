@@ -290,6 +290,7 @@ fn load_runtime(path: Option<&Path>) -> Result<Runtime, ExitCode> {
 }
 
 fn serve(path: Option<&Path>) -> ExitCode {
+    ignore_file_size_signal();
     let runtime = match load_runtime(path) {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -311,6 +312,18 @@ fn serve(path: Option<&Path>) -> ExitCode {
             eprintln!("tern: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A write past the file-size limit (`ulimit -f`, `prlimit --fsize`) raises
+/// SIGXFSZ, whose default action kills the process and every session with
+/// it. Ignored, the write fails with `EFBIG` instead, which the spool answers
+/// like a full disk (`452 4.3.1`) and Maildir delivery defers. Set first,
+/// before the runtime starts any thread.
+fn ignore_file_size_signal() {
+    // SAFETY: changes one signal's disposition to SIG_IGN; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 

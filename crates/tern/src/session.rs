@@ -19,7 +19,9 @@
 //! (tern-proto).
 //!
 //! Errors: socket errors end the session silently (logged); spool errors turn
-//! into `452 4.3.1` for the message concerned and the session goes on.
+//! into `452 4.3.1` (out of space, quota or file-size limit) or `451 4.3.0`
+//! (any other storage failure) for the message concerned, never a 250, and
+//! the session goes on.
 
 use crate::auth::{
     Accounts, AuthStep, AuthenticatedUser, ChannelBinding, Exchange, LoginOutcome, Service,
@@ -32,7 +34,7 @@ use crate::metrics::{self, Refusal};
 use crate::policy::{Policy, SessionFacts};
 use crate::queue::{QueueHandle, Work};
 use crate::sendmail::LocalClient;
-use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool};
+use crate::spool::{Draft, Envelope, MsgId, RcptStatus, Recipient, Route, Spool, SpoolError};
 use crate::submission;
 use crate::tls::{ServerTls, TlsInfo};
 use std::collections::HashSet;
@@ -72,7 +74,10 @@ pub struct Context {
 
 /// The spool's free space, asked of the file system at most once a second:
 /// every MAIL needs it, and it moves slowly compared with a MAIL rate in the
-/// thousands per second.
+/// thousands per second. A cached figure only ever accepts: one below the
+/// reserve is measured again before it refuses, so the first MAIL after
+/// space came back is accepted (a `statvfs` costs microseconds, and only a
+/// refusal pays it).
 #[derive(Default)]
 pub struct FreeSpace {
     bytes: AtomicU64,
@@ -81,14 +86,18 @@ pub struct FreeSpace {
 }
 
 impl FreeSpace {
-    fn get(&self, spool: &Spool) -> io::Result<u64> {
+    /// Free bytes, from the cache when that covers `needed`.
+    fn get(&self, spool: &Spool, needed: u64) -> io::Result<u64> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let checked = self.checked_at.load(Ordering::Relaxed);
         if checked != 0 && now.saturating_sub(checked) < 1000 {
-            return Ok(self.bytes.load(Ordering::Relaxed));
+            let cached = self.bytes.load(Ordering::Relaxed);
+            if cached >= needed {
+                return Ok(cached);
+            }
         }
         let bytes = spool.free_space()?;
         self.bytes.store(bytes, Ordering::Relaxed);
@@ -553,7 +562,7 @@ impl Driver {
         let needed = limits
             .min_free_space
             .saturating_add(params.size.unwrap_or(0));
-        match self.ctx.free_space.get(&self.ctx.spool) {
+        match self.ctx.free_space.get(&self.ctx.spool, needed) {
             Ok(free) if free >= needed => {}
             Ok(free) => {
                 warn!(
@@ -564,20 +573,12 @@ impl Driver {
                     "spool disk below reserve"
                 );
                 self.refused(None, Refusal::StorageFull);
-                return Decision::Reject(Reply::enhanced(
-                    452,
-                    (4, 3, 1),
-                    "Error: insufficient system storage, try again later",
-                ));
+                return Decision::Reject(storage_full());
             }
             Err(e) => {
                 warn!(event = "mail.reject", session_id = self.session_id, error = %e, "cannot read spool free space");
                 self.refused(None, Refusal::storage(&e));
-                return Decision::Reject(Reply::enhanced(
-                    451,
-                    (4, 3, 0),
-                    "Error: local error in processing, try again later",
-                ));
+                return Decision::Reject(local_error());
             }
         }
         let sender = match &from {
@@ -756,11 +757,7 @@ impl Driver {
         }
         let content = draft.content().await.map_err(|e| {
             warn!(event = "draft.error", session_id = self.session_id, error = %e);
-            Decision::Reject(Reply::enhanced(
-                451,
-                (4, 3, 0),
-                "Error: local error in processing, try again later",
-            ))
+            Decision::Reject(storage_failure(&e))
         })?;
         let header = submission::header_section(&content);
         let mut added = Vec::new();
@@ -871,21 +868,15 @@ impl Driver {
         let Some(tx) = self.tx.take() else {
             return Decision::Reject(Reply::enhanced(503, (5, 5, 1), "Error: need MAIL command"));
         };
-        let temp_fail = || {
-            Decision::Reject(Reply::enhanced(
-                452,
-                (4, 3, 1),
-                "Error: insufficient system storage, try again later",
-            ))
-        };
         let mut draft = match (tx.draft, tx.draft_error) {
             (Some(draft), None) => draft,
-            (_, error) => {
-                let reason = error
-                    .as_ref()
-                    .map_or(Refusal::StorageError, Refusal::storage);
-                self.refused(tx.queue_id, reason);
-                return temp_fail();
+            (_, Some(e)) => {
+                self.refused(tx.queue_id, Refusal::storage(&e));
+                return Decision::Reject(storage_failure(&e));
+            }
+            (None, None) => {
+                self.refused(tx.queue_id, Refusal::StorageError);
+                return Decision::Reject(local_error());
             }
         };
         // A message that is all header section ends inside it.
@@ -897,7 +888,7 @@ impl Driver {
         {
             warn!(event = "draft.error", session_id = self.session_id, error = %e);
             self.refused(tx.queue_id, Refusal::storage(&e));
-            return temp_fail();
+            return Decision::Reject(storage_failure(&e));
         }
         let queue_id = tx.queue_id;
         if let Err(decision) = self.outgoing_fields(&mut draft, queue_id).await {
@@ -967,7 +958,10 @@ impl Driver {
                 self.refused(queue_id, Refusal::spool(&e));
                 let queue_id = queue_id.map(|id| id.to_string());
                 warn!(event = "queue.commit_failed", session_id = self.session_id, queue_id, error = %e);
-                temp_fail()
+                Decision::Reject(match &e {
+                    SpoolError::Io(io) => storage_failure(io),
+                    _ => local_error(),
+                })
             }
         }
     }
@@ -983,6 +977,42 @@ fn as_relayed(content: &[u8]) -> Option<Vec<u8>> {
     encoder.feed(content, &mut out);
     encoder.finish(&mut out);
     (out != content).then_some(out)
+}
+
+/// `452 4.3.1`: the spool's storage is full (RFC 3463 "mail system full").
+fn storage_full() -> Reply {
+    Reply::enhanced(
+        452,
+        (4, 3, 1),
+        "Error: insufficient system storage, try again later",
+    )
+}
+
+/// `451 4.3.0`: the spool could not store the message for another reason.
+fn local_error() -> Reply {
+    Reply::enhanced(
+        451,
+        (4, 3, 0),
+        "Error: local error in processing, try again later",
+    )
+}
+
+/// The reply for a message the spool could not store. Out of space, out of
+/// quota and past the file-size limit (`EFBIG`, `ulimit -f`) are "mail
+/// system full", `452 4.3.1`; anything else (`EIO`, a file system turned
+/// read-only) is `451 4.3.0`. Always temporary: every one of them is the
+/// host's state, which the administrator can fix, not the message's. For
+/// `EFBIG` RFC 3463 would also allow `552 5.3.4` ("message too big for
+/// system"), but the limit is a process setting, lower than the size we
+/// advertise, that the client cannot know of: a bounce would lose a message
+/// that the same server takes once the limit is raised, and a segment may
+/// hit the limit with a message that fits the next one.
+fn storage_failure(e: &io::Error) -> Reply {
+    // One classification for the reply, the log and the metrics.
+    match Refusal::storage(e) {
+        Refusal::StorageFull => storage_full(),
+        _ => local_error(),
+    }
 }
 
 /// The egress limits for one RCPT of an authenticated user: each remote
@@ -1126,6 +1156,20 @@ fn received_header_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_failures_are_temporary_and_name_their_cause() {
+        let reply = |errno| {
+            let r = storage_failure(&io::Error::from_raw_os_error(errno));
+            (r.code, r.enhanced.map(|e| e.to_string()))
+        };
+        for full in [libc::ENOSPC, libc::EDQUOT, libc::EFBIG] {
+            assert_eq!(reply(full), (452, Some("4.3.1".into())), "errno {full}");
+        }
+        for broken in [libc::EIO, libc::EROFS, libc::EACCES] {
+            assert_eq!(reply(broken), (451, Some("4.3.0".into())), "errno {broken}");
+        }
+    }
 
     #[test]
     fn received_header_follows_rfc5321_4_4() {

@@ -48,9 +48,18 @@ pub(crate) struct Shared {
     /// Bodies being received right now (live `Draft`s): commits that will
     /// arrive soon, which a batch may wait for (`run`).
     pub open_drafts: Arc<AtomicUsize>,
+    /// The process's file-size limit at open (`u64::MAX`: none). Segments
+    /// are no larger (`open_log`), a message whose record cannot fit is
+    /// refused before its batch, and a batch larger than it is written in
+    /// parts.
+    pub file_limit: AtomicU64,
 }
 
 impl Shared {
+    pub fn file_limit(&self) -> u64 {
+        self.file_limit.load(Ordering::Relaxed)
+    }
+
     /// The index lock. A panic while holding it cannot leave it half-updated
     /// in a way later readers could not cope with, so poisoning is ignored.
     pub fn index(&self) -> MutexGuard<'_, Index> {
@@ -128,7 +137,16 @@ impl Log {
     /// when the active one could not be cut back after a failure. Also roll
     /// early out of a growing segment as soon as a preallocated one is
     /// ready, so the hot-path `fdatasync` stops writing file metadata.
+    ///
+    /// A poisoned segment whose seal failed (the storage was failing) is
+    /// sealed first, and until that succeeds no batch commits anywhere: a
+    /// record of the failed batch must never outlive its error reply in a
+    /// segment that recovery would read after later, acknowledged ones.
     fn roll_if_needed(&mut self, need: u64) -> io::Result<()> {
+        if self.active.poisoned && !self.active.sealed {
+            self.active.seal(&self.shared.faults, &self.shared.syncs)?;
+            tracing::info!(segment = self.active.no, "spool.segment_sealed");
+        }
         let full = self.active.end > SEG_HDR_LEN && self.active.end + need > self.segment_size;
         let needed = self.active.poisoned || full;
         let early = !self.active.prealloc && self.spares.ready();
@@ -192,7 +210,11 @@ impl Log {
         injection: Injection,
     ) -> io::Result<Outcomes> {
         static NO_FAULTS: Faults = Faults::none();
-        let need = recs.iter().map(OutRec::total).sum();
+        let need: u64 = recs.iter().map(OutRec::total).sum();
+        let limit = self.shared.file_limit();
+        if recs.len() > 1 && SEG_HDR_LEN.saturating_add(need) > limit {
+            return Ok(self.commit_in_parts(recs, injection, limit));
+        }
         self.roll_if_needed(need)?;
         let faults = match injection {
             Injection::Armed => &self.shared.faults,
@@ -228,6 +250,37 @@ impl Log {
         drop(idx);
         self.spares.maybe_start(&self.active, &self.shared);
         Ok(outcomes)
+    }
+
+    /// A batch that no segment can hold under the file-size limit, written
+    /// as parts that each fit one (every record fits alone: `Spool::commit`
+    /// checks). One sync per part, on a path that only a low `ulimit -f`
+    /// and many large messages at once ever take; a part that fails
+    /// answers its own records, never those of parts already durable.
+    fn commit_in_parts(
+        &mut self,
+        recs: &mut Vec<OutRec>,
+        injection: Injection,
+        limit: u64,
+    ) -> Outcomes {
+        let mut outcomes = Vec::with_capacity(recs.len());
+        let mut rest = std::mem::take(recs).into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut part = Vec::new();
+            let mut size = SEG_HDR_LEN;
+            while let Some(r) =
+                rest.next_if(|r| part.is_empty() || size.saturating_add(r.total()) <= limit)
+            {
+                size = size.saturating_add(r.total());
+                part.push(r);
+            }
+            let n = part.len();
+            match self.commit_records_with(&mut part, injection) {
+                Ok(done) => outcomes.extend(done),
+                Err(e) => outcomes.extend((0..n).map(|_| Err(copy_io_error(&e)))),
+            }
+        }
+        outcomes
     }
 
     /// Turn one request into a record, or reject it. `Ok(None)` is `Close`.
@@ -325,6 +378,14 @@ impl Log {
     }
 }
 
+/// A copy of `e` for another waiter (`io::Error` is not `Clone`).
+pub(crate) fn copy_io_error(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
 /// How often a gathering batch looks for new requests.
 const GATHER_POLL: Duration = Duration::from_micros(50);
 
@@ -370,6 +431,14 @@ pub(crate) fn run(mut log: Log, mut rx: mpsc::UnboundedReceiver<Req>) {
         }
         if rx.is_empty() {
             log.reclaim();
+        }
+    }
+    // A last try, so that a restart after the storage came back does not
+    // find the failed batch's records.
+    if log.active.poisoned && !log.active.sealed {
+        let (faults, syncs) = (&log.shared.faults, &log.shared.syncs);
+        if let Err(e) = log.active.seal(faults, syncs) {
+            tracing::error!(segment = log.active.no, error = %e, "spool.seal_failed");
         }
     }
     tracing::debug!("spool.committer_stopped");

@@ -27,7 +27,7 @@ use super::index::Loc;
 use super::record::{Kind, REC_HDR_LEN, msg_head, parse_record, state_payload};
 use super::recover;
 use super::spare;
-use super::writer::{Faults, check_payload_len, segment_path};
+use super::writer::{Faults, check_file_limit, check_payload_len, file_size_limit, segment_path};
 use super::{Envelope, IdGen, MsgId, RcptStatus, RecoveryReport, SpoolConfig, SpoolError};
 
 /// What a delivery attempt leaves in the log for one message.
@@ -194,6 +194,10 @@ impl Spool {
         // scratch file.
         let head = msg_head(id, &envelope).map_err(SpoolError::Corrupt)?;
         check_payload_len(head.len() as u64 + envelope.size)?;
+        check_file_limit(
+            head.len() as u64 + envelope.size,
+            self.inner.shared.file_limit(),
+        )?;
         let body = draft.take_body().await?;
         let sent = self.send(Op::Msg {
             id,
@@ -337,6 +341,11 @@ impl Spool {
     }
 
     #[cfg(test)]
+    pub(crate) fn inner_shared_for_tests(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    #[cfg(test)]
     pub(crate) fn segment_numbers(&self) -> Vec<u32> {
         self.inner.shared.index().segs.keys().copied().collect()
     }
@@ -405,6 +414,25 @@ pub(crate) fn draft_cfg(config: &SpoolConfig, shared: &Shared) -> DraftCfg {
 /// create the directories, remove stale scratch and spare files, scan and
 /// repair. Tests drive the returned `Log` directly.
 pub(crate) fn open_log(config: &SpoolConfig) -> Result<(Log, RecoveryReport), SpoolError> {
+    // Under a file-size limit no segment may grow past it: every batch
+    // after that would fail with EFBIG. Smaller segments roll in time.
+    let file_limit = file_size_limit();
+    let capped;
+    let config = match file_limit {
+        Some(limit) if limit < config.segment_size => {
+            tracing::warn!(
+                file_size_limit = limit,
+                segment_size = config.segment_size,
+                "spool.segment_size_capped"
+            );
+            capped = SpoolConfig {
+                segment_size: limit,
+                ..config.clone()
+            };
+            &capped
+        }
+        _ => config,
+    };
     let dir = config.dir.clone();
     let scratch_dir = dir.join("scratch");
     std::fs::create_dir_all(&scratch_dir)?;
@@ -432,6 +460,7 @@ pub(crate) fn open_log(config: &SpoolConfig) -> Result<(Log, RecoveryReport), Sp
         ids: IdGen::new(outcome.max_id),
         closed: AtomicBool::new(false),
         open_drafts: Arc::default(),
+        file_limit: AtomicU64::new(file_limit.unwrap_or(u64::MAX)),
     });
     let log = recover::repair(config, shared.clone(), outcome.segs, &mut report)?;
     report.messages = shared.index().msgs.len();

@@ -86,6 +86,18 @@
 //!   deletion can never resurrect a finished message or forget an outcome.
 //!   A damaged segment stays in the index (so this keeps holding) until it
 //!   has actually been moved to `corrupt/`; it is moved, never deleted.
+//! - A batch whose write or `fdatasync` failed is answered with an error
+//!   and its segment is *sealed*: cut back to the last synced record, the
+//!   cut synced, never appended to again. After a failed `fdatasync` the
+//!   kernel may have dropped the pages it could not write, so nothing of
+//!   that batch is ever trusted or synced again as if it were durable. While
+//!   the seal itself fails (the storage is still failing) no later batch
+//!   commits; the first one after the storage recovers seals, rolls to a
+//!   fresh segment and commits, without a restart.
+//! - Under a file-size limit (`RLIMIT_FSIZE`) no segment is larger than the
+//!   limit: `segment_size` is lowered to it at open, a message whose record
+//!   cannot fit is refused before its batch (`ErrorKind::FileTooLarge`), and
+//!   a batch larger than the limit is written in parts.
 //! - One request's own failure (its scratch file cannot be read back, its
 //!   record would exceed the 32-bit length) fails only that request, never
 //!   the batch it is in. Payloads are encoded in the caller's task, so the
@@ -99,9 +111,10 @@
 //! that was acknowledged).
 //!
 //! # Errors
-//! [`SpoolError::Io`] for any file-system failure (a failed batch is truncated
-//! away and the spool keeps serving; a message too large for a record gets
-//! `ErrorKind::FileTooLarge` before it reaches the log),
+//! [`SpoolError::Io`] for any file-system failure (a failed batch is cut
+//! away and the spool keeps serving; a message too large for a record, or
+//! for a segment under the file-size limit, gets `ErrorKind::FileTooLarge`
+//! before it reaches the log),
 //! [`SpoolError::Corrupt`] when a record read back does not verify,
 //! [`SpoolError::NotFound`] for an unknown or finished message,
 //! [`SpoolError::Closed`] after [`Spool::close`].
@@ -274,10 +287,7 @@ impl SpoolError {
     /// A copy for every waiter of a failed batch (`io::Error` is not `Clone`).
     pub(crate) fn duplicate(&self) -> SpoolError {
         match self {
-            SpoolError::Io(e) => SpoolError::Io(match e.raw_os_error() {
-                Some(code) => std::io::Error::from_raw_os_error(code),
-                None => std::io::Error::new(e.kind(), e.to_string()),
-            }),
+            SpoolError::Io(e) => SpoolError::Io(committer::copy_io_error(e)),
             SpoolError::Corrupt(s) => SpoolError::Corrupt(s.clone()),
             SpoolError::NotFound(id) => SpoolError::NotFound(*id),
             SpoolError::Closed => SpoolError::Closed,

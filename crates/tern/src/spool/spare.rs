@@ -257,6 +257,7 @@ pub(crate) fn activate(p: Prepared, dir: &Path, no: u32) -> io::Result<SegmentWr
         file: p.file,
         end: SEG_HDR_LEN,
         poisoned: false,
+        sealed: false,
         prealloc: true,
     })
 }

@@ -382,3 +382,198 @@ fn a_segment_left_by_a_failed_roll_does_not_block_the_next_one() {
     assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
     assert_eq!(std::fs::read(segment_path(dir.path(), 4)).unwrap(), longer);
 }
+
+/// Whether segment `no` of `dir` holds `needle` anywhere (live record or not).
+fn segment_holds(dir: &Path, no: u32, needle: &[u8]) -> bool {
+    let bytes = std::fs::read(segment_path(dir, no)).unwrap_or_default();
+    bytes.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The fsyncgate rule: a batch whose `fdatasync` failed is answered with an
+/// error, its records are cut from the segment (durably), the segment is
+/// never appended to again, the next batch works in a fresh one, and a
+/// restart does not bring the failed record back.
+#[tokio::test]
+async fn a_failed_fdatasync_is_never_trusted_and_the_next_batch_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = Spool::open(config(dir)).unwrap();
+    let a = commit_body(&spool, envelope(1), b"acknowledged")
+        .await
+        .unwrap();
+    let (seg, end) = *spool.segment_sizes().last().unwrap();
+
+    spool.faults().fail_syncs(1);
+    let e = commit_body(&spool, envelope(1), b"never-synced")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SpoolError::Io(io) if io.raw_os_error() == Some(libc::EIO)),
+        "{e}"
+    );
+    assert!(spool.get(a).is_some());
+    assert_eq!(spool.live().len(), 1, "nothing of the failed batch is live");
+    assert_eq!(
+        std::fs::metadata(segment_path(dir, seg)).unwrap().len(),
+        end,
+        "sealed at its last synced record"
+    );
+    assert!(!segment_holds(dir, seg, b"never-synced"));
+
+    let c = commit_body(&spool, envelope(1), b"after the fault")
+        .await
+        .unwrap();
+    let (c_seg, _) = spool.location(c).unwrap();
+    assert!(c_seg > seg, "the failed segment is not appended to again");
+    assert_eq!(spool.read_body(c).await.unwrap(), b"after the fault");
+
+    let (spool, rep) = reopen(spool, config(dir)).await;
+    assert_eq!(rep.torn_tails_cut, 0);
+    let ids: Vec<_> = spool.live().into_iter().map(|x| x.0).collect();
+    assert_eq!(ids, vec![a, c], "the unsynced record is not resurrected");
+    assert_eq!(spool.read_body(a).await.unwrap(), b"acknowledged");
+}
+
+/// While the storage keeps failing, even the seal of the failed batch
+/// fails: its bytes are still in the segment. No later batch may commit
+/// until the seal succeeds (otherwise a restart would find the failed
+/// record before acknowledged ones); once it does, commits resume without
+/// a restart and the failed record is gone for good.
+#[tokio::test]
+async fn no_batch_commits_until_the_failed_one_is_sealed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = Spool::open(config(dir)).unwrap();
+    let a = commit_body(&spool, envelope(1), b"first").await.unwrap();
+    let seg = *spool.segment_numbers().last().unwrap();
+
+    spool.faults().fail_syncs(1);
+    spool.faults().fail_seals(2);
+    assert!(
+        commit_body(&spool, envelope(1), b"failed-batch")
+            .await
+            .is_err()
+    );
+    assert!(
+        segment_holds(dir, seg, b"failed-batch"),
+        "the seal failed: the bytes are still there"
+    );
+    // The seal is retried first and fails again: this batch fails too,
+    // without a segment of its own.
+    let e = commit_body(&spool, envelope(1), b"second-try")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SpoolError::Io(io) if io.raw_os_error() == Some(libc::EIO)),
+        "{e}"
+    );
+    assert_eq!(
+        spool.segment_numbers(),
+        vec![seg],
+        "no roll before the seal"
+    );
+    // Storage is back: the seal succeeds, the segment rolls, this commits.
+    let d = commit_body(&spool, envelope(1), b"storage back")
+        .await
+        .unwrap();
+    assert!(!segment_holds(dir, seg, b"failed-batch"));
+    assert!(spool.location(d).unwrap().0 > seg);
+
+    let (spool, rep) = reopen(spool, config(dir)).await;
+    assert_eq!(rep.torn_tails_cut, 0);
+    let ids: Vec<_> = spool.live().into_iter().map(|x| x.0).collect();
+    assert_eq!(ids, vec![a, d]);
+}
+
+/// A spool that stops while the failed batch is still unsealed seals it on
+/// the way out, so the next start does not deliver a message that was
+/// answered with an error.
+#[tokio::test]
+async fn an_unsealed_segment_is_sealed_when_the_spool_closes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = Spool::open(config(dir)).unwrap();
+    let a = commit_body(&spool, envelope(1), b"kept").await.unwrap();
+    let seg = *spool.segment_numbers().last().unwrap();
+    spool.faults().fail_syncs(1);
+    spool.faults().fail_seals(1);
+    assert!(
+        commit_body(&spool, envelope(1), b"answered-451")
+            .await
+            .is_err()
+    );
+    assert!(segment_holds(dir, seg, b"answered-451"));
+    let (spool, rep) = reopen(spool, config(dir)).await;
+    assert!(!segment_holds(dir, seg, b"answered-451"));
+    assert_eq!(rep.torn_tails_cut, 0);
+    let ids: Vec<_> = spool.live().into_iter().map(|x| x.0).collect();
+    assert_eq!(ids, vec![a]);
+}
+
+/// Under a file-size limit (`ulimit -f`): a message whose record cannot fit
+/// any segment fails alone before it joins a batch, and a batch of messages
+/// that fit one by one but not together is written in parts, each in a
+/// segment no longer than the limit, every message acknowledged.
+#[tokio::test]
+async fn under_a_file_size_limit_records_fit_their_segments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let limit: u64 = 64 * 1024;
+    let cfg = SpoolConfig {
+        segment_size: limit,
+        ..config(dir)
+    };
+    let (mut log, _) = open_log(&cfg).unwrap();
+    log.shared
+        .file_limit
+        .store(limit, std::sync::atomic::Ordering::Relaxed);
+    let first_seg = log.active.no;
+    let mut waiting = Vec::new();
+    let mut reqs = Vec::new();
+    for i in 0..3u8 {
+        let (id, r, rx) = msg_req(&log, Body::Mem(vec![b'a' + i; 25 * 1024]));
+        waiting.push((id, rx));
+        reqs.push(r);
+    }
+    let syncs = log.shared.syncs.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(!log.process(reqs));
+    let mut ids = Vec::new();
+    for (id, rx) in waiting {
+        answer(rx).unwrap();
+        ids.push(id);
+    }
+    assert!(
+        log.shared.syncs.load(std::sync::atomic::Ordering::Relaxed) >= syncs + 2,
+        "written in at least two parts"
+    );
+    assert!(log.active.no > first_seg, "rolled to fit the rest");
+    for no in list_segments(dir).unwrap() {
+        let len = std::fs::metadata(segment_path(dir, no)).unwrap().len();
+        assert!(len <= limit, "segment {no} is {len} bytes");
+    }
+    drop(log);
+
+    let (spool, rep) = Spool::open(cfg.clone()).unwrap();
+    assert_eq!(rep.messages, 3);
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            spool.read_body(*id).await.unwrap(),
+            vec![b'a' + i as u8; 25 * 1024]
+        );
+    }
+    spool
+        .inner_shared_for_tests()
+        .file_limit
+        .store(limit, std::sync::atomic::Ordering::Relaxed);
+    let syncs = spool.sync_count();
+    let e = commit_body(&spool, envelope(1), &vec![b'z'; 70 * 1024])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SpoolError::Io(io) if io.kind() == std::io::ErrorKind::FileTooLarge),
+        "{e}"
+    );
+    assert_eq!(spool.sync_count(), syncs, "never reached the log");
+    let small = commit_body(&spool, envelope(1), b"small").await.unwrap();
+    assert_eq!(spool.read_body(small).await.unwrap(), b"small");
+}

@@ -3,9 +3,11 @@
 //!
 //! Invariants: `SegmentWriter::end` is always the end of the last record that
 //! was durably synced (the logical end; a preallocated file is longer and
-//! holds only zeros after it); after a failed batch the file is cut back to it
-//! (`set_len`), and if even that fails the writer is marked `poisoned` so the
-//! next batch starts a fresh segment instead of appending after garbage.
+//! holds only zeros after it). After a failed batch the writer is `poisoned`
+//! (never appended to again: the next batch starts a fresh segment) and
+//! *sealed*: the file is cut back to its logical end and the cut is synced,
+//! so no record of the failed batch can reappear at recovery. A seal that
+//! fails is retried before the next batch may commit anywhere (`Log`).
 //! A record that fails on its own (its scratch file cannot be read, its
 //! payload does not fit the 32-bit length) is left out of the batch: what was
 //! flushed of it is overwritten by the next record or cleared (zeros in a
@@ -34,13 +36,17 @@ const FLUSH_AT: usize = 4 << 20;
 /// The committer keeps its batch buffer up to this size between batches.
 const KEEP_BATCH_BUF: usize = 1 << 20;
 
-/// Test and fault-drill hook: make the next N segment writes or syncs fail.
-/// Failed writes first write half of their bytes, like a disk that fills up
-/// mid-write; they report `ENOSPC`, failed syncs report `EIO`.
+/// Test and fault-drill hook: make the next N segment writes, syncs or
+/// seals fail. Failed writes first write half of their bytes, like a disk
+/// that fills up mid-write; they report `ENOSPC`. Failed syncs report `EIO`
+/// without syncing, like a device that lost the pages. Failed seals report
+/// `EIO` before cutting anything, so the failed batch's bytes stay in the
+/// file until a seal succeeds.
 #[derive(Debug, Default)]
 pub struct Faults {
     writes: AtomicU32,
     syncs: AtomicU32,
+    seals: AtomicU32,
 }
 
 impl Faults {
@@ -48,7 +54,12 @@ impl Faults {
         Faults {
             writes: AtomicU32::new(0),
             syncs: AtomicU32::new(0),
+            seals: AtomicU32::new(0),
         }
+    }
+
+    pub fn fail_seals(&self, n: u32) {
+        self.seals.store(n, Ordering::SeqCst);
     }
 
     pub fn fail_writes(&self, n: u32) {
@@ -81,6 +92,8 @@ pub(crate) struct SegmentWriter {
     /// preallocated segment the file is longer, and zeros follow.
     pub end: u64,
     pub poisoned: bool,
+    /// A poisoned segment's cut back to `end` is durable (see `seal`).
+    pub sealed: bool,
     /// The file already has its full size (zero-filled), so appends below
     /// that size change no file metadata and `fdatasync` flushes data only.
     pub prealloc: bool,
@@ -124,6 +137,7 @@ impl SegmentWriter {
             file,
             end: hdr.len() as u64,
             poisoned: false,
+            sealed: false,
             prealloc: false,
         })
     }
@@ -146,6 +160,7 @@ impl SegmentWriter {
             file,
             end,
             poisoned: false,
+            sealed: false,
             prealloc,
         })
     }
@@ -164,6 +179,27 @@ impl SegmentWriter {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         self.file.sync_data()
+    }
+
+    /// Cut a poisoned segment back to its logical end and make the cut
+    /// durable, so recovery never finds a record of the batch that failed.
+    /// After a failed `fdatasync` the kernel may have dropped the pages it
+    /// could not write and a later sync of the same file can succeed without
+    /// them (the "fsyncgate" lesson), so that batch's records are never
+    /// trusted: they were answered with an error and are cut here. This
+    /// `fsync` vouches only for the cut (the file's size and the zeroed
+    /// tail of its last page), never for the failed records; the records
+    /// before `end` were durable since their own sync.
+    pub fn seal(&mut self, faults: &Faults, syncs: &AtomicU64) -> io::Result<()> {
+        if Faults::take(&faults.seals) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.file.set_len(self.end)?;
+        syncs.fetch_add(1, Ordering::Relaxed);
+        // `sync_all`: the size changed.
+        self.file.sync_all()?;
+        self.sealed = true;
+        Ok(())
     }
 }
 
@@ -246,6 +282,39 @@ pub(crate) fn check_payload_len(len: u64) -> io::Result<u32> {
     })
 }
 
+/// The process's file-size limit (`RLIMIT_FSIZE`: `ulimit -f`, `prlimit
+/// --fsize`), if it has one: no file can grow past it (`EFBIG`).
+pub(crate) fn file_size_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit struct for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t differs between targets
+    (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur as u64)
+}
+
+/// Whether a MSG record with a payload of `len` bytes fits a segment under
+/// the file-size limit `limit` (`u64::MAX`: none). One that cannot is
+/// refused before it joins a batch, so it fails alone with `EFBIG`'s kind.
+pub(crate) fn check_file_limit(len: u64, limit: u64) -> io::Result<()> {
+    let total = SEG_HDR_LEN
+        .saturating_add(REC_OVERHEAD as u64)
+        .saturating_add(len);
+    if total > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!(
+                "a spool record of {len} bytes does not fit the file-size limit of {limit} bytes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Append `recs` at the writer's end and `fdatasync` once. On any error of
 /// the segment itself the file is cut back to where the batch started and
 /// nothing of it counts. A record that fails on its own (see
@@ -272,12 +341,6 @@ pub(crate) fn append_batch(
             Ok(())
         }
         Err(e) => {
-            // Cutting back also drops a preallocated segment's zero tail:
-            // nothing is lost, the segment is never appended to again
-            // (poisoned below), and a short file has an unambiguous end.
-            if let Err(t) = w.file.set_len(start) {
-                tracing::error!(segment = w.no, error = %t, "spool.truncate_failed");
-            }
             // Never append to this file again: after a failed fdatasync the
             // kernel may have dropped the dirty pages it could not write, so
             // later syncs of the same file prove nothing (the "fsyncgate"
@@ -285,6 +348,14 @@ pub(crate) fn append_batch(
             // segment, once all its messages are done, is deleted, which
             // it never would be while it stayed the active one.
             w.poisoned = true;
+            // Cutting back also drops a preallocated segment's zero tail:
+            // nothing is lost, and a short file has an unambiguous end.
+            // When the storage is still failing, the committer retries the
+            // seal before the next batch (`Log::roll_if_needed`).
+            debug_assert_eq!(w.end, start);
+            if let Err(t) = w.seal(faults, syncs) {
+                tracing::error!(segment = w.no, error = %t, "spool.seal_failed");
+            }
             Err(e)
         }
     }
