@@ -173,6 +173,7 @@ fn dkim_generate(args: &tern::dkim::cli::GenerateArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
+    tern::privileges::commands_hand_over_to(&runtime);
     match tern::dkim::cli::generate(
         &runtime,
         &args.domain,
@@ -236,6 +237,15 @@ fn serve(path: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     init_tracing(&runtime);
+    // Binding, reading root-only keys and dropping to server.user happen
+    // before the runtime starts its threads (see tern::privileges).
+    let prepared = match tern::server::prepare(&runtime) {
+        Ok(prepared) => prepared,
+        Err(message) => {
+            eprintln!("tern: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
     let tokio = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -246,7 +256,7 @@ fn serve(path: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match tokio.block_on(tern::server::serve(runtime, path.is_none())) {
+    match tokio.block_on(tern::server::serve(runtime, prepared, path.is_none())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("tern: {message}");

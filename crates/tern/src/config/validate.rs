@@ -106,6 +106,8 @@ pub(super) fn apply_defaults(file: &mut FileConfig) {
             name: "me".into(),
             addresses: vec![format!("me@{domain}")],
             maildir: None,
+            owner: None,
+            group: None,
         });
     }
 }
@@ -196,6 +198,7 @@ pub(super) fn check_users(
     base: &Path,
     first_domain: Option<String>,
     local_domains: &HashSet<String>,
+    mailbox: super::MailboxAccess,
     errors: &mut Errors,
 ) -> UserMaps {
     let mut users = HashMap::new();
@@ -271,6 +274,7 @@ pub(super) fn check_users(
                 name: u.name.clone(),
                 primary_address,
                 maildir,
+                access: super::server::user_access(mailbox, u, &key, errors),
             },
         );
     }
