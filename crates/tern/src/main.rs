@@ -34,6 +34,10 @@ enum Command {
     /// Run the mail server until SIGTERM/SIGINT. Prints "listening on ADDR role=ROLE"
     /// per listener and then "ready" on stdout; logs go to stderr (level from the
     /// config's [log] section, overridden by the TERN_LOG environment variable).
+    /// Started as root, it binds its listeners and reads its keys, then drops to
+    /// server.user (see tern.example.toml, [server]). Under a service manager
+    /// (NOTIFY_SOCKET set, systemd Type=notify) it reports READY=1 once it
+    /// accepts mail and STOPPING=1 when it drains.
     /// SIGHUP reloads the TLS certificates (other config changes need a restart).
     Serve {
         /// TOML config file (see tern.example.toml); without it, the embedded default
