@@ -389,6 +389,22 @@ fn set_of(caps: &[Capability]) -> CapsHashSet {
 /// bounding set to `keep` where we are allowed to.
 fn confine(keep: &[Capability]) -> Result<(), String> {
     let failed = |what: &str, e: caps::errors::CapsError| format!("cannot {what}: {e}");
+    let _ = DELIVERY_CAPABILITIES.set(keep.to_vec());
+    // An ordinary user usually has nothing to give up: then no call is made
+    // (a sandbox may refuse capset even when it would change nothing).
+    let read = |set| caps::read(None, set).unwrap_or_else(|_| caps::all());
+    let ambient = if caps::runtime::ambient_set_supported().is_ok() {
+        read(CapSet::Ambient)
+    } else {
+        CapsHashSet::new()
+    };
+    if read(CapSet::Effective).is_empty()
+        && read(CapSet::Inheritable).is_empty()
+        && ambient.is_empty()
+        && read(CapSet::Permitted).is_subset(&set_of(keep))
+    {
+        return Ok(());
+    }
     // Effective first: it must stay within permitted at every step.
     caps::clear(None, CapSet::Effective).map_err(|e| failed("clear the capabilities", e))?;
     caps::set(None, CapSet::Permitted, &set_of(keep))
@@ -399,13 +415,18 @@ fn confine(keep: &[Capability]) -> Result<(), String> {
         caps::clear(None, CapSet::Ambient)
             .map_err(|e| failed("clear the ambient capabilities", e))?;
     }
-    let _ = DELIVERY_CAPABILITIES.set(keep.to_vec());
     Ok(())
 }
 
 /// Root to `run_as`, keeping `keep` permitted; verified.
 fn drop_to(run_as: &RunAs, keep: &[Capability]) -> Result<(), String> {
     let os = |what: &str| format!("cannot {what}: {}", io::Error::last_os_error());
+    // Capabilities are per thread: one started before now would keep root's.
+    if let Ok(threads) = std::fs::read_dir("/proc/self/task")
+        && threads.count() > 1
+    {
+        return Err("privileges must be dropped before any other thread starts".into());
+    }
     // The bounding set needs CAP_SETPCAP, which root has here and loses
     // below; under systemd's CapabilityBoundingSet= it is usually cut
     // already, and a refusal only leaves that limit to the unit.
