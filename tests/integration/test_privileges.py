@@ -294,10 +294,12 @@ def test_root_run_commands_leave_their_files_to_server_user(accounts, world):
     assert res.returncode == 0, res.stderr
     keys = list((srv.data_dir / "dkim").rglob("*"))
     assert keys and all(p.stat().st_uid == server.pw_uid for p in keys), keys
-    # The dropped server opens both.
+    assert stat.S_IMODE(srv.data_dir.stat().st_mode) == 0o700
+    # The dropped server opens both, and its data folder gets its usual mode.
     srv.start()
     try:
         assert "dkim.key" in srv.stderr()
+        assert _owner_mode(srv.data_dir) == (server.pw_name, server.pw_name, 0o711)
     finally:
         srv.stop()
 

@@ -497,6 +497,29 @@ fn verify_dropped(run_as: &RunAs, keep: &[Capability]) -> Result<(), String> {
     Ok(())
 }
 
+/// For a reload (SIGHUP): whether the running server can give the new
+/// config's mailboxes their owners. After the drop it holds the mailbox
+/// capabilities only if start-up needed them, so a reload that brings a new
+/// owner needs a restart; the error names the users concerned.
+pub fn check_mailbox_owners(runtime: &Runtime) -> Result<(), String> {
+    let uid = geteuid();
+    if uid == 0 {
+        return Ok(());
+    }
+    let foreign = foreign_mailboxes(runtime, uid, &current_groups());
+    let kept = DELIVERY_CAPABILITIES
+        .get()
+        .is_some_and(|kept| MAILBOX_CAPABILITIES.iter().all(|c| kept.contains(c)));
+    if foreign.is_empty() || kept {
+        return Ok(());
+    }
+    Err(format!(
+        "mailbox.owner/group: the Maildirs of {} would belong to another user, and this server \
+         (uid {uid}) kept no capability to give them away: restart tern to apply it",
+        foreign.join(", ")
+    ))
+}
+
 /// Called by the delivery thread when it starts: puts the mailbox
 /// capabilities kept through the drop in force for that thread alone.
 /// Failure only means deliveries to another owner fail (and are retried),
@@ -591,6 +614,18 @@ mod tests {
         assert_eq!(user_name(0).as_deref(), Some("root"));
         let groups = groups_of("root", 0).unwrap();
         assert_eq!(groups.first(), Some(&0));
+    }
+
+    #[test]
+    fn root_can_always_apply_new_mailbox_owners() {
+        let text = "[mailbox]\nowner = \"4000000\"\ngroup = \"4000000\"\n";
+        let runtime = crate::config::parse(text, Path::new("/")).unwrap();
+        if is_root() {
+            assert!(check_mailbox_owners(&runtime).is_ok());
+        } else {
+            let e = check_mailbox_owners(&runtime).unwrap_err();
+            assert!(e.contains("Maildirs of me "), "{e}");
+        }
     }
 
     #[test]

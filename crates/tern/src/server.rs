@@ -19,8 +19,7 @@
 //! spool that cannot be opened) is returned with a message naming the path or
 //! address; the caller prints it and exits non-zero.
 
-use crate::config::Role;
-use crate::config::Runtime;
+use crate::config::{Role, Runtime};
 use crate::control::{self, ControlRequest};
 use crate::dkim::Signers;
 use crate::egress::{Egress, MemoryCounters};
@@ -128,7 +127,18 @@ fn create_data_dir(dir: &Path) -> Result<(), String> {
 /// `server.user` was set, left them root's). Mailboxes are not touched:
 /// they have owners of their own.
 fn hand_over_data(runtime: &Runtime, owner: (u32, u32)) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let data_dir = &runtime.data_dir;
+    // One made by a root-run `tern user` (mode 0700) gets the search bits
+    // the server gives its own; changed while it is still root's.
+    if let Ok(meta) = std::fs::metadata(data_dir)
+        && meta.uid() == 0
+        && meta.mode() & DATA_DIR_MODE != DATA_DIR_MODE
+    {
+        let mode = (meta.mode() & 0o7777) | DATA_DIR_MODE;
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot open up data_dir {}: {e}", data_dir.display()))?;
+    }
     let mut trees = vec![
         (data_dir.clone(), false),
         (runtime.spool.dir.clone(), true),
