@@ -254,24 +254,34 @@ def test_without_another_owner_no_capability_survives(accounts, world):
 
 def test_a_root_owned_data_folder_is_handed_over(accounts, world):
     # A first run as root (no server.user) leaves everything root's; the
-    # next start with server.user set takes it over and delivers.
-    server, _store = accounts
+    # next start with server.user set takes it over and delivers, bob's
+    # Maildir going to the server user and carol's to her configured owner.
+    server, store = accounts
     srv = _server(world, {}).start()
-    _send(srv, "bob@example.test", b"Subject: one\r\n\r\n1\r\n")
+    for rcpt in ("bob@example.test", "carol@example.test"):
+        _send(srv, rcpt, b"Subject: one\r\n\r\n1\r\n")
     srv.wait_for_mail("bob")
+    srv.wait_for_mail("carol")
     assert "server.running_as_root" in srv.stderr()
     assert srv.stop() == 0
     assert srv.data_dir.stat().st_uid == 0
     srv.config["server"] = {"user": server.pw_name}
+    srv.config["user"][2]["owner"] = store.pw_name
     srv.config_path.write_text(to_toml(srv.config))
     srv.start()
     try:
         assert "server.running_as_root" not in srv.stderr()
         assert srv.data_dir.stat().st_uid == server.pw_uid
-        assert all(p.lstat().st_uid == server.pw_uid for p in (srv.data_dir / "spool").rglob("*"))
-        assert all(p.lstat().st_uid == server.pw_uid for p in (srv.data_dir / "tls").rglob("*"))
-        _send(srv, "carol@example.test", b"Subject: two\r\n\r\n2\r\n")
-        srv.wait_for_mail("carol")
+        for sub in ("spool", "tls", "mail/bob"):
+            tree = srv.data_dir / sub
+            assert all(p.lstat().st_uid == server.pw_uid for p in [tree, *tree.rglob("*")]), sub
+        carol = srv.maildir("carol")
+        assert all(p.lstat().st_uid == store.pw_uid for p in [carol, *carol.rglob("*")])
+        assert (srv.data_dir / "mail" / "carol").stat().st_uid == server.pw_uid
+        for rcpt in ("bob@example.test", "carol@example.test"):
+            _send(srv, rcpt, b"Subject: two\r\n\r\n2\r\n")
+        srv.wait_for_mail("bob", 2)
+        srv.wait_for_mail("carol", 2)
     finally:
         srv.stop()
 

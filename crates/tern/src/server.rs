@@ -124,8 +124,9 @@ fn create_data_dir(dir: &Path) -> Result<(), String> {
 
 /// Root dropping to `server.user`: the server's own files under the data
 /// folder become that user's (an earlier run as root, or `tern user` before
-/// `server.user` was set, left them root's). Mailboxes are not touched:
-/// they have owners of their own.
+/// `server.user` was set, left them root's). A Maildir under the data
+/// folder that is still root's (from such a run) goes to its configured
+/// owner, else to that user; any other Maildir is left alone.
 fn hand_over_data(runtime: &Runtime, owner: (u32, u32)) -> Result<(), String> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let data_dir = &runtime.data_dir;
@@ -155,6 +156,31 @@ fn hand_over_data(runtime: &Runtime, owner: (u32, u32)) -> Result<(), String> {
     for (path, recursive) in trees {
         privileges::hand_over(&path, owner, recursive)
             .map_err(|e| format!("cannot give {} to server.user: {e}", path.display()))?;
+    }
+    let mail_root = data_dir.join("mail");
+    for user in runtime.users.values() {
+        let Ok(below) = user.maildir.strip_prefix(&mail_root) else {
+            continue;
+        };
+        let root_owned = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == 0);
+        // The folders between <data_dir>/mail and the Maildir are the server's.
+        let mut between = mail_root.clone();
+        for part in below.parent().into_iter().flat_map(Path::components) {
+            between.push(part);
+            if root_owned(&between) {
+                privileges::hand_over(&between, owner, false).map_err(|e| {
+                    format!("cannot give {} to server.user: {e}", between.display())
+                })?;
+            }
+        }
+        if root_owned(&user.maildir) {
+            let target = (
+                user.access.owner.unwrap_or(owner.0),
+                user.access.group.unwrap_or(owner.1),
+            );
+            privileges::hand_over(&user.maildir, target, true)
+                .map_err(|e| format!("cannot give {} to its owner: {e}", user.maildir.display()))?;
+        }
     }
     Ok(())
 }
