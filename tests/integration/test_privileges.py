@@ -136,6 +136,8 @@ def test_root_drops_to_server_user_and_dovecot_reads_the_mail(accounts, world):
         assert int(st["CapEff"], 16) == 0, st
         assert int(st["CapPrm"], 16) == MAILBOX_CAPS, st
         assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0, st
+        # Nor can an exec bring any other back.
+        assert int(st["CapBnd"], 16) == MAILBOX_CAPS, st
         ps = subprocess.run(["ps", "-o", "user:40=,group:40=", "-p", str(pid)],
                             capture_output=True, text=True, check=True)
         assert ps.stdout.split() == [server.pw_name, server.pw_name], ps.stdout
