@@ -384,3 +384,47 @@ def test_unprivileged_start_runs_as_itself_and_refuses_what_it_cannot_do(account
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_the_units_capability_bounding_set_is_enough(accounts, world):
+    # systemd is not running here, so the unit's limits are applied by hand:
+    # its CapabilityBoundingSet= (without CAP_SETPCAP tern cannot cut the
+    # bounding set itself) and NoNewPrivileges=. Root under them must still
+    # bind, hand its folders over, drop, and give mail to the store user.
+    from test_service import UNIT, _settings
+
+    server, store = accounts
+    bounding = _settings(UNIT.read_text())["CapabilityBoundingSet"].split()
+    allowed = ",".join(["-all"] + ["+" + c.lower().removeprefix("cap_") for c in bounding])
+    srv = _server(world, {
+        "server": {"user": server.pw_name},
+        "mailbox": {"owner": store.pw_name},
+    })
+    err = open(srv.stderr_path, "wb")
+    proc = subprocess.Popen(
+        ["setpriv", f"--bounding-set={allowed}", "--no-new-privs",
+         str(TERN_BIN), "serve", "--config", str(srv.config_path)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, cwd=srv.workdir,
+    )
+    err.close()
+    try:
+        port = None
+        for line in proc.stdout:
+            text = line.decode().strip()
+            if text.startswith("listening on "):
+                port = int(text.split()[2].rpartition(":")[2])
+            if text == "ready":
+                break
+        assert port, srv.stderr()
+        st = _status(proc.pid)
+        assert st["Uid"].split() == [str(server.pw_uid)] * 4, srv.stderr()
+        assert int(st["CapPrm"], 16) == MAILBOX_CAPS and int(st["CapEff"], 16) == 0, st
+        assert st["NoNewPrivs"] == "1"
+        srv.listeners = [("127.0.0.1", port, "mx")]
+        _send(srv, "alice@example.test", b"Subject: unit\r\n\r\nunder the unit's limits\r\n")
+        srv.wait_for_mail("alice")
+        (path,) = srv.mail_files("alice")
+        assert path.stat().st_uid == store.pw_uid
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
