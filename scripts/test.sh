@@ -152,6 +152,13 @@ step_deps() {
     need_apt postfix /usr/sbin/smtp-source
     # Dovecot's LMTP server: the outbound tests deliver into it (test_outbound.py).
     need_apt dovecot-lmtpd /usr/lib/dovecot/lmtp
+    # Dovecot's IMAP server reads the Maildirs Tern wrote as their owner
+    # (test_privileges.py); useradd and setpriv make and become its users.
+    need_apt dovecot-imapd /usr/lib/dovecot/imap
+    need_apt passwd useradd
+    need_apt util-linux setpriv
+    # systemd-analyze verifies and rates dist/tern.service (test_service.py).
+    need_apt systemd systemd-analyze
     # dkimpy, the independent DKIM verifier of test_dkim.py (for /usr/bin/python3).
     need_apt python3-dkim /usr/bin/dkimverify
     # A real mail client for test_submission.py.

@@ -36,9 +36,13 @@ enum Command {
     /// Run the mail server until SIGTERM/SIGINT. Prints "listening on ADDR role=ROLE"
     /// per listener ("metrics on URL" for [metrics]) and then "ready" on stdout; logs go to stderr (level from the
     /// config's [log] section, overridden by the TERN_LOG environment variable).
+    /// Started as root, it binds its listeners and reads its keys, then drops to
+    /// server.user (see tern.example.toml, [server]). Under a service manager
+    /// (NOTIFY_SOCKET set, systemd Type=notify) it reports READY=1 once it
+    /// accepts mail and STOPPING=1 when it drains.
     /// SIGHUP reads the config file again and puts it in force without dropping a
-    /// connection (listeners, data_dir, [spool], [auth], [log], [metrics] and [sendmail]
-    /// need a restart);
+    /// connection (listeners, data_dir, [spool], [server], [auth], [log], [metrics] and
+    /// [sendmail] need a restart);
     /// a config that does not validate is refused and the running one stays.
     Serve {
         /// TOML config file (see tern.example.toml); without it, the embedded default
@@ -228,6 +232,7 @@ fn dkim_generate(args: &tern::dkim::cli::GenerateArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
+    tern::privileges::commands_hand_over_to(&runtime);
     match tern::dkim::cli::generate(
         &runtime,
         &args.domain,
@@ -296,6 +301,15 @@ fn serve(path: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     init_tracing(&runtime);
+    // Binding, reading root-only keys and dropping to server.user happen
+    // before the runtime starts its threads (see tern::privileges).
+    let prepared = match tern::server::prepare(&runtime) {
+        Ok(prepared) => prepared,
+        Err(message) => {
+            eprintln!("tern: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
     let tokio = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -306,7 +320,11 @@ fn serve(path: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match tokio.block_on(tern::server::serve(runtime, path.map(Path::to_path_buf))) {
+    match tokio.block_on(tern::server::serve(
+        runtime,
+        prepared,
+        path.map(Path::to_path_buf),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("tern: {message}");

@@ -125,9 +125,9 @@ const LINGER: Duration = Duration::from_millis(40);
 /// message still goes alone).
 const BATCH_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Where one copy goes: the mailbox and its `Return-Path:`/`Delivered-To:`
-/// lines, or why it cannot be delivered now.
-type CopyTarget = Result<(PathBuf, Vec<u8>), String>;
+/// Where one copy goes: the mailbox, its `Return-Path:`/`Delivered-To:`
+/// lines and the mailbox's ownership, or why it cannot be delivered now.
+type CopyTarget = Result<(PathBuf, Vec<u8>, crate::config::MailboxAccess), String>;
 
 /// The local recipients of one message due in this attempt.
 struct LocalJob {
@@ -347,7 +347,7 @@ impl Queue {
                             "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
                             envelope.sender, rcpt.address
                         );
-                        Ok((user.maildir.clone(), prefix.into_bytes()))
+                        Ok((user.maildir.clone(), prefix.into_bytes(), user.access))
                     }
                     None => Err("mailbox no longer configured".to_string()),
                 };
@@ -383,8 +383,9 @@ impl Queue {
                 let copies: Vec<LocalCopy<'_>> = plan
                     .iter()
                     .filter_map(|(j, key, redelivery, target)| match (target, &bodies[*j]) {
-                        (Ok((maildir, prefix)), Ok(body)) => Some(LocalCopy {
+                        (Ok((maildir, prefix, access)), Ok(body)) => Some(LocalCopy {
                             maildir,
+                            access: *access,
                             prefix,
                             body,
                             key: *key,

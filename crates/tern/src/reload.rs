@@ -14,7 +14,7 @@
 //! that start from now on), retry policy, egress limits, certificates, DKIM
 //! keys, submission settings. What needs a restart, because it is bound
 //! to a socket, a file or a thread made at start-up: listeners, data_dir,
-//! the spool, `[auth]`, `[log]`, `[metrics]` and `[sendmail]`; a change there is logged with its key,
+//! the spool, `[server]`, `[auth]`, `[log]`, `[metrics]` and `[sendmail]`; a change there is logged with its key,
 //! and the running value stays while the rest of the reload goes ahead.
 
 use crate::config::{self, ConfigError, LiveRuntime, Runtime};
@@ -87,6 +87,14 @@ impl Reloader {
                 message,
             })?;
         let dkim = Signers::from_config(&new.dkim).map_err(ReloadError::Invalid)?;
+        // The drop kept the capabilities to give mailboxes away only if the
+        // config at start-up needed them.
+        crate::privileges::check_mailbox_owners(&new).map_err(|message| {
+            ReloadError::Unloadable {
+                key: "mailbox.owner",
+                message,
+            }
+        })?;
         // Logins read the users file themselves; one that cannot be read
         // now would fail every login after the reload.
         crate::auth::store::Users::load(&new.auth.users_file).map_err(|e| {
@@ -153,6 +161,10 @@ fn keep_restart_only(old: &Runtime, mut new: Runtime) -> Runtime {
     if format!("{:?}", old.log) != format!("{:?}", new.log) {
         kept.push("log");
         new.log = old.log.clone();
+    }
+    if format!("{:?}", old.run_as) != format!("{:?}", new.run_as) {
+        kept.push("server");
+        new.run_as = old.run_as.clone();
     }
     if old.metrics != new.metrics {
         kept.push("metrics");

@@ -1,29 +1,38 @@
-//! `tern serve`: opens the spool, binds the listeners, starts the queue
-//! manager and the accept loops, and shuts all of it down in order on
-//! SIGTERM/SIGINT.
+//! `tern serve`: binds the listeners, drops privileges, opens the spool,
+//! starts the queue manager and the accept loops, and shuts all of it down
+//! in order on SIGTERM/SIGINT.
 //!
-//! Start-up order matters: the spool is recovered before any listener
-//! accepts, so no session can commit into a half-scanned queue. Shutdown is
-//! the reverse: stop accepting, let sessions finish or answer `421 4.3.2`,
-//! stop the queue after its batch in hand, then close the spool (its
-//! committer drains what is waiting).
+//! Start-up order matters. [`prepare`] runs before the async runtime
+//! exists (one thread, see `privileges`): it binds every listener (ports
+//! below 1024 need root), creates the data folders and hands them to
+//! `server.user`, reads the TLS and DKIM keys (root-only files included),
+//! and drops to `server.user`. Only then does [`serve`] open the spool,
+//! so every spool file is the dropped user's, and recovers it before any
+//! listener accepts, so no session can commit into a half-scanned queue.
+//! Shutdown is the reverse: stop accepting, let sessions finish or answer
+//! `421 4.3.2`, stop the queue after its batch in hand, then close the
+//! spool (its committer drains what is waiting). The service manager hears
+//! `READY=1` just before "ready" is printed and `STOPPING=1` when the
+//! drain starts (`service`).
 //!
 //! Errors: anything that prevents serving (bad data dir, port in use, a
 //! spool that cannot be opened) is returned with a message naming the path or
 //! address; the caller prints it and exits non-zero.
 
-use crate::config::{LiveRuntime, Runtime};
+use crate::config::{LiveRuntime, Role, Runtime};
 use crate::control::{self, ControlRequest};
 use crate::dkim::Signers;
 use crate::egress::{Egress, MemoryCounters};
 use crate::listener::{ConnectionLimits, accept_loop};
 use crate::outbound::{self, AdminHandle, OutboundHandle, QueueOp};
+use crate::privileges::{self, Plan};
 use crate::queue;
 use crate::reload::Reloader;
+use crate::service;
 use crate::session::Context;
 use crate::spool::{Spool, SpoolConfig};
 use crate::tls::{ServerTls, TlsSource};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -34,14 +43,164 @@ use tracing::{info, warn};
 /// How long open sessions get to finish after SIGTERM before we stop waiting.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// Mode of the data folder: other users may pass through (to reach
+/// `<data_dir>/public/` and mailboxes kept below it) but not list it.
+const DATA_DIR_MODE: u32 = 0o711;
+
+/// What [`prepare`] got while it could: the bound listeners and the keys.
+pub struct Prepared {
+    listeners: Vec<(std::net::TcpListener, Role)>,
+    tls: ServerTls,
+    dkim: Signers,
+}
+
+/// The start-up steps that need the privileges the server then gives up;
+/// call with no other thread running (before the tokio runtime is built).
+pub fn prepare(runtime: &Runtime) -> Result<Prepared, String> {
+    let plan = Plan::for_runtime(runtime)?;
+    let mut listeners = Vec::new();
+    for l in &runtime.listeners {
+        let listener = bind(l.address).map_err(|e| {
+            format!(
+                "cannot listen on {} (listener role {}): {e}",
+                l.address, l.role
+            )
+        })?;
+        listeners.push((listener, l.role));
+    }
+    create_data_dir(&runtime.data_dir)?;
+    crate::fsutil::create_dir_durable(&runtime.spool.dir).map_err(|e| {
+        format!(
+            "cannot create spool directory {}: {e}",
+            runtime.spool.dir.display()
+        )
+    })?;
+    let tls = ServerTls::load(TlsSource {
+        files: runtime.tls_certificates.clone(),
+        data_dir: runtime.data_dir.clone(),
+        hostname: runtime.hostname.clone(),
+    })
+    .map_err(|e| format!("cannot set up TLS: {e}"))?;
+    let dkim = Signers::from_config(&runtime.dkim).map_err(|errors| {
+        let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        format!("cannot load the DKIM keys: {}", list.join("; "))
+    })?;
+    if let Some(owner) = plan.new_owner() {
+        hand_over_data(runtime, owner)?;
+    }
+    plan.apply()?;
+    Ok(Prepared {
+        listeners,
+        tls,
+        dkim,
+    })
+}
+
+/// A listening socket with the options tokio's own `bind` sets (address
+/// reuse, so a restart need not wait out TIME_WAIT; a deep backlog for
+/// bursts), non-blocking for the runtime that takes it over.
+fn bind(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    /// tokio's backlog for `TcpListener::bind`.
+    const BACKLOG: i32 = 1024;
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Creates the data folder (mode [`DATA_DIR_MODE`]) with any missing
+/// ancestors; an existing one is left as it is.
+fn create_data_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let failed = |e: std::io::Error| format!("cannot create data_dir {}: {e}", dir.display());
+    if dir.is_dir() {
+        return Ok(());
+    }
+    crate::fsutil::create_dir_durable(dir).map_err(failed)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DATA_DIR_MODE)).map_err(failed)
+}
+
+/// Root dropping to `server.user`: the server's own files under the data
+/// folder become that user's (an earlier run as root, or `tern user` before
+/// `server.user` was set, left them root's). A Maildir under the data
+/// folder that is still root's (from such a run) goes to its configured
+/// owner, else to that user; any other Maildir is left alone.
+fn hand_over_data(runtime: &Runtime, owner: (u32, u32)) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let data_dir = &runtime.data_dir;
+    // One made by a root-run `tern user` (mode 0700) gets the search bits
+    // the server gives its own; changed while it is still root's.
+    if let Ok(meta) = std::fs::metadata(data_dir)
+        && meta.uid() == 0
+        && meta.mode() & DATA_DIR_MODE != DATA_DIR_MODE
+    {
+        let mode = (meta.mode() & 0o7777) | DATA_DIR_MODE;
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot open up data_dir {}: {e}", data_dir.display()))?;
+    }
+    let mut trees = vec![
+        (data_dir.clone(), false),
+        (runtime.spool.dir.clone(), true),
+        (data_dir.join("tls"), true),
+        (data_dir.join("mail"), false),
+    ];
+    let users_file = &runtime.auth.users_file;
+    if users_file.starts_with(data_dir) {
+        trees.push((users_file.clone(), false));
+        let mut lock = users_file.clone().into_os_string();
+        lock.push(".lock");
+        trees.push((lock.into(), false));
+    }
+    for (path, recursive) in trees {
+        privileges::hand_over(&path, owner, recursive)
+            .map_err(|e| format!("cannot give {} to server.user: {e}", path.display()))?;
+    }
+    let mail_root = data_dir.join("mail");
+    for user in runtime.users.values() {
+        let Ok(below) = user.maildir.strip_prefix(&mail_root) else {
+            continue;
+        };
+        let root_owned = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == 0);
+        // The folders between <data_dir>/mail and the Maildir are the server's.
+        let mut between = mail_root.clone();
+        for part in below.parent().into_iter().flat_map(Path::components) {
+            between.push(part);
+            if root_owned(&between) {
+                privileges::hand_over(&between, owner, false).map_err(|e| {
+                    format!("cannot give {} to server.user: {e}", between.display())
+                })?;
+            }
+        }
+        if root_owned(&user.maildir) {
+            let target = (
+                user.access.owner.unwrap_or(owner.0),
+                user.access.group.unwrap_or(owner.1),
+            );
+            privileges::hand_over(&user.maildir, target, true)
+                .map_err(|e| format!("cannot give {} to its owner: {e}", user.maildir.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// `config_path`: the file `runtime` came from (SIGHUP reads it again);
 /// `None` for the embedded default.
-pub async fn serve(runtime: Runtime, config_path: Option<PathBuf>) -> Result<(), String> {
+pub async fn serve(
+    runtime: Runtime,
+    prepared: Prepared,
+    config_path: Option<PathBuf>,
+) -> Result<(), String> {
     let embedded_default = config_path.is_none();
     let runtime = Arc::new(runtime);
     let live = Arc::new(LiveRuntime::from(runtime.clone()));
-    crate::fsutil::create_dir_durable(&runtime.data_dir)
-        .map_err(|e| format!("cannot create data_dir {}: {e}", runtime.data_dir.display()))?;
+    let Prepared {
+        listeners,
+        tls,
+        dkim,
+    } = prepared;
     let spool_config = SpoolConfig {
         dir: runtime.spool.dir.clone(),
         segment_size: runtime.spool.segment_size,
@@ -79,19 +238,8 @@ pub async fn serve(runtime: Runtime, config_path: Option<PathBuf>) -> Result<(),
         Err(e) => warn!(event = "server.fd_limit", error = %e, "cannot read the open-file limit"),
     }
 
-    let tls = Arc::new(
-        ServerTls::load(TlsSource {
-            files: runtime.tls_certificates.clone(),
-            data_dir: runtime.data_dir.clone(),
-            hostname: runtime.hostname.clone(),
-        })
-        .map_err(|e| format!("cannot set up TLS: {e}"))?,
-    );
+    let tls = Arc::new(tls);
     info!(event = "tls.ready", names = ?tls.names());
-    let dkim = Signers::from_config(&runtime.dkim).map_err(|errors| {
-        let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-        format!("cannot load the DKIM keys: {}", list.join("; "))
-    })?;
     let accounts = crate::auth::Accounts::open(&runtime.auth)
         .map_err(|e| format!("cannot open the users file: {e}"))?;
     for (domain, selector, algorithm) in dkim.keys() {
@@ -99,14 +247,10 @@ pub async fn serve(runtime: Runtime, config_path: Option<PathBuf>) -> Result<(),
     }
 
     let mut bound = Vec::new();
-    for l in &runtime.listeners {
-        let listener = TcpListener::bind(l.address).await.map_err(|e| {
-            format!(
-                "cannot listen on {} (listener role {}): {e}",
-                l.address, l.role
-            )
-        })?;
-        bound.push((listener, l.role));
+    for (listener, role) in listeners {
+        let listener = TcpListener::from_std(listener)
+            .map_err(|e| format!("cannot listen (listener role {role}): {e}"))?;
+        bound.push((listener, role));
     }
     let metrics_listener = match runtime.metrics {
         Some(address) => Some(crate::metrics::bind(address).await?),
@@ -226,9 +370,11 @@ pub async fn serve(runtime: Runtime, config_path: Option<PathBuf>) -> Result<(),
         outbound: queue_admin,
     };
     let signals = Signals::install();
+    service::tell(service::READY);
     println!("ready");
 
     Signals::stop_requested(signals, &reloader).await;
+    service::tell(service::STOPPING);
     info!(
         event = "server.shutdown",
         "stopping: no new connections, open sessions get 421"
@@ -292,10 +438,9 @@ fn raise_open_file_limit() -> std::io::Result<u64> {
 /// Takes an exclusive `flock` on `<spool>/lock` for the life of the server:
 /// two servers appending to one spool would corrupt it, so the second one
 /// refuses to start and says why. (`tern queue list` reads without it.)
+/// The folder was made by [`prepare`].
 fn lock_spool(dir: &std::path::Path) -> Result<std::fs::File, String> {
     use std::os::fd::AsRawFd;
-    crate::fsutil::create_dir_durable(dir)
-        .map_err(|e| format!("cannot create spool directory {}: {e}", dir.display()))?;
     let path = dir.join("lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -394,8 +539,10 @@ impl Signals {
                 _ = s.int.recv() => return,
                 Some(()) = async { s.hup.as_mut()?.recv().await } => {
                     info!(event = "server.sighup", "reloading the configuration");
+                    service::tell(&service::reloading());
                     // Refusals are logged by the reloader, key by key.
                     let _ = reloader.reload().await;
+                    service::tell(service::READY);
                 }
             }
         }

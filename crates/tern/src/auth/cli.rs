@@ -172,11 +172,16 @@ fn target(common: &UserArgs) -> Result<Target, ExitCode> {
         ),
     };
     match loaded {
-        Ok(rt) => Ok(Target {
-            users_file: rt.auth.users_file,
-            params: rt.auth.hash_params,
-            data_dir: Some(rt.data_dir),
-        }),
+        Ok(rt) => {
+            // What a root-run command writes goes to server.user, whose
+            // server reads and rewrites it.
+            crate::privileges::commands_hand_over_to(&rt);
+            Ok(Target {
+                users_file: rt.auth.users_file,
+                params: rt.auth.hash_params,
+                data_dir: Some(rt.data_dir),
+            })
+        }
         // The users file itself is what fails: find it anyway, so the
         // command reports it with its file, line and exit status.
         Err(errors) if errors.iter().all(|e| e.key == "auth.users_file") => {

@@ -371,6 +371,8 @@ impl Users {
             .mode(0o600)
             .open(&lock_path)
             .map_err(|e| StoreError::io(&lock_path, "open the lock file", &e))?;
+        crate::privileges::hand_over_file(&lock)
+            .map_err(|e| StoreError::io(&lock_path, "give the lock file to server.user", &e))?;
         flock_exclusive(&lock).map_err(|e| StoreError::io(&lock_path, "lock", &e))?;
         let mut users = Users::load(path)?;
         if users.decoy_key.is_none() {
@@ -428,6 +430,9 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
+        // A root-run `tern user` leaves the file to server.user, before the
+        // server can see it.
+        crate::privileges::hand_over_file(&file)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;

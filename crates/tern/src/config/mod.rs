@@ -19,6 +19,7 @@ mod outbound;
 mod recipients;
 mod schema;
 mod sendmail;
+mod server;
 mod submission;
 mod validate;
 
@@ -29,6 +30,7 @@ use recipients::MAX_ALIAS_DEPTH;
 pub use recipients::{Destination, Resolution};
 pub use schema::{FileConfig, LimitsConfig, ListenerConfig, LogConfig};
 pub use sendmail::{SenderRule, SendmailSettings, default_socket, sendmail_settings_of};
+pub use server::{DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, MailboxAccess, RunAs};
 /// Shared with route parsing, so a route names hosts by the same rules.
 pub(crate) use validate::valid_domain;
 use validate::*;
@@ -104,6 +106,8 @@ pub struct User {
     /// `Delivered-To:` address when the user is reached by name.
     pub primary_address: String,
     pub maildir: PathBuf,
+    /// Who owns the Maildir's folders and files, and their modes.
+    pub access: MailboxAccess,
 }
 
 /// One configuration problem, tied to the key that caused it.
@@ -177,6 +181,8 @@ pub type LiveRuntime = arc_swap::ArcSwap<Runtime>;
 pub struct Runtime {
     pub hostname: String,
     pub data_dir: PathBuf,
+    /// `[server]`: the account to drop to when started as root.
+    pub run_as: Option<RunAs>,
     pub listeners: Vec<Listener>,
     pub local_domains: HashSet<String>,
     pub users: HashMap<String, User>,
@@ -451,6 +457,8 @@ impl Runtime {
             file.data_dir.as_deref().unwrap_or(Path::new("tern-data")),
         );
 
+        let run_as = server::check_server(&file, &mut errors);
+        let mailbox = server::check_mailbox(&file, &mut errors);
         let listeners = check_listeners(&file, &mut errors);
         let local_domains = check_domains(&file, &mut errors);
         let first_domain = file.local.domains.first().map(|d| d.to_lowercase());
@@ -460,6 +468,7 @@ impl Runtime {
             base,
             first_domain,
             &local_domains,
+            mailbox,
             &mut errors,
         );
         let aliases = check_aliases(&file, &users, &local_domains, &mut errors);
@@ -577,6 +586,7 @@ impl Runtime {
         let runtime = Runtime {
             hostname,
             data_dir,
+            run_as,
             listeners,
             local_domains,
             users,

@@ -13,6 +13,10 @@ pub struct FileConfig {
     pub hostname: Option<String>,
     pub data_dir: Option<PathBuf>,
     #[serde(default)]
+    pub server: super::server::ServerConfig,
+    #[serde(default)]
+    pub mailbox: super::server::MailboxConfig,
+    #[serde(default)]
     pub listener: Vec<ListenerConfig>,
     #[serde(default)]
     pub local: LocalConfig,
@@ -102,6 +106,9 @@ pub struct UserConfig {
     #[serde(default)]
     pub addresses: Vec<String>,
     pub maildir: Option<PathBuf>,
+    /// Overrides `mailbox.owner` / `mailbox.group` for this user's Maildir.
+    pub owner: Option<String>,
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -272,6 +272,11 @@ fn example_config_is_valid_and_complete() {
         "commit_wait",
         "plaintext_on_loopback",
         "received_client_address",
+        "user",
+        "group",
+        "owner",
+        "file_mode",
+        "dir_mode",
     ] {
         assert!(
             text.contains(&format!("{key} =")),
@@ -502,4 +507,81 @@ fn a_bad_metrics_address_is_an_error_naming_the_key() {
     )
     .unwrap_err();
     assert!(errors[0].message.contains("adress"), "{errors:?}");
+}
+
+#[test]
+fn accounts_that_do_not_exist_are_errors_naming_their_key() {
+    let text = format!(
+        "{BASE}[server]\nuser = \"no-such-user-tern\"\n[mailbox]\nowner = \"no-such-owner-tern\"\n\
+         group = \"no-such-group-tern\"\n"
+    )
+    .replace(
+        "name = \"bob\"",
+        "name = \"bob\"\nowner = \"no-such-bob-tern\"",
+    );
+    let errors = parse(&text, Path::new("/etc/tern")).unwrap_err();
+    let shown: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    for expected in [
+        "server.user: no such user \"no-such-user-tern\"",
+        "mailbox.owner: no such user \"no-such-owner-tern\"",
+        "mailbox.group: no such group \"no-such-group-tern\"",
+        "user[1].owner: no such user \"no-such-bob-tern\"",
+    ] {
+        // Each also names its line: "KEY: MESSAGE (line N)".
+        assert!(
+            shown.iter().any(|e| e.starts_with(&format!("{expected} (line "))),
+            "{expected} not in {shown:?}"
+        );
+    }
+}
+
+#[test]
+fn server_user_and_mailbox_owners_resolve() {
+    let text = format!(
+        "{BASE}[server]\nuser = \"root\"\n[mailbox]\nowner = \"4000000\"\ngroup = \"0\"\n\
+         file_mode = 0o640\ndir_mode = 0o750\n"
+    )
+    .replace("name = \"bob\"", "name = \"bob\"\nowner = \"root\"");
+    let got = parse(&text, Path::new("/etc/tern")).expect("valid");
+    let run_as = got.run_as.expect("server.user");
+    assert_eq!((run_as.uid, run_as.gid), (0, 0));
+    assert_eq!(run_as.groups.first(), Some(&0));
+    let alice = got.users["alice"].access;
+    assert_eq!(
+        alice,
+        MailboxAccess {
+            owner: Some(4_000_000),
+            group: Some(0),
+            file_mode: 0o640,
+            dir_mode: 0o750
+        }
+    );
+    // bob's owner brings its own primary group; the modes stay [mailbox]'s.
+    assert_eq!(got.users["bob"].access.owner, Some(0));
+    assert_eq!(got.users["bob"].access.group, Some(0));
+    assert_eq!(got.users["bob"].access.file_mode, 0o640);
+    // Nothing configured: nothing changes hands.
+    assert_eq!(rt().users["alice"].access, MailboxAccess::default());
+    assert!(rt().run_as.is_none());
+}
+
+#[test]
+fn mailbox_modes_and_lone_ids_are_checked() {
+    let text = format!(
+        "{BASE}[server]\ngroup = \"root\"\n[mailbox]\nowner = \"4000000\"\nfile_mode = 640\n\
+         dir_mode = 0o600\n"
+    );
+    let errors = parse(&text, Path::new("/etc/tern")).unwrap_err();
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "server.group",
+            "mailbox.file_mode",
+            "mailbox.dir_mode",
+            "mailbox.group"
+        ],
+        "{errors:?}"
+    );
+    assert!(errors[1].message.contains("0o1200"), "{}", errors[1]);
 }

@@ -107,6 +107,8 @@ pub(super) fn apply_defaults(file: &mut FileConfig) {
             name: "me".into(),
             addresses: vec![format!("me@{domain}")],
             maildir: None,
+            owner: None,
+            group: None,
         });
     }
 }
@@ -197,6 +199,7 @@ pub(super) fn check_users(
     base: &Path,
     first_domain: Option<String>,
     local_domains: &HashSet<String>,
+    mailbox: super::MailboxAccess,
     errors: &mut Errors,
 ) -> UserMaps {
     let mut users = HashMap::new();
@@ -272,6 +275,7 @@ pub(super) fn check_users(
                 name: u.name.clone(),
                 primary_address,
                 maildir,
+                access: super::server::user_access(mailbox, u, &key, errors),
             },
         );
     }

@@ -39,10 +39,23 @@
 //! attempt may have delivered a copy (the queue); headers other than the
 //! prefix the caller passes.
 //!
+//! Ownership. A mailbox has an owner, a group and modes (`[mailbox]`,
+//! `[[user]] owner`; see `config::MailboxAccess`): the Maildir folder and
+//! its `tmp/`, `new/` and `cur/` are created with them, and each copy gets
+//! its mode and owner on its descriptor right after it is created in
+//! `tmp/`, before a byte is written, so a reader such as Dovecot never
+//! finds a file in `new/` that is not yet its own. Folders above the
+//! Maildir that delivery has to create (`<data_dir>/mail/<user>`) stay the
+//! server's, mode 0711: the mailbox owner can pass through them without
+//! seeing the other mailboxes. Existing folders are never changed. Giving
+//! a file to another user takes `CAP_CHOWN`, and writing into a folder of
+//! theirs `CAP_DAC_OVERRIDE`, which the delivery thread holds when the
+//! configuration needs them (see `privileges`).
+//!
 //! Errors: per copy, as `io::Error`; the queue turns every one into a
 //! deferral (a full mailbox disk must never bounce or lose mail).
 
-use crate::fsutil::create_dir_durable;
+use crate::config::MailboxAccess;
 use crate::spool::MsgId;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString};
@@ -71,6 +84,8 @@ pub struct CopyKey {
 /// One copy of a message for one mailbox.
 pub struct LocalCopy<'a> {
     pub maildir: &'a Path,
+    /// The mailbox's owner, group and modes.
+    pub access: MailboxAccess,
     /// Header lines added for this copy (`Return-Path:`, `Delivered-To:`).
     pub prefix: &'a [u8],
     pub body: &'a [u8],
@@ -153,8 +168,8 @@ struct MaildirDirs {
 
 impl MaildirDirs {
     /// Creates the mailbox if needed, then opens its directories.
-    fn open(maildir: &Path) -> io::Result<MaildirDirs> {
-        ensure_maildir(maildir)?;
+    fn open(maildir: &Path, access: &MailboxAccess) -> io::Result<MaildirDirs> {
+        ensure_maildir(maildir, access)?;
         let tmp = open_dir(maildir, "tmp")?;
         let new = open_dir(maildir, "new")?;
         let dev = tmp.metadata()?.dev();
@@ -211,7 +226,7 @@ pub fn deliver_batch(namer: &MaildirNamer, copies: &[LocalCopy<'_>]) -> Vec<io::
     let mut mailboxes: Mailboxes<'_> = BTreeMap::new();
     for copy in copies {
         mailboxes.entry(copy.maildir).or_insert_with(|| {
-            MaildirDirs::open(copy.maildir).map_err(|e| (e.kind(), e.to_string()))
+            MaildirDirs::open(copy.maildir, &copy.access).map_err(|e| (e.kind(), e.to_string()))
         });
     }
     let mailbox_of = |copy: &LocalCopy<'_>| -> io::Result<&MaildirDirs> {
@@ -487,16 +502,26 @@ fn write_tmp(copy: &LocalCopy<'_>, mailbox: &MaildirDirs, name: &CStr) -> io::Re
             ),
         )
     };
-    let mut file = match create_new_at(&mailbox.tmp, name) {
+    let mode = copy.access.file_mode;
+    let mut file = match create_new_at(&mailbox.tmp, name, mode) {
         // An interrupted attempt at this copy left its file (the name is
         // the copy's own), perhaps cut short: write it anew.
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             unlinkat(&mailbox.tmp, name).map_err(failed)?;
-            create_new_at(&mailbox.tmp, name)
+            create_new_at(&mailbox.tmp, name, mode)
         }
         created => created,
     }
     .map_err(failed)?;
+    // Final mode and owner before the rename into new/ (see the module
+    // comment); the mode first, while the file is still ours to chmod.
+    // The umask can only have taken group and other bits: chmod only when
+    // the mode has some.
+    let chmod = (mode & 0o077 != 0).then_some(mode);
+    set_mode_and_owner(&file, chmod, &copy.access).map_err(|e| {
+        let _ = unlinkat(&mailbox.tmp, name);
+        failed(e)
+    })?;
     write_both(&mut file, copy.prefix, copy.body).map_err(|e| {
         let _ = unlinkat(&mailbox.tmp, name);
         failed(e)
@@ -568,12 +593,12 @@ fn syncfs(file: &File) -> io::Result<()> {
     }
 }
 
-/// `openat(dir, name, O_CREAT|O_EXCL)`: a new file, mode 0600, never one
-/// that already exists (nor a symlink's target).
-fn create_new_at(dir: &File, name: &CStr) -> io::Result<File> {
+/// `openat(dir, name, O_CREAT|O_EXCL)`: a new file with `mode` (less the
+/// umask), never one that already exists (nor a symlink's target).
+fn create_new_at(dir: &File, name: &CStr, mode: u32) -> io::Result<File> {
     let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
     // SAFETY: `name` is NUL-terminated; the fd we get back is ours alone.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, 0o600 as libc::c_uint) };
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -668,14 +693,85 @@ fn unlinkat(dir: &File, name: &CStr) -> io::Result<()> {
     }
 }
 
+/// Mode of the folders above a Maildir that delivery creates: the mailbox
+/// owner passes through, nobody lists them.
+const ANCESTOR_DIR_MODE: u32 = 0o711;
+
 /// Creates `maildir/{tmp,new,cur}` (and any missing ancestors) if needed,
-/// durably.
-fn ensure_maildir(maildir: &Path) -> io::Result<()> {
+/// durably, the Maildir's own folders with the mailbox's owner and mode.
+fn ensure_maildir(maildir: &Path, access: &MailboxAccess) -> io::Result<()> {
     if maildir.join("new").is_dir() && maildir.join("tmp").is_dir() {
         return Ok(());
     }
+    // The missing part of the chain above the Maildir, outermost first.
+    let mut missing = Vec::new();
+    let mut above = maildir.parent();
+    while let Some(p) = above {
+        if p.as_os_str().is_empty() || p.is_dir() {
+            break;
+        }
+        missing.push(p);
+        above = p.parent();
+    }
+    let ours = MailboxAccess {
+        owner: None,
+        group: None,
+        dir_mode: ANCESTOR_DIR_MODE,
+        ..*access
+    };
+    for dir in missing.iter().rev() {
+        create_dir(dir, &ours)?;
+    }
+    create_dir(maildir, access)?;
     for sub in ["tmp", "new", "cur"] {
-        create_dir_durable(&maildir.join(sub))?;
+        create_dir(&maildir.join(sub), access)?;
+    }
+    Ok(())
+}
+
+/// Creates `dir` unless it exists (then it is left as it is) with the
+/// folder mode and owner of `access`, and syncs its parent.
+fn create_dir(dir: &Path, access: &MailboxAccess) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let failed = |e: io::Error| io::Error::new(e.kind(), format!("create {}: {e}", dir.display()));
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(failed(e)),
+    }
+    let handle = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(failed)?;
+    set_mode_and_owner(&handle, Some(access.dir_mode), access).map_err(failed)?;
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => crate::fsutil::sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
+/// `fchmod` to `mode` (when given) then `fchown` to the configured owner
+/// and group, if any.
+fn set_mode_and_owner(file: &File, mode: Option<u32>, access: &MailboxAccess) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fchmod/fchown on a descriptor we own; -1 (all bits set)
+    // leaves an id unchanged.
+    unsafe {
+        if let Some(mode) = mode
+            && libc::fchmod(fd, mode as libc::mode_t) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        if (access.owner.is_some() || access.group.is_some())
+            && libc::fchown(
+                fd,
+                access.owner.unwrap_or(u32::MAX),
+                access.group.unwrap_or(u32::MAX),
+            ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
 }
@@ -684,6 +780,7 @@ fn ensure_maildir(maildir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::fs;
+    use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
 
     fn key(rcpt: usize) -> CopyKey {
@@ -697,6 +794,7 @@ mod tests {
     fn copy<'a>(maildir: &'a Path, body: &'a [u8], rcpt: usize) -> LocalCopy<'a> {
         LocalCopy {
             maildir,
+            access: MailboxAccess::default(),
             prefix: b"Delivered-To: a@x\r\n",
             body,
             key: key(rcpt),
@@ -729,6 +827,113 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let maildir = root.path().join("a/Maildir");
         (root, maildir)
+    }
+
+    /// Ids and modes of what delivery made, for the ownership tests.
+    fn owner_and_mode(path: &Path) -> (u32, u32, u32) {
+        let meta = fs::symlink_metadata(path).unwrap();
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777)
+    }
+
+    /// Giving files away takes root (or CAP_CHOWN): the suite runs as root.
+    fn can_chown() -> bool {
+        caps::has_cap(None, caps::CapSet::Effective, caps::Capability::CAP_CHOWN).unwrap_or(false)
+    }
+
+    #[test]
+    fn copies_and_folders_get_the_mailbox_owner_and_modes() {
+        if !can_chown() {
+            eprintln!("skipped: giving files to another user needs CAP_CHOWN");
+            return;
+        }
+        let (root, maildir) = mailbox();
+        // nobody:nogroup on Debian; any ids do for the kernel.
+        let access = MailboxAccess {
+            owner: Some(65534),
+            group: Some(65533),
+            file_mode: 0o640,
+            dir_mode: 0o750,
+        };
+        let namer = MaildirNamer::new("host");
+        let copies = [LocalCopy {
+            access,
+            ..copy(&maildir, b"body\r\n", 0)
+        }];
+        let results = deliver_batch(&namer, &copies);
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        let (me, my_group) = (unsafe { libc::geteuid() }, unsafe { libc::getegid() });
+        // Above the Maildir: ours, passable.
+        assert_eq!(
+            owner_and_mode(&root.path().join("a")),
+            (me, my_group, 0o711)
+        );
+        for dir in ["", "tmp", "new", "cur"] {
+            assert_eq!(
+                owner_and_mode(&maildir.join(dir)),
+                (65534, 65533, 0o750),
+                "{dir}"
+            );
+        }
+        let new = names(&maildir, "new");
+        assert_eq!(new.len(), 1);
+        assert_eq!(
+            owner_and_mode(&maildir.join("new").join(&new[0])),
+            (65534, 65533, 0o640)
+        );
+        assert!(names(&maildir, "tmp").is_empty());
+    }
+
+    #[test]
+    fn a_copy_that_cannot_be_given_away_is_not_delivered() {
+        if !can_chown() {
+            eprintln!("skipped: needs CAP_CHOWN to take it away from this thread");
+            return;
+        }
+        let (_root, maildir) = mailbox();
+        let namer = MaildirNamer::new("host");
+        // The folders are made while we can; then this test's thread (and
+        // no other: capabilities are per thread) loses the power to chown.
+        ensure_maildir(&maildir, &MailboxAccess::default()).unwrap();
+        let access = MailboxAccess {
+            owner: Some(65534),
+            ..MailboxAccess::default()
+        };
+        caps::drop(None, caps::CapSet::Effective, caps::Capability::CAP_CHOWN).unwrap();
+        let results = deliver_batch(
+            &namer,
+            &[LocalCopy {
+                access,
+                ..copy(&maildir, b"body\r\n", 0)
+            }],
+        );
+        caps::raise(None, caps::CapSet::Effective, caps::Capability::CAP_CHOWN).unwrap();
+        let error = results.into_iter().next().unwrap().unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+        assert!(names(&maildir, "tmp").is_empty());
+        assert!(names(&maildir, "new").is_empty());
+    }
+
+    #[test]
+    fn existing_folders_are_left_as_they_are() {
+        let (_root, maildir) = mailbox();
+        for sub in ["tmp", "new", "cur"] {
+            fs::create_dir_all(maildir.join(sub)).unwrap();
+        }
+        fs::set_permissions(&maildir, fs::Permissions::from_mode(0o755)).unwrap();
+        let access = MailboxAccess {
+            file_mode: 0o644,
+            ..MailboxAccess::default()
+        };
+        let copies = [LocalCopy {
+            access,
+            ..copy(&maildir, b"body\r\n", 0)
+        }];
+        let results = deliver_batch(&MaildirNamer::new("host"), &copies);
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        assert_eq!(owner_and_mode(&maildir).2, 0o755);
+        let new = names(&maildir, "new");
+        assert_eq!(new.len(), 1);
+        assert_eq!(owner_and_mode(&maildir.join("new").join(&new[0])).2, 0o644);
     }
 
     #[test]

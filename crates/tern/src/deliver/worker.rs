@@ -38,6 +38,9 @@ impl DeliveryThread {
             .name("tern-deliver".into())
             .spawn(move || {
                 lower_priority(nice);
+                // The only thread with the mailbox capabilities in force
+                // (when the configuration keeps any; see `privileges`).
+                crate::privileges::enter_delivery_thread();
                 while let Ok(job) = rx.recv() {
                     // The job's result sender is dropped by the unwind, which
                     // is how its caller learns of the failure.

@@ -243,9 +243,13 @@ pub fn generate(
     })
 }
 
-/// The user a root-run command hands new key files to: the owner of the
-/// server's data folder, when that is not root. `None`: keep our own.
+/// The user a root-run command hands new key files to: `server.user` when
+/// configured (see `privileges::commands_hand_over_to`), else the owner of
+/// the server's data folder, when that is not root. `None`: keep our own.
 fn server_owner(data_dir: &Path) -> Option<(u32, u32)> {
+    if let Some(owner) = crate::privileges::command_file_owner() {
+        return Some(owner);
+    }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 {
