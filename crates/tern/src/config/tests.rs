@@ -529,7 +529,9 @@ fn accounts_that_do_not_exist_are_errors_naming_their_key() {
     ] {
         // Each also names its line: "KEY: MESSAGE (line N)".
         assert!(
-            shown.iter().any(|e| e.starts_with(&format!("{expected} (line "))),
+            shown
+                .iter()
+                .any(|e| e.starts_with(&format!("{expected} (line "))),
             "{expected} not in {shown:?}"
         );
     }
