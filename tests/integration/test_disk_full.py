@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ternlib import queued_id, wait_until
+from ternlib import ehlo_keywords, queued_id, wait_until
 
 FS_SIZE = "3m"
 FAULTFS = Path(__file__).resolve().parent / "faultfs.py"
@@ -187,23 +187,24 @@ def test_mail_is_accepted_as_soon_as_space_returns(tern, small_fs):
 FSIZE_LIMIT = 1024 * 1024
 
 
-def test_file_size_limit_tempfails_what_would_pass_it(tern):
-    """Started under `prlimit --fsize`: a message whose scratch file or spool
-    record would pass the limit gets 452 4.3.1 (SIGXFSZ is ignored, EFBIG
-    handled), messages that fit are accepted and delivered (spool segments
-    roll before they reach the limit), and the process lives on."""
+def test_file_size_limit_lowers_the_size_limit_and_the_server_lives_on(tern):
+    """Started under `prlimit --fsize`: the SIZE Tern announces and enforces
+    is lowered below the limit, so a message that could never be stored gets
+    552 5.3.4 at once instead of being deferred until its sender gives up
+    (SIGXFSZ is ignored and EFBIG handled for a limit lowered while running),
+    messages that fit are accepted and delivered (spool segments roll before
+    they reach the limit), and the process lives on."""
     srv = tern({"delivery": {"retry_initial": "1s", "retry_max": "2s"}}, start=False)
     srv.launcher = ["prlimit", f"--fsize={FSIZE_LIMIT}", "--"]
     srv.start()
     with srv.connect() as c:
-        c.ehlo()
-        # Its body spills to a scratch file, which hits the limit.
-        outcome, reply = send(c, "too-big", 2 * FSIZE_LIMIT)
-        assert outcome == "tempfail" and (reply.code, reply.enhanced) == (452, "4.3.1"), reply
-        # The body fits a file, but not with the record's header and
-        # envelope in a segment.
-        outcome, reply = send(c, "just-too-big", FSIZE_LIMIT - 100)
-        assert outcome == "tempfail" and (reply.code, reply.enhanced) == (452, "4.3.1"), reply
+        size = int(ehlo_keywords(c.ehlo())["SIZE"])
+        assert 0 < size < FSIZE_LIMIT, size
+        assert c.cmd(f"MAIL FROM:<s@remote.test> SIZE={FSIZE_LIMIT}").code == 552
+        # Without SIZE=, the end of data says it.
+        for marker, length in [("too-big", 2 * FSIZE_LIMIT), ("just-too-big", FSIZE_LIMIT - 100)]:
+            outcome, reply = send(c, marker, length)
+            assert (reply.code, reply.enhanced) == (552, "5.3.4"), reply
         # Several that fit, together more than one segment can hold.
         accepted = []
         for i in range(4):

@@ -28,6 +28,7 @@ import imaplib
 import os
 import pwd
 import shutil
+import signal
 import smtplib
 import socket
 import stat
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from ternlib import TERN_BIN, Tern, TernStartError, default_config, to_toml, wait_until
+from ternlib import TERN_BIN, Tern, TernStartError, deep_merge, default_config, to_toml, wait_until
 
 DOVECOT = "/usr/sbin/dovecot"
 # CAP_CHOWN is capability 0, CAP_DAC_OVERRIDE 1.
@@ -428,3 +429,37 @@ def test_the_units_capability_bounding_set_is_enough(accounts, world):
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_a_reload_after_the_drop_keeps_root_only_keys_and_applies_the_rest(accounts, world):
+    """The unit's setup: a private key only root may read, loaded before the
+    drop. SIGHUP (now running as server.user) cannot read it again: the
+    loaded certificate stays and the rest of the new config applies."""
+    server, _store = accounts
+    keys = world / "keys"
+    keys.mkdir(mode=0o700)
+    cert, key = keys / "cert.pem", keys / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=mx.test.example", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    srv = _server(world, {"server": {"user": server.pw_name},
+                          "tls": {"certificates": [{"cert": str(cert), "key": str(key)}]}}).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as c:
+            c.ehlo("client.test")
+            assert c.mail("sender@remote.test")[0] == 250
+            assert c.rcpt("dave@example.test")[0] == 550
+        users = srv.config["user"] + [{"name": "dave", "addresses": ["dave@example.test"]}]
+        srv.config = deep_merge(srv.config, {"user": users})
+        srv.config_path.write_text(to_toml(srv.config), encoding="utf-8")
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "config.reloaded" in srv.stderr(), 15, what="the reload")
+        assert "tls.reload_kept" in srv.stderr()
+        with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as c:
+            c.ehlo("client.test")
+            assert c.starttls()[0] == 220  # the certificate loaded at start-up
+            c.ehlo("client.test")
+            assert c.mail("sender@remote.test")[0] == 250
+            assert c.rcpt("dave@example.test")[0] == 250
+    finally:
+        srv.stop()

@@ -165,6 +165,17 @@ def test_lf_message_arrives_with_the_same_body_bytes(tern):
     assert field(mail, "From") == ["Jörg <jorg@example.test>"]
 
 
+def test_progress_bars_and_nuls_from_a_cron_job_are_delivered_not_refused(tern):
+    """curl, wget and rsync print bare CRs; a stray NUL happens too. The
+    report still arrives (bare CR as a line end, NUL removed)."""
+    srv = start(tern)
+    raw = b"Subject: backup\n\n  10%\r  50%\r 100%\ndone\x00 ok\n"
+    res = sendmail(srv, "alice@example.test", data=raw)
+    assert res.returncode == 0, out(res)
+    [mail] = srv.wait_for_mail("alice", 1)
+    assert header_and_body(mail)[1] == b"  10%\r\n  50%\r\n 100%\r\ndone ok\r\n"
+
+
 def test_bs_speaks_smtp_on_stdin_and_stdout(tern):
     srv = start(tern)
     proc = subprocess.Popen(

@@ -12,12 +12,14 @@
 //! trusted networks, limits (new sessions; a session keeps the config it
 //! started with), connection limits, routes and outbound settings (attempts
 //! that start from now on), retry policy, egress limits, certificates, DKIM
-//! keys, submission settings. What needs a restart, because it is bound
-//! to a socket, a file or a thread made at start-up: listeners, data_dir,
-//! the spool, `[server]`, `[auth]`, `[log]`, `[metrics]` and `[sendmail]`; a change there is logged with its key,
-//! and the running value stays while the rest of the reload goes ahead.
+//! keys, submission settings. A new data_dir refuses the reload (paths
+//! derived from it would change). What needs a restart, because it is bound
+//! to a socket, a file or a thread made at start-up: listeners, the spool,
+//! `[server]`, `[auth]`, `[log]`, `[metrics]` and `[sendmail]`; a change
+//! there is logged with its key, and the running value stays while the
+//! rest of the reload goes ahead.
 
-use crate::config::{self, ConfigError, LiveRuntime, Runtime};
+use crate::config::{self, CertificateFiles, ConfigError, KeyFiles, LiveRuntime, Runtime};
 use crate::dkim::Signers;
 use crate::listener::ConnectionLimits;
 use crate::outbound::{AdminHandle, NewConfig, QueueOp};
@@ -44,7 +46,7 @@ pub enum ReloadError {
     /// The new config does not validate.
     Invalid(Vec<ConfigError>),
     /// It validated, but a part of it could not be loaded.
-    Unloadable { key: &'static str, message: String },
+    Unloadable { key: String, message: String },
 }
 
 impl Reloader {
@@ -59,7 +61,7 @@ impl Reloader {
                 }
             }
             Err(ReloadError::Unloadable { key, message }) => {
-                warn!(event = "config.reload_refused", key, error = %message, "the running config stays in force");
+                warn!(event = "config.reload_refused", key = %key, error = %message, "the running config stays in force");
             }
         }
         result
@@ -67,31 +69,61 @@ impl Reloader {
 
     async fn try_reload(&self) -> Result<(), ReloadError> {
         let new = match &self.path {
-            Some(path) => config::load(path),
+            Some(path) => config::load_with(path, KeyFiles::Skip),
             None => config::embedded_default(),
         }
         .map_err(ReloadError::Invalid)?;
         let old = self.runtime.load_full();
-        let new = Arc::new(keep_restart_only(&old, new));
+        // Mailboxes, DKIM keys and the users file default to paths below
+        // it: keeping the running one would leave those pointing elsewhere.
+        if old.data_dir != new.data_dir {
+            return Err(ReloadError::Unloadable {
+                key: "data_dir".into(),
+                message: format!(
+                    "changes only at a restart ({} is in use), and paths derived from it would change with it",
+                    old.data_dir.display()
+                ),
+            });
+        }
+        let mut new = keep_restart_only(&old, new);
+        crate::server::fit_to_storage(&mut new);
+        let new = Arc::new(new);
 
-        let tls = self
-            .ctx
-            .tls
-            .prepare(TlsSource {
-                files: new.tls_certificates.clone(),
-                data_dir: new.data_dir.clone(),
-                hostname: new.hostname.clone(),
-            })
-            .map_err(|message| ReloadError::Unloadable {
-                key: "tls.certificates",
-                message,
-            })?;
+        let source = TlsSource {
+            files: new.tls_certificates.clone(),
+            data_dir: new.data_dir.clone(),
+            hostname: new.hostname.clone(),
+        };
+        let tls = match self.ctx.tls.prepare(source) {
+            Ok(prepared) => Some(prepared),
+            // Keys only root may read (a Let's Encrypt privkey.pem) were
+            // read at start-up, before the drop: the same files stay in
+            // use, and the rest of the config goes ahead.
+            Err(message)
+                if old.tls_certificates == new.tls_certificates
+                    && unreadable(&new.tls_certificates) =>
+            {
+                warn!(event = "tls.reload_kept", error = %message, "the certificate files cannot be read by this user (server.user); the ones loaded at start-up stay in use");
+                None
+            }
+            Err(message) => {
+                // Name the certificate, as check-config does.
+                let key = new
+                    .tls_certificates
+                    .iter()
+                    .position(|files| crate::tls::check(files).is_err())
+                    .map_or("tls.certificates".to_string(), |i| {
+                        format!("tls.certificates[{i}]")
+                    });
+                return Err(ReloadError::Unloadable { key, message });
+            }
+        };
         let dkim = Signers::from_config(&new.dkim).map_err(ReloadError::Invalid)?;
         // The drop kept the capabilities to give mailboxes away only if the
         // config at start-up needed them.
         crate::privileges::check_mailbox_owners(&new).map_err(|message| {
             ReloadError::Unloadable {
-                key: "mailbox.owner",
+                key: "mailbox.owner".into(),
                 message,
             }
         })?;
@@ -99,7 +131,7 @@ impl Reloader {
         // now would fail every login after the reload.
         crate::auth::store::Users::load(&new.auth.users_file).map_err(|e| {
             ReloadError::Unloadable {
-                key: "auth.users_file",
+                key: "auth.users_file".into(),
                 message: e.to_string(),
             }
         })?;
@@ -109,11 +141,13 @@ impl Reloader {
             .request(QueueOp::Reconfigure(NewConfig(new.clone())))
             .await
             .map_err(|message| ReloadError::Unloadable {
-                key: "outbound",
+                key: "outbound".into(),
                 message,
             })?;
 
-        self.ctx.tls.install(tls);
+        if let Some(tls) = tls {
+            self.ctx.tls.install(tls);
+        }
         self.ctx.dkim.store(Arc::new(dkim));
         self.ctx.egress.set_limits(new.egress.clone());
         self.limits.set(
@@ -146,10 +180,6 @@ fn keep_restart_only(old: &Runtime, mut new: Runtime) -> Runtime {
         kept.push("listener");
         new.listeners = old.listeners.clone();
     }
-    if old.data_dir != new.data_dir {
-        kept.push("data_dir");
-        new.data_dir = old.data_dir.clone();
-    }
     if format!("{:?}", old.spool) != format!("{:?}", new.spool) {
         kept.push("spool");
         new.spool = old.spool.clone();
@@ -181,4 +211,13 @@ fn keep_restart_only(old: &Runtime, mut new: Runtime) -> Runtime {
         );
     }
     new
+}
+
+/// Whether any of the files cannot be opened for lack of permission.
+fn unreadable(files: &[CertificateFiles]) -> bool {
+    files.iter().any(|f| {
+        [&f.cert, &f.key].iter().any(|path| {
+            matches!(std::fs::File::open(path), Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied)
+        })
+    })
 }

@@ -194,6 +194,8 @@ pub async fn serve(
     config_path: Option<PathBuf>,
 ) -> Result<(), String> {
     let embedded_default = config_path.is_none();
+    let mut runtime = runtime;
+    fit_to_storage(&mut runtime);
     let runtime = Arc::new(runtime);
     let live = Arc::new(LiveRuntime::from(runtime.clone()));
     let Prepared {
@@ -401,6 +403,20 @@ pub async fn serve(
     spool.close().await;
     info!(event = "server.stopped");
     Ok(())
+}
+
+/// Lowers `limits.max_message_size` below the file-size limit, if the
+/// process has one, and says so.
+pub(crate) fn fit_to_storage(runtime: &mut Runtime) {
+    let configured = runtime.limits.max_message_size;
+    if let Some(largest) = runtime.fit_to_storage() {
+        warn!(
+            event = "limits.max_message_size_capped",
+            configured,
+            largest,
+            "the process's file-size limit (ulimit -f, LimitFSIZE=) is below limits.max_message_size: larger messages get 552 5.3.4"
+        );
+    }
 }
 
 /// Descriptors the server needs besides one per session: listeners, spool

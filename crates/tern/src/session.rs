@@ -784,11 +784,7 @@ impl Driver {
                     let mut replacement = self.ctx.spool.draft();
                     if let Err(e) = replacement.write(&folded).await {
                         warn!(event = "draft.error", session_id = self.session_id, error = %e);
-                        return Err(Decision::Reject(Reply::enhanced(
-                            451,
-                            (4, 3, 0),
-                            "Error: local error in processing, try again later",
-                        )));
+                        return Err(Decision::Reject(storage_failure(&e)));
                     }
                     *draft = replacement;
                     folded
@@ -896,6 +892,7 @@ impl Driver {
             // is the draft that could not be read back.
             let reason = match &decision {
                 Decision::Reject(r) if r.code >= 500 => Refusal::Policy,
+                Decision::Reject(r) if r.code == storage_full().code => Refusal::StorageFull,
                 _ => Refusal::StorageError,
             };
             self.refused(queue_id, reason);

@@ -221,6 +221,16 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// `limits.max_message_size` lowered to what the spool can store under
+    /// the process's file-size limit (`None`: it was within it already).
+    pub fn fit_to_storage(&mut self) -> Option<u64> {
+        let largest = crate::spool::largest_storable_message()?;
+        (self.limits.max_message_size > largest).then(|| {
+            self.limits.max_message_size = largest;
+            largest
+        })
+    }
+
     /// Domains (and addresses) are compared in one case form everywhere:
     /// `str::to_lowercase`, which also folds non-ASCII (U-label) domains.
     pub fn is_local_domain(&self, domain: &str) -> bool {
@@ -242,8 +252,16 @@ impl Runtime {
     pub fn server_config_for(&self, role: Role, peer: IpAddr) -> tern_proto::ServerConfig {
         // A local user's program: no TLS to offer over a Unix socket, and
         // the kernel's peer credentials stand in for AUTH.
+        // Its content is what scripts print: a bare CR from a progress bar
+        // (curl, wget, rsync) or a NUL would cost cron its whole report, and
+        // nothing on our own host smuggles, so they are mended, not refused
+        // (Postfix's sendmail keeps such mail too).
         if role == Role::Local {
-            return self.server_config();
+            return tern_proto::ServerConfig {
+                bare_lf: BareLfPolicy::Normalize,
+                nul: NulPolicy::Strip,
+                ..self.server_config()
+            };
         }
         let submission = role != Role::Mx;
         tern_proto::ServerConfig {
@@ -313,8 +331,24 @@ fn is_log_filter(filter: &str) -> bool {
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Runtime, Vec<ConfigError>> {
+    load_with(path, KeyFiles::Check)
+}
+
+/// Whether validation loads the TLS certificate and key files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFiles {
+    /// Load each (check-config, start-up): a server that starts can offer them.
+    Check,
+    /// Leave them to the caller: a reload, running as `server.user`, may
+    /// not be able to read keys that root read at start-up, and decides
+    /// itself what that means.
+    Skip,
+}
+
+/// [`load`], with the certificate files loaded or not.
+pub fn load_with(path: &Path, keys: KeyFiles) -> Result<Runtime, Vec<ConfigError>> {
     let (text, base) = read_file(path)?;
-    parse(&text, &base)
+    parse_with(&text, &base, keys)
 }
 
 /// A config file's text and the directory its relative paths are relative
@@ -339,8 +373,13 @@ pub(crate) fn read_file(path: &Path) -> Result<(String, PathBuf), Vec<ConfigErro
 /// Every error is reported, TOML syntax and unknown keys included, each
 /// with its line where it can be told (see `locate`).
 pub fn parse(text: &str, base: &Path) -> Result<Runtime, Vec<ConfigError>> {
+    parse_with(text, base, KeyFiles::Check)
+}
+
+/// [`parse`], with the certificate files loaded or not.
+pub fn parse_with(text: &str, base: &Path, keys: KeyFiles) -> Result<Runtime, Vec<ConfigError>> {
     let (file, mut errors) = locate::deserialize_all(text);
-    let checked = file.map(|file| Runtime::from_file_config(file, base));
+    let checked = file.map(|file| Runtime::from_file_config_with(file, base, keys));
     match checked {
         Some(Ok(runtime)) if errors.is_empty() => return Ok(runtime),
         Some(Err(more)) => errors.extend(more.into_iter().map(|mut e| {
@@ -390,14 +429,21 @@ fn key_at(text: &str, offset: usize) -> String {
 
 /// Each configured certificate must load, with a key that belongs to it:
 /// a server that starts must be able to offer it.
-fn check_tls(file: &FileConfig, base: &Path, errors: &mut Errors) -> Vec<CertificateFiles> {
+fn check_tls(
+    file: &FileConfig,
+    base: &Path,
+    keys: KeyFiles,
+    errors: &mut Errors,
+) -> Vec<CertificateFiles> {
     let mut out = Vec::new();
     for (i, c) in file.tls.certificates.iter().enumerate() {
         let files = CertificateFiles {
             cert: absolute(base, &c.cert),
             key: absolute(base, &c.key),
         };
-        if let Err(e) = crate::tls::check(&files) {
+        if keys == KeyFiles::Check
+            && let Err(e) = crate::tls::check(&files)
+        {
             errors.push(format!("tls.certificates[{i}]"), e);
         }
         out.push(files);
@@ -442,9 +488,15 @@ pub fn embedded_default() -> Result<Runtime, Vec<ConfigError>> {
 
 impl Runtime {
     /// Validates a parsed file; returns every error found.
-    pub fn from_file_config(
+    pub fn from_file_config(file: FileConfig, base: &Path) -> Result<Runtime, Vec<ConfigError>> {
+        Runtime::from_file_config_with(file, base, KeyFiles::Check)
+    }
+
+    /// [`Runtime::from_file_config`], with the certificate files loaded or not.
+    pub fn from_file_config_with(
         mut file: FileConfig,
         base: &Path,
+        keys: KeyFiles,
     ) -> Result<Runtime, Vec<ConfigError>> {
         apply_defaults(&mut file);
         let mut errors = Errors(Vec::new());
@@ -561,7 +613,7 @@ impl Runtime {
         };
         let delivery = check_delivery(&file, &mut errors);
         let outbound = outbound::check_outbound(&file, base, &mut errors);
-        let tls_certificates = check_tls(&file, base, &mut errors);
+        let tls_certificates = check_tls(&file, base, keys, &mut errors);
         let dkim = dkim::check_dkim(&file, &data_dir, base, &local_domains, &mut errors);
         let auth = auth::check_auth(&file.auth, base, &data_dir, &mut errors);
         let egress = submission::check_submission(&file, &mut errors);

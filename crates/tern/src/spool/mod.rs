@@ -156,6 +156,19 @@ pub use log::{Outcome, Spool};
 pub use readonly::{read_body_read_only, scan_read_only};
 pub use writer::Faults;
 
+/// The largest message the spool can take under the process's file-size
+/// limit (`ulimit -f`, `prlimit --fsize`, systemd's `LimitFSIZE=`), if it
+/// has one: a record also holds its envelope (recipients included), so a
+/// margin is kept for it. What is larger can never be stored, and is better
+/// refused for good (`552 5.3.4`, announced by EHLO's SIZE) than deferred
+/// until the sender gives up.
+pub fn largest_storable_message() -> Option<u64> {
+    /// Room for the record's header and envelope; a quarter of a small
+    /// limit.
+    const ENVELOPE_ROOM: u64 = 1 << 20;
+    writer::file_size_limit().map(|limit| limit - ENVELOPE_ROOM.min(limit / 4))
+}
+
 /// A queue identifier: 44 bits of milliseconds since 2020-01-01 UTC, then a
 /// 20-bit counter. Unique across restarts (the generator starts above the
 /// highest id found on disk) and monotone within a run.
