@@ -32,6 +32,7 @@ use crate::service;
 use crate::session::Context;
 use crate::spool::{Spool, SpoolConfig};
 use crate::tls::{ServerTls, TlsSource};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,20 +130,34 @@ fn create_data_dir(dir: &Path) -> Result<(), String> {
 /// folder that is still root's (from such a run) goes to its configured
 /// owner, else to that user; any other Maildir is left alone.
 fn hand_over_data(runtime: &Runtime, owner: (u32, u32)) -> Result<(), String> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let data_dir = &runtime.data_dir;
+    let given = |path: &Path, e: std::io::Error| {
+        format!("cannot give {} to server.user: {e}", path.display())
+    };
+    // Everything below is walked from this descriptor, never through a
+    // link (see `privileges::hand_over`): once the folder is server.user's,
+    // that user can change what its names lead to.
+    let top = crate::fsutil::open_dir(data_dir)
+        .map_err(|e| format!("cannot open data_dir {}: {e}", data_dir.display()))?;
+    let stat = crate::fsutil::stat_fd(&top)
+        .map_err(|e| format!("cannot open data_dir {}: {e}", data_dir.display()))?;
     // One made by a root-run `tern user` (mode 0700) gets the search bits
     // the server gives its own; changed while it is still root's.
-    if let Ok(meta) = std::fs::metadata(data_dir)
-        && meta.uid() == 0
-        && meta.mode() & DATA_DIR_MODE != DATA_DIR_MODE
-    {
-        let mode = (meta.mode() & 0o7777) | DATA_DIR_MODE;
-        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("cannot open up data_dir {}: {e}", data_dir.display()))?;
+    if stat.st_uid == 0 && stat.st_mode & DATA_DIR_MODE != DATA_DIR_MODE {
+        let mode = (stat.st_mode & 0o7777) | DATA_DIR_MODE;
+        // SAFETY: fchmod on a descriptor we own.
+        if unsafe { libc::fchmod(top.as_raw_fd(), mode) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!(
+                "cannot open up data_dir {}: {e}",
+                data_dir.display()
+            ));
+        }
+    }
+    if (stat.st_uid, stat.st_gid) != owner {
+        privileges::chown_fd(&top, owner).map_err(|e| given(data_dir, e))?;
     }
     let mut trees = vec![
-        (data_dir.clone(), false),
         (runtime.spool.dir.clone(), true),
         (data_dir.join("tls"), true),
         (data_dir.join("mail"), false),
@@ -155,32 +170,69 @@ fn hand_over_data(runtime: &Runtime, owner: (u32, u32)) -> Result<(), String> {
         trees.push((lock.into(), false));
     }
     for (path, recursive) in trees {
-        privileges::hand_over(&path, owner, recursive)
-            .map_err(|e| format!("cannot give {} to server.user: {e}", path.display()))?;
+        privileges::hand_over(&top, data_dir, &path, owner, recursive)
+            .map_err(|e| given(&path, e))?;
     }
     let mail_root = data_dir.join("mail");
     for user in runtime.users.values() {
-        let Ok(below) = user.maildir.strip_prefix(&mail_root) else {
+        if !user.maildir.starts_with(&mail_root) {
             continue;
-        };
-        let root_owned = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == 0);
-        // The folders between <data_dir>/mail and the Maildir are the server's.
-        let mut between = mail_root.clone();
-        for part in below.parent().into_iter().flat_map(Path::components) {
-            between.push(part);
-            if root_owned(&between) {
-                privileges::hand_over(&between, owner, false).map_err(|e| {
-                    format!("cannot give {} to server.user: {e}", between.display())
-                })?;
-            }
         }
-        if root_owned(&user.maildir) {
-            let target = (
-                user.access.owner.unwrap_or(owner.0),
-                user.access.group.unwrap_or(owner.1),
-            );
-            privileges::hand_over(&user.maildir, target, true)
-                .map_err(|e| format!("cannot give {} to its owner: {e}", user.maildir.display()))?;
+        let target = (
+            user.access.owner.unwrap_or(owner.0),
+            user.access.group.unwrap_or(owner.1),
+        );
+        hand_over_mailbox(&top, data_dir, &user.maildir, owner, target)
+            .map_err(|e| format!("cannot give {} to its owner: {e}", user.maildir.display()))?;
+    }
+    Ok(())
+}
+
+/// A Maildir below `<data_dir>/mail` that is still root's goes to `target`
+/// (its owner), and the folders between `<data_dir>/mail` and it that are
+/// still root's go to server.user (`owner`); any other is left alone. Each
+/// folder is reached from `top` by descriptor, never through a link: a
+/// link on the way leaves that mailbox as it is (logged).
+fn hand_over_mailbox(
+    top: &std::fs::File,
+    data_dir: &Path,
+    maildir: &Path,
+    owner: (u32, u32),
+    target: (u32, u32),
+) -> std::io::Result<()> {
+    let Ok(below) = maildir.strip_prefix(data_dir) else {
+        return Ok(());
+    };
+    let mut dir = top.try_clone()?;
+    let mut path = data_dir.to_path_buf();
+    let parts: Vec<_> = below.components().collect();
+    for (i, part) in parts.iter().enumerate() {
+        let std::path::Component::Normal(part) = part else {
+            return Ok(());
+        };
+        path.push(part);
+        let name = crate::fsutil::c_name(part)?;
+        if i + 1 == parts.len() {
+            let root_owned = crate::fsutil::stat_at(&dir, &name).map(|st| st.st_uid == 0);
+            return match root_owned {
+                Ok(true) => privileges::hand_over_at(&dir, &name, &path, target, true),
+                Ok(false) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            };
+        }
+        dir = match crate::fsutil::open_dir_at(&dir, &name) {
+            Ok(next) => next,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if crate::fsutil::is_symlink_error(&e) => {
+                warn!(event = "server.hand_over_skipped", path = %path.display(), "a symbolic link on the way to a Maildir: the mailbox is left as it is");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        // <data_dir>/mail itself was handed over with the other trees.
+        if i > 0 && crate::fsutil::stat_fd(&dir)?.st_uid == 0 {
+            privileges::chown_fd(&dir, owner)?;
         }
     }
     Ok(())
