@@ -29,10 +29,12 @@
 //!   checks and quota accounting expect the mail user to own its files.
 //! - Chosen: exactly `CAP_CHOWN` and `CAP_DAC_OVERRIDE` survive the drop,
 //!   and only when a configured mailbox owner or group is not the server's
-//!   own (otherwise none does). They stay in the permitted set only: no
-//!   thread has them in force except the delivery thread, which raises them
-//!   for itself when it starts ([`enter_delivery_thread`]); the threads that
-//!   read from clients run without any. `CAP_SETUID`/`CAP_SETGID` are gone,
+//!   own (otherwise none does), and only on the delivery thread: it is
+//!   started right after the drop, before any other thread, and raises
+//!   them for itself ([`enter_delivery_thread`]); then the main thread
+//!   clears even its permitted set ([`leave_to_delivery_thread`]), so every
+//!   thread made afterwards (the runtime's, which read from clients) has
+//!   none it could raise. `CAP_SETUID`/`CAP_SETGID` are gone,
 //!   so root is never regained, and the bounding set is cut to the two as
 //!   well where we may (so no exec can bring others back). These two are
 //!   still powerful over files: the price of the owner being another user,
@@ -518,6 +520,30 @@ pub fn check_mailbox_owners(runtime: &Runtime) -> Result<(), String> {
          (uid {uid}) kept no capability to give them away: restart tern to apply it",
         foreign.join(", ")
     ))
+}
+
+/// Called by the thread that started the delivery thread, before any other
+/// thread exists: gives up every capability kept for delivery on this
+/// thread (capability sets are per thread, and a thread made later starts
+/// with its maker's), so the delivery thread, which got its own copy when
+/// it was made, is the only one that holds them, even as permitted.
+pub fn leave_to_delivery_thread() -> Result<(), String> {
+    if DELIVERY_CAPABILITIES.get().is_none_or(Vec::is_empty) {
+        return Ok(());
+    }
+    let failed = |what: &str, e: caps::errors::CapsError| format!("cannot {what}: {e}");
+    caps::clear(None, CapSet::Effective).map_err(|e| failed("clear the capabilities", e))?;
+    caps::clear(None, CapSet::Inheritable)
+        .map_err(|e| failed("clear the inheritable capabilities", e))?;
+    caps::clear(None, CapSet::Permitted)
+        .map_err(|e| failed("clear the permitted capabilities", e))?;
+    match caps::read(None, CapSet::Permitted) {
+        Ok(left) if left.is_empty() => Ok(()),
+        Ok(left) => Err(format!(
+            "capabilities {left:?} survived outside the delivery thread: refusing to run"
+        )),
+        Err(e) => Err(failed("read the capabilities", e)),
+    }
 }
 
 /// Called by the delivery thread when it starts: puts the mailbox

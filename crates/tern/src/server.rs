@@ -21,6 +21,7 @@
 
 use crate::config::{LiveRuntime, Role, Runtime};
 use crate::control::{self, ControlRequest};
+use crate::deliver::worker::{DELIVERY_NICE, DeliveryThread};
 use crate::dkim::Signers;
 use crate::egress::{Egress, MemoryCounters};
 use crate::listener::{ConnectionLimits, accept_loop};
@@ -48,11 +49,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// `<data_dir>/public/` and mailboxes kept below it) but not list it.
 const DATA_DIR_MODE: u32 = 0o711;
 
-/// What [`prepare`] got while it could: the bound listeners and the keys.
+/// What [`prepare`] got while it could: the bound listeners, the keys and
+/// the delivery thread.
 pub struct Prepared {
     listeners: Vec<(std::net::TcpListener, Role)>,
     tls: ServerTls,
     dkim: Signers,
+    delivery: DeliveryThread,
 }
 
 /// The start-up steps that need the privileges the server then gives up;
@@ -90,10 +93,17 @@ pub fn prepare(runtime: &Runtime) -> Result<Prepared, String> {
         hand_over_data(runtime, owner)?;
     }
     plan.apply()?;
+    // Started after the drop, so it holds no more than what was kept, and
+    // before the runtime, so that once this thread gives the rest up no
+    // other thread (all made from this one later) holds anything.
+    let delivery = DeliveryThread::start(DELIVERY_NICE)
+        .map_err(|e| format!("cannot start the delivery thread: {e}"))?;
+    privileges::leave_to_delivery_thread()?;
     Ok(Prepared {
         listeners,
         tls,
         dkim,
+        delivery,
     })
 }
 
@@ -252,6 +262,7 @@ pub async fn serve(
         listeners,
         tls,
         dkim,
+        delivery,
     } = prepared;
     let spool_config = SpoolConfig {
         dir: runtime.spool.dir.clone(),
@@ -314,10 +325,10 @@ pub async fn serve(
     let (queue_handle, queue_task) = queue::start(
         live.clone(),
         spool.clone(),
+        delivery,
         outbound_handle,
         shutdown.clone(),
-    )
-    .map_err(|e| format!("cannot start the delivery thread: {e}"))?;
+    );
     // The users file's hold marks are the breaker's record across restarts.
     let (tripped_tx, tripped_rx) = tokio::sync::mpsc::unbounded_channel();
     let egress = Arc::new(Egress::new(
