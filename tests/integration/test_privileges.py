@@ -302,6 +302,37 @@ def test_a_root_owned_data_folder_is_handed_over(accounts, world):
         srv.stop()
 
 
+def _free_privileged_port() -> int:
+    for port in range(1023, 900, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port below 1024")
+
+
+def test_a_metrics_port_below_1024_is_bound_before_the_drop(accounts, world):
+    server, _store = accounts
+    port = _free_privileged_port()
+    srv = _server(world, {
+        "server": {"user": server.pw_name},
+        "metrics": {"address": f"127.0.0.1:{port}"},
+    }).start()
+    try:
+        assert _status(srv.proc.pid)["Uid"].split() == [str(server.pw_uid)] * 4
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n")[0], answer[:200]
+        assert b"tern_" in answer
+    finally:
+        srv.stop()
+
+
 def test_links_planted_by_server_user_never_lead_the_hand_over_outside(accounts, world):
     # server.user holds the data folder between runs and may plant links
     # in it; root hands the folder over again at the next start and must

@@ -3,8 +3,8 @@
 //! in order on SIGTERM/SIGINT.
 //!
 //! Start-up order matters. [`prepare`] runs before the async runtime
-//! exists (one thread, see `privileges`): it binds every listener (ports
-//! below 1024 need root), creates the data folders and hands them to
+//! exists (one thread, see `privileges`): it binds every listener, the
+//! metrics one included (ports below 1024 need root), creates the data folders and hands them to
 //! `server.user`, reads the TLS and DKIM keys (root-only files included),
 //! and drops to `server.user`. Only then does [`serve`] open the spool,
 //! so every spool file is the dropped user's, and recovers it before any
@@ -53,6 +53,8 @@ const DATA_DIR_MODE: u32 = 0o711;
 /// the delivery thread.
 pub struct Prepared {
     listeners: Vec<(std::net::TcpListener, Role)>,
+    /// `[metrics] address`: bound here as well, so a port below 1024 works.
+    metrics: Option<std::net::TcpListener>,
     tls: ServerTls,
     dkim: Signers,
     delivery: DeliveryThread,
@@ -72,6 +74,7 @@ pub fn prepare(runtime: &Runtime) -> Result<Prepared, String> {
         })?;
         listeners.push((listener, l.role));
     }
+    let metrics = runtime.metrics.map(crate::metrics::bind).transpose()?;
     create_data_dir(&runtime.data_dir)?;
     crate::fsutil::create_dir_durable(&runtime.spool.dir).map_err(|e| {
         format!(
@@ -101,6 +104,7 @@ pub fn prepare(runtime: &Runtime) -> Result<Prepared, String> {
     privileges::leave_to_delivery_thread()?;
     Ok(Prepared {
         listeners,
+        metrics,
         tls,
         dkim,
         delivery,
@@ -110,7 +114,7 @@ pub fn prepare(runtime: &Runtime) -> Result<Prepared, String> {
 /// A listening socket with the options tokio's own `bind` sets (address
 /// reuse, so a restart need not wait out TIME_WAIT; a deep backlog for
 /// bursts), non-blocking for the runtime that takes it over.
-fn bind(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+pub fn bind(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     /// tokio's backlog for `TcpListener::bind`.
     const BACKLOG: i32 = 1024;
@@ -260,6 +264,7 @@ pub async fn serve(
     let live = Arc::new(LiveRuntime::from(runtime.clone()));
     let Prepared {
         listeners,
+        metrics,
         tls,
         dkim,
         delivery,
@@ -315,8 +320,10 @@ pub async fn serve(
             .map_err(|e| format!("cannot listen (listener role {role}): {e}"))?;
         bound.push((listener, role));
     }
-    let metrics_listener = match runtime.metrics {
-        Some(address) => Some(crate::metrics::bind(address).await?),
+    let metrics_listener = match metrics {
+        Some(listener) => Some(
+            TcpListener::from_std(listener).map_err(|e| format!("cannot listen (metrics): {e}"))?,
+        ),
         None => None,
     };
 
