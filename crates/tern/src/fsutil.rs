@@ -76,17 +76,26 @@ pub fn open_dir_at(dir: &File, name: &CStr) -> io::Result<File> {
     Err(e)
 }
 
-/// The error for a symbolic link where a folder was expected.
+/// [`open_dir_at`]'s refusal: a symbolic link where a folder was expected.
+#[derive(Debug)]
+struct SymlinkRefused;
+
+impl std::fmt::Display for SymlinkRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("is a symbolic link: refusing to go through it")
+    }
+}
+
+impl std::error::Error for SymlinkRefused {}
+
 fn symlink_error() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        "is a symbolic link: refusing to go through it",
-    )
+    io::Error::new(io::ErrorKind::InvalidInput, SymlinkRefused)
 }
 
 /// Whether `e` is [`open_dir_at`]'s refusal of a symbolic link.
 pub fn is_symlink_error(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::InvalidInput && e.to_string().contains("is a symbolic link")
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<SymlinkRefused>())
 }
 
 /// Opens the folder `path` itself, following links in it as the path says
