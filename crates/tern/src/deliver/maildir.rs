@@ -427,7 +427,8 @@ fn holds_copy(file: io::Result<File>, copy: &LocalCopy<'_>) -> io::Result<bool> 
         Err(e) => return Err(e),
     };
     let (head, tail) = (copy.prefix, copy.body);
-    if file.metadata()?.len() != (head.len() + tail.len()) as u64 {
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() != (head.len() + tail.len()) as u64 {
         return Ok(false);
     }
     let mut text = Vec::with_capacity(head.len() + tail.len());
@@ -437,9 +438,11 @@ fn holds_copy(file: io::Result<File>, copy: &LocalCopy<'_>) -> io::Result<bool> 
         && text[head.len()..] == *tail)
 }
 
-/// `openat(dir, name)` for reading, never through a symlink.
+/// `openat(dir, name)` for reading, never through a symlink, and without
+/// waiting: a FIFO a mailbox owner put under a copy's name must not block
+/// the delivery thread (it then holds no copy: wrong type and size).
 fn open_at(dir: &File, name: &CStr) -> io::Result<File> {
-    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
     // SAFETY: `name` is NUL-terminated; the fd we get back is ours alone.
     let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
     if fd < 0 {
@@ -1331,6 +1334,26 @@ mod tests {
                 assert!(names(&maildir, if link == "tmp" { "new" } else { "tmp" }).is_empty());
             }
         }
+    }
+
+    #[test]
+    fn a_fifo_under_the_copys_name_does_not_block_a_redelivery() {
+        let (_root, maildir) = mailbox();
+        for sub in ["tmp", "new", "cur"] {
+            fs::create_dir_all(maildir.join(sub)).unwrap();
+        }
+        let namer = MaildirNamer::new("host");
+        let one = redelivery(copy(&maildir, b"body\r\n", 0));
+        let name = namer.name(&one.key, one.prefix.len() + one.body.len());
+        for sub in ["new", "cur"] {
+            let fifo = CString::new(maildir.join(sub).join(&name).as_os_str().as_bytes()).unwrap();
+            // SAFETY: a NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        }
+        let results = deliver_batch(&namer, &[one]);
+        assert_eq!(delivered(results), vec![Delivered::Written]);
+        // Beside the stranger, under a unique name.
+        assert_eq!(names(&maildir, "new").len(), 2);
     }
 
     /// Every file below `dir`, by path.
