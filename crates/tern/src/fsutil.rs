@@ -16,6 +16,7 @@ use std::ffi::{CStr, CString};
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
@@ -108,6 +109,100 @@ pub fn open_dir(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// How many links [`open_dir_path`] follows in one walk before it gives up
+/// (the kernel's own limit for a path).
+const MAX_LINKS: u32 = 40;
+
+/// Opens the folder `path` one name at a time, following a symbolic link
+/// only if root owns it (the administrator's, as `/var/mail -> /srv/mail`):
+/// a link anyone else made (in a folder of theirs) is refused with
+/// [`is_symlink_error`]'s error. `create` is called for a missing name with
+/// the folder that should hold it, and must make that folder (it answers
+/// whether it did; false: the name stays missing, `NotFound`).
+pub fn open_dir_path(
+    path: &Path,
+    create: &mut dyn FnMut(&File, &CStr) -> io::Result<bool>,
+) -> io::Result<File> {
+    let start = open_dir(Path::new(if path.is_absolute() { "/" } else { "." }))?;
+    let mut links = 0;
+    walk_from(start, path, create, &mut links)
+}
+
+fn walk_from(
+    mut dir: File,
+    path: &Path,
+    create: &mut dyn FnMut(&File, &CStr) -> io::Result<bool>,
+    links: &mut u32,
+) -> io::Result<File> {
+    use std::path::Component;
+    for part in path.components() {
+        let name = match part {
+            Component::RootDir => {
+                dir = open_dir(Path::new("/"))?;
+                continue;
+            }
+            Component::CurDir | Component::Prefix(_) => continue,
+            Component::ParentDir => CString::from(c".."),
+            Component::Normal(name) => c_name(name)?,
+        };
+        dir = match open_dir_at(&dir, &name) {
+            Ok(next) => next,
+            Err(e) if is_symlink_error(&e) => follow_root_link(&dir, &name, create, links)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !create(&dir, &name)? {
+                    return Err(e);
+                }
+                open_dir_at(&dir, &name)?
+            }
+            Err(e) => return Err(e),
+        };
+    }
+    Ok(dir)
+}
+
+/// The folder the link `name` in `dir` leads to, if root owns the link;
+/// the link is pinned by a descriptor, so the owner checked is the owner
+/// of the link read.
+fn follow_root_link(
+    dir: &File,
+    name: &CStr,
+    create: &mut dyn FnMut(&File, &CStr) -> io::Result<bool>,
+    links: &mut u32,
+) -> io::Result<File> {
+    *links += 1;
+    if *links > MAX_LINKS {
+        return Err(io::Error::from_raw_os_error(libc::ELOOP));
+    }
+    let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name` is NUL-terminated; the fd we get back is ours alone.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    let link = unsafe { File::from_raw_fd(fd) };
+    let stat = stat_fd(&link)?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFLNK || stat.st_uid != 0 {
+        return Err(symlink_error());
+    }
+    let mut target = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: an empty name reads the link the O_PATH descriptor holds;
+    // `target` has room for the length passed.
+    let n = unsafe {
+        libc::readlinkat(
+            link.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_mut_ptr().cast(),
+            target.len(),
+        )
+    };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    target.truncate(n);
+    let target = std::ffi::OsStr::from_bytes(&target);
+    // A relative target is read from the folder holding the link.
+    walk_from(dir.try_clone()?, Path::new(target), create, links)
+}
+
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`: a link is described, not
 /// followed.
 pub fn stat_at(dir: &File, name: &CStr) -> io::Result<libc::stat> {
@@ -181,7 +276,6 @@ pub fn names_in(dir: &File) -> io::Result<Vec<CString>> {
 
 /// A file name as a C string; a name with a NUL cannot be a file's.
 pub fn c_name(name: &std::ffi::OsStr) -> io::Result<CString> {
-    use std::os::unix::ffi::OsStrExt;
     CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 

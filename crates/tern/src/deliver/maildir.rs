@@ -59,11 +59,11 @@ use crate::config::MailboxAccess;
 use crate::spool::MsgId;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString, OsStr};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -166,8 +166,9 @@ impl MaildirNamer {
 /// the Maildir is opened from its parent and its folders from it, by
 /// descriptor and never through a link: a link in their place defers the
 /// copy with an error naming it, and nothing is written. The folders above
-/// the Maildir are the server's or the administrator's, taken as the
-/// configured path says.
+/// the Maildir are walked the same way, except that a link root owns (the
+/// administrator's, as `/var/mail -> /srv/mail`) is followed: one that
+/// `server.user` put in `<data_dir>/mail` is refused too.
 struct MaildirDirs {
     maildir: File,
     tmp: File,
@@ -189,14 +190,18 @@ impl MaildirDirs {
         } else {
             parent
         };
-        let above = match crate::fsutil::open_dir(parent) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                create_ancestors(parent, access)?;
-                crate::fsutil::open_dir(parent)
-            }
-            opened => opened,
-        }
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", parent.display())))?;
+        let ours = MailboxAccess {
+            owner: None,
+            group: None,
+            dir_mode: ANCESTOR_DIR_MODE,
+            ..*access
+        };
+        let mut create = |dir: &File, name: &CStr| {
+            let path = Path::new(OsStr::from_bytes(name.to_bytes()));
+            open_or_create(dir, name, path, &ours).map(|_| true)
+        };
+        let above = crate::fsutil::open_dir_path(parent, &mut create)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", parent.display())))?;
         let (dir, created) = open_or_create(&above, &name, maildir, access)?;
         let sub = |name: &CStr| {
             let path = maildir.join(OsStr::from_bytes(name.to_bytes()));
@@ -769,53 +774,6 @@ fn unlinkat(dir: &File, name: &CStr) -> io::Result<()> {
 /// owner passes through, nobody lists them.
 const ANCESTOR_DIR_MODE: u32 = 0o711;
 
-/// Creates the missing folders of `dir` and above it (the server's, mode
-/// [`ANCESTOR_DIR_MODE`]), durably.
-fn create_ancestors(dir: &Path, access: &MailboxAccess) -> io::Result<()> {
-    // The missing part of the chain, outermost first.
-    let mut missing = Vec::new();
-    let mut above = Some(dir);
-    while let Some(p) = above {
-        if p.as_os_str().is_empty() || p.is_dir() {
-            break;
-        }
-        missing.push(p);
-        above = p.parent();
-    }
-    let ours = MailboxAccess {
-        owner: None,
-        group: None,
-        dir_mode: ANCESTOR_DIR_MODE,
-        ..*access
-    };
-    for dir in missing.iter().rev() {
-        create_dir(dir, &ours)?;
-    }
-    Ok(())
-}
-
-/// Creates `dir` unless it exists (then it is left as it is) with the
-/// folder mode and owner of `access`, and syncs its parent.
-fn create_dir(dir: &Path, access: &MailboxAccess) -> io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    let failed = |e: io::Error| io::Error::new(e.kind(), format!("create {}: {e}", dir.display()));
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(failed(e)),
-    }
-    let handle = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(dir)
-        .map_err(failed)?;
-    set_mode_and_owner(&handle, Some(access.dir_mode), access).map_err(failed)?;
-    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) => crate::fsutil::sync_dir(parent),
-        None => Ok(()),
-    }
-}
-
 /// `fchmod` to `mode` (when given) then `fchown` to the configured owner
 /// and group, if any.
 fn set_mode_and_owner(file: &File, mode: Option<u32>, access: &MailboxAccess) -> io::Result<()> {
@@ -1354,6 +1312,33 @@ mod tests {
         assert_eq!(delivered(results), vec![Delivered::Written]);
         // Beside the stranger, under a unique name.
         assert_eq!(names(&maildir, "new").len(), 2);
+    }
+
+    #[test]
+    fn a_link_above_the_maildir_is_followed_only_if_root_made_it() {
+        if !can_chown() {
+            eprintln!("skipped: a link of another owner takes CAP_CHOWN to make");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = root.path().join("etc");
+        fs::create_dir(&elsewhere).unwrap();
+        let link = root.path().join("mail");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let maildir = link.join("alice/Maildir");
+        let namer = MaildirNamer::new("host");
+        // server.user's link (in a folder of theirs): refused.
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+        let results = deliver_batch(&namer, &[copy(&maildir, b"body\r\n", 0)]);
+        let error = results.into_iter().next().unwrap().unwrap_err();
+        assert!(error.to_string().contains("is a symbolic link"), "{error}");
+        assert!(fs::read_dir(&elsewhere).unwrap().next().is_none());
+        // The administrator's: followed, and the missing folders made.
+        std::os::unix::fs::lchown(&link, Some(0), Some(0)).unwrap();
+        let results = deliver_batch(&namer, &[copy(&maildir, b"body\r\n", 0)]);
+        assert_eq!(delivered(results), vec![Delivered::Written]);
+        assert_eq!(names(&elsewhere.join("alice/Maildir"), "new").len(), 1);
+        assert_eq!(owner_and_mode(&elsewhere.join("alice")).2, 0o711);
     }
 
     /// Every file below `dir`, by path.
