@@ -315,4 +315,34 @@ mod tests {
         let st = stat_at(&top, c"link").unwrap();
         assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFLNK);
     }
+
+    #[test]
+    fn a_path_is_walked_through_roots_links_only() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: links of two owners take root to make");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let top = root.path();
+        fs::create_dir_all(top.join("real/in")).unwrap();
+        std::os::unix::fs::symlink("real", top.join("relative")).unwrap();
+        std::os::unix::fs::symlink(top.join("real"), top.join("theirs")).unwrap();
+        std::os::unix::fs::lchown(top.join("theirs"), Some(65534), None).unwrap();
+        std::os::unix::fs::symlink("loop", top.join("loop")).unwrap();
+        let mut nothing = |_: &File, _: &CStr| Ok(false);
+        let same = |a: &File, b: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            let (a, b) = (stat_fd(a).unwrap(), fs::metadata(b).unwrap());
+            (a.st_dev, a.st_ino) == (b.dev(), b.ino())
+        };
+        let found = open_dir_path(&top.join("relative/in/../in"), &mut nothing).unwrap();
+        assert!(same(&found, &top.join("real/in")));
+        let e = open_dir_path(&top.join("theirs/in"), &mut nothing).unwrap_err();
+        assert!(is_symlink_error(&e), "{e}");
+        let e = open_dir_path(&top.join("loop/x"), &mut nothing).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
+        let e = open_dir_path(&top.join("real/none"), &mut nothing).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
 }

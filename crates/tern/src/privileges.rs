@@ -572,7 +572,7 @@ pub fn enter_delivery_thread() {
 /// and logged), so no link or swapped folder leads root's `chown` outside
 /// the tree. `path` is opened from `base` (the open data folder, whose own
 /// path `base_path` the caller trusts) one name at a time when it lies
-/// below it; a path elsewhere is trusted up to its parent.
+/// below it; on a path elsewhere only links root made are followed.
 pub fn hand_over(
     base: &File,
     base_path: &Path,
@@ -590,7 +590,8 @@ pub fn hand_over(
 /// The open folder holding `path` and `path`'s last name; `None` when a
 /// folder on the way does not exist. Below `base_path` every folder on the
 /// way is opened from `base` by descriptor, never through a link (a link
-/// on the way is refused with an error).
+/// on the way is refused with an error); elsewhere a link is followed only
+/// if root made it (`fsutil::open_dir_path`).
 pub fn open_parent(
     base: &File,
     base_path: &Path,
@@ -610,7 +611,8 @@ pub fn open_parent(
     let below = match parent.strip_prefix(base_path) {
         Ok(below) => below,
         Err(_) => {
-            return match crate::fsutil::open_dir(parent) {
+            let mut nothing_made = |_: &File, _: &CStr| Ok(false);
+            return match crate::fsutil::open_dir_path(parent, &mut nothing_made) {
                 Ok(dir) => Ok(Some((dir, name))),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e),

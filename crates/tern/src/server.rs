@@ -4,9 +4,11 @@
 //!
 //! Start-up order matters. [`prepare`] runs before the async runtime
 //! exists (one thread, see `privileges`): it binds every listener, the
-//! metrics one included (ports below 1024 need root), creates the data folders and hands them to
-//! `server.user`, reads the TLS and DKIM keys (root-only files included),
-//! and drops to `server.user`. Only then does [`serve`] open the spool,
+//! metrics one included (ports below 1024 need root), creates the data
+//! folders and hands them to `server.user`, reads the TLS and DKIM keys
+//! (root-only files included), drops to `server.user`, and starts the
+//! delivery thread, the one thread left with capabilities (`privileges`).
+//! Only then does [`serve`] open the spool,
 //! so every spool file is the dropped user's, and recovers it before any
 //! listener accepts, so no session can commit into a half-scanned queue.
 //! Shutdown is the reverse: stop accepting, let sessions finish or answer
