@@ -7,9 +7,10 @@ those users can pass through (pytest's own tmp folders are root's, mode 0700).
 
 What is checked:
   * the running server's ids and capabilities in /proc/PID/status (and `ps`):
-    the server user, no capability in force, CAP_CHOWN and CAP_DAC_OVERRIDE
-    permitted only because the mailboxes have another owner, and in force on
-    the delivery thread alone;
+    the server user; CAP_CHOWN and CAP_DAC_OVERRIDE kept only because the
+    mailboxes have another owner, and held (permitted and in force) by the
+    delivery thread alone: every other thread, the main one included, has
+    not even them permitted (/proc/PID/task/*/status);
   * owners and modes of the data folder, spool and Maildir on disk;
   * a private Dovecot IMAP (mail processes as the mail-store user) fetches
     the very bytes Tern wrote, and moves the message to cur/ (it can write);
@@ -104,6 +105,22 @@ def _status(pid: int | str, task: str | None = None) -> dict[str, str]:
     return fields
 
 
+def _capabilities_by_thread(pid: int) -> dict[str, list[tuple[int, int]]]:
+    """(permitted, effective) of every thread of `pid`, by thread name."""
+    threads: dict[str, list[tuple[int, int]]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        st = _status(pid, task.name)
+        threads.setdefault(st["Name"], []).append((int(st["CapPrm"], 16), int(st["CapEff"], 16)))
+    return threads
+
+
+def _only_delivery_holds_the_mailbox_caps(pid: int) -> None:
+    threads = _capabilities_by_thread(pid)
+    assert threads.pop("tern-deliver") == [(MAILBOX_CAPS, MAILBOX_CAPS)], threads
+    assert threads, "no other thread seen"
+    assert all(caps == (0, 0) for each in threads.values() for caps in each), threads
+
+
 def _owner_mode(path: Path) -> tuple[str, str, int]:
     st = path.lstat()
     return pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, stat.S_IMODE(st.st_mode)
@@ -129,13 +146,14 @@ def test_root_drops_to_server_user_and_dovecot_reads_the_mail(accounts, world):
     }).start()
     try:
         pid = srv.proc.pid
-        # Who it runs as: every id of the server user, no capability in force.
+        # Who it runs as: every id of the server user; the main thread
+        # (whose status this is) gave even the kept capabilities up.
         st = _status(pid)
         assert st["Uid"].split() == [str(server.pw_uid)] * 4, st["Uid"]
         assert st["Gid"].split() == [str(server.pw_gid)] * 4, st["Gid"]
         assert st["Groups"].split() == [str(server.pw_gid)], st["Groups"]
         assert int(st["CapEff"], 16) == 0, st
-        assert int(st["CapPrm"], 16) == MAILBOX_CAPS, st
+        assert int(st["CapPrm"], 16) == 0, st
         assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0, st
         # Nor can an exec bring any other back.
         assert int(st["CapBnd"], 16) == MAILBOX_CAPS, st
@@ -150,13 +168,9 @@ def test_root_drops_to_server_user_and_dovecot_reads_the_mail(accounts, world):
         (stored,) = srv.wait_for_mail("alice")
         assert stored.endswith(body)
 
-        # Only the delivery thread has the mailbox capabilities in force.
-        threads = {}
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            threads.setdefault((task / "comm").read_text().strip(), []).append(
-                int(_status(pid, task.name)["CapEff"], 16))
-        assert threads.pop("tern-deliver") == [MAILBOX_CAPS], threads
-        assert all(eff == 0 for effs in threads.values() for eff in effs), threads
+        # Only the delivery thread has the mailbox capabilities, even as
+        # permitted: no session thread could raise them.
+        _only_delivery_holds_the_mailbox_caps(pid)
 
         # On disk: Tern's folders are the server user's, the Maildir the store's.
         data = srv.data_dir
@@ -285,6 +299,74 @@ def test_a_root_owned_data_folder_is_handed_over(accounts, world):
             _send(srv, rcpt, b"Subject: two\r\n\r\n2\r\n")
         srv.wait_for_mail("bob", 2)
         srv.wait_for_mail("carol", 2)
+    finally:
+        srv.stop()
+
+
+def _free_privileged_port() -> int:
+    for port in range(1023, 900, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port below 1024")
+
+
+def test_a_metrics_port_below_1024_is_bound_before_the_drop(accounts, world):
+    server, _store = accounts
+    port = _free_privileged_port()
+    srv = _server(world, {
+        "server": {"user": server.pw_name},
+        "metrics": {"address": f"127.0.0.1:{port}"},
+    }).start()
+    try:
+        assert _status(srv.proc.pid)["Uid"].split() == [str(server.pw_uid)] * 4
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n")[0], answer[:200]
+        assert b"tern_" in answer
+    finally:
+        srv.stop()
+
+
+def test_links_planted_by_server_user_never_lead_the_hand_over_outside(accounts, world):
+    # server.user holds the data folder between runs and may plant links
+    # in it; root hands the folder over again at the next start and must
+    # not give away what the links point to.
+    server, store = accounts
+    srv = _server(world, {"server": {"user": server.pw_name}}).start()
+    _send(srv, "bob@example.test", b"Subject: one\r\n\r\n1\r\n")
+    srv.wait_for_mail("bob")
+    assert srv.stop() == 0
+    outside = world / "etc"
+    (outside / "Maildir" / "new").mkdir(parents=True)
+    (outside / "passwd").write_text("root's\n")
+    (outside / "Maildir" / "new" / "letter").write_text("root's\n")
+    data = srv.data_dir
+    (data / "spool" / "folder").symlink_to(outside)
+    (data / "spool" / "file").symlink_to(outside / "passwd")
+    (data / "tls" / "deep").mkdir()
+    (data / "tls" / "deep" / "link").symlink_to(outside)
+    # A root-owned Maildir reached through a link in place of mail/bob.
+    shutil.move(data / "mail" / "bob", world / "bob-moved")
+    (data / "mail" / "bob").symlink_to(outside)
+    # Everything root's again, as after a run without server.user.
+    for p in [data, *data.rglob("*")]:
+        os.lchown(p, 0, 0)
+    srv.config["mailbox"] = {"owner": store.pw_name}
+    srv.config_path.write_text(to_toml(srv.config))
+    srv.start()
+    try:
+        assert (data / "spool").stat().st_uid == server.pw_uid
+        assert (data / "tls" / "deep").stat().st_uid == server.pw_uid
+        for p in [outside, *outside.rglob("*")]:
+            assert p.lstat().st_uid == 0 and p.lstat().st_gid == 0, p
+        assert "server.hand_over_skipped" in srv.stderr()
     finally:
         srv.stop()
 
@@ -419,7 +501,8 @@ def test_the_units_capability_bounding_set_is_enough(accounts, world):
         assert port, srv.stderr()
         st = _status(proc.pid)
         assert st["Uid"].split() == [str(server.pw_uid)] * 4, srv.stderr()
-        assert int(st["CapPrm"], 16) == MAILBOX_CAPS and int(st["CapEff"], 16) == 0, st
+        assert int(st["CapPrm"], 16) == 0 and int(st["CapEff"], 16) == 0, st
+        _only_delivery_holds_the_mailbox_caps(proc.pid)
         assert st["NoNewPrivs"] == "1"
         srv.listeners = [("127.0.0.1", port, "mx")]
         _send(srv, "alice@example.test", b"Subject: unit\r\n\r\nunder the unit's limits\r\n")

@@ -488,10 +488,11 @@ impl Sources {
     }
 }
 
-/// Binds the metrics address; the error names the key.
-pub async fn bind(address: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(address)
-        .await
+/// Binds the metrics address as the listeners are bound, before the drop
+/// from root (see `server::prepare`: a port below 1024 needs root); the
+/// error names the key.
+pub fn bind(address: SocketAddr) -> Result<std::net::TcpListener, String> {
+    crate::server::bind(address)
         .map_err(|e| format!("metrics.address: cannot listen on {address}: {e}"))
 }
 

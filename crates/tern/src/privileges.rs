@@ -29,10 +29,12 @@
 //!   checks and quota accounting expect the mail user to own its files.
 //! - Chosen: exactly `CAP_CHOWN` and `CAP_DAC_OVERRIDE` survive the drop,
 //!   and only when a configured mailbox owner or group is not the server's
-//!   own (otherwise none does). They stay in the permitted set only: no
-//!   thread has them in force except the delivery thread, which raises them
-//!   for itself when it starts ([`enter_delivery_thread`]); the threads that
-//!   read from clients run without any. `CAP_SETUID`/`CAP_SETGID` are gone,
+//!   own (otherwise none does), and only on the delivery thread: it is
+//!   started right after the drop, before any other thread, and raises
+//!   them for itself ([`enter_delivery_thread`]); then the main thread
+//!   clears even its permitted set ([`leave_to_delivery_thread`]), so every
+//!   thread made afterwards (the runtime's, which read from clients) has
+//!   none it could raise. `CAP_SETUID`/`CAP_SETGID` are gone,
 //!   so root is never regained, and the bounding set is cut to the two as
 //!   well where we may (so no exec can bring others back). These two are
 //!   still powerful over files: the price of the owner being another user,
@@ -54,8 +56,8 @@ use caps::{CapSet, Capability, CapsHashSet};
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::OnceLock;
 use tracing::{debug, info, warn};
@@ -520,6 +522,30 @@ pub fn check_mailbox_owners(runtime: &Runtime) -> Result<(), String> {
     ))
 }
 
+/// Called by the thread that started the delivery thread, before any other
+/// thread exists: gives up every capability kept for delivery on this
+/// thread (capability sets are per thread, and a thread made later starts
+/// with its maker's), so the delivery thread, which got its own copy when
+/// it was made, is the only one that holds them, even as permitted.
+pub fn leave_to_delivery_thread() -> Result<(), String> {
+    if DELIVERY_CAPABILITIES.get().is_none_or(Vec::is_empty) {
+        return Ok(());
+    }
+    let failed = |what: &str, e: caps::errors::CapsError| format!("cannot {what}: {e}");
+    caps::clear(None, CapSet::Effective).map_err(|e| failed("clear the capabilities", e))?;
+    caps::clear(None, CapSet::Inheritable)
+        .map_err(|e| failed("clear the inheritable capabilities", e))?;
+    caps::clear(None, CapSet::Permitted)
+        .map_err(|e| failed("clear the permitted capabilities", e))?;
+    match caps::read(None, CapSet::Permitted) {
+        Ok(left) if left.is_empty() => Ok(()),
+        Ok(left) => Err(format!(
+            "capabilities {left:?} survived outside the delivery thread: refusing to run"
+        )),
+        Err(e) => Err(failed("read the capabilities", e)),
+    }
+}
+
 /// Called by the delivery thread when it starts: puts the mailbox
 /// capabilities kept through the drop in force for that thread alone.
 /// Failure only means deliveries to another owner fail (and are retried),
@@ -537,24 +563,178 @@ pub fn enter_delivery_thread() {
 }
 
 /// Hands a folder or file tree of the server's (spool, TLS files) to
-/// `owner`, not following symbolic links; entries that are already its
-/// own are left alone.
-pub fn hand_over(path: &Path, owner: (u32, u32), recursive: bool) -> io::Result<()> {
+/// `owner`; entries that are already its own are left alone.
+///
+/// This runs as root on folders `owner` has held since the last start, so
+/// `owner` may have put anything there, timed to the walk: the tree is
+/// walked by descriptor, each name opened relative to its folder's
+/// descriptor and never through a symbolic link (a link is left as it is,
+/// and logged), so no link or swapped folder leads root's `chown` outside
+/// the tree. `path` is opened from `base` (the open data folder, whose own
+/// path `base_path` the caller trusts) one name at a time when it lies
+/// below it; on a path elsewhere only links root made are followed.
+pub fn hand_over(
+    base: &File,
+    base_path: &Path,
+    path: &Path,
+    owner: (u32, u32),
+    recursive: bool,
+) -> io::Result<()> {
     let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
+    let Some((parent, name)) = open_parent(base, base_path, path).map_err(with_path)? else {
+        return Ok(());
+    };
+    hand_over_at(&parent, &name, path, owner, recursive)
+}
+
+/// The open folder holding `path` and `path`'s last name; `None` when a
+/// folder on the way does not exist. Below `base_path` every folder on the
+/// way is opened from `base` by descriptor, never through a link (a link
+/// on the way is refused with an error); elsewhere a link is followed only
+/// if root made it (`fsutil::open_dir_path`).
+pub fn open_parent(
+    base: &File,
+    base_path: &Path,
+    path: &Path,
+) -> io::Result<Option<(File, CString)>> {
+    use std::path::Component;
+    let Some(name) = path.file_name() else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no file name"));
+    };
+    let name = crate::fsutil::c_name(name)?;
+    let Some(parent) = path.parent() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no parent folder",
+        ));
+    };
+    let below = match parent.strip_prefix(base_path) {
+        Ok(below) => below,
+        Err(_) => {
+            let mut nothing_made = |_: &File, _: &CStr| Ok(false);
+            return match crate::fsutil::open_dir_path(parent, &mut nothing_made) {
+                Ok(dir) => Ok(Some((dir, name))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            };
+        }
+    };
+    let mut dir = base.try_clone()?;
+    for part in below.components() {
+        match part {
+            Component::Normal(part) => {
+                dir = match crate::fsutil::open_dir_at(&dir, &crate::fsutil::c_name(part)?) {
+                    Ok(next) => next,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+            }
+            Component::CurDir => {}
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a path below the data folder must not climb out of it (..)",
+                ));
+            }
+        }
+    }
+    Ok(Some((dir, name)))
+}
+
+/// [`hand_over`] of the entry `name` in the open folder `dir` (`path`
+/// names it in messages).
+pub fn hand_over_at(
+    dir: &File,
+    name: &CStr,
+    path: &Path,
+    owner: (u32, u32),
+    recursive: bool,
+) -> io::Result<()> {
+    let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let skipped = |why: &str| {
+        warn!(event = "server.hand_over_skipped", path = %path.display(), "{why}: left as it is");
+        Ok(())
+    };
+    let stat = match crate::fsutil::stat_at(dir, name) {
+        Ok(stat) => stat,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(with_path(e)),
     };
-    if (meta.uid(), meta.gid()) != owner {
-        std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1)).map_err(with_path)?;
-    }
-    if recursive && meta.is_dir() {
-        for entry in std::fs::read_dir(path).map_err(with_path)? {
-            hand_over(&entry.map_err(with_path)?.path(), owner, true)?;
+    match stat.st_mode & libc::S_IFMT {
+        libc::S_IFLNK => skipped("a symbolic link"),
+        libc::S_IFDIR => {
+            let folder = match crate::fsutil::open_dir_at(dir, name) {
+                Ok(folder) => folder,
+                Err(e) if crate::fsutil::is_symlink_error(&e) => {
+                    return skipped("replaced by a symbolic link");
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(with_path(e)),
+            };
+            let stat = crate::fsutil::stat_fd(&folder).map_err(with_path)?;
+            if (stat.st_uid, stat.st_gid) != owner {
+                chown_fd(&folder, owner).map_err(with_path)?;
+            }
+            if recursive {
+                for entry in crate::fsutil::names_in(&folder).map_err(with_path)? {
+                    let below = path.join(std::ffi::OsStr::from_bytes(entry.to_bytes()));
+                    hand_over_at(&folder, &entry, &below, owner, true)?;
+                }
+            }
+            Ok(())
+        }
+        _ => {
+            if (stat.st_uid, stat.st_gid) == owner {
+                return Ok(());
+            }
+            // Pinned by an O_PATH descriptor (which opens nothing: a FIFO
+            // or a device is not touched), so what is checked is what is
+            // given away.
+            let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+            // SAFETY: `name` is NUL-terminated; the fd is ours alone.
+            let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+            if fd < 0 {
+                let e = io::Error::last_os_error();
+                return if e.kind() == io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(with_path(e))
+                };
+            }
+            // SAFETY: `fd` was just opened and is owned by nobody else.
+            let file = unsafe { File::from_raw_fd(fd) };
+            let stat = crate::fsutil::stat_fd(&file).map_err(with_path)?;
+            match stat.st_mode & libc::S_IFMT {
+                libc::S_IFLNK => skipped("replaced by a symbolic link"),
+                libc::S_IFDIR => skipped("replaced by a folder"),
+                // A second name may be a hard link to a file elsewhere
+                // (where links to others' files are not protected).
+                _ if stat.st_nlink > 1 => skipped("a file with more than one name"),
+                _ => chown_fd(&file, owner).map_err(with_path),
+            }
         }
     }
-    Ok(())
+}
+
+/// `fchownat(fd, "", AT_EMPTY_PATH)`: the owner of what `file` holds open
+/// (an `O_PATH` descriptor included), never of a link's target.
+pub fn chown_fd(file: &File, (uid, gid): (u32, u32)) -> io::Result<()> {
+    // SAFETY: an empty NUL-terminated name with AT_EMPTY_PATH acts on the
+    // descriptor itself, which we own.
+    let rc = unsafe {
+        libc::fchownat(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The owner files made by a root-run command (`tern user`, `tern dkim
@@ -626,6 +806,52 @@ mod tests {
             let e = check_mailbox_owners(&runtime).unwrap_err();
             assert!(e.contains("Maildirs of me "), "{e}");
         }
+    }
+
+    /// The owner and group of `path` itself (a link's own, not its target's).
+    fn ids(path: &Path) -> (u32, u32) {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        (meta.uid(), meta.gid())
+    }
+
+    #[test]
+    fn hand_over_never_follows_a_link_out_of_the_tree() {
+        if !is_root() {
+            eprintln!("skipped: giving files away needs root");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        let outside = root.path().join("etc");
+        std::fs::create_dir_all(data.join("spool/sub")).unwrap();
+        std::fs::write(data.join("spool/sub/segment"), b"x").unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("shadow"), b"secret").unwrap();
+        // What the user owning the tree could plant: links to root's files
+        // and folders, as an entry, as a subfolder and as a tree's own name.
+        std::os::unix::fs::symlink(&outside, data.join("spool/sub/folder")).unwrap();
+        std::os::unix::fs::symlink(outside.join("shadow"), data.join("spool/file")).unwrap();
+        std::os::unix::fs::symlink(&outside, data.join("tls")).unwrap();
+        std::fs::hard_link(outside.join("shadow"), data.join("spool/hard")).unwrap();
+        let owner = (65534, 65533);
+        let top = crate::fsutil::open_dir(&data).unwrap();
+        for tree in ["spool", "tls"] {
+            hand_over(&top, &data, &data.join(tree), owner, true).unwrap();
+        }
+        // A folder on the way that is a link is refused, not followed.
+        let e = hand_over(&top, &data, &data.join("tls/shadow"), owner, false).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert_eq!(ids(&outside), (0, 0));
+        assert_eq!(ids(&outside.join("shadow")), (0, 0));
+        for own in ["spool", "spool/sub", "spool/sub/segment"] {
+            assert_eq!(ids(&data.join(own)), owner, "{own}");
+        }
+        // The links themselves are left as they are too.
+        assert_eq!(ids(&data.join("spool/sub/folder")), (0, 0));
+        assert_eq!(ids(&data.join("tls")), (0, 0));
+        // A missing tree is nothing to hand over.
+        hand_over(&top, &data, &data.join("none/x"), owner, true).unwrap();
     }
 
     #[test]

@@ -26,7 +26,7 @@
 
 use crate::config::LiveRuntime;
 use crate::deliver::maildir::{CopyKey, Delivered, LocalCopy, MaildirNamer, deliver_batch};
-use crate::deliver::worker::{DELIVERY_NICE, DeliveryThread};
+use crate::deliver::worker::DeliveryThread;
 use crate::metrics::{self, DeliveryClass, DeliveryOutcome};
 use crate::outbound::OutboundHandle;
 use crate::scheduler::backoff;
@@ -158,21 +158,23 @@ pub struct Queue {
 }
 
 /// Starts the queue manager; it runs until `shutdown` is cancelled, then
-/// finishes the batch in hand. Fails only if the delivery thread cannot be
-/// started.
+/// finishes the batch in hand. `worker` is started by the caller: the
+/// server starts it before the async runtime (see `server::prepare`), so
+/// that it alone holds the mailbox capabilities.
 pub fn start(
     runtime: Arc<LiveRuntime>,
     spool: Spool,
+    worker: DeliveryThread,
     outbound: OutboundHandle,
     shutdown: CancellationToken,
-) -> std::io::Result<(QueueHandle, tokio::task::JoinHandle<()>)> {
+) -> (QueueHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let namer = Arc::new(MaildirNamer::new(&runtime.load().hostname));
     let mut queue = Queue {
         runtime,
         spool,
         namer,
-        worker: DeliveryThread::start(DELIVERY_NICE)?,
+        worker,
         rx,
         schedule: Schedule::default(),
         ready: VecDeque::new(),
@@ -180,7 +182,7 @@ pub fn start(
     };
     queue.load_spool();
     let handle = tokio::spawn(async move { queue.run(shutdown).await });
-    Ok((QueueHandle { tx, outbound }, handle))
+    (QueueHandle { tx, outbound }, handle)
 }
 
 fn now() -> i64 {
@@ -626,6 +628,11 @@ mod run_tests {
         OutboundHandle::channel().0
     }
 
+    /// The server starts it before the runtime; a test starts its own.
+    fn worker() -> DeliveryThread {
+        DeliveryThread::start(crate::deliver::worker::DELIVERY_NICE).unwrap()
+    }
+
     fn delivered(dir: &std::path::Path) -> usize {
         std::fs::read_dir(dir.join("mail/alice/Maildir/new")).map_or(0, |d| d.count())
     }
@@ -650,8 +657,13 @@ mod run_tests {
         let runtime = runtime(tmp.path());
         let (spool, _) = Spool::open(SpoolConfig::new(runtime.spool.dir.clone())).unwrap();
         let shutdown = CancellationToken::new();
-        let (queue, task) =
-            start(live(&runtime), spool.clone(), outbound(), shutdown.clone()).unwrap();
+        let (queue, task) = start(
+            live(&runtime),
+            spool.clone(),
+            worker(),
+            outbound(),
+            shutdown.clone(),
+        );
         // One message at a quiet queue, then a burst (which lingers).
         let first = commit(&spool, b"Subject: one\r\n\r\n1\r\n").await;
         queue.notify(first, LOCAL);
@@ -717,8 +729,13 @@ mod run_tests {
             std::fs::write(&earlier, &copy).unwrap();
             // The start-up after the crash.
             let shutdown = CancellationToken::new();
-            let (_queue, task) =
-                start(live(&runtime), spool.clone(), outbound(), shutdown.clone()).unwrap();
+            let (_queue, task) = start(
+                live(&runtime),
+                spool.clone(),
+                worker(),
+                outbound(),
+                shutdown.clone(),
+            );
             wait_until(|| spool.live().is_empty()).await;
             shutdown.cancel();
             task.await.unwrap();
@@ -739,8 +756,13 @@ mod run_tests {
         let runtime = runtime(tmp.path());
         let (spool, _) = Spool::open(SpoolConfig::new(runtime.spool.dir.clone())).unwrap();
         let shutdown = CancellationToken::new();
-        let (queue, task) =
-            start(live(&runtime), spool.clone(), outbound(), shutdown.clone()).unwrap();
+        let (queue, task) = start(
+            live(&runtime),
+            spool.clone(),
+            worker(),
+            outbound(),
+            shutdown.clone(),
+        );
         let id = commit(&spool, b"Subject: once\r\n\r\nx\r\n").await;
         spool.faults().fail_writes(1);
         queue.notify(id, LOCAL);

@@ -3,10 +3,12 @@
 //! in order on SIGTERM/SIGINT.
 //!
 //! Start-up order matters. [`prepare`] runs before the async runtime
-//! exists (one thread, see `privileges`): it binds every listener (ports
-//! below 1024 need root), creates the data folders and hands them to
-//! `server.user`, reads the TLS and DKIM keys (root-only files included),
-//! and drops to `server.user`. Only then does [`serve`] open the spool,
+//! exists (one thread, see `privileges`): it binds every listener, the
+//! metrics one included (ports below 1024 need root), creates the data
+//! folders and hands them to `server.user`, reads the TLS and DKIM keys
+//! (root-only files included), drops to `server.user`, and starts the
+//! delivery thread, the one thread left with capabilities (`privileges`).
+//! Only then does [`serve`] open the spool,
 //! so every spool file is the dropped user's, and recovers it before any
 //! listener accepts, so no session can commit into a half-scanned queue.
 //! Shutdown is the reverse: stop accepting, let sessions finish or answer
@@ -21,6 +23,7 @@
 
 use crate::config::{LiveRuntime, Role, Runtime};
 use crate::control::{self, ControlRequest};
+use crate::deliver::worker::{DELIVERY_NICE, DeliveryThread};
 use crate::dkim::Signers;
 use crate::egress::{Egress, MemoryCounters};
 use crate::listener::{ConnectionLimits, accept_loop};
@@ -32,6 +35,7 @@ use crate::service;
 use crate::session::Context;
 use crate::spool::{Spool, SpoolConfig};
 use crate::tls::{ServerTls, TlsSource};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,11 +51,15 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// `<data_dir>/public/` and mailboxes kept below it) but not list it.
 const DATA_DIR_MODE: u32 = 0o711;
 
-/// What [`prepare`] got while it could: the bound listeners and the keys.
+/// What [`prepare`] got while it could: the bound listeners, the keys and
+/// the delivery thread.
 pub struct Prepared {
     listeners: Vec<(std::net::TcpListener, Role)>,
+    /// `[metrics] address`: bound here as well, so a port below 1024 works.
+    metrics: Option<std::net::TcpListener>,
     tls: ServerTls,
     dkim: Signers,
+    delivery: DeliveryThread,
 }
 
 /// The start-up steps that need the privileges the server then gives up;
@@ -68,6 +76,7 @@ pub fn prepare(runtime: &Runtime) -> Result<Prepared, String> {
         })?;
         listeners.push((listener, l.role));
     }
+    let metrics = runtime.metrics.map(crate::metrics::bind).transpose()?;
     create_data_dir(&runtime.data_dir)?;
     crate::fsutil::create_dir_durable(&runtime.spool.dir).map_err(|e| {
         format!(
@@ -89,17 +98,25 @@ pub fn prepare(runtime: &Runtime) -> Result<Prepared, String> {
         hand_over_data(runtime, owner)?;
     }
     plan.apply()?;
+    // Started after the drop, so it holds no more than what was kept, and
+    // before the runtime, so that once this thread gives the rest up no
+    // other thread (all made from this one later) holds anything.
+    let delivery = DeliveryThread::start(DELIVERY_NICE)
+        .map_err(|e| format!("cannot start the delivery thread: {e}"))?;
+    privileges::leave_to_delivery_thread()?;
     Ok(Prepared {
         listeners,
+        metrics,
         tls,
         dkim,
+        delivery,
     })
 }
 
 /// A listening socket with the options tokio's own `bind` sets (address
 /// reuse, so a restart need not wait out TIME_WAIT; a deep backlog for
 /// bursts), non-blocking for the runtime that takes it over.
-fn bind(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+pub fn bind(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     /// tokio's backlog for `TcpListener::bind`.
     const BACKLOG: i32 = 1024;
@@ -129,20 +146,34 @@ fn create_data_dir(dir: &Path) -> Result<(), String> {
 /// folder that is still root's (from such a run) goes to its configured
 /// owner, else to that user; any other Maildir is left alone.
 fn hand_over_data(runtime: &Runtime, owner: (u32, u32)) -> Result<(), String> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let data_dir = &runtime.data_dir;
+    let given = |path: &Path, e: std::io::Error| {
+        format!("cannot give {} to server.user: {e}", path.display())
+    };
+    // Everything below is walked from this descriptor, never through a
+    // link (see `privileges::hand_over`): once the folder is server.user's,
+    // that user can change what its names lead to.
+    let top = crate::fsutil::open_dir(data_dir)
+        .map_err(|e| format!("cannot open data_dir {}: {e}", data_dir.display()))?;
+    let stat = crate::fsutil::stat_fd(&top)
+        .map_err(|e| format!("cannot open data_dir {}: {e}", data_dir.display()))?;
     // One made by a root-run `tern user` (mode 0700) gets the search bits
     // the server gives its own; changed while it is still root's.
-    if let Ok(meta) = std::fs::metadata(data_dir)
-        && meta.uid() == 0
-        && meta.mode() & DATA_DIR_MODE != DATA_DIR_MODE
-    {
-        let mode = (meta.mode() & 0o7777) | DATA_DIR_MODE;
-        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("cannot open up data_dir {}: {e}", data_dir.display()))?;
+    if stat.st_uid == 0 && stat.st_mode & DATA_DIR_MODE != DATA_DIR_MODE {
+        let mode = (stat.st_mode & 0o7777) | DATA_DIR_MODE;
+        // SAFETY: fchmod on a descriptor we own.
+        if unsafe { libc::fchmod(top.as_raw_fd(), mode) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!(
+                "cannot open up data_dir {}: {e}",
+                data_dir.display()
+            ));
+        }
+    }
+    if (stat.st_uid, stat.st_gid) != owner {
+        privileges::chown_fd(&top, owner).map_err(|e| given(data_dir, e))?;
     }
     let mut trees = vec![
-        (data_dir.clone(), false),
         (runtime.spool.dir.clone(), true),
         (data_dir.join("tls"), true),
         (data_dir.join("mail"), false),
@@ -155,32 +186,69 @@ fn hand_over_data(runtime: &Runtime, owner: (u32, u32)) -> Result<(), String> {
         trees.push((lock.into(), false));
     }
     for (path, recursive) in trees {
-        privileges::hand_over(&path, owner, recursive)
-            .map_err(|e| format!("cannot give {} to server.user: {e}", path.display()))?;
+        privileges::hand_over(&top, data_dir, &path, owner, recursive)
+            .map_err(|e| given(&path, e))?;
     }
     let mail_root = data_dir.join("mail");
     for user in runtime.users.values() {
-        let Ok(below) = user.maildir.strip_prefix(&mail_root) else {
+        if !user.maildir.starts_with(&mail_root) {
             continue;
-        };
-        let root_owned = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == 0);
-        // The folders between <data_dir>/mail and the Maildir are the server's.
-        let mut between = mail_root.clone();
-        for part in below.parent().into_iter().flat_map(Path::components) {
-            between.push(part);
-            if root_owned(&between) {
-                privileges::hand_over(&between, owner, false).map_err(|e| {
-                    format!("cannot give {} to server.user: {e}", between.display())
-                })?;
-            }
         }
-        if root_owned(&user.maildir) {
-            let target = (
-                user.access.owner.unwrap_or(owner.0),
-                user.access.group.unwrap_or(owner.1),
-            );
-            privileges::hand_over(&user.maildir, target, true)
-                .map_err(|e| format!("cannot give {} to its owner: {e}", user.maildir.display()))?;
+        let target = (
+            user.access.owner.unwrap_or(owner.0),
+            user.access.group.unwrap_or(owner.1),
+        );
+        hand_over_mailbox(&top, data_dir, &user.maildir, owner, target)
+            .map_err(|e| format!("cannot give {} to its owner: {e}", user.maildir.display()))?;
+    }
+    Ok(())
+}
+
+/// A Maildir below `<data_dir>/mail` that is still root's goes to `target`
+/// (its owner), and the folders between `<data_dir>/mail` and it that are
+/// still root's go to server.user (`owner`); any other is left alone. Each
+/// folder is reached from `top` by descriptor, never through a link: a
+/// link on the way leaves that mailbox as it is (logged).
+fn hand_over_mailbox(
+    top: &std::fs::File,
+    data_dir: &Path,
+    maildir: &Path,
+    owner: (u32, u32),
+    target: (u32, u32),
+) -> std::io::Result<()> {
+    let Ok(below) = maildir.strip_prefix(data_dir) else {
+        return Ok(());
+    };
+    let mut dir = top.try_clone()?;
+    let mut path = data_dir.to_path_buf();
+    let parts: Vec<_> = below.components().collect();
+    for (i, part) in parts.iter().enumerate() {
+        let std::path::Component::Normal(part) = part else {
+            return Ok(());
+        };
+        path.push(part);
+        let name = crate::fsutil::c_name(part)?;
+        if i + 1 == parts.len() {
+            let root_owned = crate::fsutil::stat_at(&dir, &name).map(|st| st.st_uid == 0);
+            return match root_owned {
+                Ok(true) => privileges::hand_over_at(&dir, &name, &path, target, true),
+                Ok(false) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            };
+        }
+        dir = match crate::fsutil::open_dir_at(&dir, &name) {
+            Ok(next) => next,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if crate::fsutil::is_symlink_error(&e) => {
+                warn!(event = "server.hand_over_skipped", path = %path.display(), "a symbolic link on the way to a Maildir: the mailbox is left as it is");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        // <data_dir>/mail itself was handed over with the other trees.
+        if i > 0 && crate::fsutil::stat_fd(&dir)?.st_uid == 0 {
+            privileges::chown_fd(&dir, owner)?;
         }
     }
     Ok(())
@@ -200,8 +268,10 @@ pub async fn serve(
     let live = Arc::new(LiveRuntime::from(runtime.clone()));
     let Prepared {
         listeners,
+        metrics,
         tls,
         dkim,
+        delivery,
     } = prepared;
     let spool_config = SpoolConfig {
         dir: runtime.spool.dir.clone(),
@@ -254,8 +324,10 @@ pub async fn serve(
             .map_err(|e| format!("cannot listen (listener role {role}): {e}"))?;
         bound.push((listener, role));
     }
-    let metrics_listener = match runtime.metrics {
-        Some(address) => Some(crate::metrics::bind(address).await?),
+    let metrics_listener = match metrics {
+        Some(listener) => Some(
+            TcpListener::from_std(listener).map_err(|e| format!("cannot listen (metrics): {e}"))?,
+        ),
         None => None,
     };
 
@@ -264,10 +336,10 @@ pub async fn serve(
     let (queue_handle, queue_task) = queue::start(
         live.clone(),
         spool.clone(),
+        delivery,
         outbound_handle,
         shutdown.clone(),
-    )
-    .map_err(|e| format!("cannot start the delivery thread: {e}"))?;
+    );
     // The users file's hold marks are the breaker's record across restarts.
     let (tripped_tx, tripped_rx) = tokio::sync::mpsc::unbounded_channel();
     let egress = Arc::new(Egress::new(

@@ -58,12 +58,12 @@
 use crate::config::MailboxAccess;
 use crate::spool::MsgId;
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::{CStr, CString};
-use std::fs::{File, OpenOptions};
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -155,11 +155,22 @@ impl MaildirNamer {
     }
 }
 
-/// A mailbox's `tmp/` and `new/`, opened once per batch: every create,
-/// rename and removal is relative to them, so the kernel walks each
+/// A mailbox's folder, `tmp/` and `new/`, opened once per batch: every
+/// create, rename and removal is relative to them, so the kernel walks each
 /// mailbox's path once per batch instead of three times per copy (the walks
 /// were a tenth of the delivery thread's time in the kernel).
+///
+/// The Maildir folder and everything in it belong to the mailbox owner,
+/// who may replace `tmp/` or `new/` by a symbolic link to a folder they
+/// cannot write (`/etc`); the delivery thread can (`CAP_DAC_OVERRIDE`), so
+/// the Maildir is opened from its parent and its folders from it, by
+/// descriptor and never through a link: a link in their place defers the
+/// copy with an error naming it, and nothing is written. The folders above
+/// the Maildir are walked the same way, except that a link root owns (the
+/// administrator's, as `/var/mail -> /srv/mail`) is followed: one that
+/// `server.user` put in `<data_dir>/mail` is refused too.
 struct MaildirDirs {
+    maildir: File,
     tmp: File,
     new: File,
     /// The file system holding the mailbox: copies on one share a `syncfs`.
@@ -167,25 +178,83 @@ struct MaildirDirs {
 }
 
 impl MaildirDirs {
-    /// Creates the mailbox if needed, then opens its directories.
+    /// Creates what is missing of the mailbox, then opens its folders.
     fn open(maildir: &Path, access: &MailboxAccess) -> io::Result<MaildirDirs> {
-        ensure_maildir(maildir, access)?;
-        let tmp = open_dir(maildir, "tmp")?;
-        let new = open_dir(maildir, "new")?;
+        let at = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", maildir.display()));
+        let (parent, name) = match (maildir.parent(), maildir.file_name()) {
+            (Some(parent), Some(name)) => (parent, crate::fsutil::c_name(name).map_err(at)?),
+            _ => return Err(at(io::Error::from(io::ErrorKind::InvalidInput))),
+        };
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        let ours = MailboxAccess {
+            owner: None,
+            group: None,
+            dir_mode: ANCESTOR_DIR_MODE,
+            ..*access
+        };
+        let mut create = |dir: &File, name: &CStr| {
+            let path = Path::new(OsStr::from_bytes(name.to_bytes()));
+            open_or_create(dir, name, path, &ours).map(|_| true)
+        };
+        let above = crate::fsutil::open_dir_path(parent, &mut create)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", parent.display())))?;
+        let (dir, created) = open_or_create(&above, &name, maildir, access)?;
+        let sub = |name: &CStr| {
+            let path = maildir.join(OsStr::from_bytes(name.to_bytes()));
+            open_or_create(&dir, name, &path, access)
+        };
+        let (tmp, made_tmp) = sub(c"tmp")?;
+        let (new, made_new) = sub(c"new")?;
+        if created || made_tmp || made_new {
+            // A new mailbox is complete, as readers expect; an existing one
+            // without cur/ (nobody has read it yet) is left so.
+            sub(c"cur")?;
+        }
         let dev = tmp.metadata()?.dev();
-        Ok(MaildirDirs { tmp, new, dev })
+        Ok(MaildirDirs {
+            maildir: dir,
+            tmp,
+            new,
+            dev,
+        })
     }
 }
 
-fn open_dir(maildir: &Path, sub: &str) -> io::Result<File> {
-    let dir = maildir.join(sub);
-    // O_DIRECTORY: something else put in its place (a FIFO) must fail
-    // here, not block the delivery thread.
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(&dir)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
+/// Opens the folder `name` in `parent` (`path` names it), never through a
+/// symbolic link; creates it first if it is missing, with the mailbox's
+/// folder mode and owner, durably. Whether it was created comes back too.
+fn open_or_create(
+    parent: &File,
+    name: &CStr,
+    path: &Path,
+    access: &MailboxAccess,
+) -> io::Result<(File, bool)> {
+    let at = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    match crate::fsutil::open_dir_at(parent, name) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        opened => return opened.map(|dir| (dir, false)).map_err(at),
+    }
+    let failed = |e: io::Error| io::Error::new(e.kind(), format!("create {}: {e}", path.display()));
+    // SAFETY: `name` is NUL-terminated; `parent` is an open directory.
+    if unsafe { libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), 0o700) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(failed(e));
+        }
+        // Made meanwhile by someone else: theirs, left as it is.
+        return crate::fsutil::open_dir_at(parent, name)
+            .map(|dir| (dir, false))
+            .map_err(at);
+    }
+    // What was just made, unless a link was swapped in: then refused.
+    let dir = crate::fsutil::open_dir_at(parent, name).map_err(failed)?;
+    set_mode_and_owner(&dir, Some(access.dir_mode), access).map_err(failed)?;
+    parent.sync_all().map_err(failed)?;
+    Ok((dir, true))
 }
 
 type Mailboxes<'a> = BTreeMap<&'a Path, Result<MaildirDirs, (io::ErrorKind, String)>>;
@@ -363,7 +432,8 @@ fn holds_copy(file: io::Result<File>, copy: &LocalCopy<'_>) -> io::Result<bool> 
         Err(e) => return Err(e),
     };
     let (head, tail) = (copy.prefix, copy.body);
-    if file.metadata()?.len() != (head.len() + tail.len()) as u64 {
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() != (head.len() + tail.len()) as u64 {
         return Ok(false);
     }
     let mut text = Vec::with_capacity(head.len() + tail.len());
@@ -373,9 +443,11 @@ fn holds_copy(file: io::Result<File>, copy: &LocalCopy<'_>) -> io::Result<bool> 
         && text[head.len()..] == *tail)
 }
 
-/// `openat(dir, name)` for reading, never through a symlink.
+/// `openat(dir, name)` for reading, never through a symlink, and without
+/// waiting: a FIFO a mailbox owner put under a copy's name must not block
+/// the delivery thread (it then holds no copy: wrong type and size).
 fn open_at(dir: &File, name: &CStr) -> io::Result<File> {
-    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
     // SAFETY: `name` is NUL-terminated; the fd we get back is ours alone.
     let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
     if fd < 0 {
@@ -410,57 +482,62 @@ fn find_earlier_in_cur(
         }
     }
     for (maildir, wanted) in wanted {
-        let cur = maildir.join("cur");
-        let hits = match scan_cur(&cur, &wanted) {
+        let cur_path = maildir.join("cur");
+        let with_path =
+            |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", cur_path.display()));
+        let Some(Ok(mailbox)) = mailboxes.get(maildir) else {
+            continue;
+        };
+        let hits = match crate::fsutil::open_dir_at(&mailbox.maildir, c"cur") {
+            // A mailbox nobody has read yet may have none.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            opened => opened.and_then(|cur| Ok((scan_cur(&cur, &wanted)?, cur))),
+        };
+        let (hits, cur) = match hits {
             Ok(hits) => hits,
             Err(e) => {
                 for i in wanted.into_values().flatten() {
-                    found[i] = Err(io::Error::new(e.kind(), e.to_string()));
+                    found[i] = Err(with_path(io::Error::new(e.kind(), e.to_string())));
                 }
                 continue;
             }
         };
         let mut earlier = Vec::new();
-        for (i, path) in hits {
-            found[i] = match holds_copy(File::open(&path), &copies[i]) {
+        for (i, name) in hits {
+            found[i] = match holds_copy(open_at(&cur, &name), &copies[i]) {
                 Ok(true) => {
                     earlier.push(i);
                     Ok(InCur::Earlier)
                 }
                 Ok(false) => Ok(InCur::Stranger),
-                Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+                Err(e) => Err(io::Error::new(
+                    e.kind(),
+                    format!("{}/{}: {e}", cur_path.display(), name.to_string_lossy()),
+                )),
             };
         }
         if earlier.is_empty() {
             continue;
         }
-        if let Err(e) = crate::fsutil::sync_dir(&cur) {
+        if let Err(e) = cur.sync_all() {
             for i in earlier {
-                found[i] = Err(io::Error::new(e.kind(), e.to_string()));
+                found[i] = Err(io::Error::new(
+                    e.kind(),
+                    format!("fsync {}: {e}", cur_path.display()),
+                ));
             }
         }
     }
     found
 }
 
-/// The copies among `wanted` (by name) that `cur/` holds a file for, with
-/// that file.
-fn scan_cur(
-    cur: &Path,
-    wanted: &HashMap<&[u8], Vec<usize>>,
-) -> io::Result<Vec<(usize, std::path::PathBuf)>> {
-    let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", cur.display()));
-    let entries = match std::fs::read_dir(cur) {
-        Ok(entries) => entries,
-        // A mailbox nobody has read yet may have none.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(with_path(e)),
-    };
+/// The copies among `wanted` (by name) that the open `cur/` holds a file
+/// for, with that file's name.
+fn scan_cur(cur: &File, wanted: &HashMap<&[u8], Vec<usize>>) -> io::Result<Vec<(usize, CString)>> {
     let mut hits = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(with_path)?;
-        if let Some(copies) = earlier_copy_of(entry.file_name().as_bytes(), wanted) {
-            hits.extend(copies.iter().map(|&i| (i, entry.path())));
+    for name in crate::fsutil::names_in(cur)? {
+        if let Some(copies) = earlier_copy_of(name.as_bytes(), wanted) {
+            hits.extend(copies.iter().map(|&i| (i, name.clone())));
         }
     }
     Ok(hits)
@@ -488,7 +565,7 @@ fn earlier_copy_of<'w>(
 }
 
 /// Writes one copy into `tmp/` under its name. The file is closed at once,
-/// so a batch holds two descriptors per mailbox, not one per copy: the
+/// so a batch holds three descriptors per mailbox, not one per copy: the
 /// later `syncfs` through the mailbox's `tmp/`, opened before any copy was
 /// written, still reports every write-back error since (Linux 5.8+).
 fn write_tmp(copy: &LocalCopy<'_>, mailbox: &MaildirDirs, name: &CStr) -> io::Result<()> {
@@ -596,7 +673,7 @@ fn syncfs(file: &File) -> io::Result<()> {
 /// `openat(dir, name, O_CREAT|O_EXCL)`: a new file with `mode` (less the
 /// umask), never one that already exists (nor a symlink's target).
 fn create_new_at(dir: &File, name: &CStr, mode: u32) -> io::Result<File> {
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     // SAFETY: `name` is NUL-terminated; the fd we get back is ours alone.
     let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) };
     if fd < 0 {
@@ -696,60 +773,6 @@ fn unlinkat(dir: &File, name: &CStr) -> io::Result<()> {
 /// Mode of the folders above a Maildir that delivery creates: the mailbox
 /// owner passes through, nobody lists them.
 const ANCESTOR_DIR_MODE: u32 = 0o711;
-
-/// Creates `maildir/{tmp,new,cur}` (and any missing ancestors) if needed,
-/// durably, the Maildir's own folders with the mailbox's owner and mode.
-fn ensure_maildir(maildir: &Path, access: &MailboxAccess) -> io::Result<()> {
-    if maildir.join("new").is_dir() && maildir.join("tmp").is_dir() {
-        return Ok(());
-    }
-    // The missing part of the chain above the Maildir, outermost first.
-    let mut missing = Vec::new();
-    let mut above = maildir.parent();
-    while let Some(p) = above {
-        if p.as_os_str().is_empty() || p.is_dir() {
-            break;
-        }
-        missing.push(p);
-        above = p.parent();
-    }
-    let ours = MailboxAccess {
-        owner: None,
-        group: None,
-        dir_mode: ANCESTOR_DIR_MODE,
-        ..*access
-    };
-    for dir in missing.iter().rev() {
-        create_dir(dir, &ours)?;
-    }
-    create_dir(maildir, access)?;
-    for sub in ["tmp", "new", "cur"] {
-        create_dir(&maildir.join(sub), access)?;
-    }
-    Ok(())
-}
-
-/// Creates `dir` unless it exists (then it is left as it is) with the
-/// folder mode and owner of `access`, and syncs its parent.
-fn create_dir(dir: &Path, access: &MailboxAccess) -> io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    let failed = |e: io::Error| io::Error::new(e.kind(), format!("create {}: {e}", dir.display()));
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(failed(e)),
-    }
-    let handle = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(dir)
-        .map_err(failed)?;
-    set_mode_and_owner(&handle, Some(access.dir_mode), access).map_err(failed)?;
-    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) => crate::fsutil::sync_dir(parent),
-        None => Ok(()),
-    }
-}
 
 /// `fchmod` to `mode` (when given) then `fchown` to the configured owner
 /// and group, if any.
@@ -893,7 +916,7 @@ mod tests {
         let namer = MaildirNamer::new("host");
         // The folders are made while we can; then this test's thread (and
         // no other: capabilities are per thread) loses the power to chown.
-        ensure_maildir(&maildir, &MailboxAccess::default()).unwrap();
+        MaildirDirs::open(&maildir, &MailboxAccess::default()).unwrap();
         let access = MailboxAccess {
             owner: Some(65534),
             ..MailboxAccess::default()
@@ -1219,8 +1242,8 @@ mod tests {
         for sub in ["from", "to"] {
             fs::create_dir(root.path().join(sub)).unwrap();
         }
-        let from = open_dir(root.path(), "from").unwrap();
-        let to = open_dir(root.path(), "to").unwrap();
+        let from = crate::fsutil::open_dir(&root.path().join("from")).unwrap();
+        let to = crate::fsutil::open_dir(&root.path().join("to")).unwrap();
         let name = CString::new("m").unwrap();
         fs::write(root.path().join("from/m"), b"new").unwrap();
         fs::write(root.path().join("to/m"), b"earlier").unwrap();
@@ -1231,5 +1254,104 @@ mod tests {
         assert!(move_unless_present(&from, &name, &to, &name).unwrap());
         assert_eq!(fs::read(root.path().join("to/m")).unwrap(), b"new");
         assert!(!root.path().join("from/m").exists());
+    }
+
+    /// A mailbox owner can put a link where `tmp/`, `new/` or `cur/` or
+    /// the Maildir itself should be; delivery (which may write where they
+    /// cannot) must not follow it.
+    #[test]
+    fn a_link_in_a_maildir_defers_the_copy_and_nothing_is_written_through_it() {
+        for (link, again) in [("tmp", false), ("new", false), ("cur", true), ("", false)] {
+            let (root, maildir) = mailbox();
+            let elsewhere = root.path().join("etc");
+            fs::create_dir(&elsewhere).unwrap();
+            if link.is_empty() {
+                fs::create_dir_all(elsewhere.join("tmp")).unwrap();
+                fs::create_dir_all(elsewhere.join("new")).unwrap();
+                fs::create_dir_all(maildir.parent().unwrap()).unwrap();
+                std::os::unix::fs::symlink(&elsewhere, &maildir).unwrap();
+            } else {
+                for sub in ["tmp", "new", "cur"] {
+                    if sub != link {
+                        fs::create_dir_all(maildir.join(sub)).unwrap();
+                    }
+                }
+                std::os::unix::fs::symlink(&elsewhere, maildir.join(link)).unwrap();
+            }
+            let one = copy(&maildir, b"body\r\n", 0);
+            let copies = [if again { redelivery(one) } else { one }];
+            let results = deliver_batch(&MaildirNamer::new("host"), &copies);
+            let error = results.into_iter().next().unwrap().unwrap_err();
+            assert!(
+                error.to_string().contains("is a symbolic link"),
+                "{link}: {error}"
+            );
+            let written: Vec<_> = walkdir(&elsewhere);
+            assert!(written.is_empty(), "{link}: {written:?}");
+            if !link.is_empty() {
+                assert!(names(&maildir, if link == "tmp" { "new" } else { "tmp" }).is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn a_fifo_under_the_copys_name_does_not_block_a_redelivery() {
+        let (_root, maildir) = mailbox();
+        for sub in ["tmp", "new", "cur"] {
+            fs::create_dir_all(maildir.join(sub)).unwrap();
+        }
+        let namer = MaildirNamer::new("host");
+        let one = redelivery(copy(&maildir, b"body\r\n", 0));
+        let name = namer.name(&one.key, one.prefix.len() + one.body.len());
+        for sub in ["new", "cur"] {
+            let fifo = CString::new(maildir.join(sub).join(&name).as_os_str().as_bytes()).unwrap();
+            // SAFETY: a NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        }
+        let results = deliver_batch(&namer, &[one]);
+        assert_eq!(delivered(results), vec![Delivered::Written]);
+        // Beside the stranger, under a unique name.
+        assert_eq!(names(&maildir, "new").len(), 2);
+    }
+
+    #[test]
+    fn a_link_above_the_maildir_is_followed_only_if_root_made_it() {
+        if !can_chown() {
+            eprintln!("skipped: a link of another owner takes CAP_CHOWN to make");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = root.path().join("etc");
+        fs::create_dir(&elsewhere).unwrap();
+        let link = root.path().join("mail");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let maildir = link.join("alice/Maildir");
+        let namer = MaildirNamer::new("host");
+        // server.user's link (in a folder of theirs): refused.
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+        let results = deliver_batch(&namer, &[copy(&maildir, b"body\r\n", 0)]);
+        let error = results.into_iter().next().unwrap().unwrap_err();
+        assert!(error.to_string().contains("is a symbolic link"), "{error}");
+        assert!(fs::read_dir(&elsewhere).unwrap().next().is_none());
+        // The administrator's: followed, and the missing folders made.
+        std::os::unix::fs::lchown(&link, Some(0), Some(0)).unwrap();
+        let results = deliver_batch(&namer, &[copy(&maildir, b"body\r\n", 0)]);
+        assert_eq!(delivered(results), vec![Delivered::Written]);
+        assert_eq!(names(&elsewhere.join("alice/Maildir"), "new").len(), 1);
+        assert_eq!(owner_and_mode(&elsewhere.join("alice")).2, 0o711);
+    }
+
+    /// Every file below `dir`, by path.
+    fn walkdir(dir: &Path) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                files.extend(walkdir(&path));
+            } else {
+                files.push(path);
+            }
+        }
+        files
     }
 }

@@ -12,6 +12,10 @@
 //! is set on this thread only: tokio's blocking pool is shared, and an
 //! unprivileged thread cannot raise its priority again once lowered.
 //!
+//! The server starts it before the async runtime, right after the drop
+//! from root (`server::prepare`): it is then the only thread that holds the
+//! mailbox capabilities (see `privileges`).
+//!
 //! Invariants: jobs run one at a time, in submission order. A job that
 //! panics fails only itself (its caller gets an error); the thread goes on.
 

@@ -155,7 +155,7 @@ async fn only_get_on_the_metrics_path_is_served() {
 }
 
 async fn endpoint() -> (SocketAddr, CancellationToken) {
-    let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listener = TcpListener::from_std(bind("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     tokio::spawn(serve(listener, Sources::default(), shutdown.clone()));
@@ -237,7 +237,7 @@ async fn a_client_that_never_finishes_its_request_is_cut_off_without_blocking_ot
 async fn an_address_in_use_is_an_error_naming_the_key() {
     let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = taken.local_addr().unwrap();
-    let err = bind(addr).await.unwrap_err();
+    let err = bind(addr).unwrap_err();
     assert!(
         err.starts_with(&format!("metrics.address: cannot listen on {addr}: ")),
         "{err}"

@@ -119,13 +119,16 @@ async fn run_with(runtime: Arc<Runtime>, spool: Option<Spool>) -> Running {
     };
     let shutdown = CancellationToken::new();
     let (notify, receiver) = OutboundHandle::channel();
+    let worker =
+        crate::deliver::worker::DeliveryThread::start(crate::deliver::worker::DELIVERY_NICE)
+            .unwrap();
     let (queue, _local) = crate::queue::start(
         Arc::new(crate::config::LiveRuntime::from(runtime.clone())),
         spool.clone(),
+        worker,
         notify.clone(),
         shutdown.clone(),
-    )
-    .unwrap();
+    );
     let (tripped_tx, tripped) = tokio::sync::mpsc::unbounded_channel();
     let egress = Arc::new(crate::egress::Egress::new(
         runtime.egress.clone(),
