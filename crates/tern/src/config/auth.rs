@@ -60,19 +60,7 @@ fn users_file_path(auth: &AuthConfig, base: &Path, data_dir: &Path) -> PathBuf {
 /// file itself is what fails validation, so it can still say why (and
 /// with the right exit status).
 pub fn users_file_of(config: Option<&Path>) -> Result<PathBuf, Vec<ConfigError>> {
-    let (text, base) = match config {
-        Some(path) => super::read_file(path)?,
-        None => {
-            let cwd = std::env::current_dir().map_err(|e| {
-                vec![ConfigError {
-                    key: "data_dir".into(),
-                    message: format!("cannot read the current directory: {e}"),
-                    line: None,
-                }]
-            })?;
-            (super::EMBEDDED_DEFAULT.to_string(), cwd)
-        }
-    };
+    let (text, base) = super::config_text(config)?;
     let file: FileConfig = toml::from_str(&text).map_err(|e| vec![super::toml_error(&text, &e)])?;
     let data_dir = absolute(
         &base,

@@ -476,14 +476,27 @@ address = "127.0.0.1:9525"
 /// Runtime for the embedded default, with `data_dir` relative to the
 /// current working directory.
 pub fn embedded_default() -> Result<Runtime, Vec<ConfigError>> {
-    let cwd = std::env::current_dir().map_err(|e| {
-        vec![ConfigError {
-            key: "data_dir".into(),
-            message: format!("cannot read the current directory: {e}"),
-            line: None,
-        }]
-    })?;
-    parse(EMBEDDED_DEFAULT, &cwd)
+    let (text, base) = config_text(None)?;
+    parse(&text, &base)
+}
+
+/// The text of `config` (or of the embedded default, whose relative paths
+/// are relative to the current directory) and the directory its relative
+/// paths are relative to.
+pub(crate) fn config_text(config: Option<&Path>) -> Result<(String, PathBuf), Vec<ConfigError>> {
+    match config {
+        Some(path) => read_file(path),
+        None => {
+            let cwd = std::env::current_dir().map_err(|e| {
+                vec![ConfigError {
+                    key: "data_dir".into(),
+                    message: format!("cannot read the current directory: {e}"),
+                    line: None,
+                }]
+            })?;
+            Ok((EMBEDDED_DEFAULT.to_string(), cwd))
+        }
+    }
 }
 
 impl Runtime {

@@ -141,19 +141,7 @@ const MAX_SOCKET_PATH: usize = 107;
 /// may not be able to read the TLS keys or the users file that a full
 /// validation opens, and needs only this section and `data_dir`.
 pub fn sendmail_settings_of(config: Option<&Path>) -> Result<SendmailSettings, Vec<ConfigError>> {
-    let (text, base) = match config {
-        Some(path) => super::read_file(path)?,
-        None => {
-            let cwd = std::env::current_dir().map_err(|e| {
-                vec![ConfigError {
-                    key: "data_dir".into(),
-                    message: format!("cannot read the current directory: {e}"),
-                    line: None,
-                }]
-            })?;
-            (super::EMBEDDED_DEFAULT.to_string(), cwd)
-        }
-    };
+    let (text, base) = super::config_text(config)?;
     let mut file: FileConfig =
         toml::from_str(&text).map_err(|e| vec![super::toml_error(&text, &e)])?;
     apply_defaults(&mut file);

@@ -722,25 +722,10 @@ fn move_unless_present(from_dir: &File, from: &CStr, to_dir: &File, to: &CStr) -
 
 /// Whether `dir/name` exists (a symlink counts, whatever it points to).
 fn exists_at(dir: &File, name: &CStr) -> io::Result<bool> {
-    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: `name` is NUL-terminated, `dir` an open directory, and
-    // `stat` is only read by the kernel's write into it.
-    let rc = unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            stat.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.kind() == io::ErrorKind::NotFound {
-        Ok(false)
-    } else {
-        Err(e)
+    match crate::fsutil::stat_at(dir, name) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
