@@ -41,15 +41,16 @@ enum Command {
     /// (NOTIFY_SOCKET set, systemd Type=notify) it reports READY=1 once it
     /// accepts mail and STOPPING=1 when it drains.
     /// SIGHUP reads the config file again and puts it in force without dropping a
-    /// connection (listeners, data_dir, [spool], [server], [auth], [log], [metrics] and
-    /// [sendmail] need a restart);
+    /// connection, all or nothing ([spool], [server], [auth], [log], [metrics],
+    /// [sendmail] and the listeners need a restart; a new data_dir refuses the reload);
     /// a config that does not validate is refused and the running one stays.
     Serve {
         /// TOML config file (see tern.example.toml); without it, the embedded default
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
-    /// Validate a config file: prints "ok", or every error with its key (exit 1)
+    /// Validate a config file: prints "ok", or every error, TOML syntax and unknown
+    /// keys included, as FILE:LINE: KEY: MESSAGE (exit 1)
     CheckConfig {
         /// TOML config file
         file: PathBuf,
