@@ -165,6 +165,8 @@ def test_counters_move_by_the_traffic_sent(tern):
     assert value(after, "tern_queue_recipients", state="queued") == 0
     assert value(after, "tern_queue_recipients", state="held") == 0
     assert value(after, "tern_queue_recipients", state="in_flight") == 0
+    # The relayed message is still in the spool; the local one is finished.
+    assert value(after, "tern_spool_messages") == 1
 
 
 def test_the_log_names_each_refusal_reason(tern):

@@ -459,6 +459,15 @@ impl Sources {
                 "fdatasync/fsync calls on spool segments",
                 ConstCounter::new(spool.sync_count()),
             );
+            // The whole queue, local deliveries waiting for a retry
+            // included (the recipient states below are outbound's).
+            let messages = Gauge::<i64>::default();
+            messages.set(i64::try_from(spool.live_count()).unwrap_or(i64::MAX));
+            live.register(
+                "spool_messages",
+                "Messages in the spool not yet finished (local and outbound)",
+                messages,
+            );
         }
         if let Some(queue) = &self.queue {
             match tokio::time::timeout(QUEUE_ANSWER_TIMEOUT, queue.request(QueueOp::Counts)).await {

@@ -244,6 +244,12 @@ impl Spool {
         self.inner.shared.index().live()
     }
 
+    /// How many messages the spool holds, not yet finished (local and
+    /// outbound work alike).
+    pub fn live_count(&self) -> usize {
+        self.inner.shared.index().msgs.len()
+    }
+
     /// Read a body back from the log (CRC checked).
     pub async fn read_body(&self, id: MsgId) -> Result<Vec<u8>, SpoolError> {
         let spool = self.clone();
