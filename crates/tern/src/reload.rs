@@ -170,40 +170,13 @@ impl Reloader {
 /// running ones, each change logged with its key.
 fn keep_restart_only(old: &Runtime, mut new: Runtime) -> Runtime {
     let mut kept = Vec::new();
-    let listeners = |rt: &Runtime| -> Vec<String> {
-        rt.listeners
-            .iter()
-            .map(|l| format!("{}={}", l.address, l.role))
-            .collect()
-    };
-    if listeners(old) != listeners(&new) {
-        kept.push("listener");
-        new.listeners = old.listeners.clone();
-    }
-    if format!("{:?}", old.spool) != format!("{:?}", new.spool) {
-        kept.push("spool");
-        new.spool = old.spool.clone();
-    }
-    if format!("{:?}", old.auth) != format!("{:?}", new.auth) {
-        kept.push("auth");
-        new.auth = old.auth.clone();
-    }
-    if format!("{:?}", old.log) != format!("{:?}", new.log) {
-        kept.push("log");
-        new.log = old.log.clone();
-    }
-    if format!("{:?}", old.run_as) != format!("{:?}", new.run_as) {
-        kept.push("server");
-        new.run_as = old.run_as.clone();
-    }
-    if old.metrics != new.metrics {
-        kept.push("metrics");
-        new.metrics = old.metrics;
-    }
-    if format!("{:?}", old.sendmail) != format!("{:?}", new.sendmail) {
-        kept.push("sendmail");
-        new.sendmail = old.sendmail.clone();
-    }
+    keep("listener", &old.listeners, &mut new.listeners, &mut kept);
+    keep("spool", &old.spool, &mut new.spool, &mut kept);
+    keep("auth", &old.auth, &mut new.auth, &mut kept);
+    keep("log", &old.log, &mut new.log, &mut kept);
+    keep("server", &old.run_as, &mut new.run_as, &mut kept);
+    keep("metrics", &old.metrics, &mut new.metrics, &mut kept);
+    keep("sendmail", &old.sendmail, &mut new.sendmail, &mut kept);
     for key in kept {
         warn!(
             event = "config.reload_needs_restart",
@@ -211,6 +184,14 @@ fn keep_restart_only(old: &Runtime, mut new: Runtime) -> Runtime {
         );
     }
     new
+}
+
+/// Puts the running value back over a changed one, noting its key.
+fn keep<T: PartialEq + Clone>(key: &'static str, old: &T, new: &mut T, kept: &mut Vec<&str>) {
+    if old != new {
+        kept.push(key);
+        *new = old.clone();
+    }
 }
 
 /// Whether any of the files cannot be opened for lack of permission.

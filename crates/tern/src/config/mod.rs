@@ -92,7 +92,7 @@ pub struct CertificateFiles {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listener {
     pub address: SocketAddr,
     pub role: Role,
@@ -149,7 +149,7 @@ pub struct Limits {
     pub nul: NulPolicy,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpoolSettings {
     pub dir: PathBuf,
     pub segment_size: u64,
