@@ -26,10 +26,8 @@ pub(super) fn deserialize_all(text: &str) -> (Option<FileConfig>, Vec<ConfigErro
             Ok(file) => return (Some(file), errors),
             Err(e) => e,
         };
-        let mut error = super::toml_error(&work, &e);
+        errors.push(super::toml_error(&work, &e));
         let span = e.span();
-        error.line = span.as_ref().map(|s| line_at(&work, s.start));
-        errors.push(error);
         // An error without a place, or at a place already blanked, cannot be
         // stepped over.
         let Some(span) = span else {
@@ -44,7 +42,7 @@ pub(super) fn deserialize_all(text: &str) -> (Option<FileConfig>, Vec<ConfigErro
 }
 
 /// 1-based line of byte `offset`.
-fn line_at(text: &str, offset: usize) -> usize {
+pub(super) fn line_at(text: &str, offset: usize) -> usize {
     let offset = floor_char_boundary(text, offset.min(text.len()));
     text[..offset].matches('\n').count() + 1
 }

@@ -400,7 +400,7 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
     ConfigError {
         key,
         message,
-        line: None,
+        line: e.span().map(|span| locate::line_at(text, span.start)),
     }
 }
 
@@ -411,9 +411,8 @@ fn key_at(text: &str, offset: usize) -> String {
     let offset = offset.min(text.len());
     let line_start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
     let line = text[line_start..].lines().next().unwrap_or("");
-    let line_no = text[..line_start].matches('\n').count() + 1;
     let Some((key, _)) = line.split_once('=') else {
-        return format!("line {line_no}");
+        return format!("line {}", locate::line_at(text, line_start));
     };
     let key = key.trim().trim_matches('"');
     let section = text[..line_start].lines().rev().find_map(|l| {
