@@ -11,6 +11,7 @@ use crate::config::Role;
 use crate::conn::Conn;
 use crate::session::{self, Context};
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,22 +21,23 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-/// Connection counts, total and per client address.
-pub struct ConnectionLimits {
+/// Connection counts, total and per client: per address on the network,
+/// per uid on the local sendmail socket.
+pub struct ConnectionLimits<K = IpAddr> {
     /// Atomics: a reload changes them under open sessions (which keep
     /// their slots even when now over a lowered limit).
     max_total: AtomicUsize,
     max_per_ip: AtomicUsize,
-    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    counts: Mutex<(usize, HashMap<K, usize>)>,
 }
 
 /// Holds one slot; releases it when the session ends.
-pub struct Slot {
-    limits: Arc<ConnectionLimits>,
-    ip: IpAddr,
+pub struct Slot<K: Hash + Eq = IpAddr> {
+    limits: Arc<ConnectionLimits<K>>,
+    ip: K,
 }
 
-impl Drop for Slot {
+impl<K: Hash + Eq> Drop for Slot<K> {
     fn drop(&mut self) {
         if let Ok(mut counts) = self.limits.counts.lock() {
             counts.0 = counts.0.saturating_sub(1);
@@ -49,8 +51,8 @@ impl Drop for Slot {
     }
 }
 
-impl ConnectionLimits {
-    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnectionLimits> {
+impl<K: Hash + Eq + Copy> ConnectionLimits<K> {
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnectionLimits<K>> {
         Arc::new(ConnectionLimits {
             max_total: AtomicUsize::new(max_total),
             max_per_ip: AtomicUsize::new(max_per_ip),
@@ -64,7 +66,7 @@ impl ConnectionLimits {
     }
 
     /// A slot, or the reason there is none.
-    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
+    pub fn acquire(self: &Arc<Self>, ip: K) -> Result<Slot<K>, &'static str> {
         let mut counts = self.counts.lock().map_err(|_| "limits unavailable")?;
         if counts.0 >= self.max_total.load(Ordering::Relaxed) {
             return Err("too many connections");
@@ -146,5 +148,17 @@ mod tests {
         assert!(limits.acquire(b).is_err(), "total reached");
         drop(s1);
         assert!(limits.acquire(a).is_ok());
+    }
+
+    #[test]
+    fn a_uid_holds_at_most_its_cap_and_gets_slots_back() {
+        // The sendmail socket's use: no total here, a cap per uid.
+        let limits = ConnectionLimits::<u32>::new(usize::MAX, 2);
+        let a = limits.acquire(1000).expect("first");
+        let _b = limits.acquire(1000).expect("second");
+        assert!(limits.acquire(1000).is_err(), "over the cap");
+        assert!(limits.acquire(33).is_ok(), "another user is not held back");
+        drop(a);
+        assert!(limits.acquire(1000).is_ok(), "a slot came back");
     }
 }

@@ -15,12 +15,12 @@
 
 use super::{LocalClient, login_of};
 use crate::conn::Conn;
+use crate::listener::ConnectionLimits;
 use crate::session::{self, Context};
-use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
@@ -83,7 +83,9 @@ impl Listener {
         let slots = Arc::new(Semaphore::new(
             ctx.runtime.load().limits.max_connections.max(1),
         ));
-        let per_uid = Arc::new(Mutex::new(HashMap::new()));
+        // The total is the semaphore's (a local client waits for a slot);
+        // this one only counts per uid.
+        let per_uid = ConnectionLimits::<u32>::new(usize::MAX, 1);
         loop {
             let permit = tokio::select! {
                 _ = ctx.shutdown.cancelled() => break,
@@ -116,7 +118,8 @@ impl Listener {
             // address on the network. Closing tells the client to try
             // again later (exit 75).
             let cap = ctx.runtime.load().limits.max_connections_per_ip.max(1);
-            let Some(uid_slot) = UidSlot::take(&per_uid, cred.uid(), cap) else {
+            per_uid.set(usize::MAX, cap);
+            let Ok(uid_slot) = per_uid.acquire(cred.uid()) else {
                 warn!(
                     event = "sendmail.uid_limit",
                     uid = cred.uid(),
@@ -181,60 +184,5 @@ mod tests {
         std::fs::DirBuilder::new().mode(0o750).create(&own).unwrap();
         bind(&own.join("s.sock"), Some(&folder)).unwrap();
         assert_eq!(mode(&own), 0o750);
-    }
-}
-
-/// One of a uid's sessions; released when dropped.
-struct UidSlot {
-    counts: Arc<Mutex<HashMap<u32, usize>>>,
-    uid: u32,
-}
-
-impl UidSlot {
-    fn take(counts: &Arc<Mutex<HashMap<u32, usize>>>, uid: u32, cap: usize) -> Option<UidSlot> {
-        let mut map = counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(uid).or_insert(0);
-        if *n >= cap {
-            return None;
-        }
-        *n += 1;
-        Some(UidSlot {
-            counts: counts.clone(),
-            uid,
-        })
-    }
-}
-
-impl Drop for UidSlot {
-    fn drop(&mut self) {
-        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.uid) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.uid);
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod uid_slot_tests {
-    use super::*;
-
-    #[test]
-    fn a_uid_holds_at_most_its_cap_and_gets_slots_back() {
-        let counts = Arc::new(Mutex::new(HashMap::new()));
-        let a = UidSlot::take(&counts, 1000, 2).expect("first");
-        let _b = UidSlot::take(&counts, 1000, 2).expect("second");
-        assert!(UidSlot::take(&counts, 1000, 2).is_none(), "over the cap");
-        assert!(
-            UidSlot::take(&counts, 33, 2).is_some(),
-            "another user is not held back"
-        );
-        drop(a);
-        assert!(
-            UidSlot::take(&counts, 1000, 2).is_some(),
-            "a slot came back"
-        );
     }
 }
