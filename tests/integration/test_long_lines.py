@@ -28,7 +28,8 @@ import pytest
 from smtpeer import Peer
 from ternlib import ends_with_original, header_values, queued_id, split_mail, wait_until
 from testdns import DnsServer
-from test_outbound import free_port, queue_empty
+# peers is a fixture; outbound starts a Tern that relays by MX.
+from test_outbound import free_port, outbound, peers, queue_empty  # noqa: F401
 
 ZONE = """
 remote.test        MX 10 mx1.remote.test
@@ -42,28 +43,6 @@ TRACE_FIELDS = {b"return-path", b"delivered-to", b"received"}
 def dns(tmp_path):
     with DnsServer(tmp_path, ZONE) as server:
         yield server
-
-
-@pytest.fixture
-def peers():
-    started: list = []
-    yield started
-    for p in started:
-        p.stop()
-
-
-def relaying(tern, dns, port: int, extra: dict | None = None, start: bool = True):
-    """A Tern that trusts loopback clients and relays by MX to `port`."""
-    cfg = {
-        "relay": {"trusted_networks": ["127.0.0.0/8"]},
-        "delivery": {"retry_initial": "1s", "retry_max": "2s"},
-        "dns": {"nameservers": [dns.addr], "timeout": "1s", "attempts": 1},
-        "route": {"relay": None, "mx_port": port},
-        "outbound": {"connect_timeout": "2s"},
-    }
-    for key, value in (extra or {}).items():
-        cfg[key] = {**cfg.get(key, {}), **value}
-    return tern(cfg, start=start)
 
 
 def send(srv, sender: str, rcpts: list[str], msg: bytes) -> None:
@@ -184,7 +163,7 @@ def test_relay_folds_long_lines_to_998(tern, dns, peers):
     port = free_port(["127.0.0.2"])
     peer = Peer("127.0.0.2", port).start()
     peers.append(peer)
-    srv = relaying(tern, dns, port)
+    srv = outbound(tern, dns, port)
     msg, to, token, body_line = long_message("sender@remote.test", uuid.uuid4().hex)
     send(srv, "sender@remote.test", ["someone@remote.test"], msg)
     (tx,) = peer.wait_for(1, 30)
@@ -207,7 +186,7 @@ def test_relay_folds_long_lines_to_998(tern, dns, peers):
 def test_lmtp_into_a_store_keeps_long_lines_whole(tern, dns, peers):
     peer = Peer("127.0.0.1", 0, lmtp=True).start()
     peers.append(peer)
-    srv = relaying(tern, dns, 25, {"route": {"transports": {"lmtp.test": f"lmtp:[127.0.0.1]:{peer.port}"}}})
+    srv = outbound(tern, dns, 25, {"route": {"transports": {"lmtp.test": f"lmtp:[127.0.0.1]:{peer.port}"}}})
     msg, _, _, _ = long_message("sender@remote.test", uuid.uuid4().hex)
     send(srv, "sender@remote.test", ["a@lmtp.test"], msg)
     (tx,) = peer.wait_for(1, 30)
@@ -221,7 +200,7 @@ def test_signed_message_with_long_lines_verifies_where_it_was_relayed(tern, dns,
     port = free_port(["127.0.0.2"])
     peer = Peer("127.0.0.2", port).start()
     peers.append(peer)
-    srv = relaying(tern, dns, port, start=False)
+    srv = outbound(tern, dns, port, start=False)
     zone = generate(srv)
     srv.start()
     msg, to, _, _ = long_message("alice@example.test", uuid.uuid4().hex)

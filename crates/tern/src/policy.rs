@@ -326,15 +326,20 @@ addresses = ["alice@ours.test"]
         }
     }
 
-    fn rcpt(rt: &Runtime, f: &SessionFacts, path: &str) -> Result<Destinations, Reply> {
-        let (to, _) = tern_proto::parse_forward_path(path).expect(path);
-        let egress = Egress::new(
+    /// Egress with the default limits and nobody held.
+    fn no_limits() -> Egress {
+        Egress::new(
             crate::egress::EgressLimits::default(),
             Box::new(crate::egress::MemoryCounters::default()),
             None,
             None,
             Vec::new(),
-        );
+        )
+    }
+
+    fn rcpt(rt: &Runtime, f: &SessionFacts, path: &str) -> Result<Destinations, Reply> {
+        let (to, _) = tern_proto::parse_forward_path(path).expect(path);
+        let egress = no_limits();
         Policy {
             runtime: rt,
             egress: &egress,
@@ -355,13 +360,7 @@ addresses = ["alice@ours.test"]
     }
 
     fn mail(rt: &Runtime, f: &SessionFacts, sender: &str) -> Verdict {
-        let egress = Egress::new(
-            crate::egress::EgressLimits::default(),
-            Box::new(crate::egress::MemoryCounters::default()),
-            None,
-            None,
-            Vec::new(),
-        );
+        let egress = no_limits();
         Policy {
             runtime: rt,
             egress: &egress,
@@ -455,13 +454,7 @@ addresses = ["alice@ours.test"]
     #[test]
     fn mail_hook_holds_a_user_to_their_own_addresses() {
         let rt = runtime("");
-        let egress = Egress::new(
-            crate::egress::EgressLimits::default(),
-            Box::new(crate::egress::MemoryCounters::default()),
-            None,
-            None,
-            Vec::new(),
-        );
+        let egress = no_limits();
         let policy = Policy {
             runtime: &rt,
             egress: &egress,
