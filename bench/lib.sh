@@ -29,3 +29,22 @@ stop_sinks() { # every smtp-sink in $SINK_PIDS
     for p in "${SINK_PIDS[@]}"; do stop_pid "$p" 5; done
     SINK_PIDS=()
 }
+
+# run_servers: bench_NAME for each NAME in $BENCH_SERVERS, in turn. Before a server that writes
+# files, when another ran before it (in this call or an earlier one: rounds), a sync and
+# BENCH_SETTLE_SECS of quiet, so the previous server's file churn does not weigh on it
+# (smtp-sink writes nothing and gets none).
+SERVERS_RUN=0
+run_servers() {
+    local s
+    for s in $BENCH_SERVERS; do
+        declare -F "bench_$s" >/dev/null || die "unknown server $s"
+        if [ "$SERVERS_RUN" -gt 0 ] && [ "$s" != sink ] && [ "$BENCH_SETTLE_SECS" -gt 0 ]; then
+            log "settling: sync, then ${BENCH_SETTLE_SECS}s so the previous server's file churn does not weigh on $s"
+            sync
+            sleep "$BENCH_SETTLE_SECS"
+        fi
+        SERVERS_RUN=$((SERVERS_RUN + 1))
+        "bench_$s"
+    done
+}

@@ -484,20 +484,7 @@ if [ "${BENCH_CEILING:-1}" = 1 ]; then
     done
     stop_sinks
 fi
-first=1
-for s in $BENCH_SERVERS; do
-    if [ "$first" = 0 ] && [ "$BENCH_SETTLE_SECS" -gt 0 ]; then
-        log "settling: sync, then ${BENCH_SETTLE_SECS}s"
-        sync
-        sleep "$BENCH_SETTLE_SECS"
-    fi
-    first=0
-    case "$s" in
-        tern) bench_tern ;;
-        postfix) bench_postfix ;;
-        *) die "unknown server $s" ;;
-    esac
-done
+run_servers
 log "done in $((SECONDS - START))s"
 echo
 python3 "$LIB" relaytable "$RESULTS" | tee "$BENCH_OUT/table.txt"

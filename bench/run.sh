@@ -413,23 +413,8 @@ EOF
     [ "$BENCH_SLOW_FLUSH_US" = 0 ] || echo "# slow-disk model: ${BENCH_SLOW_FLUSH_US} us per flush, one at a time"
 } >>"$RESULTS"
 START=$SECONDS
-first=1
 for ((ROUND = 1; ROUND <= BENCH_ROUNDS; ROUND++)); do
-    for s in $BENCH_SERVERS; do
-        # smtp-sink writes nothing: only a server that creates files needs the pause.
-        if [ "$first" = 0 ] && [ "$s" != sink ] && [ "$BENCH_SETTLE_SECS" -gt 0 ]; then
-            log "settling: sync, then ${BENCH_SETTLE_SECS}s so the previous server's file churn does not weigh on $s"
-            sync
-            sleep "$BENCH_SETTLE_SECS"
-        fi
-        first=0
-        case "$s" in
-            sink) bench_sink ;;
-            postfix) bench_postfix ;;
-            tern) bench_tern ;;
-            *) die "unknown server $s" ;;
-        esac
-    done
+    run_servers
 done
 log "done in $((SECONDS - START))s"
 echo
