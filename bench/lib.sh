@@ -48,3 +48,29 @@ run_servers() {
         "bench_$s"
     done
 }
+
+# start_tern CONFIG ROLE [VAR=VALUE...]: checks CONFIG, starts `tern serve` on it (with the
+# variables in its environment), waits at most 30 s for "ready" and sets TERN_PID and PORT (the
+# first listener of ROLE). When Tern does not start it logs why, stops it and fails; the caller
+# stops what else it started.
+start_tern() {
+    local cfg="$1" role="$2" i
+    shift 2
+    TERN_PID="" PORT=""
+    "$TERN_BIN" check-config "$cfg" >"$BENCH_OUT/tern.check" 2>&1 \
+        || { log "tern check-config failed: $(cat "$BENCH_OUT/tern.check")"; return 1; }
+    env "$@" "$TERN_BIN" serve --config "$cfg" >"$BENCH_OUT/tern.out" 2>"$BENCH_OUT/tern.err" &
+    TERN_PID=$!
+    for ((i = 0; i < 300; i++)); do
+        grep -qx 'ready' "$BENCH_OUT/tern.out" 2>/dev/null && break
+        kill -0 "$TERN_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    PORT=$(sed -n "s/^listening on 127\.0\.0\.1:\([0-9]*\) role=$role\$/\1/p" "$BENCH_OUT/tern.out" | head -1)
+    if [ -z "$PORT" ] || ! grep -qx 'ready' "$BENCH_OUT/tern.out"; then
+        log "Tern did not become ready: $(tail -3 "$BENCH_OUT/tern.err")"
+        stop_pid "$TERN_PID" 5
+        TERN_PID=""
+        return 1
+    fi
+}

@@ -349,23 +349,7 @@ $BENCH_TERN_OUTBOUND
 [log]
 level = "warn,tern::deliver::smtp=info"
 EOF
-    "$TERN_BIN" check-config "$cfg" >"$BENCH_OUT/tern.check" 2>&1 \
-        || { log "tern check-config failed: $(cat "$BENCH_OUT/tern.check")"; stop_sinks; return 0; }
-    "$TERN_BIN" serve --config "$cfg" >"$BENCH_OUT/tern.out" 2>"$BENCH_OUT/tern.err" &
-    TERN_PID=$!
-    for ((i = 0; i < 300; i++)); do
-        grep -qx 'ready' "$BENCH_OUT/tern.out" 2>/dev/null && break
-        kill -0 "$TERN_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    PORT=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\) role=mx$/\1/p' "$BENCH_OUT/tern.out" | head -1)
-    if [ -z "$PORT" ] || ! grep -qx 'ready' "$BENCH_OUT/tern.out"; then
-        log "Tern did not become ready: $(tail -3 "$BENCH_OUT/tern.err")"
-        stop_pid "$TERN_PID" 5
-        TERN_PID=""
-        stop_sinks
-        return 0
-    fi
+    start_tern "$cfg" mx || { stop_sinks; return 0; }
     log "Tern PID $TERN_PID on 127.0.0.1:$PORT"
     relay_rate tern relay4k 4096 200 "$TERN_PID"
     relay_rate tern relay100k 102400 100 "$TERN_PID"

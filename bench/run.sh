@@ -380,22 +380,8 @@ max_connections_per_ip = $((BENCH_IDLE_SESSIONS + 1000))
 [log]
 level = "warn"
 EOF
-    "$TERN_BIN" check-config "$cfg" >"$BENCH_OUT/tern.check" 2>&1 \
-        || { log "tern check-config failed: $(cat "$BENCH_OUT/tern.check")"; return 0; }
-    env "${SLOW_ENV[@]}" "$TERN_BIN" serve --config "$cfg" >"$BENCH_OUT/tern.out" 2>"$BENCH_OUT/tern.err" &
-    TERN_PID=$!
-    for ((i = 0; i < 300; i++)); do
-        grep -qx 'ready' "$BENCH_OUT/tern.out" 2>/dev/null && break
-        kill -0 "$TERN_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    port=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\) role=mx$/\1/p' "$BENCH_OUT/tern.out" | head -1)
-    if [ -z "$port" ] || ! grep -qx 'ready' "$BENCH_OUT/tern.out"; then
-        log "Tern did not become ready: $(tail -3 "$BENCH_OUT/tern.err")"
-        stop_pid "$TERN_PID" 5
-        TERN_PID=""
-        return 0
-    fi
+    start_tern "$cfg" mx "${SLOW_ENV[@]}" || return 0
+    port=$PORT
     log "Tern PID $TERN_PID on 127.0.0.1:$port (round $ROUND)"
     local md="$d/data/mail/bench/Maildir/new"
     if [ "$ROUND" = 1 ]; then idle tern "$port" "$TERN_PID" "$BENCH_IDLE_SESSIONS"; fi

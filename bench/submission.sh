@@ -332,21 +332,7 @@ EOF
                 || { log "tern user add spray$i failed"; break; }
         done
     fi
-    "$TERN_BIN" check-config "$cfg" >"$BENCH_OUT/tern.check" 2>&1 \
-        || { log "tern check-config failed: $(cat "$BENCH_OUT/tern.check")"; stop_sinks; return 0; }
-    "$TERN_BIN" serve --config "$cfg" >"$BENCH_OUT/tern.out" 2>"$BENCH_OUT/tern.err" &
-    TERN_PID=$!
-    for ((i = 0; i < 300; i++)); do
-        grep -qx 'ready' "$BENCH_OUT/tern.out" 2>/dev/null && break
-        kill -0 "$TERN_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    PORT=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\) role=submission$/\1/p' "$BENCH_OUT/tern.out" | head -1)
-    if [ -z "$PORT" ] || ! grep -qx 'ready' "$BENCH_OUT/tern.out"; then
-        log "Tern did not become ready: $(tail -3 "$BENCH_OUT/tern.err")"
-        stop_all
-        return 0
-    fi
+    start_tern "$cfg" submission || { stop_all; return 0; }
     log "Tern PID $TERN_PID on 127.0.0.1:$PORT (submission)"
     dkim_check tern
     for ((r = 1; r <= BENCH_ROUNDS; r++)); do rates tern "$r" "$TERN_PID"; done
