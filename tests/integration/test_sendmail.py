@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -174,6 +175,27 @@ def test_progress_bars_and_nuls_from_a_cron_job_are_delivered_not_refused(tern):
     assert res.returncode == 0, out(res)
     [mail] = srv.wait_for_mail("alice", 1)
     assert header_and_body(mail)[1] == b"  10%\r\n  50%\r\n 100%\r\ndone ok\r\n"
+
+
+def test_one_user_over_the_session_cap_gets_421_and_exit_75(tern):
+    """A uid holds at most limits.max_connections_per_ip sessions at once; one
+    more is refused like a client over the cap on the network, and the
+    command says try again later."""
+    srv = start(tern, {"limits": {"max_connections_per_ip": 1}})
+    held = socket.socket(socket.AF_UNIX)
+    held.settimeout(10)
+    held.connect(str(srv.data_dir / "public" / "submit.sock"))
+    try:
+        assert held.recv(512).startswith(b"220"), "the first session is served"
+        res = sendmail(srv, "alice@example.test", data=b"Subject: over\n\nx\n")
+        assert res.returncode == 75, out(res)
+        assert "421" in out(res) and "4.7.0" in out(res), out(res)
+    finally:
+        held.close()
+    res = wait_until(lambda: (r := sendmail(srv, "alice@example.test",
+                                             data=b"Subject: after\n\nx\n")).returncode == 0 and r,
+                     10, what="a session once the held one closed")
+    assert b"Subject: after" in srv.wait_for_mail("alice", 1)[0]
 
 
 def test_bs_speaks_smtp_on_stdin_and_stdout(tern):

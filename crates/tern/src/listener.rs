@@ -12,12 +12,12 @@ use crate::conn::Conn;
 use crate::session::{self, Context};
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -120,13 +120,18 @@ pub async fn accept_loop(
                 crate::metrics::connection_refused(role);
                 info!(event = "session.refused", client = %peer, reason);
                 let hostname = ctx.runtime.load().hostname.clone();
-                tracker.spawn(refuse(stream, peer, hostname, reason));
+                tracker.spawn(refuse(stream, hostname, reason));
             }
         }
     }
 }
 
-async fn refuse(mut stream: TcpStream, _peer: SocketAddr, hostname: String, reason: &'static str) {
+/// `421 4.7.0` to a client over a connection limit, then the close.
+pub(crate) async fn refuse(
+    mut stream: impl tokio::io::AsyncWrite + Unpin,
+    hostname: String,
+    reason: &'static str,
+) {
     let line = format!("421 4.7.0 {hostname} Error: {reason}, try again later\r\n");
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.write_all(line.as_bytes())).await;
     let _ = stream.shutdown().await;

@@ -115,8 +115,8 @@ impl Listener {
             };
             // One user's runaway script must not take every slot from the
             // others' cron mail: as many sessions per uid as per client
-            // address on the network. Closing tells the client to try
-            // again later (exit 75).
+            // address on the network, refused as there with 421 (the
+            // client exits 75: try again later).
             let cap = ctx.runtime.load().limits.max_connections_per_ip.max(1);
             per_uid.set(usize::MAX, cap);
             let Ok(uid_slot) = per_uid.acquire(cred.uid()) else {
@@ -126,6 +126,12 @@ impl Listener {
                     limit = cap,
                     "too many sessions of this user at once"
                 );
+                let hostname = ctx.runtime.load().hostname.clone();
+                tracker.spawn(crate::listener::refuse(
+                    stream,
+                    hostname,
+                    "too many sessions of yours at once",
+                ));
                 continue;
             };
             let ctx = ctx.clone();
